@@ -1,0 +1,5 @@
+"""``python -m DiffusionSegLib`` runs the command-line interface."""
+
+from DiffusionSegLib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Command-line interface: ``diffusionseg segment|train|evaluate|bench|models``.
+
+User errors (DiffusionSegError) are printed as one line on stderr with exit status 2; no
+output file is left behind (the writers are all-or-nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from DiffusionSegLib.errors import DiffusionSegError
+
+log = logging.getLogger("diffusionseg")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Sampling options shared by segment, evaluate and bench."""
+    p.add_argument("--model", default=None, help="model folder or name (default: the bundled default model)")
+    p.add_argument("--samples", type=int, default=None, help="number of sampled masks N (default: model card)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps K per sample (default: model card)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
+                   help="ddim (short chains, default) or ddpm (full chain)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same device -> same output)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (unavailable -> CPU with a warning)")
+    p.add_argument("--batch-size", type=int, default=None, help="items per network call (default: from free memory)")
+
+
+def _segment_options(args: argparse.Namespace):
+    from DiffusionSegLib.inference import SegmentOptions
+
+    return SegmentOptions(samples=args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                          device=args.device, crf=not getattr(args, "no_crf", False),
+                          fusion=getattr(args, "fusion", "mean"),
+                          uncertainty=getattr(args, "uncertainty", "variance"),
+                          keep_samples=getattr(args, "keep_samples", False), batch_size=args.batch_size)
+
+
+def _tqdm_progress(quiet: bool):
+    """A progress callback drawing one tqdm bar for the sampling stage (stderr)."""
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    bar: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage != "sampling":
+            return
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc="sampling", unit="step", leave=False)
+        b = bar["bar"]
+        b.total = total
+        b.update(done - b.n)
+        if done >= total:
+            b.close()
+
+    return progress
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.inference import segment_file
+    from DiffusionSegLib.models import resolve_model
+    from DiffusionSegLib.writers import write_outputs
+
+    model_dir = resolve_model(args.model)
+    result = segment_file(args.input, model_dir, _segment_options(args), _tqdm_progress(args.quiet))
+    written = write_outputs(result, args.output, keep_samples=args.keep_samples)
+    rep = result.report
+    print(f"model {rep['model']['name']} on {rep['device']}: {rep['samples']} samples x {rep['steps']} "
+          f"{rep['sampler'].upper()} steps, {rep['total_s']:.2f} s, CRF: {rep['crf_backend']}")
+    for name, value in rep["sample_diversity"].items():
+        print(f"  {name}: sample diversity (mean pairwise 1-IoU) {value:.4f}")
+    print(f"outputs in {Path(args.output).resolve()}:")
+    for name, path in written.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.models import DEFAULT_MODEL, list_models, search_dirs
+
+    found = list_models()
+    if args.json:
+        print(json.dumps([{"name": p.name, "origin": o, "path": str(p), "method": c.method,
+                           "modality": c.modality, "labels": [lab.name for lab in c.labels],
+                           "spatial_dims": c.spatial_dims, "metrics": c.metrics} for o, p, c in found], indent=2))
+        return 0
+    if not found:
+        print("no models found in: " + ", ".join(str(d) for _, d in search_dirs()))
+    for origin, path, card in found:
+        default = " (default)" if path.name == DEFAULT_MODEL else ""
+        labels = ", ".join(lab.name for lab in card.labels)
+        print(f"{path.name}{default} [{origin}] {card.method} {card.spatial_dims}D {card.modality}: {labels}  {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.training import config_from_cli, train
+
+    config = config_from_cli(args)
+    card = train(args.dataset, args.output, config, resume=args.resume, progress=not args.quiet)
+    print(f"model written to {Path(args.output).resolve()}")
+    print(json.dumps(card.metrics, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.evaluate import evaluate
+
+    summary = evaluate(args.predictions_or_model, args.dataset, _segment_options(args), split=args.split,
+                       out_json=args.output)
+    print(json.dumps(summary["mean"], indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.bench import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusionseg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment an image or volume; write masks, uncertainty, report, overview")
+    p.add_argument("input", help="image file (NIfTI, NRRD, MHA, PNG, JPEG...) or a DICOM folder")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_run_options(p)
+    p.add_argument("--no-crf", action="store_true", help="skip DenseCRF refinement")
+    p.add_argument("--keep-samples", action="store_true", help="also write each sampled mask")
+    p.add_argument("--fusion", choices=("mean", "staple"), default="mean", help="mean > 0.5 or SimpleITK STAPLE")
+    p.add_argument("--uncertainty", choices=("variance", "entropy"), default="variance")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("train", help="train a model on a dataset folder (dataset.json or imagesTr/labelsTr)")
+    p.add_argument("dataset")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+    p.add_argument("--config", default=None, help="JSON file with TrainConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override one TrainConfig field, e.g. --set steps=2000 --set 'patch_size=[96,96]'")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the model folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Dice, IoU, HD95 of predictions (folder) or of a model on a dataset")
+    p.add_argument("predictions_or_model", help="folder of predicted label maps, or a model folder/name")
+    p.add_argument("dataset")
+    p.add_argument("--split", default="test", help="test (default), validation or training")
+    p.add_argument("-o", "--output", default=None, help="write per-case metrics as JSON here")
+    _add_run_options(p)
+    p.add_argument("--no-crf", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="seconds per image/volume, NFE and peak memory for (samples x steps) settings")
+    _add_run_options(p)
+    p.add_argument("--settings", default="1x1,5x10,10x10,5x25", help="comma list of SAMPLESxSTEPS")
+    p.add_argument("--size", default="128x128", help="2D image size HxW for the per-image figures")
+    p.add_argument("--volume", default=None, help="volume file for the per-volume figures (default: bundled sample)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("-o", "--output", default=None, help="write the figures as JSON here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("models", help="list bundled and installed models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="diffusionseg: %(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except DiffusionSegError as err:
+        print(f"diffusionseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffusionseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

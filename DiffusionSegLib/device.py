@@ -1,0 +1,73 @@
+"""Device choice and memory-aware batching (GPU when present, CPU otherwise)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """Map ``auto|cpu|cuda|mps`` (or ``cuda:N``) to an available device.
+
+    An unavailable request falls back to CPU with a warning instead of failing, so a script
+    written on a GPU workstation still runs on a laptop.
+    """
+    requested = (requested or "auto").lower()
+    has_mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if has_mps:
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.device(requested)
+        log.warning("CUDA was requested but is not available; falling back to CPU.")
+        return torch.device("cpu")
+    if requested == "mps":
+        if has_mps:
+            return torch.device("mps")
+        log.warning("MPS was requested but is not available; falling back to CPU.")
+        return torch.device("cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device '{requested}' (use auto, cpu, cuda or mps)")
+
+
+def auto_batch_size(device: torch.device, bytes_per_item: int, cap: int = 64) -> int:
+    """Largest batch that fits in about half the free memory of ``device`` (at least 1, at most ``cap``).
+
+    ``bytes_per_item`` is an estimate of the activation memory of one network input.
+    On CPU the batch is bounded by ``cap`` only: large CPU batches are what make sampling fast there.
+    """
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(max(1, min(cap, (free // 2) // max(1, bytes_per_item))))
+    return cap
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA/MPS out-of-memory errors (the only errors worth retrying with a smaller batch)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def run_with_oom_backoff(fn: Callable[[int], T], batch_size: int) -> T:
+    """Call ``fn(batch_size)``; on out-of-memory halve the batch and retry down to 1."""
+    while True:
+        try:
+            return fn(batch_size)
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is an OOM we can recover from
+            if not is_out_of_memory(err) or batch_size <= 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            log.warning("Out of memory; retrying with batch size %d.", batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

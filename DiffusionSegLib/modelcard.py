@@ -1,0 +1,185 @@
+"""Model format: a folder with safetensors weights and a JSON model card.
+
+Layout of a model folder::
+
+    my_model/
+      model.json          the card (this module's ModelCard), includes sha256 of the weights
+      model.safetensors   the weights (no pickle anywhere)
+
+Loading checks the sha256 of the weights against the card and the tensor names/shapes against
+the architecture the card describes, so a tampered or mismatched model fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from DiffusionSegLib.errors import ModelLoadError
+
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LabelInfo:
+    """One output channel of the model (binary/multi-label: one channel per label)."""
+
+    name: str
+    color: tuple[float, float, float] = (1.0, 0.0, 0.0)  # RGB in [0, 1]
+    # Terminology as "category;type" codes (SNOMED CT), used by the Slicer bridge when known.
+    terminology: str = ""
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild, run and judge a model. Serialized as JSON.
+
+    Attributes name the science: ``method`` is the network family (``medsegdiff`` or
+    ``vanilla_dpm``), ``prediction_type`` the diffusion target (``epsilon``, ``sample`` = x0,
+    ``v_prediction``), ``spacing`` the in-plane (2D models) or full (3D models) voxel spacing in
+    mm, in SimpleITK (x, y[, z]) order, that the model was trained at (None = use the image grid).
+    """
+
+    name: str
+    method: str = "medsegdiff"
+    spatial_dims: int = 2
+    in_channels: int = 1
+    labels: list[LabelInfo] = field(default_factory=lambda: [LabelInfo("lesion")])
+    network: dict[str, Any] = field(default_factory=dict)  # kwargs of networks.build_network
+    modality: str = "CT"  # CT | MR | RGB | other
+    spacing: list[float] | None = None
+    # Normalization: {"kind": "ct_window", "center": 40, "width": 400} | {"kind": "zscore"}
+    #                | {"kind": "rgb"} (8-bit channels to [-1, 1]) | {"kind": "minmax"}
+    normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
+    # numpy axis of a (z, y, x) volume along which a 2D model is applied (0 = axial slices).
+    slice_axis: int = 0
+    patch_size: list[int] | None = None  # training crop (H, W[, D]); inference is fully convolutional
+    prediction_type: str = "sample"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear_beta"
+    default_sampler: str = "ddim"
+    default_steps: int = 10
+    default_samples: int = 5
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)  # data, steps, hardware, duration
+    metrics: dict[str, Any] = field(default_factory=dict)  # measured validation/held-out figures
+    limits: str = ""
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.labels)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ModelLoadError(f"model card has unknown fields: {sorted(unknown)}")
+        data = dict(data)
+        data["labels"] = [LabelInfo(**{**lab, "color": tuple(lab.get("color", (1, 0, 0)))}) for lab in data.get("labels", [])]
+        if not data["labels"]:
+            raise ModelLoadError("model card lists no labels")
+        return cls(**data)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename (never a half-written file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model_dir: str | os.PathLike, state_dict: dict[str, Any], card: ModelCard) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` (with the weights' sha256) into ``model_dir``."""
+    from safetensors.torch import save
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    blob = save(tensors, metadata={"format": "diffusionseg", "name": card.name})
+    card.weights_sha256 = hashlib.sha256(blob).hexdigest()
+    atomic_write_bytes(model_dir / WEIGHTS_NAME, blob)
+    atomic_write_bytes(model_dir / CARD_NAME, card.to_json().encode())
+    return model_dir
+
+
+def read_card(model_dir: str | os.PathLike) -> ModelCard:
+    """Read and validate the JSON card of a model folder (weights are not touched)."""
+    card_path = Path(model_dir) / CARD_NAME
+    if not card_path.is_file():
+        raise ModelLoadError(f"not a DiffusionSeg model folder (no {CARD_NAME}): {model_dir}")
+    try:
+        data = json.loads(card_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"unreadable model card {card_path}: {err}") from err
+    try:
+        return ModelCard.from_dict(data)
+    except TypeError as err:
+        raise ModelLoadError(f"invalid model card {card_path}: {err}") from err
+
+
+def load_model(model_dir: str | os.PathLike, device: Any = "cpu"):
+    """Rebuild the network of a model folder and load its weights.
+
+    Returns ``(network, card)``; the network is in eval mode on ``device``.
+    Raises ModelLoadError when the sha256 differs from the card (tampered or truncated file)
+    or when the weights do not fit the architecture in the card.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from DiffusionSegLib.networks import build_network
+
+    card = read_card(model_dir)
+    weights = Path(model_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelLoadError(f"model weights missing: {weights}")
+    actual = sha256_of(weights)
+    if actual != card.weights_sha256:
+        raise ModelLoadError(
+            f"sha256 of {weights} is {actual[:12]}..., the model card says {card.weights_sha256[:12]}...: "
+            "the weights were modified or truncated"
+        )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"corrupt weights file {weights}: {err}") from err
+    try:
+        net = build_network(card)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"model card {model_dir} describes an invalid network: {err}") from err
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelLoadError(f"weights do not match the architecture in the model card: {first}") from err
+    return net.to(device).eval(), card

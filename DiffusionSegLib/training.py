@@ -1,0 +1,4 @@
+"""Training loop for diffusion segmentation models.
+
+SPEC (to implement) - see the helper brief.
+"""
