@@ -1,21 +1,164 @@
 """Ensemble statistics of sampled masks: the uncertainty outputs.
 
-SPEC (to implement), all numpy, ``samples`` is (N, L, *spatial) binary (uint8/bool), N samples,
-L labels; outputs are (L, *spatial) unless said otherwise:
-- ``probability(samples)`` float32 mean of the samples;
-- ``fused_mask(samples, method="mean"|"staple", threshold=0.5)`` uint8: mean > threshold, or
-  SimpleITK STAPLEImageFilter per label (foreground value 1, threshold its probability at 0.5);
-- ``consistency(samples)`` uint8: voxels every sample marks foreground;
-- ``ambiguity(samples)`` uint8: voxels where the samples disagree (some but not all);
-- ``uncertainty(samples, kind="variance"|"entropy")`` float32: variance p(1-p) or binary
-  entropy in bits of the per-voxel mean p;
-- ``iou_distance(a, b)`` float: 1 - IoU, 0 when both masks are empty;
-- ``sample_diversity(samples)`` -> list[float] per label: mean pairwise 1 - IoU over all N(N-1)/2
-  pairs (0 for N < 2). This is the E[d(S, S')] term of the GED, the only one available without a
-  reference;
-- ``generalized_energy_distance(samples, references)`` -> list[float] per label:
-  D2_GED = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')] with d = 1 - IoU (Kohl et al. 2018); references
-  (M, L, *spatial). Expectations over distinct pairs for S,S' and Y,Y' (as in the reference
-  implementations; document it); E[d(Y,Y')] = 0 for M = 1.
-- ``volumes_ml(mask, spacing)`` -> list[float] per label: foreground voxel count x voxel volume / 1000.
+``samples`` is (N, L, *spatial) binary (uint8/bool): N sampled masks, L labels. Per-voxel outputs
+are (L, *spatial); per-label scalars are lists of L floats.
+
+Distances are d(a, b) = 1 - IoU(a, b), with d = 0 when both masks are empty (two empty masks agree).
+``sample_diversity`` is the E[d(S, S')] term of the Generalized Energy Distance (Kohl et al. 2018),
+the only GED term available without a reference. Expectations within one set (S, S' or Y, Y') run
+over the N(N-1)/2 distinct pairs, never pairing a mask with itself, as the reference implementations
+do; they are 0 for a set of one mask.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# Voxels per chunk of the pairwise-intersection product: float32 counts are exact below 2**24, and
+# the chunk bounds the temporary float copy of the masks for volumes with ~25 samples.
+_CHUNK_VOXELS = 1 << 22
+
+
+def _check_samples(samples: np.ndarray, name: str = "samples") -> np.ndarray:
+    """Validate an (N, L, *spatial) stack and return it as bool."""
+    samples = np.asarray(samples)
+    if samples.ndim < 3 or samples.shape[0] < 1:
+        raise ValueError(f"{name} must be (N, L, *spatial) with N >= 1, got shape {samples.shape}")
+    return samples.astype(bool, copy=False)
+
+
+def probability(samples: np.ndarray) -> np.ndarray:
+    """Per-voxel fraction of samples marking foreground: (N, L, *S) -> (L, *S) float32."""
+    return _check_samples(samples).mean(axis=0, dtype=np.float32)
+
+
+def fused_mask(samples: np.ndarray, method: str = "mean", threshold: float = 0.5) -> np.ndarray:
+    """One mask from the samples: (N, L, *S) -> (L, *S) uint8.
+
+    ``"mean"``: probability > threshold. ``"staple"``: SimpleITK STAPLE per label (each sample is a
+    rater, foreground value 1), its foreground probability > threshold.
+    """
+    samples = _check_samples(samples)
+    if method == "mean":
+        return (probability(samples) > threshold).astype(np.uint8)
+    if method != "staple":
+        raise ValueError(f"unknown fusion method {method!r}; use 'mean' or 'staple'")
+    import SimpleITK as sitk
+
+    mean = probability(samples)
+    fused = np.empty(samples.shape[1:], dtype=np.uint8)
+    for label in range(samples.shape[1]):
+        staple = sitk.STAPLEImageFilter()
+        staple.SetForegroundValue(1)
+        raters = [sitk.GetImageFromArray(s[label].astype(np.uint8)) for s in samples]
+        prob = sitk.GetArrayFromImage(staple.Execute(*raters))
+        # STAPLE's EM is undefined (NaN) when no rater ever varies, e.g. all raters empty or all
+        # full; there every rater agrees, so the mean is the answer.
+        prob = np.where(np.isnan(prob), mean[label], prob)
+        fused[label] = prob > threshold
+    return fused
+
+
+def consistency(samples: np.ndarray) -> np.ndarray:
+    """Voxels every sample marks foreground: (N, L, *S) -> (L, *S) uint8."""
+    return _check_samples(samples).all(axis=0).astype(np.uint8)
+
+
+def ambiguity(samples: np.ndarray) -> np.ndarray:
+    """Voxels where the samples disagree (some but not all foreground): (N, L, *S) -> (L, *S) uint8."""
+    samples = _check_samples(samples)
+    return (samples.any(axis=0) & ~samples.all(axis=0)).astype(np.uint8)
+
+
+def uncertainty(samples: np.ndarray, kind: str = "variance") -> np.ndarray:
+    """Per-voxel uncertainty of the mean p: (N, L, *S) -> (L, *S) float32.
+
+    ``"variance"``: p (1 - p), the variance of the binary samples (max 0.25).
+    ``"entropy"``: binary entropy of p in bits (max 1), with 0 log 0 = 0.
+    """
+    p = probability(samples).astype(np.float64)
+    if kind == "variance":
+        return (p * (1.0 - p)).astype(np.float32)
+    if kind != "entropy":
+        raise ValueError(f"unknown uncertainty kind {kind!r}; use 'variance' or 'entropy'")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
+    return np.nan_to_num(terms, nan=0.0).astype(np.float32)
+
+
+def iou_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - IoU of two binary masks of the same shape; 0 when both are empty."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
+    union = np.count_nonzero(a | b)
+    if union == 0:
+        return 0.0
+    return 1.0 - np.count_nonzero(a & b) / union
+
+
+def _pairwise_distances(masks: np.ndarray) -> np.ndarray:
+    """All pairwise 1 - IoU of K binary masks: (K, *S) -> (K, K) float64.
+
+    The intersections of every pair are one matrix product of the flattened masks (summed over
+    voxel chunks), so the cost is a BLAS call, not a Python loop over pairs and voxels.
+    """
+    flat = masks.reshape(masks.shape[0], -1)
+    inter = np.zeros((flat.shape[0], flat.shape[0]), dtype=np.float64)
+    for start in range(0, flat.shape[1], _CHUNK_VOXELS):
+        chunk = flat[:, start:start + _CHUNK_VOXELS].astype(np.float32)
+        inter += chunk @ chunk.T
+    sizes = np.diag(inter)
+    union = sizes[:, None] + sizes[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.where(union > 0, 1.0 - inter / union, 0.0)
+    return distance
+
+
+def _mean_distinct_pairs(distance: np.ndarray) -> float:
+    """Mean of the strictly-upper-triangle entries of a (K, K) matrix; 0 for K < 2."""
+    k = distance.shape[0]
+    if k < 2:
+        return 0.0
+    return float(distance[np.triu_indices(k, 1)].mean())
+
+
+def sample_diversity(samples: np.ndarray) -> list[float]:
+    """Mean pairwise 1 - IoU over the N(N-1)/2 sample pairs, per label (0 for N < 2)."""
+    samples = _check_samples(samples)
+    return [_mean_distinct_pairs(_pairwise_distances(samples[:, label])) for label in range(samples.shape[1])]
+
+
+def generalized_energy_distance(samples: np.ndarray, references: np.ndarray) -> list[float]:
+    """D2_GED = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')] per label, d = 1 - IoU.
+
+    samples (N, L, *S), references (M, L, *S). E[d(S, Y)] averages all N x M pairs; the within-set
+    terms average distinct pairs (0 for a set of one).
+    """
+    samples = _check_samples(samples)
+    references = _check_samples(references, "references")
+    if samples.shape[1:] != references.shape[1:]:
+        raise ValueError(f"samples {samples.shape} and references {references.shape} differ in (L, *spatial)")
+    n = samples.shape[0]
+    ged = []
+    for label in range(samples.shape[1]):
+        distance = _pairwise_distances(np.concatenate([samples[:, label], references[:, label]]))
+        cross = float(distance[:n, n:].mean())
+        ged.append(2.0 * cross - _mean_distinct_pairs(distance[:n, :n]) - _mean_distinct_pairs(distance[n:, n:]))
+    return ged
+
+
+def volumes_ml(mask: np.ndarray, spacing: Sequence[float]) -> list[float]:
+    """Foreground volume per label in mL: (L, *S) mask, spacing in mm (one value per spatial axis).
+
+    The product of the spacings is the voxel volume, so the axis order (SimpleITK x, y, z vs array
+    z, y, x) does not matter.
+    """
+    mask = np.asarray(mask)
+    if len(spacing) != mask.ndim - 1:
+        raise ValueError(f"spacing {tuple(spacing)} does not match a mask of shape {mask.shape}")
+    voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=np.float64)))
+    return [np.count_nonzero(mask[label]) * voxel_mm3 / 1000.0 for label in range(mask.shape[0])]

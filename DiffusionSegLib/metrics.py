@@ -1,0 +1,38 @@
+"""Overlap and distance metrics between binary masks (numpy in, floats out)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice = 2|P∩R| / (|P| + |R|); 1.0 when both masks are empty."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    denom = p.sum() + r.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, r).sum() / denom)
+
+
+def iou(pred: np.ndarray, ref: np.ndarray) -> float:
+    """IoU = |P∩R| / |P∪R|; 1.0 when both masks are empty."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    union = np.logical_or(p, r).sum()
+    return 1.0 if union == 0 else float(np.logical_and(p, r).sum() / union)
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float | None:
+    """95th-percentile symmetric Hausdorff distance in mm (MONAI), None if either mask is empty.
+
+    ``spacing`` is in numpy axis order of the masks (e.g. (sz, sy, sx) for a (z, y, x) array).
+    """
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    if not pred.any() or not ref.any():
+        return None
+    p = torch.from_numpy(pred.astype(bool))[None, None]
+    r = torch.from_numpy(ref.astype(bool))[None, None]
+    value = float(compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))[0, 0])
+    return None if math.isnan(value) or math.isinf(value) else value

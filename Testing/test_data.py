@@ -1,0 +1,256 @@
+"""Dataset discovery, loading on the model grid, and training-item sampling (DiffusionSegLib.data)."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DiffusionSegLib import data
+from DiffusionSegLib.errors import DatasetError
+from DiffusionSegLib.modelcard import LabelInfo, ModelCard
+
+
+def _write(array: np.ndarray, path, spacing=None, origin=None, is_vector=False) -> None:
+    image = sitk.GetImageFromArray(array, isVector=is_vector)
+    if spacing is not None:
+        image.SetSpacing(spacing)
+    if origin is not None:
+        image.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def _volume(seed: int, shape=(4, 8, 8)) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy int16 volume and a label map with value 1 in one block and 2 in another."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 100, shape).astype(np.int16)
+    label = np.zeros(shape, np.uint8)
+    label[1:3, 2:4, 2:4] = 1
+    label[2, 5:7, 5:7] = 2
+    return image, label
+
+
+def _msd_dataset(root, n=3) -> None:
+    entries = []
+    for i in range(n):
+        image, label = _volume(i)
+        _write(image, root / "imagesTr" / f"case{i}.nii.gz", spacing=(1.0, 1.0, 2.0))
+        _write(label, root / "labelsTr" / f"case{i}.nii.gz", spacing=(1.0, 1.0, 2.0))
+        entries.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
+    meta = {"labels": {"0": "background", "1": "liver", "2": "spleen"}, "training": entries,
+            "test": ["./imagesTr/case0.nii.gz"]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def _card(**kwargs) -> ModelCard:
+    defaults = dict(name="t", spatial_dims=2, labels=[LabelInfo("a")], normalization={"kind": "zscore"})
+    return ModelCard(**{**defaults, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def test_msd_dataset_json_is_read_with_labels_and_splits(tmp_path):
+    _msd_dataset(tmp_path)
+    cases = data.discover_cases(tmp_path)
+    assert [c.name for c in cases] == ["case0", "case1", "case2"]
+    assert cases[1].image == (tmp_path / "imagesTr" / "case1.nii.gz").resolve()
+    assert cases[1].label == (tmp_path / "labelsTr" / "case1.nii.gz").resolve()
+    assert data.default_labels(tmp_path, cases) == {"liver": (1,), "spleen": (2,)}
+    test = data.discover_cases(tmp_path, "test")
+    assert [(c.name, c.label) for c in test] == [("case0", None)]  # MSD test entries are bare image paths
+    assert data.discover_cases(tmp_path, "validation") == []
+
+
+def test_nnunet_v2_label_table():
+    table = {"labels": {"background": 0, "liver": 1, "kidneys": [2, 3]}}
+    assert data.labels_from_dataset_json(table) == {"liver": (1,), "kidneys": (2, 3)}
+
+
+def test_folder_layout_matches_names_and_ignores_channel_suffix(tmp_path):
+    for name, value in (("b", 3), ("a", 7)):
+        image, label = _volume(value)
+        _write(image, tmp_path / "imagesTr" / f"{name}_0000.nrrd")
+        _write(label * value // np.maximum(label, 1), tmp_path / "labelsTr" / f"{name}.nrrd")
+    (tmp_path / "imagesTr" / "notes.txt").write_text("not an image")
+    cases = data.discover_cases(tmp_path)
+    assert [(c.name, c.image.name, c.label.name) for c in cases] == [("a", "a_0000.nrrd", "a.nrrd"),
+                                                                     ("b", "b_0000.nrrd", "b.nrrd")]
+    # No dataset.json: every non-zero value found in the label files, in value order.
+    assert data.default_labels(tmp_path, cases) == {"label_3": (3,), "label_7": (7,)}
+
+
+def test_discovery_errors_are_dataset_errors_naming_the_problem(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        data.discover_cases(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="no training cases"):
+        data.discover_cases(tmp_path)
+    image, label = _volume(0)
+    _write(image, tmp_path / "imagesTr" / "x.nii.gz")
+    _write(image, tmp_path / "imagesTr" / "y.nii.gz")
+    _write(label, tmp_path / "labelsTr" / "x.nii.gz")
+    with pytest.raises(DatasetError, match="no label file for case.*y"):
+        data.discover_cases(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/x.nii.gz",
+                                                                      "label": "./labelsTr/missing.nii.gz"}]}))
+    with pytest.raises(DatasetError, match="missing.nii.gz"):
+        data.discover_cases(tmp_path)
+
+
+@pytest.mark.parametrize("selection,message", [({"a": 0}, "non-zero"), ({"a": "liver"}, "integers"), ({}, "empty")])
+def test_bad_label_selection(selection, message):
+    with pytest.raises(DatasetError, match=message):
+        data.check_label_selection(selection)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading on the model grid
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_case_resamples_in_plane_and_builds_one_channel_per_label(tmp_path):
+    _msd_dataset(tmp_path, n=1)
+    files = data.discover_cases(tmp_path)[0]
+    # 2D model at 2 mm in-plane: (z, y, x) = (4, 8, 8) at 1 mm -> 4 slices of 4 x 4, slices untouched.
+    card = _card(spacing=[2.0, 2.0], labels=[LabelInfo("liver"), LabelInfo("both")])
+    case = data.load_case(files, card, {"liver": (1,), "both": (1, 2)})
+    assert case.image.shape == (1, 4, 4, 4) and case.image.dtype == np.float32
+    assert case.mask.shape == (2, 4, 4, 4) and case.mask.dtype == np.uint8
+    # Nearest neighbour on a 2x coarser grid: new voxel j samples old index 2j + 0.5 (rounds to 2j + 1 or 2j).
+    liver = np.zeros((4, 4, 4), np.uint8)
+    liver[1:3, 1, 1] = 1
+    assert np.array_equal(case.mask[0], liver)
+    both = liver.copy()
+    both[2, 3, 3] = 1
+    assert np.array_equal(case.mask[1], both)
+    # zscore normalization is the inference one: mean ~0 over the voxels above the 1st percentile.
+    assert abs(float(case.image.mean())) < 0.2
+
+
+def test_load_case_slice_axis_moves_to_front(tmp_path):
+    _msd_dataset(tmp_path, n=1)
+    files = data.discover_cases(tmp_path)[0]
+    coronal = data.load_case(files, _card(slice_axis=1), {"liver": (1,)})
+    # (z, y, x) = (4, 8, 8) sliced along y: 8 slices of (z, x) = (4, 8).
+    assert coronal.image.shape == (1, 8, 4, 8)
+    _, label = _volume(0)
+    assert np.array_equal(coronal.mask[0], np.moveaxis(label == 1, 1, 0))
+
+
+def test_label_geometry_mismatch_is_rejected(tmp_path):
+    image, label = _volume(0)
+    _write(image, tmp_path / "imagesTr" / "c.nii.gz", origin=(0.0, 0.0, 0.0))
+    _write(label, tmp_path / "labelsTr" / "c.nii.gz", origin=(5.0, 0.0, 0.0))
+    files = data.discover_cases(tmp_path)[0]
+    with pytest.raises(DatasetError, match="case c: .*origin"):
+        data.load_case(files, _card(), {"liver": (1,)})
+    _write(label[:, :4], tmp_path / "labelsTr" / "c.nii.gz")
+    with pytest.raises(DatasetError, match="case c: .*size"):
+        data.load_case(files, _card(), {"liver": (1,)})
+
+
+def test_label_absent_from_every_case_is_an_error(tmp_path):
+    _msd_dataset(tmp_path, n=2)
+    cases = data.discover_cases(tmp_path)
+    with pytest.raises(DatasetError, match="'kidney'.*none of the 2 cases"):
+        data.load_cases(cases, _card(), {"kidney": (9,)})
+
+
+def test_png_rgb_case_is_a_single_slice(tmp_path):
+    rgb = np.zeros((12, 10, 3), np.uint8)
+    rgb[..., 0] = 255
+    rgb[4:8, 3:6] = (0, 255, 0)
+    mask = np.zeros((12, 10), np.uint8)
+    mask[4:8, 3:6] = 255
+    _write(rgb, tmp_path / "imagesTr" / "photo.png", is_vector=True)
+    _write(mask, tmp_path / "labelsTr" / "photo.png")
+    files = data.discover_cases(tmp_path)
+    assert data.image_channels(files[0]) == 3
+    case = data.load_case(files[0], _card(in_channels=3, normalization={"kind": "rgb"}), {"lesion": (255,)})
+    assert case.image.shape == (3, 1, 12, 10)
+    assert case.image[:, 0, 0, 0].tolist() == [1.0, -1.0, -1.0]  # 255 -> 1, 0 -> -1
+    assert case.image[:, 0, 5, 4].tolist() == [-1.0, 1.0, -1.0]
+    assert np.array_equal(case.mask[0, 0], mask == 255)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _slices_case(n_slices=50, fg_slices=range(20, 25)) -> data.Case:
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, n_slices, 16, 16)).astype(np.float32)
+    mask = np.zeros((1, n_slices, 16, 16), np.uint8)
+    for s in fg_slices:
+        mask[0, s, 6:10, 6:10] = 1
+    return data.Case("c", image, mask)
+
+
+@pytest.mark.parametrize("fraction,expected", [(0.67, 0.67 + 0.33 * 0.1), (0.0, 0.1)])
+def test_slice_sampler_oversamples_foreground(fraction, expected):
+    # 5 of 50 slices hold foreground: uniform slices give 10% foreground items; with a foreground
+    # fraction f the share is f + (1 - f) * 10%. 2000 draws: binomial sd <= 0.011, bound 0.05.
+    sampler = data.PatchSampler([_slices_case()], 2, (16, 16), foreground_fraction=fraction, seed=1)
+    draws = [sampler.sample()[1].any() for _ in range(2000)]
+    assert abs(np.mean(draws) - expected) < 0.05
+
+
+def test_batches_have_the_documented_shapes_and_padding():
+    case = _slices_case(n_slices=6, fg_slices=[2])
+    sampler = data.PatchSampler([case], 2, (24, 20), seed=0)  # larger than the 16 x 16 slices: padded
+    images, masks = next(sampler.batches(5))
+    assert images.shape == (5, 1, 24, 20) and images.dtype == np.float32
+    assert masks.shape == (5, 1, 24, 20) and masks.dtype == np.uint8
+    # Padding is symmetric with the image minimum (4 rows above, 2 columns left), mask 0.
+    assert np.all(images[:, :, :4] == case.image.min()) and np.all(images[:, :, :, :2] == case.image.min())
+    assert not masks[:, :, :4].any()
+
+
+def test_3d_patches_are_centred_on_foreground():
+    image = np.zeros((1, 20, 30, 30), np.float32)
+    mask = np.zeros((2, 20, 30, 30), np.uint8)
+    mask[0, 2, 3, 25] = 1  # one voxel near a corner: the patch must be shifted to stay inside
+    mask[1, 15, 20, 5] = 1
+    sampler = data.PatchSampler([data.Case("v", image, mask)], 3, (8, 10, 12), foreground_fraction=1.0, seed=0)
+    seen = set()
+    for _ in range(20):
+        _, m = sampler.sample()
+        assert m.shape == (2, 8, 10, 12)
+        assert m.sum() == 1  # every draw holds one of the two voxels
+        seen.add(int(np.argwhere(m)[0][0]))
+    assert seen == {0, 1}  # both labels are drawn
+
+
+def test_array_patch_size_follows_the_card_convention():
+    assert data.array_patch_size([64, 48, 16], 3) == (16, 64, 48)  # card (H, W, D) -> array (D, H, W)
+    assert data.array_patch_size([64, 48], 2) == (64, 48)
+
+
+def test_augmentation_moves_image_and_mask_together_and_is_seeded():
+    image = np.full((1, 1, 32, 32), -1.0, np.float32)
+    mask = np.zeros((1, 1, 32, 32), np.uint8)
+    mask[0, 0, 8:20, 10:26] = 1
+    image[mask.astype(bool)] = 1.0
+    aug = data.Augmentation(prob=1.0, intensity_scale=0.0, intensity_shift=0.0, noise_std=0.0)
+    sampler = data.PatchSampler([data.Case("c", image, mask)], 2, (32, 32), augmentation=aug, seed=3)
+    changed = 0
+    for _ in range(10):
+        img, m = sampler.sample()
+        assert np.mean((img[0] > 0) == m[0].astype(bool)) > 0.98  # bilinear vs nearest: border pixels only
+        changed += int(not np.array_equal(m, mask[:, 0]))
+    assert changed == 10  # rotation/scale actually applied
+
+    full = data.Augmentation()
+    a = data.PatchSampler([_slices_case()], 2, (16, 16), augmentation=full, seed=5)
+    b = data.PatchSampler([_slices_case()], 2, (16, 16), augmentation=full, seed=5)
+    first = a.batch(4)
+    state = a.get_state()
+    second = a.batch(4)
+    b.set_state(json.loads(json.dumps(state)))  # the state survives JSON (checkpoints store it so)
+    again = b.batch(4)
+    assert np.array_equal(second[0], again[0]) and np.array_equal(second[1], again[1])
+    assert not np.array_equal(first[0], second[0])

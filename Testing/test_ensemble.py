@@ -1,0 +1,130 @@
+"""Ensemble statistics against hand-computed numbers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from DiffusionSegLib import ensemble
+
+
+def _three_samples() -> np.ndarray:
+    """(N=3, L=2, 4): label 0 differs between samples, label 1 is empty in every sample."""
+    label0 = np.array([[1, 1, 0, 0],
+                       [1, 0, 1, 0],
+                       [1, 1, 1, 0]], dtype=np.uint8)
+    return np.stack([label0, np.zeros_like(label0)], axis=1)
+
+
+def test_probability_fused_consistency_ambiguity():
+    s = _three_samples()
+    p = ensemble.probability(s)
+    assert p.dtype == np.float32 and p.shape == (2, 4)
+    np.testing.assert_allclose(p[0], [1, 2 / 3, 2 / 3, 0], rtol=1e-6)
+    np.testing.assert_array_equal(p[1], 0)
+    fused = ensemble.fused_mask(s)
+    assert fused.dtype == np.uint8
+    np.testing.assert_array_equal(fused, [[1, 1, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(ensemble.fused_mask(s, threshold=0.7), [[1, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(ensemble.consistency(s), [[1, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(ensemble.ambiguity(s), [[0, 1, 1, 0], [0, 0, 0, 0]])
+    assert ensemble.consistency(s).dtype == np.uint8 and ensemble.ambiguity(s).dtype == np.uint8
+
+
+def test_uncertainty_variance_and_entropy():
+    s = _three_samples()
+    var = ensemble.uncertainty(s, "variance")
+    assert var.dtype == np.float32 and var.shape == (2, 4)
+    np.testing.assert_allclose(var[0], [0, 2 / 9, 2 / 9, 0], atol=1e-7)
+    ent = ensemble.uncertainty(s, "entropy")
+    h = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))  # 0.9183 bits
+    np.testing.assert_allclose(ent[0], [0, h, h, 0], atol=1e-6)
+    np.testing.assert_array_equal(ent[1], 0)  # p = 0: 0 log 0 = 0, not NaN
+    # Two samples disagreeing: p = 1/2 is the maximum of both measures.
+    half = np.array([[[1]], [[0]]], dtype=np.uint8)
+    assert ensemble.uncertainty(half, "variance")[0, 0] == pytest.approx(0.25)
+    assert ensemble.uncertainty(half, "entropy")[0, 0] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        ensemble.uncertainty(s, "std")
+
+
+def test_iou_distance():
+    a = np.array([[1, 1], [0, 0]])
+    b = np.array([[1, 0], [1, 0]])
+    assert ensemble.iou_distance(a, b) == pytest.approx(1 - 1 / 3)
+    assert ensemble.iou_distance(a, a) == 0.0
+    assert ensemble.iou_distance(a, 1 - a) == 1.0
+    assert ensemble.iou_distance(np.zeros((2, 2)), np.zeros((2, 2))) == 0.0  # both empty: agree
+    assert ensemble.iou_distance(a, np.zeros((2, 2))) == 1.0
+    with pytest.raises(ValueError):
+        ensemble.iou_distance(a, np.zeros(4))
+
+
+def test_sample_diversity_hand_computed():
+    # Pairs of label 0: d(0,1) = 1 - 1/3, d(0,2) = 1 - 2/3, d(1,2) = 1 - 2/3 -> mean 4/9.
+    # Label 1: every pair is two empty masks -> 0.
+    diversity = ensemble.sample_diversity(_three_samples())
+    assert diversity == pytest.approx([4 / 9, 0.0])
+    assert ensemble.sample_diversity(_three_samples()[:1]) == [0.0, 0.0]  # N = 1
+
+
+def test_sample_diversity_matches_pair_loop_and_chunking(monkeypatch):
+    rng = np.random.default_rng(3)
+    s = (rng.random((6, 2, 5, 7, 3)) < rng.random((6, 2, 1, 1, 1))).astype(np.uint8)
+    s[0, 1] = 0  # one empty sample among non-empty ones
+    expected = [
+        np.mean([ensemble.iou_distance(s[i, lab], s[j, lab]) for i in range(6) for j in range(i + 1, 6)])
+        for lab in range(2)
+    ]
+    assert ensemble.sample_diversity(s) == pytest.approx(expected, abs=1e-12)
+    monkeypatch.setattr(ensemble, "_CHUNK_VOXELS", 17)  # 105 voxels in 7 chunks
+    assert ensemble.sample_diversity(s) == pytest.approx(expected, abs=1e-12)
+
+
+def test_generalized_energy_distance_hand_computed():
+    samples = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=np.uint8)[:, None]
+    references = np.array([[0, 1, 1, 0], [0, 0, 1, 1]], dtype=np.uint8)[:, None]
+    # d(S1,S2) = 1/3, d(Y1,Y2) = 2/3; cross: 2/3, 1, 1/3, 3/4 -> mean 0.6875.
+    # GED = 2 * 0.6875 - 1/3 - 2/3 = 0.375
+    assert ensemble.generalized_energy_distance(samples, references) == pytest.approx([0.375])
+    # One reference: E[d(Y, Y')] = 0; cross mean (2/3 + 1/3) / 2 -> GED = 1 - 1/3.
+    assert ensemble.generalized_energy_distance(samples, references[:1]) == pytest.approx([2 / 3])
+    with pytest.raises(ValueError):
+        ensemble.generalized_energy_distance(samples, references[:, :, :3])
+
+
+def test_staple_outvotes_the_disagreeing_rater():
+    a = np.zeros((8, 8), np.uint8)
+    a[2:6, 2:6] = 1
+    odd = np.zeros_like(a)
+    odd[4:8, 0:3] = 1  # a third rater that disagrees almost everywhere it marks
+    samples = np.stack([a, a, odd])[:, None]
+    staple = ensemble.fused_mask(samples, method="staple")
+    assert staple.dtype == np.uint8 and staple.shape == (1, 8, 8)
+    np.testing.assert_array_equal(staple[0], a)
+    np.testing.assert_array_equal(staple, ensemble.fused_mask(samples, method="mean"))
+
+
+def test_staple_degenerate_labels():
+    # STAPLE's estimate is NaN when raters never vary; all-empty and all-full labels must stay so.
+    samples = np.zeros((3, 2, 4, 4), np.uint8)
+    samples[:, 1] = 1
+    np.testing.assert_array_equal(ensemble.fused_mask(samples, method="staple"), samples[0])
+    with pytest.raises(ValueError):
+        ensemble.fused_mask(samples, method="vote")
+
+
+def test_volumes_ml_anisotropic_spacing():
+    mask = np.zeros((2, 3, 4, 5), np.uint8)
+    mask[0, 0, :, 0] = 1  # 4 voxels
+    mask[1, :, 1, 1:3] = 1  # 6 voxels
+    # voxel = 0.5 * 2 * 3 = 3 mm^3 -> 12 and 18 mm^3
+    assert ensemble.volumes_ml(mask, (0.5, 2.0, 3.0)) == pytest.approx([0.012, 0.018])
+    assert ensemble.volumes_ml(mask[:, 0], (0.5, 4.0)) == pytest.approx([0.008, 0.004])  # 4 and 2 px of 2 mm^2
+    with pytest.raises(ValueError):
+        ensemble.volumes_ml(mask, (1.0, 1.0))
+
+
+def test_rejects_non_stack():
+    with pytest.raises(ValueError):
+        ensemble.probability(np.zeros((4, 4)))

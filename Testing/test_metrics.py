@@ -1,0 +1,32 @@
+"""Metrics against hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from DiffusionSegLib.metrics import dice, hd95, iou
+
+
+def test_dice_and_iou_hand_computed():
+    a = np.zeros((4, 4), np.uint8)
+    b = np.zeros((4, 4), np.uint8)
+    a[0, 0:3] = 1  # 3 voxels
+    b[0, 1:4] = 1  # 3 voxels, overlap 2
+    assert dice(a, b) == pytest.approx(2 * 2 / 6)
+    assert iou(a, b) == pytest.approx(2 / 4)
+
+
+def test_empty_masks_agree_perfectly():
+    z = np.zeros((3, 3), np.uint8)
+    assert dice(z, z) == 1.0 and iou(z, z) == 1.0
+    one = z.copy()
+    one[1, 1] = 1
+    assert dice(one, z) == 0.0 and hd95(one, z, (1.0, 1.0)) is None
+
+
+def test_hd95_uses_spacing():
+    a = np.zeros((1, 5, 5), np.uint8)
+    b = np.zeros((1, 5, 5), np.uint8)
+    a[0, 2, 1] = 1
+    b[0, 2, 3] = 1  # two voxels apart along x
+    assert hd95(a, b, (3.0, 1.0, 1.0)) == pytest.approx(2.0)
+    assert hd95(a, b, (3.0, 1.0, 2.5)) == pytest.approx(5.0)
