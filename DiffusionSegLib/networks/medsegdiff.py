@@ -1,0 +1,209 @@
+"""MedSegDiff denoiser (Wu et al., MIDL 2023), re-derived from the paper's equations.
+
+Two encoders, one for the image I and one for the noisy mask x_t, are fused by dynamic
+conditional encoding at the middle stages, their features are added before the last encoding
+stage (the bottleneck), and a convolutional decoder with FF-Parser-filtered skip connections
+predicts the diffusion target. 2D and 3D (``spatial_dims``), any size that is a multiple of
+``size_divisor``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+
+def _groups(channels: int, wanted: int) -> int:
+    """Largest group count <= wanted that divides channels (GroupNorm needs a divisor)."""
+    g = min(wanted, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class TimeResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added per channel in between, residual skip."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, time_dim: int, norm_groups: int):
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.norm1 = nn.GroupNorm(_groups(in_channels, norm_groups), in_channels)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_channels))
+        self.norm2 = nn.GroupNorm(_groups(out_channels, norm_groups), out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x: (B, Cin, *S), temb: (B, T) -> (B, Cout, *S)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(temb).view(*h.shape[:2], *([1] * (h.dim() - 2)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class Stage(nn.Module):
+    """``num_blocks`` TimeResBlocks at one resolution."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, num_blocks: int, time_dim: int,
+                 norm_groups: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            TimeResBlock(spatial_dims, in_channels if i == 0 else out_channels, out_channels, time_dim, norm_groups)
+            for i in range(num_blocks)
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, temb)
+        return x
+
+
+class DynamicConditionalEncoding(nn.Module):
+    """A(m_I, m_x) = (LN(m_I) * LN(m_x)) * m_I, element-wise.
+
+    LN is a layer norm over channels and space (GroupNorm with one group, learnable affine): it
+    puts both features on a common scale whatever the noise level, so the product acts as an
+    attention map of the current mask estimate over the image feature.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm_image = nn.GroupNorm(1, channels)
+        self.norm_mask = nn.GroupNorm(1, channels)
+
+    def forward(self, m_image: torch.Tensor, m_mask: torch.Tensor) -> torch.Tensor:
+        return (self.norm_image(m_image) * self.norm_mask(m_mask)) * m_image
+
+
+class FFParser(nn.Module):
+    """Learnable global frequency filter: m' = IFFT(W * FFT(m)), W complex per channel.
+
+    W is stored on a reference grid (``reference_size`` per axis, rfft half-spectrum on the last
+    axis) and resized to the actual spectrum at run time, so any input size works. The
+    non-last axes are fftshifted before resizing so low frequencies stay low. Initialised to
+    W = 1 (identity).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, reference_size: int):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        shape = (channels, *([reference_size] * (spatial_dims - 1)), reference_size // 2 + 1)
+        self.weight_real = nn.Parameter(torch.ones(shape))
+        self.weight_imag = nn.Parameter(torch.zeros(shape))
+
+    def _filter(self, spectrum_shape: Sequence[int]) -> torch.Tensor:
+        w = torch.stack([self.weight_real, self.weight_imag])  # (2, C, *ref)
+        if tuple(w.shape[2:]) != tuple(spectrum_shape):
+            shift_axes = tuple(range(2, 2 + self.spatial_dims - 1))
+            w = torch.fft.fftshift(w, dim=shift_axes) if shift_axes else w
+            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+            w = F.interpolate(w, size=tuple(spectrum_shape), mode=mode, align_corners=True)
+            w = torch.fft.ifftshift(w, dim=shift_axes) if shift_axes else w
+        return torch.complex(w[0], w[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, *S) -> (B, C, *S) filtered; computed in float32 (FFTs under autocast)."""
+        axes = tuple(range(2, x.dim()))
+        spectrum = torch.fft.rfftn(x.float(), dim=axes, norm="ortho")
+        spectrum = spectrum * self._filter(spectrum.shape[2:])
+        return torch.fft.irfftn(spectrum, s=x.shape[2:], dim=axes, norm="ortho").to(x.dtype)
+
+
+class Encoder(nn.Module):
+    """Stem conv then one Stage per level except the last, downsampling between levels."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], num_blocks: int, time_dim: int,
+                 norm_groups: int):
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.stem = conv(in_channels, channels[0], 3, padding=1)
+        self.stages = nn.ModuleList(
+            Stage(spatial_dims, channels[max(i - 1, 0)], channels[i], num_blocks, time_dim, norm_groups)
+            for i in range(len(channels) - 1)
+        )
+        self.downs = nn.ModuleList(
+            conv(channels[i], channels[i], 3, stride=2, padding=1) for i in range(len(channels) - 1)
+        )
+
+
+class MedSegDiffUNet(nn.Module):
+    """MedSegDiff denoiser: net(x_t (B,L,*S), image (B,C,*S), t (B,)) -> (B,L,*S).
+
+    Args name the science: ``dynamic_stages`` are the encoder levels where the dynamic
+    conditional encoding fuses image and mask features (default: the middle two);
+    ``dynamic_conditioning`` and ``ff_parser`` switch the two contributions off for ablations.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        num_res_blocks: int = 1,
+        norm_groups: int = 8,
+        time_embed_dim: int | None = None,
+        dynamic_conditioning: bool = True,
+        dynamic_stages: Sequence[int] | None = None,
+        ff_parser: bool = True,
+        ff_reference_size: int = 64,
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        channels = [int(c) for c in channels]
+        if len(channels) < 2:
+            raise ValueError("channels needs at least two levels")
+        levels = len(channels)
+        self.spatial_dims = spatial_dims
+        self.size_divisor = 2 ** (levels - 1)
+        self.base_channels = channels[0]
+        time_dim = int(time_embed_dim or 4 * channels[0])
+        if dynamic_stages is None:  # the middle two encoder levels (of those before the bottleneck)
+            dynamic_stages = [i for i in range(levels - 1) if 0 < i < levels - 1][:2] or [0]
+        self.dynamic_stages = [int(i) for i in dynamic_stages] if dynamic_conditioning else []
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.image_encoder = Encoder(spatial_dims, in_channels, channels, num_res_blocks, time_dim, norm_groups)
+        self.mask_encoder = Encoder(spatial_dims, out_channels, channels, num_res_blocks, time_dim, norm_groups)
+        self.dynamic = nn.ModuleDict(
+            {str(i): DynamicConditionalEncoding(channels[i]) for i in self.dynamic_stages}
+        )
+        self.bottleneck = Stage(spatial_dims, channels[-2], channels[-1], num_res_blocks + 1, time_dim, norm_groups)
+        self.ff_parsers = nn.ModuleList(
+            FFParser(spatial_dims, channels[i], max(4, ff_reference_size // 2**i)) if ff_parser else nn.Identity()
+            for i in range(levels - 1)
+        )
+        self.up_convs = nn.ModuleList(conv(channels[i + 1], channels[i], 3, padding=1) for i in range(levels - 1))
+        self.decoder = nn.ModuleList(
+            Stage(spatial_dims, 2 * channels[i], channels[i], num_res_blocks, time_dim, norm_groups)
+            for i in range(levels - 1)
+        )
+        self.out = nn.Sequential(nn.GroupNorm(_groups(channels[0], norm_groups), channels[0]), nn.SiLU(),
+                                 conv(channels[0], out_channels, 3, padding=1))
+
+    def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(get_timestep_embedding(timesteps, self.base_channels).to(x_t.dtype))
+        h_img = self.image_encoder.stem(image)
+        h_msk = self.mask_encoder.stem(x_t)
+        skips = []
+        for i in range(len(self.image_encoder.stages)):
+            h_img = self.image_encoder.stages[i](h_img, temb)
+            h_msk = self.mask_encoder.stages[i](h_msk, temb)
+            if str(i) in self.dynamic:
+                h_img = self.dynamic[str(i)](h_img, h_msk)
+            skips.append(self.ff_parsers[i](h_img + h_msk))
+            h_img = self.image_encoder.downs[i](h_img)
+            h_msk = self.mask_encoder.downs[i](h_msk)
+        h = self.bottleneck(h_img + h_msk, temb)  # the two encoders meet before the last stage
+        for i in reversed(range(len(skips))):
+            h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
+            h = self.up_convs[i](h)
+            h = self.decoder[i](torch.cat([h, skips[i]], dim=1), temb)
+        return self.out(h)

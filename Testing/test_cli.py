@@ -1,0 +1,158 @@
+"""The CLI end to end: the bundled sample with the bundled model, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO
+from DiffusionSegLib.cli import main
+from DiffusionSegLib.models import DEFAULT_MODEL, resolve_model
+
+SAMPLE = REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz"
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+    assert np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    assert np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def test_segment_the_bundled_sample_with_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "sample"
+    assert run_cli("segment", SAMPLE, "-o", out, "--samples", "2", "--steps", "2", "-q") == 0
+    printed = capsys.readouterr().out
+    assert str(out.resolve()) in printed
+    reference = sitk.ReadImage(str(SAMPLE))
+    for name in ("fused", "crf", "consistency", "ambiguity", "probability_liver", "uncertainty_spleen"):
+        assert_same_grid(sitk.ReadImage(str(out / f"{name}.nii.gz")), reference)
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["name"] == DEFAULT_MODEL
+    assert report["samples"] == 2 and report["steps"] == 2 and report["nfe_per_image"] == 4
+    assert set(report["volumes_ml"]["fused"]) == {"liver", "spleen"}
+    assert (out / "segmentation.seg.nrrd").stat().st_size > 0
+    assert (out / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_keep_samples_writes_each_sample(tmp_path, tiny_model):
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 20, 24)).astype(np.float32))
+    src = tmp_path / "in.nrrd"
+    sitk.WriteImage(img, str(src))
+    assert run_cli("segment", src, "-o", tmp_path / "o", "--model", tiny_model, "--samples", "3",
+                   "--steps", "1", "--keep-samples", "--no-crf", "-q") == 0
+    assert sorted(p.name for p in (tmp_path / "o" / "samples").iterdir()) == [
+        "sample_0.nii.gz", "sample_1.nii.gz", "sample_2.nii.gz"]
+    assert not (tmp_path / "o" / "crf.nii.gz").exists()
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    good = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(4, 16, 16)).astype(np.float32))
+    cases = {}
+    cases["missing"] = tmp / "nope.nii.gz"
+    p = tmp / "truncated.nii.gz"
+    sitk.WriteImage(good, str(p))
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    cases["truncated"] = p
+    p = tmp / "text.nrrd"
+    p.write_text("this is not an image\n")
+    cases["not an image"] = p
+    p = tmp / "4d.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 3, 4, 5), np.float32) * np.arange(5)), str(p))
+    cases["4d"] = p
+    arr = sitk.GetArrayFromImage(good)
+    arr[1, 2, 3] = np.nan
+    p = tmp / "nan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(p))
+    cases["nan"] = p
+    p = tmp / "inf.nii.gz"
+    arr[1, 2, 3] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(p))
+    cases["inf"] = p
+    p = tmp / "constant.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 16, 16), 7, np.int16)), str(p))
+    cases["constant"] = p
+    p = tmp / "two_components.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(8, 8, 2)), isVector=True), str(p))
+    cases["2-component vector"] = p
+    return cases
+
+
+def test_every_bad_input_fails_cleanly(tmp_path, tiny_model, capsys):
+    for why, path in _bad_inputs(tmp_path).items():
+        out = tmp_path / f"out_{why.replace(' ', '_')}"
+        code = run_cli("segment", path, "-o", out, "--model", tiny_model, "--steps", "1", "-q")
+        err = capsys.readouterr().err.strip()
+        assert code == 2, why
+        assert err.startswith("diffusionseg: error:") and "\n" not in err, (why, err)
+        assert not out.exists() or not any(out.iterdir()), f"{why}: output left behind"
+
+
+def test_rgb_image_into_a_gray_model_is_refused(tmp_path, tiny_model, capsys):
+    rgb = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    p = tmp_path / "photo.png"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(p))
+    assert run_cli("segment", p, "-o", tmp_path / "o", "--model", tiny_model, "-q") == 2
+    assert "channel" in capsys.readouterr().err
+
+
+def test_tampered_or_mismatched_model_is_refused(tmp_path, tiny_model, tiny_rgb_model, capsys):
+    img = tmp_path / "in.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)), str(img))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_model, tampered)
+    weights = tampered / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    assert run_cli("segment", img, "-o", tmp_path / "o1", "--model", tampered, "-q") == 2
+    assert "sha256" in capsys.readouterr().err
+    # Weights of another architecture under a card whose sha256 was updated to match them.
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_model, mismatched)
+    shutil.copy(tiny_rgb_model / "model.safetensors", mismatched / "model.safetensors")
+    card = json.loads((mismatched / "model.json").read_text())
+    from DiffusionSegLib.modelcard import sha256_of
+
+    card["weights_sha256"] = sha256_of(mismatched / "model.safetensors")
+    (mismatched / "model.json").write_text(json.dumps(card))
+    assert run_cli("segment", img, "-o", tmp_path / "o2", "--model", mismatched, "-q") == 2
+    assert "do not match" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_unavailable_device_falls_back_to_cpu(tmp_path, tiny_model, capsys):
+    img = tmp_path / "in.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)), str(img))
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert run_cli("segment", img, "-o", tmp_path / "o", "--model", tiny_model, "--device", "cuda",
+                   "--steps", "1", "--samples", "1", "-q") == 0
+    captured = capsys.readouterr()
+    assert "falling back to CPU" in captured.err
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["device"] == "cpu"
+
+
+def test_models_lists_the_bundled_default(capsys):
+    assert run_cli("models") == 0
+    assert DEFAULT_MODEL in capsys.readouterr().out
+    assert resolve_model(None).name == DEFAULT_MODEL
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "DiffusionSegLib", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "segment" in done.stdout
