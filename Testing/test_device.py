@@ -1,0 +1,62 @@
+"""Device choice, out-of-memory back-off, and reduced-precision autocast against fp32."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DiffusionSegLib.device import auto_batch_size, is_out_of_memory, resolve_device, run_with_oom_backoff
+from DiffusionSegLib.inference import SegmentOptions, segment_image
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits():
+    tried = []
+
+    def work(batch_size: int) -> int:
+        tried.append(batch_size)
+        if batch_size > 5:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return batch_size
+
+    assert run_with_oom_backoff(work, 32) == 4
+    assert tried == [32, 16, 8, 4]
+
+
+def test_other_errors_are_not_retried():
+    calls = []
+
+    def work(batch_size: int) -> None:
+        calls.append(batch_size)
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_with_oom_backoff(work, 8)
+    assert calls == [8]
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("x"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_device_resolution_and_fallback(caplog):
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with caplog.at_level(logging.WARNING):
+            assert resolve_device("cuda").type == "cpu"
+        assert "falling back to CPU" in caplog.text
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+    assert auto_batch_size(torch.device("cpu"), 10**9, cap=16) == 16
+
+
+def test_bf16_autocast_agrees_with_fp32(tiny_model):
+    """The reduced-precision path (bf16 autocast; CUDA uses it by default) against fp32 on one case."""
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(size=(2, 32, 32)).astype(np.float32))
+    fp32 = segment_image(image, tiny_model, SegmentOptions(samples=3, steps=3, crf=False, amp=False))
+    bf16 = segment_image(image, tiny_model, SegmentOptions(samples=3, steps=3, crf=False, amp=True))
+    # Voxels whose sample mean is unchanged by bf16 (a flip needs a logit within bf16 rounding of 0.5).
+    assert np.mean(fp32.probability == bf16.probability) > 0.95
