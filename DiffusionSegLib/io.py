@@ -51,6 +51,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
                 f"cannot read image {path}: corrupt, truncated or not an image format SimpleITK reads"
             ) from err
         _check_nifti_complete(path)
+        _check_nifti_finite(path)
         if image.GetNumberOfComponentsPerPixel() == 4 and path.suffix.lower() in _PICTURE_SUFFIXES:
             image = _drop_alpha(image)
     # A trailing axis of length 1 carries no data: (x, y, 1) is a 2D picture, (x, y, z, 1) a 3D volume.
@@ -221,6 +222,28 @@ def _check_nifti_complete(path: Path) -> None:
     needed = _nifti_bytes_needed(header)
     if needed is not None and total < needed:
         raise InputImageError(f"cannot read image {path}: truncated file ({total} of {needed} bytes)")
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """Raise InputImageError if a floating-point NIfTI file stores NaN or infinite voxels.
+
+    ITK's NIfTI reader silently turns NaN/Inf into 0, so validate_image cannot see them after
+    reading; nibabel reads the stored values as they are.
+    """
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    import nibabel
+
+    try:
+        nii = nibabel.load(str(path))
+        if nii.get_data_dtype().kind != "f":
+            return
+        finite = np.isfinite(np.asarray(nii.dataobj)).all()
+    except Exception as err:  # noqa: BLE001 - any failure here means the file is not sound
+        raise InputImageError(f"cannot read image {path}: {type(err).__name__}") from err
+    if not finite:
+        raise InputImageError(f"{path}: the image contains NaN or infinite values")
 
 
 def _gzip_head_and_length(path: Path, head_bytes: int) -> tuple[bytes, int]:

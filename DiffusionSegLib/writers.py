@@ -1,13 +1,391 @@
 """Writers of a SegmentationResult: NIfTI maps, .seg.nrrd, JSON report, PNG overview.
 
-SPEC (to implement): ``write_outputs(result, outdir, keep_samples=False) -> dict[str, Path]``
-writes, each to a temporary name then renamed, into ``outdir`` (created if needed):
-fused.nii.gz, crf.nii.gz (when result.refined is not None), consistency.nii.gz, ambiguity.nii.gz
-(label maps: value i+1 for label i, overlaps resolved by the higher probability),
-probability_<label>.nii.gz and uncertainty_<label>.nii.gz (float32), samples/sample_<k>.nii.gz when
-keep_samples, segmentation.seg.nrrd (slicerio; one segment per (label, region): "<label> fused",
-"<label> consistency", "<label> ambiguity", with colors; Slicer opens it as a segmentation),
-report.json, overview.png (matplotlib Agg, the most informative slices with the overlays).
-All outputs share the geometry of result.reference (RGB inputs: the scalar geometry of it).
-Returns the paths written (name -> path).
+:func:`write_outputs` writes into ``outdir`` (created if needed):
+
+- ``fused.nii.gz``, ``crf.nii.gz`` (when ``result.refined`` is set), ``consistency.nii.gz``,
+  ``ambiguity.nii.gz``: uint8 label maps, value i+1 for label i, 0 for background. Where several
+  labels claim a voxel, the label with the higher ``probability`` there wins (ties: the lower index).
+- ``probability_<label>.nii.gz``, ``uncertainty_<label>.nii.gz``: float32 maps (label names made
+  safe for file names).
+- ``samples/sample_<k>.nii.gz`` (label maps, same overlap rule) with ``keep_samples`` when the
+  result holds its samples.
+- ``segmentation.seg.nrrd`` (slicerio >= 1.1): segments "<label> fused" (the CRF-refined mask when
+  available), "<label> consistency", "<label> ambiguity"; overlapping segments go to separate
+  layers as Slicer stores them.
+- ``overview.png``: the most informative slices with the fused outline, the ambiguity overlay and
+  the uncertainty map.
+- ``report.json``: ``result.report`` plus the list of files written.
+
+Every output shares the geometry of ``result.reference`` (RGB inputs: its scalar geometry).
+The call is all-or-nothing: files are built in a hidden staging folder inside ``outdir`` and renamed
+into place at the end; on any failure every file this call wrote is removed, and so is ``outdir``
+(and parents) when this call created it and it is empty.
 """
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from DiffusionSegLib.errors import DiffusionSegError
+from DiffusionSegLib.io import image_from_array, write_image_atomic
+from DiffusionSegLib.modelcard import LabelInfo
+from DiffusionSegLib.result import SegmentationResult
+
+log = logging.getLogger(__name__)
+
+# Slicer's default terminology contexts: a "category;type" pair from a model card is expanded in them.
+_TYPE_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+_UNCERTAIN_COLOR = np.array([1.0, 0.6, 0.0])  # orange: "the samples disagree here"
+_MAX_OVERVIEW_SLICES = 3
+
+
+def write_outputs(result: SegmentationResult, outdir: str | os.PathLike,
+                  keep_samples: bool = False) -> dict[str, Path]:
+    """Write every output of ``result`` into ``outdir``; return {name: path} of the files written.
+
+    Names are the file names without extension ("fused", "probability_liver", "sample_0",
+    "segmentation", "overview", "report"). Raises DiffusionSegError (naming the folder) when the
+    folder cannot be created or written; nothing written by this call is left behind then.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise DiffusionSegError(f"cannot write outputs: {outdir} exists and is not a folder")
+    created_dirs = _missing_dirs(outdir)
+    moved: list[Path] = []
+    staging = outdir / f".diffusionseg-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        staged = _stage_outputs(result, staging, keep_samples)
+        written: dict[str, Path] = {}
+        for rel in staged:
+            final = outdir / rel
+            if not final.parent.is_dir():
+                final.parent.mkdir()
+                created_dirs.insert(0, final.parent)  # deepest first, as removal needs
+            os.replace(staging / rel, final)
+            moved.append(final)
+            written[_output_name(rel)] = final
+        return written
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        for path in moved:
+            path.unlink(missing_ok=True)
+        for folder in created_dirs:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        if isinstance(err, OSError):
+            raise DiffusionSegError(f"cannot write outputs to {outdir}: {err.strerror or err}") from err
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def label_map(masks: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """(L, *spatial) binary masks -> (*spatial) uint8 label map: i+1 where label i wins, else 0.
+
+    A voxel in several masks goes to the label with the highest ``probability`` (L, *spatial)
+    there; ties go to the lower label index.
+    """
+    if masks.shape[0] > 255:
+        raise ValueError(f"{masks.shape[0]} labels do not fit a uint8 label map")
+    inside = masks.astype(bool, copy=False)
+    score = np.where(inside, probability, -np.inf)
+    winner = np.argmax(score, axis=0).astype(np.uint8) + np.uint8(1)
+    return np.where(inside.any(axis=0), winner, np.uint8(0))
+
+
+def file_stems(labels: list[LabelInfo]) -> list[str]:
+    """File-name-safe, unique stems of the label names ("left kidney" -> "left_kidney").
+
+    No dots, so a stem never looks like an extension; no leading "-", which tools take for an option.
+    """
+    stems: list[str] = []
+    for i, label in enumerate(labels):
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", label.name).strip("_-") or f"label{i}"
+        stems.append(stem if stem not in stems else f"{stem}_{i}")
+    return stems
+
+
+def terminology_entry(terminology: str) -> str | None:
+    """Slicer "TerminologyEntry" tag value of a model card's terminology, or None if unset or malformed.
+
+    Accepted: a full Slicer entry (7 fields separated by "~"), or "category;type" where each code is
+    "SCHEME^VALUE^MEANING" or a bare SNOMED CT value ("SCT" scheme, empty meaning).
+    """
+    text = terminology.strip()
+    if not text:
+        return None
+    if "~" in text:
+        if text.count("~") == 6:
+            return text
+    else:
+        codes = [_code(part) for part in text.split(";")]
+        if len(codes) == 2 and all(codes):
+            return f"{_TYPE_CONTEXT}~{codes[0]}~{codes[1]}~^^~{_ANATOMIC_CONTEXT}~^^~^^"
+    log.warning("ignoring malformed terminology %r (expected 'category;type' codes)", terminology)
+    return None
+
+
+def _code(text: str) -> str | None:
+    """"SCHEME^VALUE^MEANING" as is, a bare value as "SCT^VALUE^"; None when malformed."""
+    fields = [f.strip() for f in text.split("^")]
+    if len(fields) == 1 and fields[0]:
+        return f"SCT^{fields[0]}^"
+    if len(fields) == 3 and fields[0] and fields[1]:
+        return "^".join(fields)
+    return None
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _output_name(rel: str) -> str:
+    """"samples/sample_0.nii.gz" -> "sample_0"; "segmentation.seg.nrrd" -> "segmentation"."""
+    return Path(rel).name.split(".")[0]
+
+
+def _stage_outputs(result: SegmentationResult, staging: Path, keep_samples: bool) -> list[str]:
+    """Write every output under ``staging``; return their relative paths in writing order."""
+    ref = result.reference
+    stems = file_stems(result.labels)
+    staged: list[str] = []
+
+    def add(rel: str, write: Callable[[Path], None]) -> None:
+        path = staging / rel
+        path.parent.mkdir(exist_ok=True)
+        write(path)
+        staged.append(rel)
+
+    def image_writer(array: np.ndarray, pixel_type: int) -> Callable[[Path], None]:
+        return lambda path: write_image_atomic(image_from_array(array, ref, pixel_type), path)
+
+    maps = {"fused": result.fused, "crf": result.refined, "consistency": result.consistency,
+            "ambiguity": result.ambiguity}
+    for name, masks in maps.items():
+        if masks is not None:
+            add(f"{name}.nii.gz", image_writer(label_map(masks, result.probability), sitk.sitkUInt8))
+    for i, stem in enumerate(stems):
+        add(f"probability_{stem}.nii.gz", image_writer(result.probability[i].astype(np.float32), sitk.sitkFloat32))
+        add(f"uncertainty_{stem}.nii.gz", image_writer(result.uncertainty[i].astype(np.float32), sitk.sitkFloat32))
+    if keep_samples and result.samples is not None:
+        for k, sample in enumerate(result.samples):
+            add(f"samples/sample_{k}.nii.gz", image_writer(label_map(sample, result.probability), sitk.sitkUInt8))
+    add("segmentation.seg.nrrd", lambda path: write_seg_nrrd(result, path))
+    add("overview.png", lambda path: write_overview(result, path))
+    outputs = [*staged, "report.json"]
+    add("report.json", lambda path: _write_report(result.report, outputs, path))
+    return staged
+
+
+def _write_report(report: dict[str, Any], outputs: list[str], path: Path) -> None:
+    """``report`` plus the relative paths of the outputs, as indented JSON."""
+    text = json.dumps({**report, "outputs": outputs}, indent=2, default=_json_default)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars/arrays and paths, which reports may carry, as plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def ijk_to_lps(reference: sitk.Image) -> np.ndarray:
+    """4x4 voxel (i, j, k) -> LPS mm matrix of ``reference``; a 2D image becomes one slice 1 mm thick.
+
+    ITK physical space is LPS, so columns are direction * spacing and the translation is the origin.
+    """
+    dim = reference.GetDimension()
+    direction = np.eye(3)
+    direction[:dim, :dim] = np.reshape(reference.GetDirection(), (dim, dim))
+    spacing = np.ones(3)
+    spacing[:dim] = reference.GetSpacing()
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction * spacing  # scales column j by spacing[j]
+    matrix[:dim, 3] = reference.GetOrigin()
+    return matrix
+
+
+def _ijk_volume(mask: np.ndarray) -> np.ndarray:
+    """(z, y, x) or (y, x) SimpleITK-order array -> (i, j, k) = (x, y, z) array, 2D as one slice."""
+    return mask.T if mask.ndim == 3 else mask.T[:, :, None]
+
+
+def _pack_layers(masks: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Place (i, j, k) binary masks in as few uint8 layers as possible without overlaps.
+
+    Returns voxels, (i, j, k) for one layer or (layers, i, j, k), and (layer, label value) per mask,
+    the layout Slicer itself writes for overlapping segments.
+    """
+    layers: list[np.ndarray] = []
+    counts: list[int] = []  # label values used per layer
+    placement: list[tuple[int, int]] = []
+    for mask in masks:
+        inside = mask.astype(bool, copy=False)
+        for index, layer in enumerate(layers):
+            if counts[index] < 255 and not layer[inside].any():
+                break
+        else:
+            layers.append(np.zeros(mask.shape, np.uint8))
+            counts.append(0)
+            index = len(layers) - 1
+        counts[index] += 1
+        layers[index][inside] = counts[index]
+        placement.append((index, counts[index]))
+    voxels = layers[0] if len(layers) == 1 else np.stack(layers)
+    return voxels, placement
+
+
+def _extent(mask: np.ndarray) -> list[int]:
+    """Bounding box (i0, i1, j0, j1, k0, k1) of an (i, j, k) mask; Slicer's empty extent when empty."""
+    if not mask.any():
+        return [0, -1, 0, -1, 0, -1]
+    return [int(v) for axis in np.nonzero(mask) for v in (axis.min(), axis.max())]
+
+
+def segment_colors(color: tuple[float, float, float]) -> dict[str, list[float]]:
+    """Display colors per region: the label color (fused), darker (consistency), orange-ish (ambiguity).
+
+    The ambiguity color keeps a quarter of the label color so that ambiguities of several labels
+    stay distinguishable while all reading as "uncertain".
+    """
+    base = np.clip(np.asarray(color, float), 0.0, 1.0)
+    return {"fused": base.round(4).tolist(),
+            "consistency": (base * 0.6).round(4).tolist(),
+            "ambiguity": (0.75 * _UNCERTAIN_COLOR + 0.25 * base).round(4).tolist()}
+
+
+def write_seg_nrrd(result: SegmentationResult, path: str | os.PathLike) -> None:
+    """Write the fused (CRF when available), consistency and ambiguity segments as a Slicer .seg.nrrd.
+
+    Segment IDs are "<stem>_<region>", names "<label> <region>"; every segment of a label carries
+    the label's terminology. Writes ``path`` directly (callers stage it).
+    """
+    import slicerio  # only needed here; keeps the package import light inside Slicer
+
+    regions = {"fused": result.final_mask, "consistency": result.consistency, "ambiguity": result.ambiguity}
+    masks, segments = [], []
+    for label, stem, i in zip(result.labels, file_stems(result.labels), range(len(result.labels))):
+        colors = segment_colors(label.color)
+        entry = terminology_entry(label.terminology)
+        for region, stack in regions.items():
+            mask = _ijk_volume(stack[i])
+            masks.append(mask)
+            segment: dict[str, Any] = {"id": f"{stem}_{region}", "name": f"{label.name} {region}",
+                                       "color": colors[region], "colorAutoGenerated": False,
+                                       "nameAutoGenerated": False, "extent": _extent(mask)}
+            if entry:
+                segment["tags"] = {"TerminologyEntry": entry}
+            segments.append(segment)
+    voxels, placement = _pack_layers(masks)
+    for segment, (layer, value) in zip(segments, placement):
+        segment["layer"], segment["labelValue"] = layer, value
+    segmentation = {"voxels": voxels, "ijkToLPS": ijk_to_lps(result.reference), "segments": segments,
+                    "containedRepresentationNames": ["Binary labelmap"],
+                    "masterRepresentation": "Binary labelmap"}
+    # Level 1: labelmaps compress almost as well as at 9, several times faster.
+    slicerio.write_segmentation(os.fspath(path), segmentation, compression_level=1)
+
+
+def _most_informative_slices(fused: np.ndarray, ambiguity: np.ndarray) -> list[int]:
+    """Up to 3 axial (array axis 0) slices of (L, z, y, x) masks, spread over the structures.
+
+    A slice scores its fused + ambiguity area; the slices that score are split into 3 runs along z
+    and the best of each run is kept, so the picture does not show 3 neighbours of one peak.
+    """
+    score = fused.sum(axis=(0, 2, 3), dtype=np.int64) + ambiguity.sum(axis=(0, 2, 3), dtype=np.int64)
+    candidates = np.flatnonzero(score)
+    if candidates.size == 0:
+        return [fused.shape[1] // 2]
+    runs = np.array_split(candidates, min(_MAX_OVERVIEW_SLICES, candidates.size))
+    return [int(run[np.argmax(score[run])]) for run in runs]
+
+
+def _display(image: np.ndarray, rgb: bool) -> np.ndarray:
+    """Image slices (n, y, x[, 3]) as floats in [0, 1]: 8-bit RGB as is, else a 1-99 % window."""
+    if rgb and image.dtype == np.uint8:
+        return image / 255.0
+    low, high = np.percentile(image, [1, 99])
+    if high <= low:
+        low, high = float(image.min()), float(image.max())
+    return np.clip((image - low) / max(high - low, 1e-12), 0.0, 1.0)
+
+
+def write_overview(result: SegmentationResult, path: str | os.PathLike, dpi: int = 80) -> None:
+    """PNG of up to 3 informative slices: fused outline, ambiguity overlay, uncertainty (max over labels).
+
+    Rows are slices; columns: image + final-mask outline, image + ambiguity, uncertainty map.
+    The title gives the sample diversity (mean pairwise 1 - IoU) per label.
+    """
+    # The Agg canvas is used explicitly instead of matplotlib.use("Agg"): inside Slicer a global
+    # backend switch would change the user's own plotting; nothing here needs a display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ref = result.reference
+    rgb = ref.GetNumberOfComponentsPerPixel() == 3
+    image = sitk.GetArrayViewFromImage(ref)  # (z, y, x[, 3]) or (y, x[, 3])
+    maps = (result.fused, result.final_mask, result.ambiguity, result.uncertainty)  # (L, *spatial)
+    if ref.GetDimension() == 2:  # one "slice": same code path as a volume
+        image, maps = image[None], tuple(m[:, None] for m in maps)
+    fused, final, ambiguity, uncertainty = maps
+    slices = _most_informative_slices(fused, ambiguity)
+    shown = _display(np.asarray(image[slices]), rgb)
+    unc = uncertainty[:, slices].max(axis=0)  # (n, y, x)
+    unc_max = float(unc.max())
+    spacing = ref.GetSpacing()
+    aspect = spacing[1] / spacing[0]  # rows are y, columns x
+    colors = [np.clip(np.asarray(lab.color, float), 0, 1) for lab in result.labels]
+    amb_colors = [np.asarray(segment_colors(lab.color)["ambiguity"]) for lab in result.labels]
+    crf = " (CRF)" if result.refined is not None else ""
+
+    fig = Figure(figsize=(7.5, 2.3 * len(slices) + 0.5), dpi=dpi, layout="compressed")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(slices), 3, squeeze=False)
+    cmap = None if rgb else "gray"
+    for row, z in enumerate(slices):
+        ax_fused, ax_amb, ax_unc = axes[row]
+        for ax in (ax_fused, ax_amb):
+            ax.imshow(shown[row], cmap=cmap, vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        for i, color in enumerate(colors):
+            if final[i, z].any():
+                ax_fused.contour(final[i, z], levels=[0.5], colors=[color], linewidths=1.0)
+        overlay = np.zeros((*ambiguity.shape[2:], 4), np.float32)
+        for i, color in enumerate(amb_colors):
+            overlay[ambiguity[i, z].astype(bool)] = (*color, 0.65)
+        ax_amb.imshow(overlay, aspect=aspect, interpolation="nearest")
+        im = ax_unc.imshow(unc[row], cmap="magma", vmin=0, vmax=max(unc_max, 1e-6), aspect=aspect,
+                           interpolation="nearest")
+        fig.colorbar(im, ax=ax_unc, fraction=0.046, pad=0.02)
+        where = f"slice {z}" if ref.GetDimension() == 3 else "image"
+        ax_fused.set_title(f"{where}: fused{crf}", fontsize=8)
+        ax_amb.set_title("ambiguity", fontsize=8)
+        ax_unc.set_title("uncertainty", fontsize=8)
+        for ax in (ax_fused, ax_amb, ax_unc):
+            ax.set_axis_off()
+    diversity = ", ".join(f"{lab.name} {d:.3f}" for lab, d in zip(result.labels, result.sample_diversity))
+    fig.suptitle(f"sample diversity (mean pairwise 1-IoU): {diversity or 'n/a'}", fontsize=9)
+    fig.savefig(os.fspath(path), format="png", dpi=dpi)

@@ -1,0 +1,342 @@
+"""The writers: NIfTI maps on the reference grid, .seg.nrrd read back by slicer-core MRML, all-or-nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DiffusionSegLib import writers
+from DiffusionSegLib.errors import DiffusionSegError
+from DiffusionSegLib.modelcard import LabelInfo
+from DiffusionSegLib.result import SegmentationResult
+
+LIVER_TERMS = "SCT^123037004^Anatomical Structure;SCT^10200004^Liver"
+LIVER_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+               "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+LABELS = [LabelInfo("liver", (0.8, 0.4, 0.2), LIVER_TERMS), LabelInfo("left kidney/cortex", (0.2, 0.4, 1.0))]
+
+
+def rotation(axis: tuple[float, float, float], angle: float) -> np.ndarray:
+    """3x3 rotation about ``axis`` (Rodrigues)."""
+    k = np.asarray(axis, float) / np.linalg.norm(axis)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+
+def make_result(reference: sitk.Image, n_samples: int = 3, refined: bool = True) -> SegmentationResult:
+    """A result for two overlapping blobs, with statistics computed from random samples around them."""
+    shape = tuple(reversed(reference.GetSize()))
+    grid = np.indices(shape, dtype=np.float32)
+    centre = np.array(shape, np.float32).reshape(-1, *[1] * len(shape))
+    radius = np.sqrt((((grid - centre * 0.45) / (centre * 0.6)) ** 2).sum(0))
+    radius2 = np.sqrt((((grid - centre * 0.6) / (centre * 0.4)) ** 2).sum(0))
+    rng = np.random.default_rng(0)
+    samples = np.stack([np.stack([radius < 0.7 + 0.1 * rng.random(shape), radius2 < 0.7 + 0.1 * rng.random(shape)])
+                        for _ in range(n_samples)]).astype(np.uint8)
+    samples[:, 1] = samples[0, 1]  # label 1 has no disagreement: an empty ambiguity segment
+    probability = samples.mean(0, dtype=np.float32)
+    fused = (probability > 0.5).astype(np.uint8)
+    consistency = samples.all(0).astype(np.uint8)
+    ambiguity = (samples.any(0) & ~samples.all(0)).astype(np.uint8)
+    crf = fused.copy()
+    crf[0].flat[np.flatnonzero(fused[0])[:3]] = 0  # the refined mask differs from the fused one
+    return SegmentationResult(
+        reference=reference, labels=LABELS, probability=probability, fused=fused, consistency=consistency,
+        ambiguity=ambiguity, uncertainty=(probability * (1 - probability)).astype(np.float32),
+        refined=crf if refined else None, samples=samples, sample_diversity=[0.125, 0.0],
+        report={"model": {"name": "tiny"}, "samples": n_samples, "seconds": np.float32(0.5)})
+
+
+@pytest.fixture()
+def oblique_3d() -> sitk.Image:
+    """Anisotropic volume, direction rotated about an oblique axis: no axis of it is a world axis."""
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(6, 10, 13)).astype(np.float32))
+    image.SetSpacing((0.7, 1.3, 2.9))
+    image.SetOrigin((12.5, -40.0, 7.25))
+    image.SetDirection(rotation((1.0, 2.0, 0.5), 0.6).ravel().tolist())
+    return image
+
+
+@pytest.fixture()
+def rgb_2d() -> sitk.Image:
+    """8-bit RGB picture with a rotated 2D direction and non-square pixels."""
+    pixels = np.random.default_rng(2).integers(0, 256, (14, 18, 3), dtype=np.uint8)
+    image = sitk.GetImageFromArray(pixels, isVector=True)
+    image.SetSpacing((0.5, 0.8))
+    image.SetOrigin((5.0, -3.0))
+    c, s = math.cos(0.5), math.sin(0.5)
+    image.SetDirection((c, -s, s, c))
+    return image
+
+
+def assert_reference_grid(image: sitk.Image, reference: sitk.Image) -> None:
+    assert image.GetSize() == reference.GetSize()
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+    assert np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+    assert np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+
+
+def read_array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def assert_valid_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as png:
+        png.verify()
+    with Image.open(path) as png:
+        width, height = png.size
+    assert 200 <= width <= 1200 and 150 <= height <= 1200, (width, height)
+    assert path.stat().st_size < 500_000
+
+
+# --- units with hand-computed numbers ---------------------------------------------------------------
+
+
+def test_label_map_gives_overlaps_to_the_more_probable_label():
+    masks = np.array([[1, 1, 0, 0, 1], [0, 1, 1, 0, 1]], np.uint8)
+    probability = np.array([[0.9, 0.4, 0.1, 0.0, 0.5], [0.1, 0.6, 0.8, 0.0, 0.5]], np.float32)
+    out = writers.label_map(masks, probability)
+    assert out.dtype == np.uint8
+    assert out.tolist() == [1, 2, 2, 0, 1]  # last voxel: a tie goes to the lower index
+
+
+def test_file_stems_are_safe_and_unique():
+    labels = [LabelInfo("left kidney"), LabelInfo("left/kidney"), LabelInfo("..."), LabelInfo("-Liver-2.a")]
+    assert writers.file_stems(labels) == ["left_kidney", "left_kidney_1", "label2", "Liver-2_a"]
+
+
+def test_terminology_entry_forms():
+    assert writers.terminology_entry(LIVER_TERMS) == LIVER_ENTRY
+    assert writers.terminology_entry("123037004;10200004") == LIVER_ENTRY.replace(
+        "^Anatomical Structure", "^").replace("^Liver", "^")
+    assert writers.terminology_entry(LIVER_ENTRY) == LIVER_ENTRY
+    assert writers.terminology_entry("") is None
+    assert writers.terminology_entry("just one code") is None
+    assert writers.terminology_entry("a~b") is None
+
+
+def test_ijk_to_lps_of_an_oblique_volume(oblique_3d):
+    matrix = writers.ijk_to_lps(oblique_3d)
+    for index in [(0, 0, 0), (3, 7, 5), (12, 9, 0)]:
+        expected = oblique_3d.TransformIndexToPhysicalPoint(index)
+        assert np.allclose((matrix @ [*index, 1])[:3], expected, atol=1e-9)
+
+
+# --- whole writer -----------------------------------------------------------------------------------
+
+
+def test_3d_oblique_outputs_on_the_reference_grid(tmp_path, oblique_3d):
+    result = make_result(oblique_3d)
+    out = tmp_path / "new" / "out"
+    written = writers.write_outputs(result, out, keep_samples=True)
+
+    stems = ["liver", "left_kidney_cortex"]
+    expected = {"fused", "crf", "consistency", "ambiguity", "segmentation", "overview", "report",
+                *(f"{kind}_{s}" for kind in ("probability", "uncertainty") for s in stems),
+                "sample_0", "sample_1", "sample_2"}
+    assert set(written) == expected
+    assert all(p.is_file() and p.parent in (out, out / "samples") for p in written.values())
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary left behind"
+
+    for path in out.rglob("*.nii.gz"):
+        assert_reference_grid(sitk.ReadImage(str(path)), oblique_3d)
+    for name, masks in [("fused", result.fused), ("crf", result.refined), ("consistency", result.consistency),
+                        ("ambiguity", result.ambiguity)]:
+        image = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        assert image.GetPixelID() == sitk.sitkUInt8
+        values = sitk.GetArrayFromImage(image)
+        both = masks[0].astype(bool) & masks[1].astype(bool)
+        assert np.array_equal(values[masks[0].astype(bool) & ~both], np.full((masks[0] & ~both).sum(), 1))
+        assert np.array_equal(values[masks[1].astype(bool) & ~both], np.full((masks[1] & ~both).sum(), 2))
+        assert np.all(values[~masks.any(0)] == 0)
+        winner = np.where(result.probability[1] > result.probability[0], 2, 1)
+        assert np.array_equal(values[both], winner[both])
+    assert ((result.fused[0] & result.fused[1]) == 1).any(), "the test data must contain overlaps"
+    sample = read_array(out / "samples" / "sample_2.nii.gz")
+    assert np.array_equal(sample > 0, result.samples[2].any(0))
+    for i, stem in enumerate(stems):
+        probability = sitk.ReadImage(str(out / f"probability_{stem}.nii.gz"))
+        assert probability.GetPixelID() == sitk.sitkFloat32
+        assert np.array_equal(sitk.GetArrayFromImage(probability), result.probability[i])
+        assert np.array_equal(read_array(out / f"uncertainty_{stem}.nii.gz"), result.uncertainty[i])
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == {"name": "tiny"} and report["seconds"] == 0.5
+    assert sorted(report["outputs"]) == sorted(str(p.relative_to(out)) for p in written.values())
+    assert_valid_png(out / "overview.png")
+
+
+def test_2d_rgb_outputs_keep_the_scalar_geometry(tmp_path, rgb_2d):
+    result = make_result(rgb_2d, refined=False)
+    written = writers.write_outputs(result, tmp_path / "o")  # keep_samples off: samples not written
+    assert "crf" not in written and not (tmp_path / "o" / "samples").exists()
+    niftis = list((tmp_path / "o").glob("*.nii.gz"))
+    assert len(niftis) == 3 + 2 * 2
+    for path in niftis:
+        image = sitk.ReadImage(str(path))
+        assert image.GetNumberOfComponentsPerPixel() == 1
+        assert_reference_grid(image, rgb_2d)
+    fused = read_array(tmp_path / "o" / "fused.nii.gz")
+    assert np.array_equal(fused, writers.label_map(result.fused, result.probability))
+    assert_valid_png(written["overview"])
+
+
+def test_failure_midway_leaves_nothing(tmp_path, oblique_3d, monkeypatch):
+    def broken_overview(*args, **kwargs):
+        raise RuntimeError("matplotlib broke")
+
+    monkeypatch.setattr(writers, "write_overview", broken_overview)
+    out = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError, match="matplotlib broke"):
+        writers.write_outputs(make_result(oblique_3d), out, keep_samples=True)
+    assert not (tmp_path / "a").exists(), "folders created by the failed call must go"
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        writers.write_outputs(make_result(oblique_3d), existing, keep_samples=True)
+    assert sorted(p.name for p in existing.rglob("*")) == ["notes.txt"]
+
+
+def test_failure_while_renaming_removes_the_files_already_renamed(tmp_path, oblique_3d, monkeypatch):
+    out = tmp_path / "out"
+    real_replace = os.replace
+    renamed: list[str] = []
+
+    def replace_failing_on_the_third_output(src, dst):
+        if Path(dst).parent in (out, out / "samples"):  # the final renames, not io's own temporaries
+            if len(renamed) == 2:
+                raise OSError(28, "No space left on device")
+            renamed.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_failing_on_the_third_output)
+    with pytest.raises(DiffusionSegError, match="No space left on device") as err:
+        writers.write_outputs(make_result(oblique_3d), out)
+    assert str(out) in str(err.value) and "\n" not in str(err.value)
+    assert len(renamed) == 2 and not out.exists()
+
+
+def test_output_folder_that_is_a_file_is_a_user_error(tmp_path, oblique_3d):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    with pytest.raises(DiffusionSegError, match="taken"):
+        writers.write_outputs(make_result(oblique_3d), target)
+    assert target.read_text() == "x"
+
+
+# --- .seg.nrrd read by Slicer's own MRML (slicer-core) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slicer_scene():
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    app.GetColorLogic().SetMRMLScene(scene)
+    app.GetColorLogic().AddDefaultColorNodes()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene)
+    seg_logic.SetMRMLApplicationLogic(app)
+    app.SetModuleLogic("Segmentations", seg_logic)
+    return slicer, scene, seg_logic
+
+
+def read_seg_nrrd(slicer_scene, path: Path):
+    slicer, scene, _ = slicer_scene
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    return node
+
+
+def segment_voxels_in_lps(slicer_scene, node, segment_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) LPS voxel centres of a segment's binary labelmap as Slicer reads it, and its 4x4 IJK->RAS."""
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    slicer, _, seg_logic = slicer_scene
+    image = slicer.vtkOrientedImageData()
+    assert seg_logic.GetSegmentBinaryLabelmapRepresentation(node, segment_id, image)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    extent = image.GetExtent()
+    if extent[1] < extent[0]:  # Slicer's empty segment
+        return np.zeros((0, 3)), ijk_to_ras
+    dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
+    voxels = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])  # (k, j, i)
+    # Segments sharing a layer come back as that shared labelmap: the segment is its own label value.
+    label_value = node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    ijk = np.argwhere(voxels == label_value)[:, ::-1] + [extent[0], extent[2], extent[4]]
+    ras = (ijk_to_ras @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    return ras * [-1, -1, 1], ijk_to_ras  # RAS -> LPS: x and y negated
+
+
+def assert_segment_matches(slicer_scene, node, segment_id: str, mask: np.ndarray, reference: sitk.Image) -> None:
+    """The segment's voxels sit, in physical space, exactly on the reference voxels of ``mask``."""
+    lps, ijk_to_ras = segment_voxels_in_lps(slicer_scene, node, segment_id)
+    dim = reference.GetDimension()
+    if dim == 2:
+        assert np.allclose(lps[:, 2], 0.0)  # one slice at z = 0
+    index = np.array([reference.TransformPhysicalPointToContinuousIndex(p[:dim].tolist()) for p in lps])
+    assert np.allclose(index, np.round(index), atol=1e-4), "segment voxels are off the reference grid"
+    found = np.zeros(mask.shape, bool)
+    found[tuple(np.round(index).astype(int)[:, ::-1].T)] = True  # (x, y[, z]) index -> array order
+    assert np.array_equal(found, mask.astype(bool)), segment_id
+    # The Slicer geometry itself: IJK->RAS = RAS<-LPS flip times the reference's direction*spacing, origin.
+    expected = np.eye(4)
+    expected[:dim, :dim] = np.reshape(reference.GetDirection(), (dim, dim)) * reference.GetSpacing()
+    expected[:dim, 3] = reference.GetOrigin()
+    assert np.allclose(ijk_to_ras, np.diag([-1, -1, 1, 1]) @ expected, atol=1e-6)
+
+
+def test_seg_nrrd_opens_in_slicer_mrml_as_named_colored_segments(tmp_path, oblique_3d, slicer_scene):
+    result = make_result(oblique_3d)
+    path = writers.write_outputs(result, tmp_path / "o")["segmentation"]
+    node = read_seg_nrrd(slicer_scene, path)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 6
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(6)]
+    assert names == [f"{lab} {region}" for lab in ("liver", "left kidney/cortex")
+                     for region in ("fused", "consistency", "ambiguity")]
+    liver_fused = segmentation.GetSegment("liver_fused")
+    assert np.allclose(liver_fused.GetColor(), (0.8, 0.4, 0.2), atol=1e-4)
+    consistency_color = segmentation.GetSegment("liver_consistency").GetColor()
+    assert np.allclose(consistency_color, (0.48, 0.24, 0.12), atol=1e-4)  # darker than the label color
+    ambiguity_color = segmentation.GetSegment("left_kidney_cortex_ambiguity").GetColor()
+    assert ambiguity_color[0] > 0.75 and ambiguity_color[2] < 0.5  # orange-ish, not the kidney's blue
+    for region in ("fused", "consistency", "ambiguity"):
+        assert segmentation.GetSegment(f"liver_{region}").GetTerminology() == LIVER_ENTRY
+
+    # Overlapping segments (consistency inside fused, the two labels overlapping) each come back whole;
+    # "fused" is the CRF-refined mask when there is one; an empty segment reads back empty.
+    assert_segment_matches(slicer_scene, node, "liver_fused", result.refined[0], oblique_3d)
+    assert_segment_matches(slicer_scene, node, "liver_consistency", result.consistency[0], oblique_3d)
+    assert_segment_matches(slicer_scene, node, "liver_ambiguity", result.ambiguity[0], oblique_3d)
+    assert_segment_matches(slicer_scene, node, "left_kidney_cortex_fused", result.refined[1], oblique_3d)
+    assert not result.ambiguity[1].any()
+    lps, _ = segment_voxels_in_lps(slicer_scene, node, "left_kidney_cortex_ambiguity")
+    assert len(lps) == 0
+
+
+def test_seg_nrrd_of_a_2d_image_is_one_slice_in_slicer(tmp_path, rgb_2d, slicer_scene):
+    result = make_result(rgb_2d, refined=False)
+    path = writers.write_outputs(result, tmp_path / "o")["segmentation"]
+    node = read_seg_nrrd(slicer_scene, path)
+    assert node.GetSegmentation().GetNumberOfSegments() == 6
+    assert_segment_matches(slicer_scene, node, "liver_fused", result.fused[0], rgb_2d)
+    assert_segment_matches(slicer_scene, node, "left_kidney_cortex_consistency", result.consistency[1], rgb_2d)
