@@ -59,6 +59,10 @@ class ModelCard:
     # Normalization: {"kind": "ct_window", "center": 40, "width": 400} | {"kind": "zscore"}
     #                | {"kind": "rgb"} (8-bit channels to [-1, 1]) | {"kind": "minmax"}
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
+    # DICOM orientation code 3D inputs are brought to (axes permuted/flipped, no interpolation)
+    # before anything else, so a model always sees anatomy the same way up whatever the file's
+    # direction matrix ("LPS": numpy axis 0 runs inferior->superior, i.e. axial slices). None = keep.
+    orientation: str | None = "LPS"
     # numpy axis of a (z, y, x) volume along which a 2D model is applied (0 = axial slices).
     slice_axis: int = 0
     patch_size: list[int] | None = None  # training crop (H, W[, D]); inference is fully convolutional

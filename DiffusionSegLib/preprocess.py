@@ -107,11 +107,28 @@ def model_spacing(image: sitk.Image, card: ModelCard) -> tuple[float, ...]:
     return tuple(new)
 
 
-def resample_to_model_grid(image: sitk.Image, card: ModelCard) -> sitk.Image:
-    """``image`` (scalar or RGB) on the model grid: linear interpolation, float32 pixels.
+def orient(image: sitk.Image, card: ModelCard) -> sitk.Image:
+    """A 3D ``image`` with its voxel axes permuted/flipped to ``card.orientation`` (exact, no interpolation).
 
-    Returns ``image`` itself when the grids already agree.
+    Files store the same anatomy with different direction matrices (NIfTI often RAS-flipped, DICOM
+    LPS); without this a 2D model would see the liver on the left in one file and on the right in
+    another. Returns ``image`` itself when it is 2D, already oriented, or the card has no orientation.
     """
+    if card.orientation is None or image.GetDimension() != 3:
+        return image
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    if current == card.orientation:
+        return image
+    return sitk.DICOMOrient(image, card.orientation)
+
+
+def resample_to_model_grid(image: sitk.Image, card: ModelCard) -> sitk.Image:
+    """``image`` (scalar or RGB) oriented per the card and on the model grid: linear interpolation,
+    float32 pixels.
+
+    Returns ``image`` itself when orientation and grid already agree.
+    """
+    image = orient(image, card)
     spacing = model_spacing(image, card)
     if np.allclose(spacing, image.GetSpacing(), rtol=_SPACING_RTOL, atol=0.0):
         return image

@@ -273,3 +273,28 @@ def test_labels_follow_the_image_onto_the_model_grid():
     # Physical volume of the box is kept within one model voxel layer: 4*10*12 input voxels.
     box_mm3 = 4 * 10 * 12 * np.prod(SPACING)
     assert abs((values == 3).sum() * np.prod(resampled.GetSpacing()) - box_mm3) < 0.2 * box_mm3
+
+
+def test_same_anatomy_stored_with_flipped_axes_gives_the_same_slices():
+    """A RAS-flipped NIfTI-style volume and its LPS twin must reach the network identically."""
+    from DiffusionSegLib.modelcard import ModelCard
+    from DiffusionSegLib.preprocess import prepare, restore
+
+    rng = np.random.default_rng(3)
+    lps_array = rng.normal(size=(4, 6, 5)).astype(np.float32)
+    lps = sitk.GetImageFromArray(lps_array)
+    lps.SetSpacing((1.0, 2.0, 3.0))
+    lps.SetOrigin((-10.0, 20.0, 5.0))
+    # The same voxels stored with x and y reversed: direction diag(-1, -1, 1), origin at the far corner.
+    ras = sitk.GetImageFromArray(lps_array[:, ::-1, ::-1].copy())
+    ras.SetSpacing((1.0, 2.0, 3.0))
+    ras.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    ras.SetOrigin(lps.TransformIndexToPhysicalPoint((4, 5, 0)))
+    card = ModelCard(name="o", normalization={"kind": "zscore"})
+    a, b = prepare(lps, card), prepare(ras, card)
+    assert np.allclose(a.batch, b.batch, atol=1e-6)
+    # Outputs go back onto each file's own grid.
+    back_lps = restore(a, a.batch[:, :1], "nearest")[0]
+    back_ras = restore(b, b.batch[:, :1], "nearest")[0]
+    assert back_ras.shape == lps_array.shape
+    assert np.allclose(back_ras, back_lps[:, ::-1, ::-1], atol=1e-6)
