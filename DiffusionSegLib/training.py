@@ -62,6 +62,7 @@ class TrainConfig:
     spacing: list[float] | None = None  # model grid in mm, SimpleITK (x, y[, z]) order; None = image grid
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
     modality: str = "CT"
+    orientation: str | None = "LPS"  # 3D inputs are reoriented to this before slicing (see ModelCard)
     slice_axis: int = 0  # numpy axis of (z, y, x) along which a 2D model takes slices
     labels: dict[str, Any] | None = None  # name -> value(s) in the label files; None = all of dataset.json
     label_colors: dict[str, list[float]] = field(default_factory=dict)  # name -> RGB in [0, 1]
@@ -235,7 +236,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         name=name, method=config.method, spatial_dims=config.spatial_dims, in_channels=in_channels,
         labels=label_infos, network=dict(config.network), modality=config.modality,
         spacing=list(config.spacing) if config.spacing is not None else None,
-        normalization=dict(config.normalization), slice_axis=config.slice_axis,
+        normalization=dict(config.normalization), orientation=config.orientation, slice_axis=config.slice_axis,
         patch_size=list(config.patch_size), prediction_type=config.prediction_type,
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
         default_sampler="ddim", default_steps=config.default_steps, default_samples=config.default_samples,
@@ -450,12 +451,12 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
     try:
         while run.step < config.steps:
             run.train_step()
-            postfix = {"loss": f"{np.mean(run.losses[-50:]):.4f}"}
             last = run.step == config.steps
             if run.step % config.val_every == 0 or last:
-                record = run.validate()
-                if record is not None:
-                    postfix["val_dice"] = f"{record['mean_dice']:.3f}"
+                run.validate()
+            postfix = {"loss": f"{np.mean(run.losses[-50:]):.4f}"}  # running mean: one batch is noisy
+            if run.validations:
+                postfix["val_dice"] = f"{run.validations[-1]['mean_dice']:.3f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if run.step % config.checkpoint_every == 0 or last:

@@ -254,3 +254,19 @@ def test_augmentation_moves_image_and_mask_together_and_is_seeded():
     again = b.batch(4)
     assert np.array_equal(second[0], again[0]) and np.array_equal(second[1], again[1])
     assert not np.array_equal(first[0], second[0])
+
+
+def test_flipped_direction_volume_keeps_label_on_its_anatomy(tmp_path):
+    # A RAS-like direction (x and y flipped) is reoriented to the card's LPS before slicing;
+    # the label must follow the image voxel for voxel.
+    image, label = _volume(0, shape=(4, 8, 6))
+    image = (image // 10 + 500 * (label > 0)).astype(np.int16)  # labelled voxels are bright
+    for kind, array in (("imagesTr", image), ("labelsTr", label)):
+        img = sitk.GetImageFromArray(array)
+        img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+        (tmp_path / kind).mkdir(exist_ok=True)
+        sitk.WriteImage(img, str(tmp_path / kind / "c.nii.gz"))
+    case = data.load_case(data.discover_cases(tmp_path)[0], _card(spacing=[1.0, 1.0]), {"any": (1, 2)})
+    assert case.mask.sum() == (label > 0).sum()
+    assert np.array_equal(case.mask[0].astype(bool), case.image[0] > 1.0)
+    assert np.array_equal(case.mask[0], (label > 0)[:, ::-1, ::-1])  # y and x flipped to LPS

@@ -27,11 +27,38 @@ def test_vanilla_dpm_shapes(dims, size):
     assert net(x, torch.randn(2, 3, *size), torch.tensor([0, 999])).shape == x.shape
 
 
-def test_gradient_reaches_both_encoders():
-    net = MedSegDiffUNet(in_channels=1, out_channels=1, channels=[8, 16, 32], norm_groups=4)
-    net(torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16), torch.tensor([5, 50])).pow(2).mean().backward()
+def test_vanilla_dpm_with_attention_and_default_size():
+    net = VanillaConditionalDPM(channels=[8, 16], attention_levels=[False, True], norm_num_groups=4)
+    x = torch.randn(1, 1, 8, 12)
+    assert net(x, torch.randn(1, 1, 8, 12), torch.tensor([7])).shape == x.shape
+    assert VanillaConditionalDPM().size_divisor == MedSegDiffUNet().size_divisor == 8
+
+
+def test_default_sizes_are_cpu_trainable():
+    """The defaults stay in the 1-3 M parameter range (training runs on a 2-core CPU)."""
+    for net in (MedSegDiffUNet(), VanillaConditionalDPM()):
+        assert 1e6 < sum(p.numel() for p in net.parameters()) < 3e6
+
+
+def test_gradient_reaches_both_encoders_fusion_and_filters():
+    net = MedSegDiffUNet(in_channels=1, out_channels=1, channels=[8, 16, 32], norm_groups=4, ff_reference_size=8)
+    net(torch.randn(2, 1, 16, 20), torch.randn(2, 1, 16, 20), torch.tensor([5, 50])).pow(2).mean().backward()
     assert net.image_encoder.stem.weight.grad.abs().sum() > 0
     assert net.mask_encoder.stem.weight.grad.abs().sum() > 0
+    assert net.dynamic["1"].norm_mask.weight.grad.abs().sum() > 0
+    assert net.ff_parsers[0].weight_real.grad.abs().sum() > 0
+    assert net.ff_parsers[0].weight_imag.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_forward_keeps_the_fft_in_float32():
+    net = MedSegDiffUNet(spatial_dims=2, channels=[8, 16], norm_groups=4).eval()
+    x, im, t = torch.randn(1, 1, 12, 20), torch.randn(1, 1, 12, 20), torch.tensor([3])
+    with torch.no_grad():
+        ref = net(x, im, t)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            low = net(x, im, t)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
 
 
 def test_dynamic_conditional_encoding_matches_the_paper_formula():
@@ -53,6 +80,38 @@ def test_ff_parser_is_identity_at_init_at_any_size(dims, size):
     assert torch.allclose(ff(x), x, atol=1e-5)
 
 
+def test_ff_parser_filter_is_resampled_by_frequency():
+    """Reference 4x4 (rfft half axis 3 bins) read at 8x5: bins are matched in cycles/sample."""
+    ff = FFParser(2, channels=1, reference_size=4)
+    values = torch.arange(12.0).reshape(1, 4, 3)  # W[0, i, j] = 3 i + j
+    with torch.no_grad():
+        ff.weight_real.copy_(values)
+        ff.weight_imag.copy_(-values)
+    w = ff.filter_for((8, 5))
+    assert w.shape == (1, 8, 3)
+    # axis 0 (full FFT, size 8): bin 1 = 1/8 cycles -> reference position 0.5; bin 4 = -1/2 -> 2;
+    # bin 7 = -1/8 -> -0.5, i.e. halfway between reference bin 3 and (wrapping) bin 0.
+    # axis 1 (rfft of length 5): bins 0, 1/5, 2/5 cycles -> reference positions 0, 0.8, 1.6.
+    assert torch.allclose(w.real[0, 0], torch.tensor([0.0, 0.8, 1.6]), atol=1e-6)
+    assert torch.allclose(w.real[0, 1], torch.tensor([1.5, 2.3, 3.1]), atol=1e-6)
+    assert torch.allclose(w.real[0, 4], torch.tensor([6.0, 6.8, 7.6]), atol=1e-6)
+    assert torch.allclose(w.real[0, 7], torch.tensor([4.5, 5.3, 6.1]), atol=1e-6)
+    assert torch.allclose(w.imag, -w.real)
+
+
+@pytest.mark.parametrize("size", [(20, 12), (37, 50), (64, 64)])
+def test_ff_parser_dc_weight_keeps_its_meaning_at_any_size(size):
+    """A filter learned to remove the mean (W = 0 at DC only) removes it at every size."""
+    ff = FFParser(2, channels=2, reference_size=64)
+    with torch.no_grad():
+        ff.weight_real[:, 0, 0] = 0.0
+    x = torch.randn(1, 2, *size) + 3.0
+    out = ff(x)
+    assert out.mean(dim=(2, 3)).abs().max() < 1e-4
+    # up to the reference size every other bin lies >= 1 reference bin from DC, so it reads W = 1
+    assert torch.allclose(out, x - x.mean(dim=(2, 3), keepdim=True), atol=1e-4)
+
+
 def test_ff_parser_filters_when_trained():
     ff = FFParser(2, channels=1, reference_size=8)
     with torch.no_grad():
@@ -68,6 +127,9 @@ def test_ablation_flags_change_the_structure():
     assert any("ff_parsers" in k for k in full.state_dict())
     assert not any("ff_parsers" in k for k in no_ff.state_dict())
     assert not any(k.startswith("dynamic.") for k in no_dyn.state_dict())
+    assert MedSegDiffUNet(channels=[8, 16, 32, 64], norm_groups=4, dynamic_stages=[0]).dynamic_stages == [0]
+    with pytest.raises(ValueError):
+        MedSegDiffUNet(channels=[8, 16, 32, 64], dynamic_stages=[3])  # the bottleneck has no mask feature
 
 
 @pytest.mark.parametrize("method", ["medsegdiff", "vanilla_dpm"])

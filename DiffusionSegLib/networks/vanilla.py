@@ -1,7 +1,9 @@
 """Vanilla conditional DPM for segmentation (Wolleb et al. 2022): the image concatenated with
 the noisy mask along channels, denoised by MONAI's ``DiffusionModelUNet``.
 
-It is the baseline MedSegDiff is compared against (same call signature, same sampler).
+It is the baseline MedSegDiff is compared against (same call signature, same sampler). The
+default widths give about the parameter count of the default ``MedSegDiffUNet`` (2.9 M in 2D) and
+the same ``size_divisor`` (8), so the ablation compares architectures, not model sizes.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ class VanillaConditionalDPM(nn.Module):
         spatial_dims: int = 2,
         in_channels: int = 1,
         out_channels: int = 1,
-        channels: Sequence[int] = (32, 64, 128, 128),
+        channels: Sequence[int] = (32, 64, 64, 128),
         attention_levels: Sequence[bool] | None = None,
         num_res_blocks: int = 1,
-        num_head_channels: int = 8,  # MONAI checks every level is divisible by it, attention or not
+        num_head_channels: int = 8,  # must divide channels[-1] and every attention level's width
         norm_num_groups: int = 8,
     ):
         super().__init__()
         channels = [int(c) for c in channels]
-        # No attention by default: it is the costliest part at full resolution on a CPU.
+        # No attention in the levels by default: it is the costliest part at full resolution on a
+        # CPU. MONAI's middle block always has one self-attention at the lowest resolution.
         attention = list(attention_levels) if attention_levels is not None else [False] * len(channels)
         self.size_divisor = 2 ** (len(channels) - 1)
         self.unet = DiffusionModelUNet(
@@ -44,5 +47,6 @@ class VanillaConditionalDPM(nn.Module):
         )
 
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t: (B, L, *S) noisy mask, image: (B, C, *S), timesteps: (B,) long -> (B, L, *S)."""
         # The noisy mask goes first so output channel i lines up with input channel i.
         return self.unet(torch.cat([x_t, image], dim=1), timesteps)
