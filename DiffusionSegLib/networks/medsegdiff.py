@@ -4,7 +4,7 @@ Two encoders, one for the image I and one for the noisy mask x_t, are fused by d
 conditional encoding at the middle stages, their features are added before the last encoding
 stage (the bottleneck), and a convolutional decoder with FF-Parser-filtered skip connections
 predicts the diffusion target. 2D and 3D (``spatial_dims``), any size that is a multiple of
-``size_divisor`` (non-square, odd multiples included).
+``size_divisor``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 def _groups(channels: int, wanted: int) -> int:
     """Largest group count <= wanted that divides channels (GroupNorm needs a divisor)."""
-    g = max(1, min(wanted, channels))
+    g = min(wanted, channels)
     while channels % g:
         g -= 1
     return g
@@ -59,20 +59,17 @@ class Stage(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: (B, Cin, *S), temb: (B, T) -> (B, Cout, *S)."""
         for block in self.blocks:
             x = block(x, temb)
         return x
 
 
 class DynamicConditionalEncoding(nn.Module):
-    """A(m_I, m_x) = (LN(m_I) * LN(m_x)) * m_I, element-wise (the paper's eq. for the fusion).
+    """A(m_I, m_x) = (LN(m_I) * LN(m_x)) * m_I, element-wise.
 
-    LN is a layer norm over channels and space, i.e. GroupNorm with one group (learnable
-    per-channel affine, identity at init). Normalizing over space too puts both features on a
-    common scale whatever the noise level of x_t, so the product acts as a spatial attention map
-    of the current mask estimate over the image feature; unlike ``nn.LayerNorm`` over (C, *S) it
-    has no size-dependent parameters, so the network stays fully convolutional.
+    LN is a layer norm over channels and space (GroupNorm with one group, learnable affine): it
+    puts both features on a common scale whatever the noise level, so the product acts as an
+    attention map of the current mask estimate over the image feature.
     """
 
     def __init__(self, channels: int):
@@ -81,84 +78,50 @@ class DynamicConditionalEncoding(nn.Module):
         self.norm_mask = nn.GroupNorm(1, channels)
 
     def forward(self, m_image: torch.Tensor, m_mask: torch.Tensor) -> torch.Tensor:
-        """m_image, m_mask: (B, C, *S) -> fused image feature (B, C, *S)."""
         return (self.norm_image(m_image) * self.norm_mask(m_mask)) * m_image
-
-
-def _frequency_resampler(n_out: int, n_ref: int, periodic: bool, full_out: int, full_ref: int) -> torch.Tensor:
-    """(n_out, n_ref) linear-interpolation matrix from reference spectrum bins to actual bins.
-
-    Bins are matched by frequency in cycles/sample, not by index, so the DC bin of any grid reads
-    the reference DC bin exactly and a frequency keeps its meaning when the size changes.
-    ``periodic``: a full FFT axis (bin k is frequency k/n, wrapping to negative frequencies; the
-    interpolation wraps around too). Otherwise the rfft half axis (bins 0..n//2 of a full length
-    ``full_*``), clamped at the reference's last bin.
-    """
-    k = torch.arange(n_out, dtype=torch.float64)
-    if periodic:
-        signed = torch.where(k < (full_out + 1) // 2, k, k - full_out)  # fftfreq order
-        pos = torch.remainder(signed * full_ref / full_out, n_ref)
-        lo = pos.floor()
-        hi = torch.remainder(lo + 1, n_ref)
-    else:
-        pos = (k * full_ref / full_out).clamp(max=n_ref - 1)
-        lo = pos.floor()
-        hi = (lo + 1).clamp(max=n_ref - 1)
-    frac = pos - lo
-    rows = torch.arange(n_out)
-    matrix = torch.zeros(n_out, n_ref, dtype=torch.float64)
-    matrix.index_put_((rows, lo.long()), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, hi.long()), frac, accumulate=True)
-    return matrix
 
 
 class FFParser(nn.Module):
     """Learnable global frequency filter: m' = IFFT(W * FFT(m)), W complex per channel.
 
-    W (stored as real and imaginary parameters) lives on a reference grid of ``reference_size``
-    per spatial axis (rfft half-spectrum on the last axis). For another input size it is resampled
-    (multilinear interpolation of real and imaginary parts in frequency coordinates, see
-    ``_frequency_resampler``) to the actual spectrum, so any size works in 2D and 3D.
-    Initialized to W = 1 (identity).
+    W is stored on a reference grid (``reference_size`` per axis, rfft half-spectrum on the last
+    axis) and resized to the actual spectrum at run time, so any input size works. The
+    non-last axes are fftshifted before resizing so low frequencies stay low. Initialised to
+    W = 1 (identity).
     """
 
     def __init__(self, spatial_dims: int, channels: int, reference_size: int):
         super().__init__()
-        self.reference_size = int(reference_size)
-        shape = (channels, *([self.reference_size] * (spatial_dims - 1)), self.reference_size // 2 + 1)
+        self.spatial_dims = spatial_dims
+        shape = (channels, *([reference_size] * (spatial_dims - 1)), reference_size // 2 + 1)
         self.weight_real = nn.Parameter(torch.ones(shape))
         self.weight_imag = nn.Parameter(torch.zeros(shape))
 
-    def filter_for(self, spatial_shape: Sequence[int]) -> torch.Tensor:
-        """The complex filter (C, *rfft spectrum shape) for an input of ``spatial_shape``."""
-        w = torch.cat([self.weight_real, self.weight_imag])  # (2C, *ref): resample both parts at once
-        last = len(spatial_shape) - 1
-        for axis, size in enumerate(spatial_shape):
-            if size == self.reference_size:
-                continue
-            n_out = size // 2 + 1 if axis == last else size
-            matrix = _frequency_resampler(n_out, w.shape[1 + axis], axis != last, size, self.reference_size)
-            w = torch.movedim(torch.movedim(w, 1 + axis, -1) @ matrix.to(w).T, -1, 1 + axis)
-        real, imag = w.chunk(2)
-        return torch.complex(real, imag)
+    def _filter(self, spectrum_shape: Sequence[int]) -> torch.Tensor:
+        w = torch.stack([self.weight_real, self.weight_imag])  # (2, C, *ref)
+        if tuple(w.shape[2:]) != tuple(spectrum_shape):
+            shift_axes = tuple(range(2, 2 + self.spatial_dims - 1))
+            w = torch.fft.fftshift(w, dim=shift_axes) if shift_axes else w
+            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+            w = F.interpolate(w, size=tuple(spectrum_shape), mode=mode, align_corners=True)
+            w = torch.fft.ifftshift(w, dim=shift_axes) if shift_axes else w
+        return torch.complex(w[0], w[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *S) -> (B, C, *S) filtered.
 
-        Computed in float32 with autocast off: FFTs have no bf16 kernels and complex tensors
-        cannot be built from bf16/fp16 parts.
+        Computed in float32 with autocast off: complex tensors cannot be built from bf16 parts.
         """
         axes = tuple(range(2, x.dim()))
         with torch.autocast(device_type=x.device.type, enabled=False):
             spectrum = torch.fft.rfftn(x.float(), dim=axes, norm="ortho")
-            spectrum = spectrum * self.filter_for(x.shape[2:]).to(spectrum.dtype)
+            spectrum = spectrum * self._filter(spectrum.shape[2:])
             out = torch.fft.irfftn(spectrum, s=x.shape[2:], dim=axes, norm="ortho")
         return out.to(x.dtype)
 
 
 class Encoder(nn.Module):
-    """Stem conv, then one Stage per level except the last (the shared bottleneck), each followed
-    by a stride-2 conv downsampling."""
+    """Stem conv then one Stage per level except the last, downsampling between levels."""
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], num_blocks: int, time_dim: int,
                  norm_groups: int):
@@ -175,15 +138,11 @@ class Encoder(nn.Module):
 
 
 class MedSegDiffUNet(nn.Module):
-    """MedSegDiff denoiser: net(x_t (B,L,*S), image (B,C,*S), t (B,) long) -> (B,L,*S).
+    """MedSegDiff denoiser: net(x_t (B,L,*S), image (B,C,*S), t (B,)) -> (B,L,*S).
 
-    Args name the science: ``channels`` are the widths of the encoding levels, the last one
-    being the bottleneck shared by both encoders (``size_divisor = 2 ** (len(channels) - 1)``);
-    ``dynamic_stages`` are the encoder levels where the dynamic conditional encoding fuses image
-    and mask features (default: the middle two of the levels before the bottleneck);
-    ``dynamic_conditioning`` and ``ff_parser`` switch the two contributions off for ablations;
-    ``ff_reference_size`` is the grid the FF-Parser filters are stored at for level 0 (halved per
-    level; default 64 in 2D, 32 in 3D where a filter has one more axis).
+    Args name the science: ``dynamic_stages`` are the encoder levels where the dynamic
+    conditional encoding fuses image and mask features (default: the middle two);
+    ``dynamic_conditioning`` and ``ff_parser`` switch the two contributions off for ablations.
     """
 
     def __init__(
@@ -191,44 +150,39 @@ class MedSegDiffUNet(nn.Module):
         spatial_dims: int = 2,
         in_channels: int = 1,
         out_channels: int = 1,
-        channels: Sequence[int] = (32, 64, 128, 192),
+        channels: Sequence[int] = (32, 64, 96, 160),
         num_res_blocks: int = 1,
         norm_groups: int = 8,
         time_embed_dim: int | None = None,
         dynamic_conditioning: bool = True,
         dynamic_stages: Sequence[int] | None = None,
         ff_parser: bool = True,
-        ff_reference_size: int | None = None,
+        ff_reference_size: int = 64,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         channels = [int(c) for c in channels]
-        if len(channels) < 2 or min(channels) < 1:
-            raise ValueError(f"channels needs at least two positive levels, got {channels}")
-        if num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        if len(channels) < 2:
+            raise ValueError("channels needs at least two levels")
         levels = len(channels)
         self.spatial_dims = spatial_dims
         self.size_divisor = 2 ** (levels - 1)
         self.base_channels = channels[0]
         time_dim = int(time_embed_dim or 4 * channels[0])
-        if dynamic_stages is None:  # the middle two of the levels before the bottleneck
-            dynamic_stages = [i for i in range(1, levels - 1)][:2] or [0]
-        dynamic_stages = sorted({int(i) for i in dynamic_stages})
-        if any(not 0 <= i < levels - 1 for i in dynamic_stages):
-            raise ValueError(f"dynamic_stages must lie in 0..{levels - 2} (levels before the bottleneck), "
-                             f"got {dynamic_stages}")
-        self.dynamic_stages = dynamic_stages if dynamic_conditioning else []
-        if ff_reference_size is None:
-            ff_reference_size = 64 if spatial_dims == 2 else 32
+        if dynamic_stages is None:  # the middle two encoder levels (of those before the bottleneck)
+            dynamic_stages = [i for i in range(levels - 1) if 0 < i < levels - 1][:2] or [0]
+        self.dynamic_stages = [int(i) for i in dynamic_stages] if dynamic_conditioning else []
+        if any(not 0 <= i < levels - 1 for i in self.dynamic_stages):
+            raise ValueError(f"dynamic_stages {self.dynamic_stages} must lie in 0..{levels - 2} (encoder levels)")
         conv = Conv[Conv.CONV, spatial_dims]
-
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.image_encoder = Encoder(spatial_dims, in_channels, channels, num_res_blocks, time_dim, norm_groups)
         self.mask_encoder = Encoder(spatial_dims, out_channels, channels, num_res_blocks, time_dim, norm_groups)
-        self.dynamic = nn.ModuleDict({str(i): DynamicConditionalEncoding(channels[i]) for i in self.dynamic_stages})
-        self.bottleneck = Stage(spatial_dims, channels[-2], channels[-1], num_res_blocks, time_dim, norm_groups)
+        self.dynamic = nn.ModuleDict(
+            {str(i): DynamicConditionalEncoding(channels[i]) for i in self.dynamic_stages}
+        )
+        self.bottleneck = Stage(spatial_dims, channels[-2], channels[-1], num_res_blocks + 1, time_dim, norm_groups)
         self.ff_parsers = nn.ModuleList(
             FFParser(spatial_dims, channels[i], max(4, ff_reference_size // 2**i)) if ff_parser else nn.Identity()
             for i in range(levels - 1)
@@ -242,7 +196,6 @@ class MedSegDiffUNet(nn.Module):
                                  conv(channels[0], out_channels, 3, padding=1))
 
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, L, *S) noisy mask, image: (B, C, *S), timesteps: (B,) long -> (B, L, *S)."""
         temb = self.time_mlp(get_timestep_embedding(timesteps, self.base_channels).to(x_t.dtype))
         h_img = self.image_encoder.stem(image)
         h_msk = self.mask_encoder.stem(x_t)
@@ -250,14 +203,14 @@ class MedSegDiffUNet(nn.Module):
         for i in range(len(self.image_encoder.stages)):
             h_img = self.image_encoder.stages[i](h_img, temb)
             h_msk = self.mask_encoder.stages[i](h_msk, temb)
-            if str(i) in self.dynamic:  # the fused feature replaces the image-branch feature
+            if str(i) in self.dynamic:
                 h_img = self.dynamic[str(i)](h_img, h_msk)
             skips.append(self.ff_parsers[i](h_img + h_msk))
             h_img = self.image_encoder.downs[i](h_img)
             h_msk = self.mask_encoder.downs[i](h_msk)
         h = self.bottleneck(h_img + h_msk, temb)  # the two encoders meet before the last stage
         for i in reversed(range(len(skips))):
-            # size= rather than scale_factor: exact for every multiple of size_divisor
-            h = self.up_convs[i](F.interpolate(h, size=skips[i].shape[2:], mode="nearest"))
+            h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
+            h = self.up_convs[i](h)
             h = self.decoder[i](torch.cat([h, skips[i]], dim=1), temb)
         return self.out(h)
