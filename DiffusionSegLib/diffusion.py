@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from DiffusionSegLib.device import auto_batch_size, run_with_oom_backoff
+from DiffusionSegLib.device import auto_batch_size, keep_freed_memory_for_reuse, run_with_oom_backoff
 from DiffusionSegLib.modelcard import ModelCard
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ def sample_masks(
     if n_samples < 1 or steps < 1:
         raise ValueError("samples and steps must be >= 1")
     device = images.device
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
     scheduler = make_scheduler(card, sampler)
     if sampler == "ddpm":
         if steps != card.num_train_timesteps:
