@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 work=${1:-runs/default_model}
 name=ct_liver_spleen_2d
 mkdir -p "$work"
-python3 scripts/make_organ_dataset.py data/organs
+python3 scripts/make_organ_dataset.py --out data/organs
 diffusionseg train data/organs -o "$work/$name" --config "Resources/Models/$name/train_config.json"
 diffusionseg evaluate "$work/$name" data/organs --split test -o "$work/heldout_metrics.json"
 python3 scripts/record_metrics.py "$work/$name" "$work/heldout_metrics.json" \
