@@ -219,7 +219,7 @@ def default_labels(dataset_dir: str | Path, cases: Sequence[CaseFiles]) -> Label
     values: set[int] = set()
     for case in cases:
         if case.label is not None:
-            values |= {int(v) for v in np.unique(sitk.GetArrayFromImage(_read_label(case.label)))}
+            values |= {int(v) for v in np.unique(sitk.GetArrayFromImage(read_label(case.label)))}
     values.discard(0)
     if not values:
         raise DatasetError(f"{dataset_dir}: the label files contain no foreground (all zero)")
@@ -231,7 +231,7 @@ def default_labels(dataset_dir: str | Path, cases: Sequence[CaseFiles]) -> Label
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_label(path: Path):
+def read_label(path: Path):
     """A label map as a scalar integer SimpleITK image, trailing length-1 axes dropped as for images.
 
     Not ``io.read_image``: a label map may legitimately be constant (a case without foreground),
@@ -257,7 +257,7 @@ def _read_label(path: Path):
     return label
 
 
-def _check_geometry(image, label, case: CaseFiles) -> None:
+def check_geometry(image, label, case: CaseFiles) -> None:
     """Raise DatasetError unless the label map lies on the image's voxel grid."""
     if image.GetDimension() != label.GetDimension() or image.GetSize() != label.GetSize():
         raise DatasetError(f"case {case.name}: label {case.label.name} has size {label.GetSize()}, "
@@ -293,10 +293,10 @@ def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
     from DiffusionSegLib.io import array_with_channels, read_image
     from DiffusionSegLib.preprocess import normalize, resample_labels_to_model_grid, resample_to_model_grid
 
-    label = _read_label(files.label)
+    label = read_label(files.label)
     try:
         image = read_image(files.image)
-        _check_geometry(image, label, files)
+        check_geometry(image, label, files)
         image_grid = resample_to_model_grid(image, card)
         label_grid = sitk.GetArrayFromImage(resample_labels_to_model_grid(label, card, image_grid))
         array = normalize(array_with_channels(image_grid), card)

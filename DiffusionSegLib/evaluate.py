@@ -19,19 +19,15 @@ from DiffusionSegLib.metrics import dice, hd95, iou
 from DiffusionSegLib.modelcard import atomic_write_bytes
 
 
-def _read_label_on(path: Path, image: Any) -> np.ndarray:
-    """A label map as an integer array, checked to lie on the image's grid."""
+def _label_array(case: Any, label_path: Path, image: Any) -> np.ndarray:
+    """A label map (reference or prediction) as an integer array, checked to lie on the image's grid."""
     import SimpleITK as sitk
 
-    try:
-        label = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise DatasetError(f"cannot read label map {path}: {str(err).strip().splitlines()[-1]}") from err
-    if label.GetSize()[: image.GetDimension()] != image.GetSize() or not np.allclose(
-        label.GetSpacing()[: image.GetDimension()], image.GetSpacing(), rtol=1e-4
-    ):
-        raise DatasetError(f"label map {path} is not on the grid of its image ({label.GetSize()} vs {image.GetSize()})")
-    return sitk.GetArrayFromImage(label).reshape(sitk.GetArrayViewFromImage(image).shape[: image.GetDimension()])
+    from DiffusionSegLib.data import CaseFiles, check_geometry, read_label
+
+    label = read_label(label_path)
+    check_geometry(image, label, CaseFiles(case.name, case.image, label_path))
+    return sitk.GetArrayFromImage(label)
 
 
 def _find_prediction(folder: Path, case: str) -> Path:
@@ -81,7 +77,7 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
     results = []
     for case in cases:
         image = read_image(case.image)
-        ref_map = _read_label_on(case.label, image)
+        ref_map = _label_array(case, case.label, image)
         if model_dir is not None:
             from DiffusionSegLib.inference import segment_image
 
@@ -92,7 +88,7 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
                                      f"({', '.join(label_values)})")
             pred = {lab.name: result.final_mask[i] for i, lab in enumerate(result.labels)}
         else:
-            pred_map = _read_label_on(_find_prediction(source, case.name), image)
+            pred_map = _label_array(case, _find_prediction(source, case.name), image)
             pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
         ref = {name: np.isin(ref_map, label_values[name]) for name in pred}
         results.append({"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))})
