@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from DiffusionSegLib.errors import DatasetError, DiffusionSegError
+from DiffusionSegLib.io import read_label
 from DiffusionSegLib.modelcard import ModelCard
 
 SPLITS = ("training", "validation", "test")
@@ -229,32 +230,6 @@ def default_labels(dataset_dir: str | Path, cases: Sequence[CaseFiles]) -> Label
 # ---------------------------------------------------------------------------------------------
 # Loading on the model grid
 # ---------------------------------------------------------------------------------------------
-
-
-def read_label(path: Path):
-    """A label map as a scalar integer SimpleITK image, trailing length-1 axes dropped as for images.
-
-    Not ``io.read_image``: a label map may legitimately be constant (a case without foreground),
-    which read_image rejects for images. The truncation check and the axis dropping are io's own,
-    so a label keeps exactly the geometry its image gets.
-    """
-    import SimpleITK as sitk
-
-    from DiffusionSegLib.io import _check_nifti_complete, _drop_last_axis
-
-    try:
-        label = sitk.ReadImage(str(path))
-        _check_nifti_complete(path)
-    except (RuntimeError, DiffusionSegError) as err:
-        raise DatasetError(f"unreadable label file {path.name}: corrupt, truncated or not an image") from err
-    if label.GetNumberOfComponentsPerPixel() != 1:
-        raise DatasetError(f"label file {path.name}: expected a scalar label map, found "
-                           f"{label.GetNumberOfComponentsPerPixel()} components per voxel")
-    while label.GetDimension() > 2 and label.GetSize()[-1] == 1:
-        label = _drop_last_axis(label, str(path))
-    if label.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        label = sitk.Cast(sitk.Round(label), sitk.sitkInt32)  # float label maps store integers
-    return label
 
 
 def check_geometry(image, label, case: CaseFiles) -> None:

@@ -23,7 +23,8 @@ def _label_array(case: Any, label_path: Path, image: Any) -> np.ndarray:
     """A label map (reference or prediction) as an integer array, checked to lie on the image's grid."""
     import SimpleITK as sitk
 
-    from DiffusionSegLib.data import CaseFiles, check_geometry, read_label
+    from DiffusionSegLib.data import CaseFiles, check_geometry
+    from DiffusionSegLib.io import read_label
 
     label = read_label(label_path)
     check_geometry(image, label, CaseFiles(case.name, case.image, label_path))

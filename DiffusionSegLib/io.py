@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from DiffusionSegLib.errors import DiffusionSegError, InputImageError
+from DiffusionSegLib.errors import DatasetError, DiffusionSegError, InputImageError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,29 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         image = _drop_last_axis(image, str(path))
     validate_image(image, str(path))
     return image
+
+
+def read_label(path: str | os.PathLike) -> sitk.Image:
+    """A label map as a scalar integer image, trailing length-1 axes dropped as for images.
+
+    Not :func:`read_image`: a label map may legitimately be constant (a case without foreground),
+    which read_image rejects for images. The truncation check and the axis dropping are the same,
+    so a label keeps exactly the geometry its image gets. Raises DatasetError naming the file.
+    """
+    path = Path(path)
+    try:
+        label = sitk.ReadImage(str(path))
+        _check_nifti_complete(path)
+    except (RuntimeError, DiffusionSegError) as err:
+        raise DatasetError(f"unreadable label file {path.name}: corrupt, truncated or not an image") from err
+    if label.GetNumberOfComponentsPerPixel() != 1:
+        raise DatasetError(f"label file {path.name}: expected a scalar label map, found "
+                           f"{label.GetNumberOfComponentsPerPixel()} components per voxel")
+    while label.GetDimension() > 2 and label.GetSize()[-1] == 1:
+        label = _drop_last_axis(label, str(path))
+    if label.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        label = sitk.Cast(sitk.Round(label), sitk.sitkInt32)  # float label maps store integers
+    return label
 
 
 def validate_image(image: sitk.Image, name: str) -> None:
