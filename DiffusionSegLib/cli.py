@@ -61,14 +61,35 @@ def _tqdm_progress(quiet: bool):
     return progress
 
 
+# Prefix of the machine-readable progress lines of ``segment --progress json`` (stdout, one JSON
+# object per line); background.SegmentJob parses them. Keep both sides in sync.
+PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS "
+
+
+def _json_progress(stage: str, done: int, total: int) -> None:
+    """Print one progress event as ``DIFFUSIONSEG_PROGRESS {"stage": ..., "done": ..., "total": ...}``.
+
+    Flushed at once: the reader is another process waiting on a pipe, which Python block-buffers.
+    """
+    event = json.dumps({"stage": stage, "done": int(done), "total": int(total)})
+    print(PROGRESS_PREFIX + event, flush=True)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from DiffusionSegLib.inference import segment_file
     from DiffusionSegLib.models import resolve_model
     from DiffusionSegLib.writers import write_outputs
 
+    mode = "none" if args.quiet else args.progress
+    progress = _json_progress if mode == "json" else _tqdm_progress(mode == "none")
     model_dir = resolve_model(args.model)
-    result = segment_file(args.input, model_dir, _segment_options(args), _tqdm_progress(args.quiet))
+    result = segment_file(args.input, model_dir, _segment_options(args), progress)
+    if mode == "json":
+        # Writing (seg.nrrd, overview) takes seconds on large volumes: a stage of its own for the UI.
+        _json_progress("write", 0, 1)
     written = write_outputs(result, args.output, keep_samples=args.keep_samples)
+    if mode == "json":
+        _json_progress("write", 1, 1)
     rep = result.report
     print(f"model {rep['model']['name']} on {rep['device']}: {rep['samples']} samples x {rep['steps']} "
           f"{rep['sampler'].upper()} steps, {rep['total_s']:.2f} s, CRF: {rep['crf_backend']}")
@@ -137,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-samples", action="store_true", help="also write each sampled mask")
     p.add_argument("--fusion", choices=("mean", "staple"), default="mean", help="mean > 0.5 or SimpleITK STAPLE")
     p.add_argument("--uncertainty", choices=("variance", "entropy"), default="variance")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (same as --progress none)")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="bar: tqdm bar on stderr (default); json: one 'DIFFUSIONSEG_PROGRESS {...}' line "
+                        "per event on stdout (stages load, sampling, crf, restore, write), for other programs")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("train", help="train a model on a dataset folder (dataset.json or imagesTr/labelsTr)")

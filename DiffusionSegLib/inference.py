@@ -101,6 +101,11 @@ def segment_image(
     sampler = opts.sampler or card.default_sampler
     if sampler == "ddpm":
         steps = card.num_train_timesteps
+    if not getattr(net, "is_diffusion", True):
+        # Supervised model: one deterministic forward pass; extra samples would be identical copies.
+        if (opts.samples or 1) > 1 or (opts.steps or 1) > 1:
+            log.info("model '%s' (%s) is deterministic: 1 sample, 1 forward pass", card.name, card.method)
+        n_samples, steps, sampler = 1, 1, "none"
     amp = (device.type == "cuda") if opts.amp is None else opts.amp
     lap("load_model")
     report_progress("load", 1, 1)
@@ -109,11 +114,17 @@ def segment_image(
     batch = torch.from_numpy(prepared.batch).to(device)
     lap("preprocess")
 
-    soft = sample_masks(
-        net, card, batch, n_samples=n_samples, steps=steps, sampler=sampler, seed=opts.seed,
-        batch_size=opts.batch_size, amp=amp,
-        progress=lambda done, total: report_progress("sampling", done, total),
-    ).numpy()  # (N, B, L, *spatial)
+    if getattr(net, "is_diffusion", True):
+        soft = sample_masks(
+            net, card, batch, n_samples=n_samples, steps=steps, sampler=sampler, seed=opts.seed,
+            batch_size=opts.batch_size, amp=amp,
+            progress=lambda done, total: report_progress("sampling", done, total),
+        ).numpy()  # (N, B, L, *spatial)
+    else:
+        from DiffusionSegLib.networks.unet import predict_supervised
+
+        soft = predict_supervised(net, batch, opts.batch_size, amp,
+                                  lambda done, total: report_progress("sampling", done, total)).numpy()
     if device.type == "cuda":
         torch.cuda.synchronize()
     lap("sampling")

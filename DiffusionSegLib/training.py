@@ -1,7 +1,8 @@
 """Training loop for diffusion segmentation models.
 
 ``train(dataset_dir, model_dir, config)`` reads a dataset folder (see ``data``), trains the
-network the config describes with the plain MSE diffusion loss (``diffusion.diffusion_loss``),
+network the config describes with the plain MSE diffusion loss (``diffusion.diffusion_loss``; the
+supervised ``unet`` method: Dice + BCE, ``networks.unet.supervised_loss``),
 keeps an exponential moving average (EMA) of the weights, measures the Dice of the EMA weights
 on held-out CASES every ``val_every`` steps (few-step DDIM ensembles, as inference runs), and
 writes the best EMA weights with ``modelcard.save_model``.
@@ -55,7 +56,7 @@ class TrainConfig:
     """Every setting of a training run (JSON-serializable with ``dataclasses.asdict``)."""
 
     name: str = ""  # model name; "" = the model folder's name
-    method: str = "medsegdiff"  # network family: medsegdiff | vanilla_dpm
+    method: str = "medsegdiff"  # network family: medsegdiff | vanilla_dpm | unet (supervised baseline)
     spatial_dims: int = 2
     network: dict[str, Any] = field(default_factory=dict)  # kwargs of networks.build_network
     patch_size: list[int] = field(default_factory=lambda: [128, 128])  # (H, W) or (H, W, D) as in ModelCard
@@ -186,8 +187,14 @@ def validation_dice(net: Any, card: ModelCard, cases: Sequence[Any], n_samples: 
         image = pad_to(case.image, padded_size, case.image.reshape(case.image.shape[0], -1).min(axis=1))
         # 2D models: slices are the batch, (S, C, H, W); 3D: one item (1, C, D, H, W).
         batch = np.moveaxis(image, 1, 0) if n_spatial == 2 else image[None]
-        soft = sample_masks(net, card, torch.from_numpy(np.ascontiguousarray(batch)).to(device), n_samples,
-                            steps, sampler="ddim", seed=seed, amp=amp).numpy()  # (N, B, L, *spatial)
+        batch_t = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+        if getattr(net, "is_diffusion", True):
+            soft = sample_masks(net, card, batch_t, n_samples, steps, sampler="ddim", seed=seed,
+                                amp=amp).numpy()  # (N, B, L, *spatial)
+        else:
+            from DiffusionSegLib.networks.unet import predict_supervised
+
+            soft = predict_supervised(net, batch_t, amp=amp).numpy()  # (1, B, L, *spatial)
         fused = (soft > 0.5).mean(axis=0) > 0.5  # (B, L, *spatial)
         fused = np.moveaxis(fused, 1, 0) if n_spatial == 2 else fused[0]  # (L, S|D, H, W) like case.mask
         crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(spatial, padded_size))
@@ -230,6 +237,10 @@ def _split_validation(dataset_dir: Path, cases: list, config: TrainConfig) -> tu
 
 
 def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mapping[str, Any]) -> ModelCard:
+    from DiffusionSegLib.networks import is_diffusion_method
+
+    # A supervised model has one deterministic "sample" of one "step"; more would repeat the same mask.
+    diffusion = is_diffusion_method(config.method)
     label_infos = [LabelInfo(n, tuple(config.label_colors.get(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])))
                    for i, n in enumerate(labels)]
     return ModelCard(
@@ -239,7 +250,8 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         normalization=dict(config.normalization), orientation=config.orientation, slice_axis=config.slice_axis,
         patch_size=list(config.patch_size), prediction_type=config.prediction_type,
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-        default_sampler="ddim", default_steps=config.default_steps, default_samples=config.default_samples,
+        default_sampler="ddim", default_steps=config.default_steps if diffusion else 1,
+        default_samples=config.default_samples if diffusion else 1,
         description=config.description, limits=config.limits,
     )
 
@@ -319,7 +331,12 @@ class _Run:
         mask = torch.from_numpy(masks).to(self.device)
         self.net.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = diffusion_loss(self.net, self.scheduler, image, mask, generator=self.loss_generator)
+            if getattr(self.net, "is_diffusion", True):
+                loss = diffusion_loss(self.net, self.scheduler, image, mask, generator=self.loss_generator)
+            else:
+                from DiffusionSegLib.networks.unet import supervised_loss
+
+                loss = supervised_loss(self.net, image, mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:

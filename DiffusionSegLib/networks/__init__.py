@@ -10,6 +10,10 @@ Every network has the same call signature, so the sampler does not care which on
 
 and an attribute ``size_divisor`` (int): spatial sizes must be multiples of it (the
 preprocessing pads to it). ``spatial`` is (H, W) for spatial_dims=2 and (D, H, W) for 3.
+
+Supervised methods (``SUPERVISED_METHODS``, network attribute ``is_diffusion = False``) are not
+denoisers: ``net(image) -> logits`` (B, L, *spatial); inference and validation run them once with a
+sigmoid (``networks.unet.predict_supervised``), and training uses their own loss (see ``networks.unet``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from DiffusionSegLib.modelcard import ModelCard
 
-METHODS = ("medsegdiff", "vanilla_dpm")
+METHODS = ("medsegdiff", "vanilla_dpm", "unet")
+SUPERVISED_METHODS = ("unet",)
+
+
+def is_diffusion_method(method: str) -> bool:
+    """True for the diffusion methods (sampled masks), False for supervised ones (one forward pass)."""
+    return method not in SUPERVISED_METHODS
 
 
 def build_network(card: "ModelCard") -> "torch.nn.Module":
@@ -39,6 +49,15 @@ def build_network(card: "ModelCard") -> "torch.nn.Module":
         from DiffusionSegLib.networks.vanilla import VanillaConditionalDPM
 
         return VanillaConditionalDPM(
+            spatial_dims=card.spatial_dims,
+            in_channels=card.in_channels,
+            out_channels=card.out_channels,
+            **card.network,
+        )
+    if card.method == "unet":
+        from DiffusionSegLib.networks.unet import SupervisedUNet
+
+        return SupervisedUNet(
             spatial_dims=card.spatial_dims,
             in_channels=card.in_channels,
             out_channels=card.out_channels,

@@ -1,0 +1,270 @@
+"""Run ``diffusionseg segment`` in a child process: start, poll progress, cancel, wait.
+
+Inside Slicer the segmentation must not block the UI, and a cancel must really stop the
+computation (torch holds the GIL-free C++ threads of the whole process), so the CLI runs as a
+separate process. :class:`SegmentJob` is pure standard library (no Qt, no torch): Slicer's module
+polls it from a QTimer, scripts and tests call :meth:`SegmentJob.wait`.
+
+The child reports progress as ``DIFFUSIONSEG_PROGRESS {json}`` lines on stdout (``--progress json``)
+and user errors as one ``diffusionseg: error: ...`` line on stderr with exit status 2. Reader
+threads drain both pipes, so a chatty child never blocks on a full pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:  # RunSettings lives with the workflow; only its fields are read here
+    from DiffusionSegLib.slicer_workflow import RunSettings
+
+# Same prefix as cli.PROGRESS_PREFIX; not imported from cli to keep this module free of the CLI's imports.
+PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS "
+_ERROR_PREFIX = "diffusionseg: error: "
+# The folder that holds the DiffusionSegLib package: the child's PYTHONPATH. Inside Slicer the
+# library sits next to the module file, not in site-packages, so the child would not find it.
+LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+_READER_JOIN_S = 5.0  # pipes close when the child exits; this only bounds a stuck grandchild holding them
+
+
+@dataclass
+class JobStatus:
+    """What the child reported so far.
+
+    ``stage`` is "starting" until the first progress line, then the CLI's stage (load, sampling, crf,
+    restore, write), "cancelled" after :meth:`SegmentJob.cancel`. ``finished`` is True once the child
+    has exited and its output has been read; ``returncode`` is then its exit status (negative: killed
+    by that signal on POSIX). ``error`` is the CLI's one-line error (or the last stderr line of a
+    crash) when the run failed, else None.
+    """
+
+    stage: str
+    done: int
+    total: int
+    finished: bool
+    returncode: int | None
+    error: str | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.finished and self.returncode == 0
+
+
+class SegmentJob:
+    """One ``python -m DiffusionSegLib segment`` child process writing into ``output_dir``.
+
+    ``argv`` (built at construction, public so callers can log it) is
+    ``[settings.python, "-m", "DiffusionSegLib", "segment", input, "-o", output_dir, "--progress",
+    "json", "--keep-samples", ...]`` with the run options of ``settings``.
+    """
+
+    def __init__(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, settings: "RunSettings"):
+        self.input_path = Path(input_path)
+        self.output_dir = Path(output_dir)
+        self.settings = settings
+        self.argv = build_argv(self.input_path, self.output_dir, settings)
+        self.process: subprocess.Popen[str] | None = None
+        self.stdout_lines: list[str] = []  # non-progress stdout (the CLI's summary), for logs
+        self.stderr_lines: list[str] = []
+        self._lock = threading.Lock()
+        self._status = JobStatus("starting", 0, 0, False, None, None)
+        self._readers: list[threading.Thread] = []
+        self._existing: set[str] | None = None  # output_dir entries before start; None: folder absent
+        self._cancelled = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> None:
+        """Start the child (once). Raises DiffusionSegError when the interpreter cannot be started."""
+        from DiffusionSegLib.errors import DiffusionSegError
+
+        if self.process is not None:
+            raise RuntimeError("this job was already started")
+        self._existing = set(os.listdir(self.output_dir)) if self.output_dir.is_dir() else None
+        kwargs: dict = {}
+        if os.name == "nt":
+            # Own process group, no console window popping up over Slicer.
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            # Own session = own process group, so cancel can kill the child and everything it started.
+            kwargs["start_new_session"] = True
+        try:
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, encoding="utf-8", errors="replace", bufsize=1, env=child_env(), **kwargs)
+        except OSError as err:
+            raise DiffusionSegError(f"cannot start {self.argv[0]}: {err.strerror or err}") from err
+        for stream, handler in ((self.process.stdout, self._on_stdout), (self.process.stderr, self._on_stderr)):
+            thread = threading.Thread(target=_pump, args=(stream, handler), daemon=True,
+                                      name=f"diffusionseg-{self.process.pid}-reader")
+            thread.start()
+            self._readers.append(thread)
+
+    def poll(self) -> JobStatus:
+        """Current status, without blocking (the child's exit is checked, never waited for)."""
+        if self.process is not None and self.process.poll() is not None:
+            self._collect()
+        return self._snapshot()
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Block until the child exits or ``timeout`` seconds pass; return the status then."""
+        if self.process is None:
+            raise RuntimeError("the job was not started")
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self._snapshot()
+        self._collect()
+        return self._snapshot()
+
+    def cancel(self) -> None:
+        """Kill the child and its whole process tree, wait for it, remove the partial outputs.
+
+        Safe to call at any time, also after the child finished (its outputs are removed then too:
+        cancelling means the caller does not want them).
+        """
+        self._cancelled = True
+        if self.process is not None:
+            _kill_tree(self.process)
+            self.process.wait()
+            self._collect()
+        self._remove_outputs()
+        with self._lock:
+            self._status.stage = "cancelled"
+            self._status.error = None
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _on_stdout(self, line: str) -> None:
+        if line.startswith(PROGRESS_PREFIX):
+            try:
+                event = json.loads(line[len(PROGRESS_PREFIX):])
+                stage, done, total = str(event["stage"]), int(event["done"]), int(event["total"])
+            except (ValueError, KeyError, TypeError):
+                return  # a malformed line must not kill the reader thread
+            with self._lock:
+                if self._status.stage != "cancelled":
+                    self._status.stage, self._status.done, self._status.total = stage, done, total
+        elif line:
+            with self._lock:
+                self.stdout_lines.append(line)
+
+    def _on_stderr(self, line: str) -> None:
+        if line:
+            with self._lock:
+                self.stderr_lines.append(line)
+
+    def _collect(self) -> None:
+        """After the child exited: drain the pipes and fill returncode/error (idempotent)."""
+        assert self.process is not None
+        for thread in self._readers:
+            thread.join(_READER_JOIN_S)
+        returncode = self.process.returncode
+        with self._lock:
+            if self._status.finished:
+                return
+            self._status.finished = True
+            self._status.returncode = returncode
+            if returncode != 0 and not self._cancelled:
+                self._status.error = _error_line(self.stderr_lines, returncode)
+
+    def _snapshot(self) -> JobStatus:
+        with self._lock:
+            return replace(self._status)
+
+    def _remove_outputs(self) -> None:
+        """Remove what appeared in output_dir since start (all of it when start created the folder)."""
+        if not self.output_dir.is_dir():
+            return
+        if self._existing is None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.output_dir)) - self._existing:
+            path = self.output_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def build_argv(input_path: Path, output_dir: Path, settings: "RunSettings") -> list[str]:
+    """Command line of the child for ``settings`` (see SegmentJob)."""
+    argv = [settings.python, "-m", "DiffusionSegLib", "segment", os.fspath(input_path),
+            "-o", os.fspath(output_dir), "--progress", "json"]
+    if settings.keep_samples:
+        argv.append("--keep-samples")
+    if settings.model is not None:
+        argv += ["--model", os.fspath(settings.model)]
+    if settings.samples is not None:
+        argv += ["--samples", str(int(settings.samples))]
+    if settings.steps is not None:
+        argv += ["--steps", str(int(settings.steps))]
+    argv += ["--seed", str(int(settings.seed)), "--device", settings.device]
+    if not settings.crf:
+        argv.append("--no-crf")
+    return argv
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment with the library's parent folder first on PYTHONPATH."""
+    env = dict(os.environ)
+    paths = [os.fspath(LIBRARY_PARENT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they are printed
+    env["PYTHONIOENCODING"] = "utf-8"  # file names in messages; matches the pipes' decoding here
+    return env
+
+
+def _pump(stream: IO[str] | None, handler) -> None:
+    """Feed each line of ``stream`` (without its newline) to ``handler`` until EOF."""
+    if stream is None:
+        return
+    with stream:
+        for line in stream:
+            handler(line.rstrip("\r\n"))
+
+
+def _error_line(stderr_lines: list[str], returncode: int | None) -> str:
+    """The CLI's one-line error, else the last stderr line (a crash's exception), else the exit status."""
+    for line in reversed(stderr_lines):
+        if line.startswith(_ERROR_PREFIX):
+            return line
+    for line in reversed(stderr_lines):
+        if line.strip():
+            return line.strip()
+    if returncode is not None and returncode < 0:
+        return f"the segmentation process was killed by signal {-returncode}"
+    return f"the segmentation process failed with exit status {returncode}"
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """Kill ``process`` and every process it started (its process group / Windows process tree)."""
+    if os.name == "nt":
+        # taskkill /T walks the tree by parent pid; it must run while the parent still exists.
+        if process.poll() is None:
+            subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+                           check=False)
+        if process.poll() is None:
+            process.kill()
+        return
+    # The group id is the child's pid (start_new_session). Killed even when the child itself already
+    # exited: grandchildren may live on in the group. SIGKILL: torch in C++ code may not react to TERM soon.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left in the group
+    if process.poll() is None:
+        process.kill()
+
+
+__all__ = ["JobStatus", "SegmentJob", "build_argv", "child_env", "PROGRESS_PREFIX", "LIBRARY_PARENT"]
