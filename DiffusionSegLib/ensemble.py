@@ -72,6 +72,20 @@ def ambiguity(samples: np.ndarray) -> np.ndarray:
     return (samples.any(axis=0) & ~samples.all(axis=0)).astype(np.uint8)
 
 
+def agreement_mask(samples: np.ndarray, k: int) -> np.ndarray:
+    """Voxels at least ``k`` of the N samples mark foreground: (N, L, *S) -> (L, *S) uint8.
+
+    k = N gives the consistency region, k = 1 the union of the samples, k = N // 2 + 1 the
+    majority (the mean > 0.5 fused mask). The Slicer agreement slider moves k without resampling.
+    """
+    samples = _check_samples(samples)
+    n = samples.shape[0]
+    if not 1 <= int(k) <= n:
+        raise ValueError(f"agreement k must be between 1 and the number of samples ({n}), got {k}")
+    # Counting in uint16 keeps the temporary small and is exact for any practical N (< 65536).
+    return (samples.sum(axis=0, dtype=np.uint16) >= int(k)).astype(np.uint8)
+
+
 def uncertainty(samples: np.ndarray, kind: str = "variance") -> np.ndarray:
     """Per-voxel uncertainty of the mean p: (N, L, *S) -> (L, *S) float32.
 

@@ -195,7 +195,7 @@ def _read_segments(path: Path, reference: sitk.Image, stems: list[str]) -> dict[
         fused = by_id.get(f"{stem}_fused")
         name = fused["name"][: -len(" fused")] if fused and fused["name"].endswith(" fused") else stem
         color = tuple(float(c) for c in fused["color"]) if fused and "color" in fused else LabelInfo(name).color
-        terminology = (fused or {}).get("tags", {}).get("TerminologyEntry", "")
+        terminology = _card_terminology((fused or {}).get("terminology"))
         labels.append(LabelInfo(name, color, terminology))
         for region, stack in masks.items():
             segment = by_id.get(f"{stem}_{region}")
@@ -208,3 +208,14 @@ def _read_segments(path: Path, reference: sitk.Image, stems: list[str]) -> dict[
             # (i, j, k) -> SimpleITK (k, j, i); a 2D grid was stored as one slice.
             stack.append(full.T.reshape(spatial))
     return {"labels": labels, **{region: np.stack(stack) for region, stack in masks.items()}}
+
+
+def _card_terminology(parsed: Any) -> str:
+    """slicerio's parsed terminology {"category": [scheme, code, meaning], "type": [...]} -> the model
+    card form "scheme^code^meaning;scheme^code^meaning" (what ``writers.terminology_entry`` expands)."""
+    if not isinstance(parsed, dict):
+        return ""
+    try:
+        return ";".join("^".join(str(part) for part in parsed[key][:3]) for key in ("category", "type"))
+    except (KeyError, TypeError):
+        return ""

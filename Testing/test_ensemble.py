@@ -128,3 +128,18 @@ def test_volumes_ml_anisotropic_spacing():
 def test_rejects_non_stack():
     with pytest.raises(ValueError):
         ensemble.probability(np.zeros((4, 4)))
+
+
+def test_agreement_mask_counts_samples_hand_computed():
+    from DiffusionSegLib.ensemble import agreement_mask
+
+    # 3 samples, 1 label, 4 voxels: voxel v is foreground in exactly v samples.
+    samples = np.array([[[0, 1, 1, 1]], [[0, 0, 1, 1]], [[0, 0, 0, 1]]], dtype=np.uint8)
+    assert agreement_mask(samples, 1).tolist() == [[0, 1, 1, 1]]  # union
+    assert agreement_mask(samples, 2).tolist() == [[0, 0, 1, 1]]  # majority = mean > 0.5
+    assert agreement_mask(samples, 3).tolist() == [[0, 0, 0, 1]]  # consistency
+    assert np.array_equal(agreement_mask(samples, 3), ensemble.consistency(samples))
+    assert agreement_mask(samples, 2).dtype == np.uint8
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="between 1 and the number of samples"):
+            agreement_mask(samples, bad)
