@@ -155,3 +155,18 @@ def test_models_lists_the_bundled_default(capsys):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "DiffusionSegLib", "--help"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and "segment" in done.stdout
+
+
+def test_progress_json_lines_for_other_programs(tmp_path, tiny_model, capsys):
+    from DiffusionSegLib.cli import PROGRESS_PREFIX
+
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(16, 20)).astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
+    assert run_cli("segment", tmp_path / "in.nrrd", "-o", tmp_path / "o", "--model", tiny_model,
+                   "--samples", "2", "--steps", "3", "--progress", "json") == 0
+    events = [json.loads(line[len(PROGRESS_PREFIX):]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith(PROGRESS_PREFIX)]
+    stages = list(dict.fromkeys(e["stage"] for e in events))
+    assert stages[0] == "load" and stages[-1] == "write" and "sampling" in stages
+    sampling = [(e["done"], e["total"]) for e in events if e["stage"] == "sampling"]
+    assert sampling[-1][0] == sampling[-1][1] and [d for d, _ in sampling] == sorted(d for d, _ in sampling)
