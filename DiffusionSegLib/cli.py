@@ -1,4 +1,4 @@
-"""Command-line interface: ``diffusionseg segment|train|evaluate|bench|models``.
+"""Command-line interface: ``diffusionseg segment|train|evaluate|bench|models [install|download|clear]``.
 
 User errors (DiffusionSegError) are printed as one line on stderr with exit status 2; no
 output file is left behind (the writers are all-or-nothing).
@@ -102,6 +102,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    action = getattr(args, "models_command", None)
+    if action == "install":
+        return _models_install(args)
+    if action == "download":
+        return _models_download(args)
+    if action == "clear":
+        return _models_clear(args)
+    return _models_list(args)
+
+
+def _models_list(args: argparse.Namespace) -> int:
     from DiffusionSegLib.models import DEFAULT_MODEL, list_models, search_dirs
 
     found = list_models()
@@ -116,6 +127,44 @@ def cmd_models(args: argparse.Namespace) -> int:
         default = " (default)" if path.name == DEFAULT_MODEL else ""
         labels = ", ".join(lab.name for lab in card.labels)
         print(f"{path.name}{default} [{origin}] {card.method} {card.spatial_dims}D {card.modality}: {labels}  {path}")
+    return 0
+
+
+def _models_install(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.models import install_model
+
+    path = install_model(args.source, name=args.name, overwrite=args.overwrite)
+    print(f"installed model {path.name} in {path}")
+    return 0
+
+
+def _models_download(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.models import download_model
+
+    bars: list = []  # the tqdm bar, created on the first callback when the size is known
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=total or None, desc="download", unit="B", unit_scale=True, leave=False))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        path = download_model(args.url, args.sha256, name=args.name, overwrite=args.overwrite,
+                              progress=None if args.quiet else progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"installed model {path.name} in {path}")
+    return 0
+
+
+def _models_clear(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.models import clear_installed_models, user_models_dir
+
+    removed = clear_installed_models()
+    print(f"removed {removed} installed model{'s' if removed != 1 else ''} from {user_models_dir()}")
     return 0
 
 
@@ -192,9 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("models", help="list bundled and installed models")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("models", help="list bundled and installed models; install, download or clear user models",
+                       description="Without a subcommand: list the models (bundled, $DIFFUSIONSEG_MODELS, installed).")
+    p.add_argument("--json", action="store_true", help="list as JSON")
     p.set_defaults(func=cmd_models)
+    models_sub = p.add_subparsers(dest="models_command", metavar="{install,download,clear}")
+    m = models_sub.add_parser("install", help="check and install a model folder or .zip into the user models folder")
+    m.add_argument("source", help="model folder (model.json + model.safetensors) or .zip archive of one")
+    m.add_argument("--name", default=None, help="install under this name (default: the name in the model card)")
+    m.add_argument("--overwrite", action="store_true", help="replace an installed model of the same name")
+    m = models_sub.add_parser("download",
+                              help="download a model .zip (http, https, file URL), check its sha256, install it")
+    m.add_argument("url")
+    m.add_argument("--sha256", required=True, help="sha256 of the .zip as published with the model (64 hex digits)")
+    m.add_argument("--name", default=None, help="install under this name (default: the name in the model card)")
+    m.add_argument("--overwrite", action="store_true", help="replace an installed model of the same name")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    models_sub.add_parser("clear",
+                          help="remove every installed model (bundled models and $DIFFUSIONSEG_MODELS are kept)")
     return parser
 
 
