@@ -1,0 +1,267 @@
+"""The Slicer workflow on a real slicer-core MRML scene, with the real CLI in a child process.
+
+What the module's Logic does, end to end: volume node -> background run -> segmentation, overlays
+and table on exactly the input's geometry; ROI; agreement slider; cancel and failures leave the
+scene unchanged; re-running replaces only this module's outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+
+from DiffusionSegLib import mrml_bridge  # noqa: E402
+from DiffusionSegLib.errors import DiffusionSegError  # noqa: E402
+from DiffusionSegLib.inference import SegmentOptions, segment_image  # noqa: E402
+from DiffusionSegLib.slicer_workflow import RunSettings, SegmentationWorkflow  # noqa: E402
+from test_writers import rotation  # noqa: E402
+
+
+@pytest.fixture()
+def scene():
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    app.GetColorLogic().SetMRMLScene(scene)
+    app.GetColorLogic().AddDefaultColorNodes()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene)
+    seg_logic.SetMRMLApplicationLogic(app)
+    app.SetModuleLogic("Segmentations", seg_logic)
+    scene._app, scene._seg_logic = app, seg_logic  # keep the logics alive with the scene
+    return scene
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def add_volume(scene, array: np.ndarray, matrix: np.ndarray, vector: bool = False):
+    """A volume node with voxels ``array`` ((K, J, I) or (K, J, I, 3)) and IJK->RAS ``matrix``."""
+    import vtk
+
+    cls = "vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(cls, "input")
+    node.CreateDefaultDisplayNodes()
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vtk_matrix.SetElement(r, c, matrix[r, c])
+    node.SetIJKToRASMatrix(vtk_matrix)
+    slicer.util.updateVolumeFromArray(node, array)
+    return node
+
+
+def oblique_matrix(spacing=(0.9, 1.4, 3.0)) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation((1.0, -2.0, 0.7), 0.5) * np.asarray(spacing)
+    matrix[:3, 3] = (-20.0, 35.5, 12.0)
+    return matrix
+
+
+def blob_volume(shape=(6, 28, 32)) -> np.ndarray:
+    """A bright ellipsoid in noise: something for an (untrained) model to react to."""
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    k, j, i = (np.array(shape) - 1) / 2
+    inside = ((zz - k) / 3) ** 2 + ((yy - j) / 9) ** 2 + ((xx - i) / 11) ** 2 <= 1
+    rng = np.random.default_rng(0)
+    return (100.0 * inside + rng.normal(0, 20, shape)).astype(np.float32)
+
+
+def segment_array(seg_node, volume_node, segment_id: str) -> np.ndarray:
+    """A segment as a (K, J, I) array on the volume's grid, through Slicer's own export."""
+    scene = seg_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = __import__("vtk").vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert scene._seg_logic.ExportSegmentsToLabelmapNode(seg_node, ids, labelmap, volume_node)
+    assert np.allclose(ijk_to_ras(labelmap), ijk_to_ras(volume_node), atol=1e-6)
+    array = slicer.util.arrayFromVolume(labelmap).copy()
+    scene.RemoveNode(labelmap)
+    return array > 0
+
+
+def settings_for(model, **kw) -> RunSettings:
+    return RunSettings(**{"model": str(model), "samples": 3, "steps": 2, "seed": 5, "device": "cpu", "crf": False, **kw})
+
+
+def in_process(image: sitk.Image, model, settings: RunSettings):
+    """The library run in this process with the same options: what the child must reproduce."""
+    return segment_image(image, model, SegmentOptions(samples=settings.samples, steps=settings.steps,
+                                                      seed=settings.seed, device="cpu", crf=settings.crf))
+
+
+def node_count(scene) -> int:
+    return scene.GetNumberOfNodes()
+
+
+def test_process_puts_the_libraries_result_on_the_input_geometry(scene, tiny_model):
+    volume = add_volume(scene, blob_volume(), oblique_matrix())
+    workflow = SegmentationWorkflow(scene)
+    settings = settings_for(tiny_model)
+    outputs = workflow.process(volume, settings, timeout=300)
+
+    expected = in_process(mrml_bridge.volume_to_image(volume), tiny_model, settings)
+    seg = outputs.segmentation_node
+    ids = outputs.segment_ids["lesion"]
+    for region, mask in (("fused", expected.fused[0]), ("consistency", expected.consistency[0]),
+                         ("ambiguity", expected.ambiguity[0])):
+        assert seg.GetSegmentation().GetSegment(ids[region]).GetName() == f"lesion {region}"
+        assert np.array_equal(segment_array(seg, volume, ids[region]), mask.astype(bool)), region
+    assert expected.ambiguity.any() and expected.fused.any(), "the case must exercise every region"
+    probability = outputs.probability_nodes[0]
+    assert np.allclose(ijk_to_ras(probability), ijk_to_ras(volume), atol=1e-9)
+    assert np.allclose(slicer.util.arrayFromVolume(probability), expected.probability[0], atol=1e-6)
+
+    summary = workflow.summary()
+    spacing = np.prod(volume.GetSpacing())
+    assert summary["n_samples"] == 3 and summary["agreement"] is None
+    assert summary["volumes_ml"]["lesion"]["fused"] == pytest.approx(expected.fused.sum() * spacing / 1000)
+    assert summary["sample_diversity"]["lesion"] == pytest.approx(expected.sample_diversity[0], abs=1e-6)
+    assert summary["report"]["samples"] == 3 and not workflow.running
+
+
+def test_agreement_slider_moves_from_union_to_consistency(scene, tiny_model):
+    volume = add_volume(scene, blob_volume(), oblique_matrix())
+    workflow = SegmentationWorkflow(scene)
+    outputs = workflow.process(volume, settings_for(tiny_model), timeout=300)
+    seg, ids = outputs.segmentation_node, outputs.segment_ids["lesion"]
+    consistency = segment_array(seg, volume, ids["consistency"])
+    ambiguity = segment_array(seg, volume, ids["ambiguity"])
+    volumes = []
+    for k in (1, 2, 3):
+        workflow.set_agreement(k)
+        fused = segment_array(seg, volume, ids["fused"])
+        volumes.append(workflow.summary()["volumes_ml"]["lesion"]["fused"])
+        if k == 1:
+            assert np.array_equal(fused, consistency | ambiguity)  # union of the samples
+        if k == 3:
+            assert np.array_equal(fused, consistency)
+    assert volumes[0] >= volumes[1] >= volumes[2] and volumes[0] > volumes[2]
+    assert workflow.agreement == 3 and seg.GetAttribute("DiffusionSeg.Agreement") == "3/3"
+    with pytest.raises(ValueError):
+        workflow.set_agreement(4)
+
+
+def test_roi_runs_only_inside_and_lands_in_the_full_volume(scene, tiny_model):
+    volume = add_volume(scene, blob_volume(), oblique_matrix())
+    box = ((4, 3, 1), (28, 25, 5))  # (i, j, k) half-open
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    matrix = ijk_to_ras(volume)
+    corners = np.array([[i, j, k, 1.0] for i in (box[0][0], box[1][0] - 1) for j in (box[0][1], box[1][1] - 1)
+                        for k in (box[0][2], box[1][2] - 1)])
+    # The ROI in the volume's own axes: its box is exactly those voxels (centres within +-0.4 voxel).
+    ras = (matrix @ corners.T).T[:, :3]
+    roi.SetCenterWorld(*ras.mean(axis=0))
+    axes = matrix[:3, :3] / np.linalg.norm(matrix[:3, :3], axis=0)
+    roi_to_ras = np.eye(4)
+    roi_to_ras[:3, :3] = axes
+    roi_to_ras[:3, 3] = ras.mean(axis=0)
+    import vtk
+
+    vm = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vm.SetElement(r, c, roi_to_ras[r, c])
+    roi.SetAndObserveObjectToNodeMatrix(vm)
+    size_mm = [(box[1][a] - box[0][a] - 1 + 0.8) * np.linalg.norm(matrix[:3, a]) for a in range(3)]
+    roi.SetSize(*size_mm)
+    assert mrml_bridge.roi_ijk_box(volume, roi) == box
+
+    workflow = SegmentationWorkflow(scene)
+    settings = settings_for(tiny_model)
+    outputs = workflow.process(volume, settings, roi_node=roi, timeout=300)
+    expected = in_process(mrml_bridge.volume_to_image(volume, box), tiny_model, settings)
+    inside = (slice(box[0][2], box[1][2]), slice(box[0][1], box[1][1]), slice(box[0][0], box[1][0]))
+    probability = slicer.util.arrayFromVolume(outputs.probability_nodes[0])
+    assert probability.shape == (6, 28, 32)
+    assert np.allclose(probability[inside], expected.probability[0], atol=1e-6)
+    outside = np.ones(probability.shape, bool)
+    outside[inside] = False
+    assert not probability[outside].any()
+    fused = segment_array(outputs.segmentation_node, volume, outputs.segment_ids["lesion"]["fused"])
+    assert np.array_equal(fused[inside], expected.fused[0].astype(bool)) and not fused[outside].any()
+
+
+def test_rgb_photo_volume_gets_its_segments_on_its_grid(scene, tiny_rgb_model):
+    rng = np.random.default_rng(3)
+    photo = rng.integers(0, 256, (1, 22, 30, 3), dtype=np.uint8)  # one slice, RGB
+    matrix = np.diag([-0.3, -0.3, 1.0, 1.0])
+    matrix[:3, 3] = (5.0, 7.0, 0.0)
+    volume = add_volume(scene, photo, matrix, vector=True)
+    workflow = SegmentationWorkflow(scene)
+    settings = settings_for(tiny_rgb_model)
+    outputs = workflow.process(volume, settings, timeout=300)
+    image = mrml_bridge.volume_to_image(volume)[:, :, 0]
+    expected = in_process(image, tiny_rgb_model, settings)
+    assert set(outputs.segment_ids) == {"lesion", "border"}
+    for index, label in enumerate(("lesion", "border")):
+        fused = segment_array(outputs.segmentation_node, volume, outputs.segment_ids[label]["fused"])
+        assert fused.shape == (1, 22, 30)
+        assert np.array_equal(fused[0], expected.fused[index].astype(bool)), label
+
+
+def test_rerun_replaces_only_this_modules_outputs(scene, tiny_model):
+    volume = add_volume(scene, blob_volume(), oblique_matrix())
+    user_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    user_seg.GetSegmentation().AddEmptySegment("mine", "mine")
+    workflow = SegmentationWorkflow(scene)
+    first = workflow.process(volume, settings_for(tiny_model), timeout=300)
+    first.segmentation_node.GetSegmentation().AddEmptySegment("my correction", "my correction")
+    count = node_count(scene)
+    second = workflow.process(volume, settings_for(tiny_model, seed=6), timeout=300)
+    assert node_count(scene) == count
+    assert second.segmentation_node is first.segmentation_node
+    segmentation = second.segmentation_node.GetSegmentation()
+    assert segmentation.GetSegment("my correction") is not None, "a user's segment in our node survives"
+    assert segmentation.GetNumberOfSegments() == 3 + 1
+    assert user_seg.GetSegmentation().GetNumberOfSegments() == 1 and user_seg.GetAttribute(
+        mrml_bridge.ROLE_ATTRIBUTE) is None
+
+
+def test_a_failed_run_leaves_the_scene_unchanged_and_says_why(scene, tmp_path):
+    volume = add_volume(scene, blob_volume(), oblique_matrix())
+    count = node_count(scene)
+    workflow = SegmentationWorkflow(scene)
+    with pytest.raises(DiffusionSegError, match="not found"):
+        workflow.process(volume, settings_for(tmp_path / "no_such_model"), timeout=300)
+    assert node_count(scene) == count and not workflow.running and workflow.summary() == {}
+
+
+def test_cancel_leaves_the_scene_unchanged(scene, tiny_model):
+    volume = add_volume(scene, blob_volume((12, 64, 64)), oblique_matrix())
+    count = node_count(scene)
+    workflow = SegmentationWorkflow(scene)
+    workflow.start(volume, RunSettings(model=str(tiny_model), samples=5, steps=400, device="cpu"))
+    assert workflow.running
+    deadline = time.monotonic() + 120
+    while workflow.poll().stage != "sampling":
+        assert time.monotonic() < deadline and not workflow.poll().finished
+        time.sleep(0.1)
+    pid = workflow._run.job.pid
+    workdir = workflow._run.workdir
+    workflow.cancel()
+    assert not workflow.running and node_count(scene) == count
+    assert not workdir.exists(), "the exported volume and partial outputs must go"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped by cancel: the pid no longer exists
+
+
+def test_bad_inputs_are_refused_before_anything_starts(scene, tiny_model):
+    workflow = SegmentationWorkflow(scene)
+    with pytest.raises(ValueError, match="no input volume"):
+        workflow.start(None, settings_for(tiny_model))
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(ValueError):
+        workflow.start(empty, settings_for(tiny_model))
+    assert not workflow.running
