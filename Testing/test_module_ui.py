@@ -1,0 +1,241 @@
+"""The module's Qt Designer file against the Python code that uses it (no Slicer or Qt needed).
+
+Every ``self.ui.<name>`` in DiffusionSeg.py must exist in DiffusionSeg.ui with the expected class
+(a typo or a renamed widget would only fail when a user opens the module), every widget bound to
+the parameter node must name a field of the ``@parameterNodeWrapper`` class with a type its
+widget can show, and every MRML node selector must receive the scene.
+"""
+
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE_FILE = ROOT / "DiffusionSeg" / "DiffusionSeg.py"
+UI_FILE = ROOT / "DiffusionSeg" / "Resources" / "UI" / "DiffusionSeg.ui"
+
+# name -> accepted classes, for every widget the code uses.
+EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
+    "inputVolumeSelector": ("qMRMLNodeComboBox",),
+    "loadSampleButton": ("QPushButton",),
+    "roiSelector": ("qMRMLNodeComboBox",),
+    "modelComboBox": ("QComboBox",),
+    "modelInfoLabel": ("QLabel",),
+    "addModelButton": ("QPushButton",),
+    "downloadModelButton": ("QPushButton",),
+    "clearModelsButton": ("QPushButton",),
+    "samplesSpinBox": ("QSpinBox",),
+    "stepsSpinBox": ("QSpinBox",),
+    "seedSpinBox": ("QSpinBox",),
+    "deviceComboBox": ("QComboBox",),
+    "crfCheckBox": ("QCheckBox",),
+    "showSamplesCheckBox": ("QCheckBox",),
+    "outputSegmentationSelector": ("qMRMLNodeComboBox",),
+    "applyButton": ("QPushButton",),
+    "progressBar": ("QProgressBar",),
+    "statusLabel": ("QLabel",),
+    "agreementSlider": ("ctkSliderWidget", "QSlider"),
+    "agreementLabel": ("QLabel",),
+    "resultsTable": ("QTableWidget", "qMRMLTableView"),
+}
+
+# Node selectors: node types they must offer, and whether "none" must be allowed.
+EXPECTED_NODE_SELECTORS = {
+    "inputVolumeSelector": ({"vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"}, False),
+    "roiSelector": ({"vtkMRMLMarkupsROINode"}, True),
+    "outputSegmentationSelector": ({"vtkMRMLSegmentationNode"}, True),
+}
+
+# Signals the code connects to, per widget class (PythonQt signature strings).
+KNOWN_SIGNALS = {
+    "QPushButton": {"clicked(bool)", "clicked()", "toggled(bool)"},
+    "QComboBox": {"currentIndexChanged(int)", "activated(int)"},
+    "ctkSliderWidget": {"valueChanged(double)", "valueIsChanging(double)"},
+    "QSlider": {"valueChanged(int)", "sliderReleased()"},
+    "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)", "currentNodeChanged(bool)"},
+    "QCheckBox": {"toggled(bool)", "stateChanged(int)"},
+}
+
+# Which widget classes the parameterNodeWrapper GUI connectors accept for which field types.
+CONNECTABLE = {
+    "bool": {"QCheckBox", "QPushButton"},
+    "int": {"QSpinBox", "QSlider"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+    "str": {"QLineEdit", "QComboBox", "QTextEdit"},
+    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
+}
+
+
+def _string_list(prop: ET.Element) -> list[str]:
+    return [s.text or "" for s in prop.iter("string")]
+
+
+def _property_value(prop: ET.Element):
+    child = list(prop)[0]
+    if child.tag == "stringlist":
+        return _string_list(child)
+    if child.tag == "bool":
+        return child.text == "true"
+    return child.text
+
+
+@pytest.fixture(scope="module")
+def ui():
+    """name -> (class, {property: value}) of every widget in the .ui file."""
+    tree = ET.parse(UI_FILE)
+    root = tree.getroot()
+    assert root.tag == "ui"
+    widgets = {}
+    for widget in root.iter("widget"):
+        properties = {prop.get("name"): _property_value(prop) for prop in widget.findall("property") if len(prop)}
+        name = widget.get("name")
+        assert name not in widgets, f"widget name {name!r} used twice"
+        widgets[name] = (widget.get("class"), properties)
+    return tree, widgets
+
+
+@pytest.fixture(scope="module")
+def module_tree():
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def _ui_names_used(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            names.add(node.attr)
+    return names
+
+
+def test_root_widget_is_a_mrml_widget(ui):
+    tree, widgets = ui
+    top_widget = tree.getroot().find("widget")
+    assert top_widget.get("class") == "qMRMLWidget"
+    assert tree.getroot().find("class").text == top_widget.get("name")
+
+
+def test_every_widget_the_code_uses_exists_with_the_expected_class(ui, module_tree):
+    _, widgets = ui
+    used = _ui_names_used(module_tree)
+    assert used, "DiffusionSeg.py uses no self.ui widgets?"
+    not_in_ui = sorted(used - set(widgets))
+    assert not not_in_ui, f"used in DiffusionSeg.py but missing in DiffusionSeg.ui: {not_in_ui}"
+    unexpected = sorted(used - set(EXPECTED_CLASSES))
+    assert not unexpected, f"add the expected class of these widgets to EXPECTED_CLASSES: {unexpected}"
+    for name, classes in EXPECTED_CLASSES.items():
+        assert name in widgets, f"{name} is missing in DiffusionSeg.ui"
+        assert widgets[name][0] in classes, f"{name} is a {widgets[name][0]}, expected one of {classes}"
+
+
+def test_node_selectors(ui):
+    _, widgets = ui
+    for name, (node_types, none_allowed) in EXPECTED_NODE_SELECTORS.items():
+        cls, props = widgets[name]
+        assert cls == "qMRMLNodeComboBox"
+        assert set(props.get("nodeTypes", [])) == node_types, f"{name} nodeTypes: {props.get('nodeTypes')}"
+        assert bool(props.get("noneEnabled", False)) == none_allowed, f"{name} noneEnabled"
+    # Label maps are scalar volumes too, but no input for a segmentation model.
+    assert "vtkMRMLLabelMapVolumeNode" in widgets["inputVolumeSelector"][1].get("hideChildNodeTypes", [])
+
+
+def test_node_selectors_receive_the_scene(ui):
+    tree, widgets = ui
+    root_name = tree.getroot().find("widget").get("name")
+    connected = set()
+    for connection in tree.getroot().iter("connection"):
+        if (connection.findtext("sender") == root_name
+                and connection.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                and connection.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"):
+            connected.add(connection.findtext("receiver"))
+    selectors = {name for name, (cls, _) in widgets.items() if cls.startswith("qMRML") and name != root_name}
+    assert selectors <= connected, f"no scene for: {sorted(selectors - connected)}"
+
+
+def test_custom_widgets_are_declared(ui):
+    tree, widgets = ui
+    declared = {c.findtext("class") for c in tree.getroot().iter("customwidget")}
+    used = {cls for cls, _ in widgets.values() if not cls.startswith("Q")}
+    assert used <= declared, f"declare in <customwidgets>: {sorted(used - declared)}"
+
+
+def test_connected_signals_exist_on_the_widget_class(ui, module_tree):
+    _, widgets = ui
+    checked = 0
+    for node in ast.walk(module_tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"):
+            continue
+        target = node.func.value
+        if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute)
+                and target.value.attr == "ui"):
+            continue
+        assert node.args and isinstance(node.args[0], ast.Constant), "connect with a signal signature string"
+        cls = widgets[target.attr][0]
+        assert node.args[0].value in KNOWN_SIGNALS.get(cls, set()), f"{target.attr} ({cls}) has no signal {node.args[0].value}"
+        checked += 1
+    assert checked >= 5
+
+
+def _parameter_fields(tree: ast.Module) -> dict[str, str]:
+    """Field name -> kind (bool/int/float/str/node) of the @parameterNodeWrapper class."""
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)
+               and any(ast.unparse(d) == "parameterNodeWrapper" for d in node.decorator_list)]
+    assert len(classes) == 1, "expected one @parameterNodeWrapper class"
+    fields = {}
+    for statement in classes[0].body:
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+            annotation = ast.unparse(statement.annotation)
+            if annotation.startswith("Annotated["):
+                annotation = annotation[len("Annotated["):].split(",")[0].strip()
+            kind = "node" if annotation.startswith("vtkMRML") else annotation
+            fields[statement.target.id] = kind
+    return fields
+
+
+def test_parameter_bound_widgets_name_fields_of_the_parameter_node(ui, module_tree):
+    _, widgets = ui
+    fields = _parameter_fields(module_tree)
+    bound = {name: (cls, props["SlicerParameterName"]) for name, (cls, props) in widgets.items()
+             if "SlicerParameterName" in props}
+    assert bound, "no widget is bound to the parameter node"
+    parameters = [parameter for _, parameter in bound.values()]
+    assert len(parameters) == len(set(parameters)), "two widgets bound to one parameter"
+    for name, (cls, parameter) in bound.items():
+        assert parameter in fields, f"{name} is bound to {parameter!r}, not a field of the parameter node"
+        kind = fields[parameter]
+        assert cls in CONNECTABLE.get(kind, set()), f"{name} ({cls}) cannot show a {kind} parameter"
+
+
+def test_bound_combobox_and_slider_parameters_are_constrained(module_tree):
+    """parameterNodeWrapper needs Choice for a str QComboBox and a range for ints (QSpinBox limits)."""
+    classes = [node for node in module_tree.body if isinstance(node, ast.ClassDef) and node.name == "DiffusionSegParameterNode"]
+    annotations = {s.target.id: ast.unparse(s.annotation) for s in classes[0].body if isinstance(s, ast.AnnAssign)}
+    assert "Choice(" in annotations["device"]
+    for name in ("samples", "steps", "seed"):
+        assert "WithinRange(" in annotations[name], name
+
+
+def test_spinbox_ranges_match_the_parameter_ranges(ui, module_tree):
+    _, widgets = ui
+    classes = [node for node in module_tree.body if isinstance(node, ast.ClassDef) and node.name == "DiffusionSegParameterNode"]
+    ranges = {}
+    for statement in classes[0].body:
+        if isinstance(statement, ast.AnnAssign):
+            for call in ast.walk(statement.annotation):
+                if isinstance(call, ast.Call) and ast.unparse(call.func) == "WithinRange":
+                    ranges[statement.target.id] = tuple(ast.literal_eval(a) for a in call.args)
+    for name, (cls, props) in widgets.items():
+        parameter = props.get("SlicerParameterName")
+        if cls == "QSpinBox" and parameter in ranges:
+            assert (int(props.get("minimum", 0)), int(props.get("maximum", 99))) == ranges[parameter], name
+
+
+def test_ui_text_is_not_empty_for_buttons(ui):
+    _, widgets = ui
+    for name, (cls, props) in widgets.items():
+        if cls in ("QPushButton", "QCheckBox", "ctkCollapsibleButton"):
+            assert props.get("text"), f"{name} has no text"
