@@ -41,3 +41,24 @@ def tiny_rgb_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_3d_model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("models") / "tiny_3d", spatial_dims=3, spacing=[2.0, 2.0, 3.0])
+
+
+def new_mrml_scene():
+    """A real slicer-core MRML scene set up as SLICER.md describes: application logic, default
+    color nodes and the segmentations logic (which also registers the representation converters).
+
+    The logics are kept on the scene (``scene.segmentations_logic``, ``scene.application_logic``):
+    they must outlive the test. Skips the test when slicer-core is not installed.
+    """
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    app.GetColorLogic().SetMRMLScene(scene)
+    app.GetColorLogic().AddDefaultColorNodes()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene)
+    seg_logic.SetMRMLApplicationLogic(app)
+    app.SetModuleLogic("Segmentations", seg_logic)
+    scene.application_logic, scene.segmentations_logic = app, seg_logic
+    return scene

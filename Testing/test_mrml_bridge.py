@@ -13,6 +13,7 @@ import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
+from conftest import new_mrml_scene  # noqa: E402
 from DiffusionSegLib import mrml_bridge as mb  # noqa: E402
 from DiffusionSegLib.modelcard import LabelInfo  # noqa: E402
 from DiffusionSegLib.result import SegmentationResult  # noqa: E402
@@ -25,16 +26,7 @@ FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
 @pytest.fixture
 def scene():
     """A scene with the application logic, default color nodes and the segmentations logic."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    app.GetColorLogic().SetMRMLScene(scene)
-    app.GetColorLogic().AddDefaultColorNodes()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene)
-    seg_logic.SetMRMLApplicationLogic(app)
-    app.SetModuleLogic("Segmentations", seg_logic)
-    scene._keep = (app, seg_logic)  # the logics must outlive the test
+    scene = new_mrml_scene()
     yield scene
     scene.Clear(True)
 

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
+from conftest import new_mrml_scene  # noqa: E402
 from DiffusionSegLib import mrml_bridge  # noqa: E402
 from DiffusionSegLib.errors import DiffusionSegError  # noqa: E402
 from DiffusionSegLib.inference import SegmentOptions, segment_image  # noqa: E402
@@ -25,17 +26,7 @@ from test_writers import rotation  # noqa: E402
 
 @pytest.fixture()
 def scene():
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    app.GetColorLogic().SetMRMLScene(scene)
-    app.GetColorLogic().AddDefaultColorNodes()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene)
-    seg_logic.SetMRMLApplicationLogic(app)
-    app.SetModuleLogic("Segmentations", seg_logic)
-    scene._app, scene._seg_logic = app, seg_logic  # keep the logics alive with the scene
-    return scene
+    return new_mrml_scene()
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -84,7 +75,7 @@ def segment_array(seg_node, volume_node, segment_id: str) -> np.ndarray:
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     ids = __import__("vtk").vtkStringArray()
     ids.InsertNextValue(segment_id)
-    assert scene._seg_logic.ExportSegmentsToLabelmapNode(seg_node, ids, labelmap, volume_node)
+    assert scene.segmentations_logic.ExportSegmentsToLabelmapNode(seg_node, ids, labelmap, volume_node)
     assert np.allclose(ijk_to_ras(labelmap), ijk_to_ras(volume_node), atol=1e-6)
     array = slicer.util.arrayFromVolume(labelmap).copy()
     scene.RemoveNode(labelmap)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import new_mrml_scene
 from DiffusionSegLib import writers
 from DiffusionSegLib.errors import DiffusionSegError
 from DiffusionSegLib.modelcard import LabelInfo
@@ -240,17 +241,8 @@ def test_output_folder_that_is_a_file_is_a_user_error(tmp_path, oblique_3d):
 
 @pytest.fixture(scope="module")
 def slicer_scene():
-    slicer = pytest.importorskip("slicer")
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    app.GetColorLogic().SetMRMLScene(scene)
-    app.GetColorLogic().AddDefaultColorNodes()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene)
-    seg_logic.SetMRMLApplicationLogic(app)
-    app.SetModuleLogic("Segmentations", seg_logic)
-    return slicer, scene, seg_logic
+    scene = new_mrml_scene()
+    return pytest.importorskip("slicer"), scene, scene.segmentations_logic
 
 
 def read_seg_nrrd(slicer_scene, path: Path):
