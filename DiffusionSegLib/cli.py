@@ -188,6 +188,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "real":
+        from DiffusionSegLib.benchreal import cli
+
+        return cli(args)
     from DiffusionSegLib.bench import run_benchmark
 
     run_benchmark(args)
@@ -239,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", default=None, help="volume file for the per-volume figures (default: bundled sample)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("-o", "--output", default=None, help="write the figures as JSON here")
+    p.add_argument("--suite", choices=("inference", "real"), default="inference",
+                   help="inference: timing of one model (default); real: the real-data benchmark (train and "
+                        "evaluate every method on real CT, see docs/BENCHMARKS.md)")
+    p.add_argument("--quick", action="store_true", help="--suite real: tiny budgets, a smoke check in minutes")
+    p.add_argument("--data", default=None, help="--suite real: data folder (default runs/bench_real/data)")
+    p.add_argument("--out", default=None, help="--suite real: results folder (default runs/bench_real/full|quick)")
+    p.add_argument("--resume", action="store_true", help="--suite real: skip finished runs, continue interrupted ones")
+    p.add_argument("--prepare-only", action="store_true", help="--suite real: only build the data folder")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list bundled and installed models; install, download or clear user models",
