@@ -115,11 +115,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _models_list(args: argparse.Namespace) -> int:
     from DiffusionSegLib.models import DEFAULT_MODEL, list_models, search_dirs
 
+    from DiffusionSegLib.catalogue import catalogue, summary_line
+
     found = list_models()
+    try:
+        listed = {e["name"]: e for e in catalogue()}
+    except DiffusionSegError as err:  # a broken catalogue must not hide the models themselves
+        log.warning("%s", err)
+        listed = {}
     if args.json:
         print(json.dumps([{"name": p.name, "origin": o, "path": str(p), "method": c.method,
                            "modality": c.modality, "labels": [lab.name for lab in c.labels],
-                           "spatial_dims": c.spatial_dims, "metrics": c.metrics} for o, p, c in found], indent=2))
+                           "spatial_dims": c.spatial_dims, "metrics": c.metrics,
+                           "catalogue": listed.get(p.name)} for o, p, c in found], indent=2))
         return 0
     if not found:
         print("no models found in: " + ", ".join(str(d) for _, d in search_dirs()))
@@ -127,6 +135,8 @@ def _models_list(args: argparse.Namespace) -> int:
         default = " (default)" if path.name == DEFAULT_MODEL else ""
         labels = ", ".join(lab.name for lab in card.labels)
         print(f"{path.name}{default} [{origin}] {card.method} {card.spatial_dims}D {card.modality}: {labels}  {path}")
+        if path.name in listed and summary_line(listed[path.name]):
+            print(f"    measured: {summary_line(listed[path.name])} (Resources/Models.json)")
     return 0
 
 
