@@ -642,16 +642,102 @@ def _write_results(out_dir: Path, tasks: Sequence[Task], runs: Sequence[RunSpec]
             "evaluation_s": {k: m["evaluation_s"] for k, m in metrics.items()},
             "parameters": {k: m["parameters"] for k, m in metrics.items()},
         }
-        md += [f"## {task.name}", "", task.note, "", accuracy_table(task.name, agg), ""]
+        md += [f"## {task.name}", "", task.note, "", accuracy_table(task.name, agg), "",
+               cost_table(metrics, runs), ""]
     all_metrics = {f"{t}/{k}": m for t, d in run_metrics.items() for k, m in d.items()}
     msd_all = [f"{t.name}/{r.key}" for t in tasks for r in runs if r.variant == "MedSegDiff"]
     results["uncertainty_medsegdiff_pooled"] = uncertainty_summary(all_metrics, msd_all)
     for name in ("sampling.json", "bundled.json"):
         if (out_dir / name).is_file():
             results[name.split(".")[0]] = json.loads((out_dir / name).read_text())
+    md += ["## Uncertainty (MedSegDiff, all seeds, shipped setting)", "", uncertainty_table(results), ""]
+    if "sampling" in results:
+        md += ["## Sampling cost (best MedSegDiff organ seed)", "", sampling_table(results["sampling"]), ""]
+    if "bundled" in results:
+        md += ["## Bundled default model vs the benchmark's best MedSegDiff organ seed", "",
+               bundled_table(results["bundled"], run_metrics.get("organs", {})), ""]
     _write_json(out_dir / "results.json", results)
     atomic_write_bytes(out_dir / "tables.md", ("\n".join(md) + "\n").encode())
     return results
+
+
+def cost_table(metrics: Mapping[str, Mapping[str, Any]], runs: Sequence[RunSpec]) -> str:
+    """Markdown: parameters, training and evaluation seconds per variant (mean over its finished seeds)."""
+    lines = ["| method | parameters | training s (mean over seeds) | final loss | test-set evaluation s |",
+             "|---|---|---|---|---|"]
+    for variant in VARIANT_ORDER:
+        ms = [metrics[r.key] for r in runs if r.variant == variant and r.key in metrics]
+        if not ms:
+            continue
+        lines.append(f"| {variant} | {ms[0]['parameters'] / 1e6:.2f} M | "
+                     f"{statistics.fmean(m['training']['duration_s'] for m in ms):.0f} | "
+                     f"{statistics.fmean(m['training']['final_loss'] for m in ms):.4f} | "
+                     f"{statistics.fmean(m['evaluation_s'] for m in ms):.0f} |")
+    return "\n".join(lines)
+
+
+def uncertainty_table(results: Mapping[str, Any]) -> str:
+    rows = [(name, data.get("uncertainty_medsegdiff") or {}) for name, data in results["tasks"].items()]
+    rows.append(("both tasks pooled", results.get("uncertainty_medsegdiff_pooled") or {}))
+    lines = ["| scope | wrong voxels | of them inside ambiguity | ambiguity / fused mask size | "
+             "Spearman(diversity, Dice) per case x label x seed | per slice | ECE of p |",
+             "|---|---|---|---|---|---|---|"]
+
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    for name, u in rows:
+        if not u:
+            continue
+        lines.append(f"| {name} | {u['wrong_voxels']} | {num(u['fraction_wrong_in_ambiguity'], '.3f')} | "
+                     f"{num(u['ambiguity_to_fused'], '.3f')} | {num(u['spearman_case'], '.2f')} (n={u['n_case']}) | "
+                     f"{num(u['spearman_slice'], '.2f')} (n={u['n_slice']}) | {u['ece']:.4f} |")
+    return "\n".join(lines)
+
+
+def sampling_table(sampling: Mapping[str, Any]) -> str:
+    rows = sampling.get("rows", [])
+    slab = sampling.get("slab")
+    lines = ["| scope | sampler | samples x steps | NFE per slice | Dice per label | mean Dice | seconds (sampling) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["scope"] != "volume", r["sampler"] != "ddim", r["nfe_per_slice"])):
+        scope = f"whole volume ({r['slices']} slices)" if r["scope"] == "volume" else f"slab: slices {slab[0]}-{slab[1] - 1}"
+        dice = ", ".join(f"{k} {v:.3f}" for k, v in r["dice"].items())
+        lines.append(f"| {scope} | {r['sampler'].upper()} | {r['samples']} x {r['steps']} | {r['nfe_per_slice']} | "
+                     f"{dice} | {r['mean_dice']:.3f} | {r['seconds']:.1f} ({r['sampling_seconds']:.1f}) |")
+    ref = next((r for r in rows if r["sampler"] == "ddpm"), None)
+    shipped = next((r for r in rows if r["scope"] == "slab" and r["sampler"] == "ddim"
+                    and (r["samples"], r["steps"]) == (5, 10)), None)
+    if ref and shipped:
+        gap = 100 * (ref["mean_dice"] - shipped["mean_dice"])
+        ratio = ref["nfe_per_slice"] / shipped["nfe_per_slice"]
+        met = gap <= 1.0 and ratio >= 100
+        lines += ["", f"Goal check on the slab: shipped 5 x 10 DDIM mean Dice {shipped['mean_dice']:.3f} vs 1000-step "
+                      f"DDPM x {ref['samples']} {ref['mean_dice']:.3f}: {gap:+.1f} Dice points below the reference "
+                      f"(negative = better than it), {ratio:.0f}x fewer network evaluations -> goal "
+                      f"{'MET' if met else 'NOT MET'} (within 1 Dice point and >= 100x fewer NFE)."]
+    return "\n".join(lines)
+
+
+def bundled_table(bundled: Mapping[str, Any], organ_metrics: Mapping[str, Any]) -> str:
+    lines = ["| model | setting | label | Dice | IoU | HD95 (mm) | seconds per volume |", "|---|---|---|---|---|---|---|"]
+    for name, res in (("bundled ct_liver_spleen_2d", bundled.get("crf")), ("bundled ct_liver_spleen_2d", bundled.get("no_crf"))):
+        if not res:
+            continue
+        case = res["cases"][0]
+        for lab, m in case["metrics"].items():
+            hd = "n/a" if m["hd95_mm"] is None else f"{m['hd95_mm']:.1f}"
+            lines.append(f"| {name} | {res['samples']} x {res['steps']} DDIM, {'DenseCRF' if res['crf'] else 'no CRF'} | "
+                         f"{lab} | {m['dice']:.3f} | {m['iou']:.3f} | {hd} | {case['seconds']:.1f} |")
+    best = _best_seed({"organs": organ_metrics}, "organs")
+    if best:
+        res = organ_metrics[best]
+        case = res["cases"][0]
+        for lab, m in case["metrics"].items():
+            hd = "n/a" if m["hd95_mm"] is None else f"{m['hd95_mm']:.1f}"
+            lines.append(f"| benchmark MedSegDiff {best} | {res['samples']} x {res['steps']} DDIM, no CRF | {lab} | "
+                         f"{m['dice']:.3f} | {m['iou']:.3f} | {hd} | {case['seconds']:.1f} |")
+    return "\n".join(lines)
 
 
 def cli(args: Any) -> int:
