@@ -312,7 +312,7 @@ def prepare(data_dir: str | os.PathLike, rebuild: bool = False) -> Path:
         provenance = build_lung_datasets(data_dir)
     files = _file_table(data_dir)
     total = sum(f["bytes"] for f in files.values())
-    manifest = {"datasets": [ORGANS, LUNG, LUNG_CHECK], "total_bytes": total, "files": files,
+    manifest = {"datasets": [ORGANS, LUNG, LUNG_CHECK], "splits": splits(data_dir), "total_bytes": total, "files": files,
                 "label_note": realdata.LABEL_NOTE, "lung_note": LUNG_NOTE,
                 "packages": {k: {"requirement": a.requirement, "sha256": a.sha256} for k, a in realdata.ARCHIVES.items()}}
     if provenance:
@@ -323,6 +323,24 @@ def prepare(data_dir: str | os.PathLike, rebuild: bool = False) -> Path:
     if total > MAX_TOTAL_BYTES:
         raise DatasetError(f"{data_dir}: {total / 2**20:.1f} MiB of benchmark data, over {MAX_TOTAL_BYTES / 2**20:.0f} MiB")
     return data_dir
+
+
+SPLIT_RULE = ("Splits are by case (patient or synthetic realisation), never by slice, and fixed in code "
+              "(benchdata.py); no test case is used for training; example_ct_sm is a slab of example_ct "
+              "(same patient) and is not used as a case.")
+
+
+def splits(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The fixed case split of every prepared dataset: {dataset: {"training": [...], "test": [...]}} + the rule."""
+    out: dict[str, Any] = {"rule": SPLIT_RULE}
+    for name in (ORGANS, LUNG, LUNG_CHECK):
+        path = Path(data_dir) / name / "dataset.json"
+        if not path.is_file():
+            continue
+        meta = json.loads(path.read_text())
+        out[name] = {split: [Path(e["image"]).name.split(".")[0] for e in meta.get(split, [])]
+                     for split in ("training", "test")}
+    return out
 
 
 def check_prepared(data_dir: str | os.PathLike, names: Sequence[str]) -> None:

@@ -110,6 +110,11 @@ def test_splits_are_by_case_and_fixed(prepared):
     for root in (organs, lung):
         assert not set(_names(root, "training")) & set(_names(root, "test"))
     assert all(name.startswith("synth_") for name in _names(lung, "training"))
+    # The split is written down in benchdata.json, as the folders hold it.
+    manifest = json.loads((prepared / benchdata.MANIFEST).read_text())["splits"]
+    assert manifest[benchdata.ORGANS] == {"training": [realdata.TRAIN_CASE], "test": [realdata.TEST_CASE]}
+    assert manifest[benchdata.LUNG]["test"] == list(benchdata.LUNG_TEST_CASES)
+    assert "never by slice" in manifest["rule"]
     # The synthetic check set uses seeds that no training realisation uses.
     assert not {s for _, _, s, _ in benchdata.TRAIN_REALISATIONS} & {s for _, _, s, _ in benchdata.CHECK_REALISATIONS}
 
