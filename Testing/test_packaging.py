@@ -295,6 +295,7 @@ def test_bundled_models_and_sample_are_packaged(module):
     assert model_dirs, "no bundled model found"
     expected = {(d / name).relative_to(ROOT).as_posix() for d in model_dirs for name in ("model.json", "model.safetensors")}
     expected.add("Resources/Sample/ct_abdomen_sample.nii.gz")
+    expected.add("Resources/Models.json")  # the model catalogue (DiffusionSegLib.catalogue)
     assert expected <= set(listed), f"not packaged: {sorted(expected - set(listed))}"
     for relative in listed:
         assert (ROOT / relative).is_file(), f"listed but missing: {relative}"
@@ -317,6 +318,9 @@ def test_installed_layout_matches_where_the_library_looks():
     assert models.BUNDLED_DIR == ROOT / "Resources" / "Models"
     assert models.BUNDLED_DIR == Path(models.__file__).resolve().parent.parent / "Resources" / "Models"
     assert background.LIBRARY_PARENT == ROOT
+    from DiffusionSegLib import catalogue
+
+    assert catalogue.CATALOGUE_PATH == ROOT / "Resources" / "Models.json"
 
 
 def test_every_resource_the_module_loads_is_packaged(module):
