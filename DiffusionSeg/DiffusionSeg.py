@@ -332,12 +332,30 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         url, sha256 = self._askDownload()
         if not url:
             return
-        with slicer.util.tryWithErrorDisplay(_("The model could not be downloaded."), waitCursor=True):
-            slicer.util.showStatusMessage(_("Downloading model..."))
+        # A progress dialog with Cancel; events are processed from the download's progress callback
+        # so Slicer keeps repainting while the archive arrives.
+        dialog = qt.QProgressDialog(_("Downloading model..."), _("Cancel"), 0, 100, slicer.util.mainWindow())
+        dialog.setWindowTitle(_("DiffusionSeg"))
+        dialog.minimumDuration = 0
+        dialog.show()
+
+        def progress(done, total):
+            if total > 0:
+                dialog.setValue(int(100 * done / total))
+            else:
+                dialog.setLabelText(_("Downloading model... {mb:.1f} MB").format(mb=done / 2**20))
             slicer.app.processEvents()
-            installed = self.logic.downloadModel(url, sha256)
-            self.refreshModels(select=str(installed))
-            slicer.util.showStatusMessage(_("Model installed in {path}").format(path=installed), 5000)
+            if dialog.wasCanceled:
+                # Raising from the callback stops the download; the library removes the partial file.
+                raise RuntimeError(_("Download cancelled."))
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The model could not be downloaded."), waitCursor=False):
+                installed = self.logic.downloadModel(url, sha256, progress=progress)
+                self.refreshModels(select=str(installed))
+                slicer.util.showStatusMessage(_("Model installed in {path}").format(path=installed), 5000)
+        finally:
+            dialog.close()
 
     def _askDownload(self):
         """Small dialog: URL and SHA256 of a model archive. Returns (url, sha256) or (None, None)."""
@@ -705,11 +723,16 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
         return install_model(sourceFolder)
 
-    def downloadModel(self, url, sha256):
+    def downloadModel(self, url, sha256, progress=None):
+        """Download a model archive (checked against ``sha256``) into the user models folder.
+
+        ``progress(done_bytes, total_bytes)`` is called as data arrives (total 0 when unknown);
+        raising from it cancels the download.
+        """
         ensureLibraryImportable()
         from DiffusionSegLib.models import download_model
 
-        return download_model(url, sha256)
+        return download_model(url, sha256, progress=progress)
 
     def clearInstalledModels(self):
         ensureLibraryImportable()
