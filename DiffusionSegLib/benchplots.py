@@ -57,21 +57,27 @@ def dice_nfe_figure(sampling: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.6, 3.4), dpi=90)
-    for scope, marker in (("slab", "o"), ("volume", "s")):
-        ddim = sorted((r for r in rows if r["scope"] == scope and r["sampler"] == "ddim"), key=lambda r: r["nfe_per_slice"])
-        if ddim:
-            ax.plot([r["nfe_per_slice"] for r in ddim], [r["mean_dice"] for r in ddim], marker=marker,
-                    label=f"DDIM, {'slab' if scope == 'slab' else 'whole volume'}")
-            for r in ddim:
-                ax.annotate(f"{r['samples']}x{r['steps']}", (r["nfe_per_slice"], r["mean_dice"]), fontsize=6,
-                            xytext=(2, 2), textcoords="offset points")
-    ddpm = [r for r in rows if r["sampler"] == "ddpm"]
-    for r in ddpm:
-        ax.scatter([r["nfe_per_slice"]], [r["mean_dice"]], marker="*", s=90, color="k",
-                   label=f"DDPM {r['steps']} steps x {r['samples']} (slab)")
+    # Labels scored 0 in every setting (e.g. a missed organ) would only flatten the axis: named in the title.
+    labels = [lab for lab in rows[0]["dice"] if any(r["dice"][lab] > 0 for r in rows)]
+    missed = [lab for lab in rows[0]["dice"] if lab not in labels]
+    for lab in labels:
+        for scope, marker in (("slab", "o"), ("volume", "s")):
+            ddim = sorted((r for r in rows if r["scope"] == scope and r["sampler"] == "ddim"),
+                          key=lambda r: r["nfe_per_slice"])
+            if ddim:
+                ax.plot([r["nfe_per_slice"] for r in ddim], [r["dice"][lab] for r in ddim], marker=marker,
+                        label=f"{lab}, DDIM, {'2-slice slab' if scope == 'slab' else 'whole volume'}")
+                for r in ddim:
+                    ax.annotate(f"{r['samples']}x{r['steps']}", (r["nfe_per_slice"], r["dice"][lab]), fontsize=6,
+                                xytext=(2, 2), textcoords="offset points")
+        for r in (r for r in rows if r["sampler"] == "ddpm"):
+            ax.scatter([r["nfe_per_slice"]], [r["dice"][lab]], marker="*", s=90, color="k",
+                       label=f"{lab}, DDPM {r['steps']} steps x {r['samples']} (slab)")
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per slice (samples x steps)")
-    ax.set_ylabel("mean Dice (liver, spleen)")
+    ax.set_ylabel("Dice")
+    if missed:
+        ax.text(0.02, 0.02, f"Dice 0 at every setting: {', '.join(missed)}", transform=ax.transAxes, fontsize=7)
     ax.set_title("Sampling cost, best MedSegDiff organ seed", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
