@@ -748,6 +748,30 @@ def bundled_table(bundled: Mapping[str, Any], organ_metrics: Mapping[str, Any]) 
     return "\n".join(lines)
 
 
+def measure_step_times(data_dir: str | os.PathLike, budget: Budget = FULL, steps: int = 6,
+                       tasks: Sequence[Task] = TASKS) -> list[dict[str, Any]]:
+    """Seconds per training step of each method (seed-0 run of every variant) on each task, after one
+    warm-up step, data sampling and augmentation included: what the suite's budget is sized from.
+    Nothing is written (the models live in a temporary folder)."""
+    import tempfile
+
+    from DiffusionSegLib.training import _Run
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="diffusionseg-steptime-") as tmp:
+        for task in tasks:
+            for run in RUNS:
+                if run.seed != 0:
+                    continue
+                r = _Run(Path(data_dir) / task.dataset, Path(tmp) / task.name / run.key, train_config(task, run, budget))
+                r.train_step()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    r.train_step()
+                rows.append({"task": task.name, "run": run.key, "seconds_per_step": (time.perf_counter() - start) / steps})
+    return rows
+
+
 def cli(args: Any) -> int:
     """Entry of ``diffusionseg bench --suite real``."""
     import torch
@@ -760,6 +784,14 @@ def cli(args: Any) -> int:
 
         benchdata.prepare(data)
         print(f"benchmark data ready in {data}")
+        return 0
+    if getattr(args, "measure_steps", False):
+        rows = measure_step_times(data, QUICK if args.quick else FULL)
+        for row in rows:
+            print(f"{row['task']:8s} {row['run']:22s} {row['seconds_per_step']:.3f} s/step")
+        per_step = sum(r["seconds_per_step"] * sum(1 for x in RUNS if x.variant == next(
+            y.variant for y in RUNS if y.key == r["run"])) for r in rows)
+        print(f"all {len(RUNS) * len(TASKS)} runs together: {per_step:.2f} s per training step")
         return 0
     device = args.device if args.device not in (None, "auto") else "cpu"
     run_suite(data, out, quick=args.quick, resume=args.resume, device=device)

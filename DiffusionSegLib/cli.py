@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="--suite real: results folder (default runs/bench_real/full|quick)")
     p.add_argument("--resume", action="store_true", help="--suite real: skip finished runs, continue interrupted ones")
     p.add_argument("--prepare-only", action="store_true", help="--suite real: only build the data folder")
+    p.add_argument("--measure-steps", action="store_true",
+                   help="--suite real: print the seconds per training step of each method (sizes the budget)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list bundled and installed models; install, download or clear user models",

@@ -209,6 +209,7 @@ def test_cli_parses_the_real_suite_flags():
     args = build_parser().parse_args(["bench", "--suite", "real", "--quick", "--data", "d", "--out", "o", "--resume"])
     assert (args.suite, args.quick, args.data, args.out, args.resume) == ("real", True, "d", "o", True)
     assert build_parser().parse_args(["bench"]).suite == "inference"
+    assert build_parser().parse_args(["bench", "--suite", "real", "--measure-steps"]).measure_steps
 
 
 # ---------------------------------------------------------------------------------------------
