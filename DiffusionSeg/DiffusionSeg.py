@@ -562,6 +562,24 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._fillResultsTable(self.logic.summary())
 
 
+def catalogueFigures(entry):
+    """One line of measured figures from a model catalogue entry (Resources/Models.json), or ""."""
+    if not entry:
+        return ""
+    parts = []
+    dice = entry.get("dice") or {}
+    if dice:
+        parts.append(_("held-out Dice") + " " + ", ".join(f"{label} {value:.2f}" for label, value in dice.items()))
+    seconds = entry.get("seconds_per_volume") or {}
+    for device, label in (("cpu", _("CPU")), ("gpu", _("GPU"))):
+        figure = (seconds.get(device) or {}).get("seconds")
+        if figure is not None:
+            parts.append(_("{seconds:.0f} s per volume on {device}").format(seconds=figure, device=label)
+                         if figure >= 10 else
+                         _("{seconds:.1f} s per volume on {device}").format(seconds=figure, device=label))
+    return "; ".join(parts)
+
+
 def progressPercent(status):
     """Overall progress 0-100 of a JobStatus; sampling dominates the run time."""
     if status.finished:
@@ -701,13 +719,21 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     def availableModels(self):
         """Readable models as dicts: name, origin, folder, isDefault, summary, tooltip."""
         ensureLibraryImportable()
-        from DiffusionSegLib import models
+        from DiffusionSegLib import catalogue, models
 
+        try:
+            measured = {entry["name"]: entry for entry in catalogue.catalogue()}
+        except Exception:  # a damaged catalogue must not hide the models themselves
+            logging.exception("DiffusionSeg: reading the model catalogue failed")
+            measured = {}
         entries = []
         for origin, folder, card in models.list_models():
             labels = ", ".join(label.name for label in card.labels)
             summary = _("{name}: {modality}; labels: {labels}").format(
                 name=card.name, modality=card.modality, labels=labels)
+            figures = catalogueFigures(measured.get(card.name))
+            if figures:
+                summary += "\n" + figures
             tooltip = (card.description or card.name) + "\n" + summary
             entries.append({
                 "name": card.name, "origin": origin, "folder": str(folder),

@@ -397,3 +397,20 @@ def test_torch_is_never_pip_installed_by_the_module():
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             assert not re.search(r"pip\S*\s+install\s+torch\b", node.value), node.value
+
+
+def test_module_shows_the_catalogue_figures_of_a_model():
+    """catalogueFigures (pure Python, so it is run here without Qt) turns a Models.json entry into the
+    line the model panel shows."""
+    from DiffusionSegLib.catalogue import entry_for
+
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "catalogueFigures")
+    namespace = {"_": lambda text: text}
+    exec(compile(ast.Module([function], []), str(MODULE_FILE), "exec"), namespace)
+    figures = namespace["catalogueFigures"]
+    entry = entry_for("ct_liver_spleen_2d")
+    line = figures(entry)
+    assert f"liver {entry['dice']['liver']:.2f}" in line
+    assert f"{entry['seconds_per_volume']['gpu']['seconds']:.1f} s per volume on GPU" in line
+    assert figures(None) == "" and figures({"name": "x"}) == ""
