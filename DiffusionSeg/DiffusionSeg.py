@@ -564,20 +564,10 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 def catalogueFigures(entry):
     """One line of measured figures from a model catalogue entry (Resources/Models.json), or ""."""
-    if not entry:
-        return ""
-    parts = []
-    dice = entry.get("dice") or {}
-    if dice:
-        parts.append(_("held-out Dice") + " " + ", ".join(f"{label} {value:.2f}" for label, value in dice.items()))
-    seconds = entry.get("seconds_per_volume") or {}
-    for device, label in (("cpu", _("CPU")), ("gpu", _("GPU"))):
-        figure = (seconds.get(device) or {}).get("seconds")
-        if figure is not None:
-            parts.append(_("{seconds:.0f} s per volume on {device}").format(seconds=figure, device=label)
-                         if figure >= 10 else
-                         _("{seconds:.1f} s per volume on {device}").format(seconds=figure, device=label))
-    return "; ".join(parts)
+    ensureLibraryImportable()
+    from DiffusionSegLib.catalogue import summary_line
+
+    return summary_line(entry)
 
 
 def progressPercent(status):

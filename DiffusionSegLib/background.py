@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING
 if TYPE_CHECKING:  # RunSettings lives with the workflow; only its fields are read here
     from DiffusionSegLib.slicer_workflow import RunSettings
 
-# Same prefix as cli.PROGRESS_PREFIX; not imported from cli to keep this module free of the CLI's imports.
+# Prefix of the progress lines the CLI prints with ``segment --progress json`` (cli imports it from here).
 PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS "
 _ERROR_PREFIX = "diffusionseg: error: "
 # The folder that holds the DiffusionSegLib package: the child's PYTHONPATH. Inside Slicer the

@@ -170,12 +170,6 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    from DiffusionSegLib.metrics import dice
-
-    return dice(a, b)
-
-
 def uncertainty_stats(samples: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     """Uncertainty statistics of N binary samples (N, *spatial) of one label against a reference.
 
@@ -188,6 +182,7 @@ def uncertainty_stats(samples: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
       [slice, Dice, diversity].
     """
     from DiffusionSegLib import ensemble
+    from DiffusionSegLib.metrics import dice
 
     samples = np.asarray(samples).astype(bool)
     ref = np.asarray(ref).astype(bool)
@@ -203,7 +198,7 @@ def uncertainty_stats(samples: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
         for z in range(ref.shape[0]):
             if fused[z].any() or ref[z].any() or samples[:, z].any():
                 div = ensemble.sample_diversity(samples[:, None, z].astype(np.uint8))[0]
-                slices.append([z, _dice(fused[z], ref[z]), float(div)])
+                slices.append([z, dice(fused[z], ref[z]), float(div)])
     return {
         "samples": n, "wrong_voxels": int(wrong.sum()), "wrong_in_ambiguity": int((wrong & amb).sum()),
         "ambiguity_voxels": int(amb.sum()), "fused_voxels": int(fused.sum()), "reference_voxels": int(ref.sum()),

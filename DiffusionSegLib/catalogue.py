@@ -82,14 +82,17 @@ def check_bundled(path: str | os.PathLike | None = None, resources: str | os.Pat
     return problems
 
 
-def summary_line(entry: dict[str, Any]) -> str:
-    """One line of measured figures for ``diffusionseg models``."""
+def summary_line(entry: dict[str, Any] | None) -> str:
+    """One line of measured figures (``diffusionseg models`` and the Slicer model panel); "" for None."""
+    if not entry:
+        return ""
     parts = []
-    dice = entry.get("dice") or {}
+    dice = {k: v for k, v in (entry.get("dice") or {}).items() if v is not None}
     if dice:
-        parts.append("Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if v is not None))
+        parts.append("held-out Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items()))
     for kind in ("cpu", "gpu"):
-        sec = (entry.get("seconds_per_volume") or {}).get(kind)
-        if sec and sec.get("seconds") is not None:
-            parts.append(f"{kind.upper()} {sec['seconds']:.1f} s/volume")
+        seconds = ((entry.get("seconds_per_volume") or {}).get(kind) or {}).get("seconds")
+        if seconds is not None:
+            shown = f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
+            parts.append(f"{shown} s per volume on {kind.upper()}")
     return "; ".join(parts)

@@ -62,8 +62,8 @@ def _tqdm_progress(quiet: bool):
 
 
 # Prefix of the machine-readable progress lines of ``segment --progress json`` (stdout, one JSON
-# object per line); background.SegmentJob parses them. Keep both sides in sync.
-PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS "
+# object per line); background.SegmentJob, which parses them, owns it (it imports only the stdlib).
+from DiffusionSegLib.background import PROGRESS_PREFIX  # noqa: E402
 
 
 def _json_progress(stage: str, done: int, total: int) -> None:
@@ -135,8 +135,9 @@ def _models_list(args: argparse.Namespace) -> int:
         default = " (default)" if path.name == DEFAULT_MODEL else ""
         labels = ", ".join(lab.name for lab in card.labels)
         print(f"{path.name}{default} [{origin}] {card.method} {card.spatial_dims}D {card.modality}: {labels}  {path}")
-        if path.name in listed and summary_line(listed[path.name]):
-            print(f"    measured: {summary_line(listed[path.name])} (Resources/Models.json)")
+        figures = summary_line(listed[path.name]) if path.name in listed else ""
+        if figures:
+            print(f"    measured: {figures} (Resources/Models.json)")
     return 0
 
 

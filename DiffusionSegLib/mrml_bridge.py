@@ -109,7 +109,7 @@ def _ijk_to_world(volume_node: Any) -> np.ndarray:
     return _transform_to_world(volume_node) @ _ijk_to_ras(volume_node)
 
 
-def _shape_kji(volume_node: Any) -> tuple[int, int, int]:
+def volume_shape_kji(volume_node: Any) -> tuple[int, int, int]:
     """(K, J, I) voxel shape of the node's image data; ValueError when there is none."""
     image = volume_node.GetImageData()
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
@@ -130,7 +130,7 @@ def _components(volume_node: Any) -> int:
     if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise ValueError(f"'{name}' is a labelmap volume; choose the image to segment "
                          "(a scalar or RGB volume), not a label map")
-    _shape_kji(volume_node)
+    volume_shape_kji(volume_node)
     comps = volume_node.GetImageData().GetNumberOfScalarComponents()
     if volume_node.IsA("vtkMRMLVectorVolumeNode"):
         if comps != 3:
@@ -149,7 +149,7 @@ def _components(volume_node: Any) -> int:
 
 def _voxels(volume_node: Any) -> np.ndarray:
     """View of the node's voxels: (K, J, I) or (K, J, I, C) (no copy)."""
-    shape = _shape_kji(volume_node)
+    shape = volume_shape_kji(volume_node)
     scalars = volume_node.GetImageData().GetPointData().GetScalars()
     comps = scalars.GetNumberOfComponents()
     return numpy_support.vtk_to_numpy(scalars).reshape(shape + ((comps,) if comps > 1 else ()))
@@ -166,7 +166,7 @@ def volume_to_image(volume_node: Any, ijk_box: IJKBox | None = None) -> sitk.Ima
     a sheared/degenerate geometry, or a box outside the volume.
     """
     comps = _components(volume_node)
-    shape = _shape_kji(volume_node)  # (K, J, I)
+    shape = volume_shape_kji(volume_node)  # (K, J, I)
     matrix = _ijk_to_world(volume_node)
     start = (0, 0, 0)
     voxels = _voxels(volume_node)
@@ -212,7 +212,7 @@ def roi_ijk_box(volume_node: Any, roi_node: Any) -> IJKBox:
     in, which is how a ROI is drawn on a single-slice image. ValueError when the ROI is undefined,
     a point or a line, or does not overlap the volume.
     """
-    shape = _shape_kji(volume_node)
+    shape = volume_shape_kji(volume_node)
     size = np.array(roi_node.GetSize(), float)
     if roi_node.GetNumberOfControlPoints() < 1 or np.count_nonzero(size > 0) < 2:
         raise ValueError(f"ROI '{roi_node.GetName()}' has zero size; place or resize it first")
@@ -240,7 +240,7 @@ def result_arrays_to_ijk(volume_node: Any, array: np.ndarray) -> np.ndarray:
     ``spatial`` must equal the node's (K, J, I), or (J, I) when the node has a single slice
     (K == 1, e.g. a photograph read as 2D). Returns a view when possible. ValueError otherwise.
     """
-    shape = _shape_kji(volume_node)
+    shape = volume_shape_kji(volume_node)
     array = np.asarray(array)
     if array.ndim == 4 and array.shape[1:] == shape:
         return array

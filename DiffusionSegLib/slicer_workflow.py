@@ -156,12 +156,11 @@ class SegmentationWorkflow:
             if not status.succeeded:
                 raise DiffusionSegError(status.error or "the segmentation process failed")
             result = read_outputs(run.job.output_dir)
-            shape = _node_shape(run.volume_node)
+            shape = mrml_bridge.volume_shape_kji(run.volume_node)
             if run.box is not None or result.fused.shape[1:] != shape:
                 # ROI crop or single slice: the outputs are on the exported image, not the node's
-                # grid. Put them on the node's grid; the node itself is the geometry reference.
+                # grid. Put them on the node's grid (the bridge takes the geometry from the node).
                 result = _paste_into_volume(result, shape, run.box)
-                result.reference = mrml_bridge.volume_to_image(run.volume_node)
             outputs = mrml_bridge.show_result(self.scene, run.volume_node, result,
                                               show_samples=run.settings.show_samples,
                                               segmentation_node=segmentation_node)
@@ -245,12 +244,6 @@ class SegmentationWorkflow:
         }
 
 
-def _node_shape(volume_node: Any) -> tuple[int, int, int]:
-    """(K, J, I) voxel counts of a volume node (numpy order of its image data)."""
-    i, j, k = volume_node.GetImageData().GetDimensions()
-    return (k, j, i)
-
-
 def _node_spacing(volume_node: Any) -> tuple[float, float, float]:
     return tuple(float(s) for s in volume_node.GetSpacing())
 
@@ -260,7 +253,8 @@ def _paste_into_volume(result: Any, shape: tuple[int, int, int], box: IJKBox | N
 
     Without an ROI only single-slice results are reshaped (2D (J, I) -> (1, J, I)). With an ROI,
     every array is placed at the ROI box of a zero volume: outside the ROI nothing was segmented,
-    so masks, probability and uncertainty are 0 there.
+    so masks, probability and uncertainty are 0 there. ``reference`` stays the exported image:
+    the bridge places the arrays with the volume node's own geometry.
     """
     (i0, j0, k0), (i1, j1, k1) = box if box is not None else ((0, 0, 0), (shape[2], shape[1], shape[0]))
     crop = (k1 - k0, j1 - j0, i1 - i0)

@@ -406,7 +406,8 @@ def test_module_shows_the_catalogue_figures_of_a_model():
 
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "catalogueFigures")
-    namespace = {"_": lambda text: text}
+    # The library is importable here; in Slicer ensureLibraryImportable puts it on sys.path.
+    namespace = {"_": lambda text: text, "ensureLibraryImportable": lambda: None}
     exec(compile(ast.Module([function], []), str(MODULE_FILE), "exec"), namespace)
     figures = namespace["catalogueFigures"]
     entry = entry_for("ct_liver_spleen_2d")
