@@ -15,3 +15,7 @@ class ModelLoadError(DiffusionSegError):
 
 class DatasetError(DiffusionSegError):
     """A training/evaluation dataset folder is malformed (missing pairs, mismatched geometry...)."""
+
+
+class SettingsError(DiffusionSegError):
+    """A run setting is out of range (samples, steps, batch size...) for the model it is used with."""
