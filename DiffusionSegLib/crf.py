@@ -3,12 +3,26 @@
 Each label is refined as its own binary CRF (background 1 - p, foreground p) with unary -log(p),
 a Potts gaussian (smoothness) kernel and a Potts bilateral (appearance) kernel, mean-field inference,
 and the DiffSeg published settings (bilateral sxy=80, srgb=13, compat=10; gaussian sxy=3, compat=3;
-5 iterations). Image intensities in [-1, 1] are mapped to 0..255 for the bilateral kernel; a
-grayscale 2D image is replicated to 3 channels (DenseCRF2D takes RGB), a 3D image keeps its channels.
+5 iterations).
+
+Appearance intensities: the bilateral kernel compares intensities on a 0..255 scale (srgb = 13 of
+it), so ``crf_intensity`` maps each normalization kind (``preprocess.normalize``) onto that scale in
+one way, the same for 2D and 3D models:
+- ``ct_window``, ``rgb``, ``minmax`` (and no normalization given): the image lies in [-1, 1] (the
+  HU window, the 8-bit range, the 1st..99th percentile range), mapped linearly onto 0..255.
+- ``zscore``: [-3, +3] standard deviations -> 0..255 (``ZSCORE_CRF_RANGE``). z-scores are not
+  bounded, and [-1, 1] would clip about a third of the voxels (all |z| > 1 of a Gaussian). A fixed
+  range, rather than per-item percentiles, keeps one intensity scale across the slices of a volume
+  and between 2D and 3D models, as the z-score itself is one scale per volume; +-3 sd keeps 99.7 %
+  of a Gaussian (and >= 99.9 % of the MR-like volumes in the tests) unclipped, and srgb = 13 then
+  means 0.31 sd, a tissue-contrast-sized step, as 13 levels of a 400 HU window mean 20 HU.
+The kernel sees one feature per image channel, the same in 2D and 3D: a grayscale image is one
+channel (|f(x) - f(y)| / srgb), RGB keeps its three. (Replicating gray into RGB would multiply the
+distance by sqrt(3), i.e. a smaller effective srgb in 2D than in 3D.)
 
 Backends:
 - ``"pydensecrf"``: the fully connected CRF of Kraehenbuehl & Koltun (permutohedral lattice).
-  2D: ``DenseCRF2D`` per slice; 3D: generic ``DenseCRF`` with features on the voxel grid.
+  Generic ``DenseCRF`` with features on the pixel/voxel grid for 2D (per slice) and 3D alike.
 - ``"torch-meanfield"``: the same energy and update, Q_i(l) ~ exp(-U_i(l) + sum_k w_k m_k,i(l)),
   with each kernel message m a normalized weighted average of Q (pydensecrf's default symmetric
   normalization is the same average away from the border). Approximations: the gaussian kernel is
@@ -27,9 +41,10 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import product
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +61,11 @@ _PROB_CLIP = 1e-5
 # torch backend: floats of stored bilateral weights per chunk of slices (128 MB). A single item
 # larger than that (a big 3D volume) recomputes its weights every iteration instead.
 _STORED_WEIGHTS_BUDGET = 1 << 25
+
+# zscore images: [-ZSCORE_CRF_RANGE, +ZSCORE_CRF_RANGE] standard deviations span the 0..255 scale.
+ZSCORE_CRF_RANGE = 3.0
+# Normalization kinds whose images lie in [-1, 1] (see preprocess.normalize).
+_UNIT_RANGE_KINDS = ("ct_window", "rgb", "minmax")
 
 
 @dataclass(frozen=True)
@@ -80,13 +100,15 @@ def refine(
     backend: str = "auto",
     settings: CRFSettings = CRFSettings(),
     device: str | None = None,
+    normalization: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, str]:
     """Refine each label of ``probability`` with a dense CRF guided by ``image``.
 
-    probability (L, *S) float in [0, 1]; image (C, *S) in [-1, 1], C = 1 or 3. ``spatial_dims`` = 2:
-    S is (H, W) or (slices, H, W), refined slice by slice along axis 0; 3: S is (D, H, W), refined
-    as one 3D CRF. ``device`` (e.g. "cuda") is where the torch backend runs, CPU by default.
-    Returns (uint8 mask (L, *S), backend name used).
+    probability (L, *S) float in [0, 1]; image (C, *S) normalized as ``normalization`` says (the
+    model card's, e.g. {"kind": "zscore"}; None: the image lies in [-1, 1]), C = 1 or 3.
+    ``spatial_dims`` = 2: S is (H, W) or (slices, H, W), refined slice by slice along axis 0; 3: S
+    is (D, H, W), refined as one 3D CRF. ``device`` (e.g. "cuda") is where the torch backend runs,
+    CPU by default. Returns (uint8 mask (L, *S), backend name used).
     """
     probability = np.asarray(probability, dtype=np.float32)
     image = np.asarray(image, dtype=np.float32)
@@ -107,9 +129,8 @@ def refine(
         prob_items, image_items = np.moveaxis(probability, 1, 0), np.moveaxis(image, 1, 0)
     else:
         prob_items, image_items = probability[None], image[None]
-    intensity = np.ascontiguousarray(intensity_0_255(image_items))
-    if spatial_dims == 2 and intensity.shape[1] == 1:
-        intensity = np.repeat(intensity, 3, axis=1)
+    # One channel stays one channel in 2D too, so the appearance distance matches 3D's.
+    intensity = np.ascontiguousarray(crf_intensity(image_items, normalization))
 
     if backend == "pydensecrf":
         if not pydensecrf_available():
@@ -134,12 +155,13 @@ def refine_from_samples(
     backend: str = "auto",
     settings: CRFSettings = CRFSettings(),
     device: str | None = None,
+    normalization: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, str]:
     """DiffSeg protocol: CRF on the mean of ``subset`` random samples, ``repeats`` times, majority.
 
     samples (N, L, *S) binary; ``subset`` is capped at N (drawn without replacement from a numpy
     Generator seeded with ``seed``). The refined binary maps are averaged and kept where > 0.5.
-    Returns (uint8 mask (L, *S), backend name used).
+    ``image`` and ``normalization`` are as in ``refine``. Returns (uint8 mask (L, *S), backend name used).
     """
     samples = np.asarray(samples)
     if repeats < 1 or subset < 1:
@@ -150,14 +172,28 @@ def refine_from_samples(
     for _ in range(repeats):
         chosen = rng.choice(samples.shape[0], size=min(subset, samples.shape[0]), replace=False)
         mask, used = refine(samples[chosen].mean(axis=0, dtype=np.float32), image, spatial_dims, backend, settings,
-                            device)
+                            device, normalization)
         votes += mask
     return (votes / repeats > 0.5).astype(np.uint8), used
 
 
-def intensity_0_255(image: np.ndarray) -> np.ndarray:
-    """Map an image normalized to [-1, 1] onto uint8 0..255 (clipped)."""
-    return np.clip(np.rint((np.asarray(image, dtype=np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+def crf_intensity(image: np.ndarray, normalization: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Map a normalized image onto the CRF's 0..255 scale: (*shape) float -> (*shape) uint8.
+
+    ``normalization`` is the model card's (None: the image lies in [-1, 1]). [-1, 1] kinds map
+    [-1, 1] -> 0..255, ``zscore`` maps [-ZSCORE_CRF_RANGE, +ZSCORE_CRF_RANGE] sd -> 0..255; values
+    outside are clipped, values rounded half to even. Raises ValueError for an unknown kind.
+    """
+    kind = None if normalization is None else normalization.get("kind")
+    if kind is None or kind in _UNIT_RANGE_KINDS:
+        half = 1.0
+    elif kind == "zscore":
+        half = ZSCORE_CRF_RANGE
+    else:
+        raise ValueError(f"no CRF intensity mapping for normalization kind {kind!r}")
+    # Both ranges are centred on 0: (x + half) * 255 / (2 half); for [-1, 1] exactly (x + 1) * 127.5.
+    scaled = (np.asarray(image, dtype=np.float32) + np.float32(half)) * np.float32(127.5 / half)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def binary_unary(p: np.ndarray) -> np.ndarray:
@@ -166,37 +202,42 @@ def binary_unary(p: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(both, _PROB_CLIP, 1.0))
 
 
+def _pydensecrf_features(intensity: np.ndarray, settings: CRFSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise features of one item: intensity (C, *S) uint8 -> gaussian (n, V), bilateral (n + C, V).
+
+    n = number of axes of S longer than 1, V = prod(S), float32. Positions are divided by the
+    kernel's sxy, each image channel by srgb, the same for 2D and 3D (a grayscale image is one
+    feature, never replicated). An axis of length 1 (a one-slice volume) is left out: its feature
+    is constant, so adds no distance, but would change the dimension of pydensecrf's permutohedral
+    lattice and with it the approximation (a one-slice 3D CRF would then differ from the 2D one).
+    """
+    from pydensecrf.utils import create_pairwise_bilateral, create_pairwise_gaussian
+
+    spatial = tuple(n for n in intensity.shape[1:] if n > 1) or (1,)
+    flat = intensity.reshape(intensity.shape[0], *spatial)
+    n_dims = len(spatial)
+    gaussian = create_pairwise_gaussian((settings.gaussian_sxy,) * n_dims, spatial)
+    bilateral = create_pairwise_bilateral((settings.bilateral_sxy,) * n_dims, settings.bilateral_srgb,
+                                          flat, chdim=0)
+    return np.ascontiguousarray(gaussian, np.float32), np.ascontiguousarray(bilateral, np.float32)
+
+
 def _refine_pydensecrf(prob: np.ndarray, intensity: np.ndarray, settings: CRFSettings) -> np.ndarray:
     """pydensecrf on every item and label: prob (B, L, *S), intensity (B, C, *S) uint8 -> (B, L, *S) uint8."""
     import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import create_pairwise_bilateral, create_pairwise_gaussian
 
     spatial = prob.shape[2:]
-    n_dims = len(spatial)
     n_voxels = int(np.prod(spatial))
     out = np.zeros(prob.shape, dtype=np.uint8)
     for b in range(prob.shape[0]):
-        if n_dims == 3:
-            # Features depend only on the image, so they are shared by every label of this item.
-            gaussian = create_pairwise_gaussian((settings.gaussian_sxy,) * 3, spatial)
-            bilateral = create_pairwise_bilateral(
-                (settings.bilateral_sxy,) * 3, settings.bilateral_srgb, intensity[b], chdim=0
-            )
-        else:
-            rgb = np.ascontiguousarray(np.moveaxis(intensity[b], 0, -1))  # (H, W, 3) as DenseCRF2D wants
+        # Features depend only on the image, so they are shared by every label of this item.
+        gaussian, bilateral = _pydensecrf_features(intensity[b], settings)
         for label in range(prob.shape[1]):
             unary = np.ascontiguousarray(binary_unary(prob[b, label]).reshape(2, -1))
-            if n_dims == 3:
-                crf = dcrf.DenseCRF(n_voxels, 2)
-                crf.setUnaryEnergy(unary)
-                crf.addPairwiseEnergy(gaussian, compat=settings.gaussian_compat)
-                crf.addPairwiseEnergy(bilateral, compat=settings.bilateral_compat)
-            else:
-                crf = dcrf.DenseCRF2D(spatial[1], spatial[0], 2)
-                crf.setUnaryEnergy(unary)
-                crf.addPairwiseGaussian(sxy=settings.gaussian_sxy, compat=settings.gaussian_compat)
-                crf.addPairwiseBilateral(sxy=settings.bilateral_sxy, srgb=settings.bilateral_srgb,
-                                         rgbim=rgb, compat=settings.bilateral_compat)
+            crf = dcrf.DenseCRF(n_voxels, 2)
+            crf.setUnaryEnergy(unary)
+            crf.addPairwiseEnergy(gaussian, compat=settings.gaussian_compat)
+            crf.addPairwiseEnergy(bilateral, compat=settings.bilateral_compat)
             q = np.asarray(crf.inference(settings.iterations)).reshape(2, *spatial)
             out[b, label] = q[1] > q[0]
     return out

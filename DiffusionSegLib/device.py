@@ -40,6 +40,25 @@ def resolve_device(requested: str = "auto") -> torch.device:
     raise ValueError(f"unknown device '{requested}' (use auto, cpu, cuda or mps)")
 
 
+def use_deterministic_kernels(device: torch.device) -> None:
+    """Make a seeded training run repeatable on ``device``: process-wide, for the training process.
+
+    On CUDA: cuDNN picks deterministic convolution algorithms (no autotuning), cuBLAS gets a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS first starts), and PyTorch's
+    deterministic implementations are used wherever they exist; an op without one (some CUDA
+    backward kernels) emits a warning instead of failing the run. CPU kernels are already
+    deterministic for a fixed thread count, so CPU is left as it is.
+    """
+    if device.type != "cuda":
+        return
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 _ALLOCATOR_TUNED = False
 
 

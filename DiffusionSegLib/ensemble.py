@@ -34,31 +34,38 @@ def probability(samples: np.ndarray) -> np.ndarray:
     return _check_samples(samples).mean(axis=0, dtype=np.float32)
 
 
-def fused_mask(samples: np.ndarray, method: str = "mean", threshold: float = 0.5) -> np.ndarray:
-    """One mask from the samples: (N, L, *S) -> (L, *S) uint8.
+def fused_probability(samples: np.ndarray, method: str = "mean") -> np.ndarray:
+    """The soft map a fusion thresholds: (N, L, *S) -> (L, *S) float32 in [0, 1].
 
-    ``"mean"``: probability > threshold. ``"staple"``: SimpleITK STAPLE per label (each sample is a
-    rater, foreground value 1), its foreground probability > threshold.
+    ``"mean"``: the fraction of samples marking the voxel. ``"staple"``: SimpleITK STAPLE per label
+    (each sample is a rater, foreground value 1), the posterior foreground probability of its EM.
+    This map, not the plain mean, is what DenseCRF refines, so the CRF output follows the fusion
+    the user chose. Any N >= 1 works.
     """
     samples = _check_samples(samples)
     if method == "mean":
-        return (probability(samples) > threshold).astype(np.uint8)
+        return probability(samples)
     if method != "staple":
         raise ValueError(f"unknown fusion method {method!r}; use 'mean' or 'staple'")
     import SimpleITK as sitk
 
     mean = probability(samples)
-    fused = np.empty(samples.shape[1:], dtype=np.uint8)
+    fused = np.empty(samples.shape[1:], dtype=np.float32)
     for label in range(samples.shape[1]):
         staple = sitk.STAPLEImageFilter()
         staple.SetForegroundValue(1)
         raters = [sitk.GetImageFromArray(s[label].astype(np.uint8)) for s in samples]
-        prob = sitk.GetArrayFromImage(staple.Execute(*raters))
+        # The list (VectorOfImage) overload: the positional Execute(image1, ...) stops at 5 raters.
+        prob = sitk.GetArrayFromImage(staple.Execute(raters))
         # STAPLE's EM is undefined (NaN) when no rater ever varies, e.g. all raters empty or all
         # full; there every rater agrees, so the mean is the answer.
-        prob = np.where(np.isnan(prob), mean[label], prob)
-        fused[label] = prob > threshold
+        fused[label] = np.where(np.isnan(prob), mean[label], prob)
     return fused
+
+
+def fused_mask(samples: np.ndarray, method: str = "mean", threshold: float = 0.5) -> np.ndarray:
+    """One mask from the samples: (N, L, *S) -> (L, *S) uint8, ``fused_probability`` > threshold."""
+    return (fused_probability(samples, method) > threshold).astype(np.uint8)
 
 
 def consistency(samples: np.ndarray) -> np.ndarray:

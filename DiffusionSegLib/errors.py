@@ -10,7 +10,7 @@ class InputImageError(DiffusionSegError):
 
 
 class ModelLoadError(DiffusionSegError):
-    """A model folder is missing, tampered with (sha256), or its card does not match its weights."""
+    """A model folder is missing, corrupt (weights differ from the card's sha256), or its card does not match its weights."""
 
 
 class DatasetError(DiffusionSegError):

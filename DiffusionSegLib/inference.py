@@ -41,6 +41,38 @@ class SegmentOptions:
     batch_size: int | None = None  # None: chosen from free memory
 
 
+FUSIONS = ("mean", "staple")
+UNCERTAINTY_KINDS = ("variance", "entropy")
+
+
+def check_options(opts: SegmentOptions, num_train_timesteps: int | None = None) -> None:
+    """Raise SettingsError for a setting no run can use; None always means the card's default.
+
+    Called before the model is loaded (``num_train_timesteps`` None: card-free checks) and again
+    with the card's T, so a bad setting fails in well under a second, never after sampling.
+    """
+    from DiffusionSegLib.diffusion import SAMPLERS
+    from DiffusionSegLib.errors import SettingsError
+
+    def positive(name: str, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SettingsError(f"{name} must be a whole number >= 1 (or unset for the model's default), got {value!r}")
+
+    positive("samples", opts.samples)
+    positive("steps", opts.steps)
+    positive("batch size", opts.batch_size)
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or opts.seed < 0:
+        raise SettingsError(f"seed must be a whole number >= 0, got {opts.seed!r}")
+    if opts.sampler is not None and opts.sampler not in SAMPLERS:
+        raise SettingsError(f"unknown sampler {opts.sampler!r} (use {', '.join(SAMPLERS)})")
+    if opts.fusion not in FUSIONS:
+        raise SettingsError(f"unknown fusion {opts.fusion!r} (use {', '.join(FUSIONS)})")
+    if opts.uncertainty not in UNCERTAINTY_KINDS:
+        raise SettingsError(f"unknown uncertainty {opts.uncertainty!r} (use {', '.join(UNCERTAINTY_KINDS)})")
+    if num_train_timesteps is not None and opts.steps is not None and opts.steps > num_train_timesteps:
+        raise SettingsError(f"steps ({opts.steps}) cannot exceed the model's {num_train_timesteps} training timesteps")
+
+
 def _model_grid_to_batch(maps: np.ndarray, spatial_dims: int) -> np.ndarray:
     """(L, *vol) on the model grid -> the batch layout restore() expects.
 
@@ -93,17 +125,20 @@ def segment_image(
         timings[stage] = round(now - clock, 4)
         clock = now
 
+    check_options(opts)
     validate_image(image, "input image")
     device = resolve_device(opts.device)
     net, card = load_model(model_dir, device)
-    n_samples = opts.samples or card.default_samples
-    steps = opts.steps or card.default_steps
+    check_options(opts, card.num_train_timesteps)
+    n_samples = card.default_samples if opts.samples is None else opts.samples
     sampler = opts.sampler or card.default_sampler
-    if sampler == "ddpm":
-        steps = card.num_train_timesteps
+    if opts.steps is not None:
+        steps = opts.steps
+    else:  # DDPM's reference is its full chain; DDIM's default is the card's short chain
+        steps = card.num_train_timesteps if sampler == "ddpm" else card.default_steps
     if not getattr(net, "is_diffusion", True):
         # Supervised model: one deterministic forward pass; extra samples would be identical copies.
-        if (opts.samples or 1) > 1 or (opts.steps or 1) > 1:
+        if (opts.samples or 1) > 1 or (opts.steps or 1) > 1:  # None and 1 both mean "one"
             log.info("model '%s' (%s) is deterministic: 1 sample, 1 forward pass", card.name, card.method)
         n_samples, steps, sampler = 1, 1, "none"
     amp = (device.type == "cuda") if opts.amp is None else opts.amp
@@ -138,8 +173,12 @@ def segment_image(
     if opts.crf:
         report_progress("crf", 0, 1)
         image_model = np.moveaxis(prepared.batch, 1, 0) if card.spatial_dims == 2 else prepared.batch[0]
+        # The torch backend runs where the samples were drawn (the GPU when there is one).
+        # DenseCRF refines the chosen fusion's soft map (mean or STAPLE posterior), so the final mask
+        # follows --fusion; the torch backend runs where the samples were drawn.
         refined_model, crf_backend = crf.refine(
-            ensemble.probability(samples_model), image_model, card.spatial_dims, backend=opts.crf_backend
+            ensemble.fused_probability(samples_model, opts.fusion), image_model, card.spatial_dims,
+            backend=opts.crf_backend, device=str(device), normalization=card.normalization,
         )
         lap("crf")
         refined = _restore_binary(prepared, refined_model, card.spatial_dims)
@@ -200,6 +239,8 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
         "network_evaluations": n_samples * steps * n_items,
         "slices_or_patches": n_items,
         "fusion": opts.fusion,
+        "final_mask": ("crf: DenseCRF of the " + opts.fusion + " fusion") if result.refined is not None
+                      else ("fused: " + opts.fusion + " fusion"),
         "uncertainty_kind": opts.uncertainty,
         "crf_backend": crf_backend,
         "sample_diversity": {lab.name: round(d, 6) for lab, d in zip(card.labels, result.sample_diversity)},

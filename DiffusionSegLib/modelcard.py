@@ -7,7 +7,10 @@ Layout of a model folder::
       model.safetensors   the weights (no pickle anywhere)
 
 Loading checks the sha256 of the weights against the card and the tensor names/shapes against
-the architecture the card describes, so a tampered or mismatched model fails with a clear error.
+the architecture the card describes, so a corrupt (truncated, partly copied) or mismatched model
+fails with a clear error. The sha256 sits in the same folder as the weights: it detects corruption, not deliberate
+tampering (whoever can change the weights can change the card); trust comes from where the model
+was installed from (``models download --sha256`` checks the archive against a hash you supply).
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ def load_model(model_dir: str | os.PathLike, device: Any = "cpu"):
     """Rebuild the network of a model folder and load its weights.
 
     Returns ``(network, card)``; the network is in eval mode on ``device``.
-    Raises ModelLoadError when the sha256 differs from the card (tampered or truncated file)
+    Raises ModelLoadError when the sha256 differs from the card (corrupt or truncated file)
     or when the weights do not fit the architecture in the card.
     """
     from safetensors import SafetensorError

@@ -283,7 +283,7 @@ class _Run:
         import torch
 
         from DiffusionSegLib import data
-        from DiffusionSegLib.device import resolve_device
+        from DiffusionSegLib.device import resolve_device, use_deterministic_kernels
         from DiffusionSegLib.diffusion import make_scheduler
         from DiffusionSegLib.networks import build_network
 
@@ -303,6 +303,7 @@ class _Run:
             data.Augmentation(enabled=config.augment, flips=config.flips), seed=config.seed)
 
         self.device = resolve_device(config.device)
+        use_deterministic_kernels(self.device)  # same seed, same run, on CUDA as well as on CPU
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if config.amp is None else config.amp
         torch.manual_seed(config.seed)  # network initialisation
         self.net = build_network(self.card).to(self.device)

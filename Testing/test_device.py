@@ -40,9 +40,42 @@ def test_other_errors_are_not_retried():
     assert not is_out_of_memory(ValueError("out of memory"))
 
 
+def _fake_accelerators(monkeypatch, cuda: bool, mps: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, False, "cuda"), (True, True, "cuda"), (False, True, "mps"),
+                                               (False, False, "cpu")])
+def test_auto_picks_the_gpu_when_there_is_one(monkeypatch, cuda, mps, expected):
+    _fake_accelerators(monkeypatch, cuda, mps)
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"  # an explicit CPU request is honoured even with a GPU
+    assert resolve_device("cuda:1").type == ("cuda" if cuda else "cpu")
+
+
+def test_deterministic_kernels_are_switched_on_for_cuda_training(monkeypatch):
+    from DiffusionSegLib.device import use_deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        use_deterministic_kernels(torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled() == before[0]  # CPU: left as it is
+        use_deterministic_kernels(torch.device("cuda"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
 def test_device_resolution_and_fallback(caplog):
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     if not torch.cuda.is_available():
         with caplog.at_level(logging.WARNING):
             assert resolve_device("cuda").type == "cpu"

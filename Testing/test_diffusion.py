@@ -50,24 +50,74 @@ def test_loss_is_zero_for_the_exact_target(kind):
     assert loss.item() < 1e-8
 
 
+class RecordingOracle(OracleDenoiser):
+    """The oracle, also recording the noise each call's input implies at the timestep it is given.
+
+    For a clean target x0 and input x_t at timestep t, eps(t) = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t).
+    A deterministic DDIM chain driven by the exact x0 keeps x_t on the line through x0 and x_T, so
+    eps(t) stays x_T at every call exactly when the sample is at the noise level t names.
+    """
+
+    def __init__(self, card: ModelCard):
+        super().__init__(card)
+        self.implied_noise: list[torch.Tensor] = []
+        self.timesteps: list[int] = []
+
+    def forward(self, x_t, image, t):
+        ab = self.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1)))
+        self.implied_noise.append((x_t - ab.sqrt() * image) / (1 - ab).sqrt())
+        self.timesteps.append(int(t[0]))
+        return super().forward(x_t, image, t)
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("ddim", 1), ("ddpm", 1000)])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 1), ("ddim", 2), ("ddim", 3), ("ddim", 5), ("ddim", 10),
+                                           ("ddpm", 1000), ("ddpm", 20)])
 def test_sampler_recovers_the_mask_for_each_prediction_type(kind, sampler, steps):
+    # Unthresholded: the soft output must be the clean mask itself, not merely on the right side
+    # of 0.5 (a mis-paired chain still lands on the right side with an exact oracle).
     card = _card(kind)
     masks = _masks()
     out = sample_masks(OracleDenoiser(card), card, mask_to_signal(masks), n_samples=2, steps=steps,
                        sampler=sampler, seed=3)
     assert out.shape == (2, 3, 2, 8, 6)
-    assert torch.equal((out > 0.5).float(), masks.expand(2, -1, -1, -1, -1))
+    torch.testing.assert_close(out, masks.expand(2, -1, -1, -1, -1), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 50])
+def test_every_network_call_sees_the_noise_level_of_its_timestep(steps):
+    card = _card("epsilon")
+    masks = _masks()
+    oracle = RecordingOracle(card)
+    sample_masks(oracle, card, mask_to_signal(masks), n_samples=1, steps=steps, sampler="ddim", seed=3)
+    assert len(oracle.timesteps) == steps
+    assert oracle.timesteps[0] == card.num_train_timesteps - 1  # x_T ~ N(0, I) is the noisiest level
+    assert oracle.timesteps == sorted(set(oracle.timesteps), reverse=True)
+    x_T = torch.randn((3, 2, 8, 6), generator=torch.Generator("cpu").manual_seed(3))
+    first = oracle.implied_noise[0]
+    # At t = T - 1, sqrt(a) x0 is small but not zero: x_T is the noisy sample, not the implied noise.
+    for k, eps in enumerate(oracle.implied_noise):
+        torch.testing.assert_close(eps, first, atol=2e-3, rtol=0, msg=f"call {k} at t={oracle.timesteps[k]}")
+    assert torch.allclose(first, x_T, atol=0.02)
+
+
+def test_timestep_list_is_trailing_and_starts_at_pure_noise():
+    from DiffusionSegLib.diffusion import sampling_timesteps
+
+    assert sampling_timesteps(1000, 1) == [999]
+    assert sampling_timesteps(1000, 2) == [999, 499]
+    assert sampling_timesteps(1000, 5) == [999, 799, 599, 399, 199]
+    assert sampling_timesteps(1000, 1000) == list(range(999, -1, -1))
+    assert sampling_timesteps(50, 3) == [49, 32, 16]  # round(50 - i * 50 / 3) - 1
 
 
 class NoisyDenoiser(torch.nn.Module):
-    """A fixed random function of its inputs, so different noise gives different outputs."""
+    """A fixed function of each item's inputs, so different noise gives different outputs."""
 
     size_divisor = 1
 
     def forward(self, x_t, image, t):
-        return torch.tanh(3 * x_t + image.mean() + t.float().view(-1, 1, 1, 1) / 1000)
+        return torch.tanh(3 * x_t + image.mean(dim=(1, 2, 3), keepdim=True) + t.float().view(-1, 1, 1, 1) / 1000)
 
 
 def test_same_seed_same_output_whatever_the_batch_size():
@@ -78,6 +128,16 @@ def test_same_seed_same_output_whatever_the_batch_size():
     c = sample_masks(NoisyDenoiser(), card, images, n_samples=4, steps=4, seed=8, batch_size=5)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_same_seed_same_masks_for_every_sampler_and_batch_size(sampler):
+    card = ModelCard(name="t", prediction_type="sample", num_train_timesteps=50)
+    images = torch.linspace(-1, 1, 3 * 16).reshape(3, 1, 4, 4)
+    runs = [sample_masks(NoisyDenoiser(), card, images, n_samples=3, steps=8, sampler=sampler, seed=5, batch_size=bs)
+            for bs in (9, 4, 1)]
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[2])
 
 
 def test_ddpm_is_deterministic_for_a_seed():

@@ -105,6 +105,67 @@ def test_staple_outvotes_the_disagreeing_rater():
     np.testing.assert_array_equal(staple, ensemble.fused_mask(samples, method="mean"))
 
 
+def _disk_raters(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n raters (n, 1, 12, 12) of a disk; for n >= 3 rater j alone flips voxel j of the first rows.
+
+    Every flipped voxel is outvoted n - 1 to 1 and the raters are equally reliable, so STAPLE and
+    the mean both give the disk. With n = 2 the raters are identical (no 1-to-1 ties).
+    """
+    yy, xx = np.mgrid[:12, :12]
+    disk = ((yy - 6) ** 2 + (xx - 6) ** 2 < 16).astype(np.uint8)
+    raters = np.repeat(disk[None, None], n, axis=0)
+    if n >= 3:
+        for j in range(n):
+            y, x = divmod(j, 12)
+            raters[j, 0, y, x] ^= 1
+    return raters, disk
+
+
+@pytest.mark.parametrize("n", [2, 6, 25])
+def test_staple_accepts_any_number_of_samples(n):
+    # SimpleITK's positional STAPLE Execute takes at most 5 images; 25 samples is the paper setting.
+    raters, disk = _disk_raters(n)
+    staple = ensemble.fused_mask(raters, method="staple")
+    assert staple.shape == (1, 12, 12) and staple.dtype == np.uint8
+    np.testing.assert_array_equal(staple[0], disk)
+    np.testing.assert_array_equal(staple, ensemble.fused_mask(raters, method="mean"))
+
+
+def _reliable_and_uninformative_raters() -> tuple[np.ndarray, np.ndarray]:
+    """6 raters of 32 voxels (6, 1, 4, 8): 2 perfect raters and 4 uninformative ones.
+
+    Voxel v has truth v // 16; the 4 noisy raters read the bits of v % 16, so over each half of the
+    volume they run through all 16 patterns once: each is right half the time (sensitivity =
+    specificity = 1/2) and independent of the others. Returns (raters, truth (4, 8)).
+    """
+    truth = np.repeat([0, 1], 16).astype(np.uint8)
+    bits = (np.arange(32)[None] >> np.arange(3, -1, -1)[:, None]) & 1  # (4, 32): bits 3..0 of v
+    raters = np.concatenate([np.stack([truth, truth]), bits.astype(np.uint8)])
+    return raters.reshape(6, 1, 4, 8), truth.reshape(4, 8)
+
+
+def test_staple_weights_reliable_raters_unlike_the_mean():
+    raters, truth = _reliable_and_uninformative_raters()
+    # STAPLE's EM fixed point: the perfect raters get p = q = 1, the noisy ones p = q = 1/2. A
+    # noisy rater then multiplies both the foreground and the background likelihood by 1/2, so it
+    # cancels, and the perfect raters decide every voxel: STAPLE returns the truth.
+    np.testing.assert_array_equal(ensemble.fused_mask(raters, method="staple")[0], truth)
+    # The mean > 0.5 needs 4 of 6 votes. Truth 1 (2 votes from the perfect raters): wrong where at
+    # most one noisy rater says 1, patterns 0, 1, 2, 4, 8 -> voxels 16, 17, 18, 20, 24. Truth 0:
+    # wrong where all four noisy raters say 1, pattern 15 -> voxel 15.
+    mean = ensemble.fused_mask(raters, method="mean")[0].ravel()
+    wrong = np.flatnonzero(mean != truth.ravel())
+    np.testing.assert_array_equal(wrong, [15, 16, 17, 18, 20, 24])
+
+
+def test_staple_single_sample_and_empty():
+    raters, disk = _disk_raters(2)
+    np.testing.assert_array_equal(ensemble.fused_mask(raters[:1], method="staple")[0], disk)  # N = 1
+    for n in (1, 6, 25):  # all empty: STAPLE's estimate is NaN, the answer is empty
+        empty = np.zeros((n, 2, 5, 6), np.uint8)
+        np.testing.assert_array_equal(ensemble.fused_mask(empty, method="staple"), 0)
+
+
 def test_staple_degenerate_labels():
     # STAPLE's estimate is NaN when raters never vary; all-empty and all-full labels must stay so.
     samples = np.zeros((3, 2, 4, 4), np.uint8)

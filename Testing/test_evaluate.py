@@ -62,3 +62,31 @@ def test_evaluate_a_model_from_the_cli(tmp_path, dataset, tiny_model):
     root, _ = dataset
     # The tiny model's only label is "lesion", which the dataset does not have: a clear refusal.
     assert main(["evaluate", str(tiny_model), str(root), "--steps", "1", "--samples", "1"]) == 2
+
+
+@pytest.mark.parametrize("fusion,crf", [("mean", False), ("staple", True)])
+def test_evaluate_a_model_scores_the_runs_final_mask(tmp_path, tiny_model, fusion, crf):
+    """Model mode: each case is segmented and its final mask (the one the run names) is scored."""
+    from DiffusionSegLib.inference import SegmentOptions, segment_image
+    from DiffusionSegLib.io import read_image
+
+    root = tmp_path / "ds"
+    for sub in ("imagesTs", "labelsTs"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(2, 24, 24)).astype(np.float32)
+    label = np.zeros((2, 24, 24), np.uint8)
+    label[:, 6:18, 6:18] = 1
+    _write(image, root / "imagesTs" / "case1.nii.gz")
+    _write(label, root / "labelsTs" / "case1.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "lesion"}}))
+    opts = SegmentOptions(samples=4, steps=2, seed=2, fusion=fusion, crf=crf)
+
+    summary = evaluate(tiny_model, root, options=opts, split="test")
+
+    result = segment_image(read_image(root / "imagesTs" / "case1.nii.gz"), tiny_model, opts)
+    pred, ref = result.final_mask[0].astype(bool), label.astype(bool)
+    expected = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())  # Dice by hand
+    assert summary["mode"] == "model"
+    assert summary["cases"][0]["metrics"]["lesion"]["dice"] == pytest.approx(expected)
+    assert summary["cases"][0]["metrics"]["lesion"]["iou"] == pytest.approx((pred & ref).sum() / (pred | ref).sum())

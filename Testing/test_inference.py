@@ -93,3 +93,58 @@ def test_image_smaller_than_the_model_input_is_padded_not_rejected(tmp_path):
     image = sitk.GetImageFromArray(np.random.default_rng(2).normal(size=(5, 7)).astype(np.float32))
     result = segment_image(image, model, SegmentOptions(samples=2, steps=1))
     assert result.fused.shape == (1, 5, 7)
+
+
+@pytest.mark.parametrize("field,value", [("samples", 0), ("steps", 0), ("steps", -3), ("steps", 5000),
+                                         ("samples", -1), ("batch_size", 0), ("seed", -1), ("sampler", "euler"),
+                                         ("fusion", "vote"), ("uncertainty", "std")])
+def test_out_of_range_settings_are_refused_before_sampling(tiny_model, monkeypatch, field, value):
+    """0 is not "the card default" (None is), and steps above the model's T are a user error."""
+    from DiffusionSegLib import diffusion
+    from DiffusionSegLib.errors import SettingsError
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started with a bad setting")
+
+    monkeypatch.setattr(diffusion, "sample_masks", never)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
+    with pytest.raises(SettingsError, match=field.split("_")[0]):
+        segment_image(image, tiny_model, SegmentOptions(**{field: value}))
+
+
+def test_torch_crf_runs_on_the_sampling_device(tiny_model, monkeypatch):
+    from DiffusionSegLib import crf
+
+    seen = {}
+    real_refine = crf.refine
+
+    def recording_refine(*args, **kwargs):
+        seen.update(kwargs)
+        return real_refine(*args, **kwargs)
+
+    monkeypatch.setattr(crf, "refine", recording_refine)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
+    result = segment_image(image, tiny_model, SegmentOptions(samples=2, steps=1, device="cpu",
+                                                             crf_backend="torch-meanfield"))
+    assert seen.get("device") == "cpu" == result.report["device"]
+
+
+@pytest.mark.parametrize("fusion", ["mean", "staple"])
+def test_the_crf_refines_the_chosen_fusion(tiny_model, monkeypatch, fusion):
+    """With a CRF that changes nothing, the final mask must be the chosen fusion, STAPLE included."""
+    from DiffusionSegLib import crf
+    from DiffusionSegLib.ensemble import fused_mask
+
+    def pass_through(probability, image, spatial_dims, **kwargs):
+        return (np.asarray(probability) > 0.5).astype(np.uint8), "pass-through"
+
+    monkeypatch.setattr(crf, "refine", pass_through)
+    image = sitk.GetImageFromArray(np.random.default_rng(3).normal(size=(2, 32, 32)).astype(np.float32))
+    opts = SegmentOptions(samples=6, steps=2, seed=1, fusion=fusion, keep_samples=True)
+    result = segment_image(image, tiny_model, opts)
+    staple, mean = (fused_mask(result.samples, m) for m in ("staple", "mean"))
+    assert not np.array_equal(staple, mean)  # the case tells the two fusions apart
+    np.testing.assert_array_equal(result.fused, staple if fusion == "staple" else mean)
+    np.testing.assert_array_equal(result.final_mask, result.fused)
+    assert result.report["final_mask"] == f"crf: DenseCRF of the {fusion} fusion"
+
