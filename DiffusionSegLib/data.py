@@ -331,6 +331,11 @@ class Augmentation:
     intensity_shift: float = 0.1
     noise_std: float = 0.05
     flips: bool = False
+    # Contrast-phase augmentation: per label index, a (low, high) range of intensity offsets in
+    # normalized units added to that organ's voxels (one uniform draw per organ and item), so a
+    # model trained on one phase (e.g. non-contrast CT) also sees the enhanced organs of another.
+    label_offsets: tuple[tuple[float, float] | None, ...] = ()
+    label_offset_prob: float = 0.7
 
 
 def pad_to(array: np.ndarray, size: Sequence[int], value: np.ndarray | float) -> np.ndarray:
@@ -443,6 +448,8 @@ class PatchSampler:
                 starts.append(int(np.clip(int(centre[axis]) - p // 2, 0, n - p)))
         window = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
         image, mask = np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])
+        if self.augmentation.enabled and self.augmentation.label_offsets:
+            image = self._enhance_organs(image, mask)
         if self.transform is not None:
             import torch
 
@@ -450,6 +457,24 @@ class PatchSampler:
             image = out["image"].as_tensor().numpy().astype(np.float32, copy=False)
             mask = (out["mask"].as_tensor().numpy() > 0.5).astype(np.uint8)
         return image, mask
+
+    def _enhance_organs(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Contrast-phase augmentation: image (C, *patch) + a random offset inside each organ's mask (L, *patch).
+
+        Offsets are drawn from ``self.rng`` (its state is saved with the checkpoint) and the result is
+        kept inside the normalized range the image already spans, as the CT window clip would.
+        """
+        aug = self.augmentation
+        if self.rng.random() >= aug.label_offset_prob:
+            return image
+        low, high = float(image.min()), float(image.max())
+        out = image.copy()
+        for label, bounds in enumerate(aug.label_offsets[: mask.shape[0]]):
+            if bounds is None:
+                continue
+            offset = float(self.rng.uniform(bounds[0], bounds[1]))
+            out[:, mask[label].astype(bool)] += offset
+        return np.clip(out, min(low, -1.0), max(high, 1.0), out=out)
 
     def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, C, *patch) float32 images and (B, L, *patch) uint8 masks."""

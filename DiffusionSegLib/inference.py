@@ -37,6 +37,7 @@ class SegmentOptions:
     fusion: str = "mean"  # "mean" (mean > 0.5) or "staple" (SimpleITK STAPLE)
     uncertainty: str = "variance"  # "variance" or "entropy"
     keep_samples: bool = False
+    postprocess: bool = True  # the card's organ post-processing (largest connected component)
     amp: bool | None = None  # None: autocast on CUDA only
     batch_size: int | None = None  # None: chosen from free memory
 
@@ -191,6 +192,15 @@ def segment_image(
     lap("restore")
 
     fused = ensemble.fused_mask(samples, method=opts.fusion)
+    removed: dict[str, dict[str, float]] = {}
+    if opts.postprocess and card.largest_component:
+        from DiffusionSegLib.postprocess import keep_largest_component
+
+        names = [lab.name for lab in card.labels]
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        fused, removed["fused"] = keep_largest_component(fused, names, card.largest_component, voxel_ml)
+        if refined is not None:
+            refined, removed["crf"] = keep_largest_component(refined, names, card.largest_component, voxel_ml)
     result = SegmentationResult(
         reference=image,
         labels=card.labels,
@@ -206,6 +216,13 @@ def segment_image(
     lap("ensemble")
     result.report = build_report(result, card, device, opts, n_samples, steps, sampler, crf_backend,
                                  prepared.batch.shape[0], timings)
+    result.report["postprocessing"] = {
+        "largest_component": list(card.largest_component) if opts.postprocess else [],
+        ("removed_ml" if image.GetDimension() == 3 else "removed_mm2"):
+            {mask: {k: round(v * (1.0 if image.GetDimension() == 3 else 1000.0), 4) for k, v in per.items()}
+             for mask, per in removed.items()},
+        "note": "applied to the fused and CRF masks only; samples, consistency, ambiguity and uncertainty are as sampled",
+    }
     return result
 
 

@@ -75,6 +75,9 @@ class ModelCard:
     default_sampler: str = "ddim"
     default_steps: int = 10
     default_samples: int = 5
+    # Labels whose fused / final mask keeps only its largest connected component (solid organs;
+    # see postprocess.py). Empty: no post-processing.
+    largest_component: list[str] = field(default_factory=list)
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)  # data, steps, hardware, duration
     metrics: dict[str, Any] = field(default_factory=dict)  # measured validation/held-out figures

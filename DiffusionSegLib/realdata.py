@@ -21,10 +21,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
+from typing import Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -210,15 +211,28 @@ def total_class_map(map_to_binary: Path) -> dict[int, str]:
     raise DatasetError(f"{map_to_binary}: no class_map['total'] literal found")
 
 
-def _check_labels(labels: Mapping[str, int], class_map: dict[int, str]) -> None:
+LabelIds = Union[int, Sequence[int]]
+
+
+def _ids(source: LabelIds) -> list[int]:
+    return [int(source)] if isinstance(source, (int, np.integer)) else [int(i) for i in source]
+
+
+def _check_labels(labels: Mapping[str, LabelIds], class_map: dict[int, str]) -> None:
+    """One id must be the organ of that name; a group of ids (e.g. all vertebrae) must all be
+    classes named ``<name>_...`` (``vertebrae`` -> vertebrae_L1, ...), so a typo cannot slip in."""
     if not labels:
         raise DatasetError("no labels requested")
-    for name, source_id in labels.items():
-        if class_map.get(source_id) != name:
-            raise DatasetError(
-                f"label {name}={source_id} disagrees with TotalSegmentator class_map['total'] "
-                f"(id {source_id} is {class_map.get(source_id)!r})"
-            )
+    for name, source in labels.items():
+        ids = _ids(source)
+        single = len(ids) == 1 and not isinstance(source, (list, tuple))
+        for source_id in ids:
+            found = class_map.get(source_id)
+            if (found != name) if single else not (found == name or str(found).startswith(f"{name}_")):
+                raise DatasetError(
+                    f"label {name}={source_id} disagrees with TotalSegmentator class_map['total'] "
+                    f"(id {source_id} is {found!r})"
+                )
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -275,12 +289,31 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def _remap(label: np.ndarray, labels: Mapping[str, int]) -> np.ndarray:
-    """Source ids -> consecutive 1..K in the order of ``labels``; everything else -> 0. uint8."""
+def _remap(label: np.ndarray, labels: Mapping[str, LabelIds]) -> np.ndarray:
+    """Source ids (or id groups) -> consecutive 1..K in the order of ``labels``; else 0. uint8."""
     out = np.zeros(label.shape, dtype=np.uint8)
-    for new_id, source_id in enumerate(labels.values(), start=1):
-        out[label == source_id] = new_id
+    for new_id, source in enumerate(labels.values(), start=1):
+        out[np.isin(label, _ids(source))] = new_id
     return out
+
+
+def _split_slab(ct: sitk.Image, seg: sitk.Image, slab: tuple[int, int], gap: int
+                ) -> tuple[list[tuple[str, sitk.Image, sitk.Image]], tuple[sitk.Image, sitk.Image]]:
+    """Cut slices [start, stop) of axis z out of a volume as a validation case.
+
+    Returns the training pieces (below and above the slab, each without ``gap`` slices next to it,
+    so no training slice is a near copy of a validation slice) and the (ct, seg) slab. Each piece
+    keeps its physical position (origin moved along the slice direction).
+    """
+    start, stop = slab
+    depth = ct.GetSize()[2]
+    if not 0 <= start < stop <= depth:
+        raise DatasetError(f"validation slab {slab} is outside the {depth} slices of the training CT")
+    pieces = []
+    for name, lo, hi in (("below", 0, start - gap), ("above", stop + gap, depth)):
+        if hi - lo >= 1:
+            pieces.append((name, ct[:, :, lo:hi], seg[:, :, lo:hi]))
+    return pieces, (ct[:, :, start:stop], seg[:, :, start:stop])
 
 
 def _label_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -300,11 +333,15 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def build_organ_dataset(out_dir: str | Path, labels: Mapping[str, int] = ORGAN_LABELS) -> Path:
+def build_organ_dataset(out_dir: str | Path, labels: Mapping[str, LabelIds] = ORGAN_LABELS,
+                        validation_slab: tuple[int, int] | None = None, slab_gap: int = 2) -> Path:
     """Write an MSD-style organ dataset from the TotalSegmentator sdist; returns ``out_dir``.
 
-    ``labels`` maps organ name -> TotalSegmentator ``class_map['total']`` id (checked against the
-    map in the sdist); output labels are 1..K in that order, 0 background.
+    ``labels`` maps organ name -> TotalSegmentator ``class_map['total']`` id, or a list of ids
+    merged into one label (e.g. all vertebrae), checked against the map in the sdist; output
+    labels are 1..K in that order, 0 background. ``validation_slab`` = (start, stop) z slices of
+    the training CT become a "validation" case (the only labelled abdomen besides the test case
+    is the training patient itself), with ``slab_gap`` slices dropped on each side of it.
     Training: example_ct.nii.gz (122x101x112 @3 mm) + example_seg_fast_force_split.nii.gz.
     Test (held out, a different series): example_ct_dicom/ (512x512x20 @0.98x0.98x2 mm) with
     example_seg_dicom.nii.gz resampled onto the series in physical space.
@@ -353,21 +390,34 @@ def build_organ_dataset(out_dir: str | Path, labels: Mapping[str, int] = ORGAN_L
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
         try:
             entries: dict[str, list[dict]] = {"training": [], "test": []}
-            for split, case, ct, seg in (("training", TRAIN_CASE, train_ct, train_seg),
-                                         ("test", TEST_CASE, test_ct, test_seg)):
-                images, labels_dir = ("imagesTr", "labelsTr") if split == "training" else ("imagesTs", "labelsTs")
+            cases = [("training", TRAIN_CASE, train_ct, train_seg), ("test", TEST_CASE, test_ct, test_seg)]
+            if validation_slab is not None:
+                pieces, (val_ct, val_seg) = _split_slab(train_ct, train_seg, validation_slab, slab_gap)
+                cases = ([("training", f"{TRAIN_CASE}_{name}", c, s) for name, c, s in pieces]
+                         + [("validation", f"{TRAIN_CASE}_validation", val_ct, val_seg), cases[1]])
+                entries["validation"] = []
+            trained: set[str] = set()
+            for split, case, ct, seg in cases:
+                images, labels_dir = ("imagesTs", "labelsTs") if split == "test" else ("imagesTr", "labelsTr")
                 remapped = _remap(sitk.GetArrayFromImage(seg), labels)
                 voxels = {name: int((remapped == i).sum()) for i, name in enumerate(labels, start=1)}
-                empty = [name for name, n in voxels.items() if n == 0]
-                if empty:
-                    raise DatasetError(f"{case}: no voxels of {', '.join(empty)}")
+                # A label absent from a case is fine (a test slab need not show the kidneys); a
+                # label absent from every training piece cannot be learnt.
+                if split == "training" and validation_slab is None:
+                    empty = [name for name, n in voxels.items() if n == 0]
+                    if empty:
+                        raise DatasetError(f"{case}: no voxels of {', '.join(empty)}")
                 for folder in (images, labels_dir):
                     (tmp / folder).mkdir(exist_ok=True)
                 sitk.WriteImage(ct, str(tmp / images / f"{case}.nii.gz"), True)
                 sitk.WriteImage(_label_image(remapped, ct), str(tmp / labels_dir / f"{case}.nii.gz"), True)
+                trained.update(name for name, n in voxels.items() if n and split == "training")
                 entries[split].append({"image": f"./{images}/{case}.nii.gz",
                                        "label": f"./{labels_dir}/{case}.nii.gz",
                                        "label_voxels": voxels})
+            untrained = [name for name in labels if name not in trained]
+            if untrained:
+                raise DatasetError(f"no training voxels of {', '.join(untrained)}")
             dataset = {
                 "name": "TotalSegmentator reference organs",
                 "description": "Abdominal CT organ labels from the test references of the TotalSegmentator sdist",
@@ -378,12 +428,15 @@ def build_organ_dataset(out_dir: str | Path, labels: Mapping[str, int] = ORGAN_L
                     "package": archive.requirement, "sdist": archive.filename, "sha256": archive.sha256,
                     "licence": archive.licence,
                     "training_files": [TRAIN_IMAGE, TRAIN_LABEL], "test_files": [TEST_DICOM, TEST_LABEL],
-                    "source_label_ids": dict(labels),
+                    "source_label_ids": {k: (v if isinstance(v, int) else list(v)) for k, v in labels.items()},
+                    "validation_slab": None if validation_slab is None else
+                    {"slices": list(validation_slab), "gap_slices_dropped_each_side": slab_gap},
                 },
                 "note": LABEL_NOTE,
                 "alignment_checks": checks,
                 "numTraining": len(entries["training"]),
                 "numTest": len(entries["test"]),
+                **({"numValidation": len(entries["validation"])} if "validation" in entries else {}),
                 **entries,
             }
             (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")

@@ -81,6 +81,10 @@ class TrainConfig:
     foreground_fraction: float = 0.67  # share of items centred on foreground
     augment: bool = True
     flips: bool = False  # left-right flips (off: organs are lateralized)
+    # Contrast-phase augmentation (ct_window models): label name -> [low, high] HU added to that
+    # organ's voxels, e.g. {"liver": [0, 80]} lets a model trained on non-contrast CT see enhanced livers.
+    contrast_augment: dict[str, list[float]] = field(default_factory=dict)
+    largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     val_every: int = 500
     val_cases: int | list[str] | None = None  # held-out CASES: names, a count, or None = 20% (at least 1)
     val_samples: int = 3
@@ -236,6 +240,26 @@ def _split_validation(dataset_dir: Path, cases: list, config: TrainConfig) -> tu
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
+def _label_offsets(config: TrainConfig, label_names: list[str]) -> tuple[tuple[float, float] | None, ...]:
+    """``contrast_augment`` (HU per label name) as offsets in normalized units, per label index."""
+    if not config.contrast_augment:
+        return ()
+    unknown = sorted(set(config.contrast_augment) - set(label_names))
+    if unknown:
+        raise DiffusionSegError(f"contrast_augment names labels the model does not have: {', '.join(unknown)}")
+    norm = config.normalization or {}
+    if norm.get("kind") != "ct_window":
+        raise DiffusionSegError("contrast_augment is given in HU and needs a ct_window normalization")
+    per_hu = 2.0 / float(norm["width"])  # the window maps width HU onto [-1, 1]
+    out: list[tuple[float, float] | None] = []
+    for name in label_names:
+        bounds = config.contrast_augment.get(name)
+        if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
+            raise DiffusionSegError(f"contrast_augment[{name!r}] must be [low, high] HU, got {bounds}")
+        out.append(None if bounds is None else (bounds[0] * per_hu, bounds[1] * per_hu))
+    return tuple(out)
+
+
 def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mapping[str, Any]) -> ModelCard:
     from DiffusionSegLib.networks import is_diffusion_method
 
@@ -252,6 +276,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
         default_sampler="ddim", default_steps=config.default_steps if diffusion else 1,
         default_samples=config.default_samples if diffusion else 1,
+        largest_component=[n for n in config.largest_component if n in labels],
         description=config.description, limits=config.limits,
     )
 
@@ -300,7 +325,8 @@ class _Run:
         self.sampler = data.PatchSampler(
             self.train_cases, config.spatial_dims, data.array_patch_size(config.patch_size, config.spatial_dims),
             config.foreground_fraction,
-            data.Augmentation(enabled=config.augment, flips=config.flips), seed=config.seed)
+            data.Augmentation(enabled=config.augment, flips=config.flips,
+                              label_offsets=_label_offsets(config, list(labels))), seed=config.seed)
 
         self.device = resolve_device(config.device)
         use_deterministic_kernels(self.device)  # same seed, same run, on CUDA as well as on CPU

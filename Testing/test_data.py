@@ -270,3 +270,30 @@ def test_flipped_direction_volume_keeps_label_on_its_anatomy(tmp_path):
     assert case.mask.sum() == (label > 0).sum()
     assert np.array_equal(case.mask[0].astype(bool), case.image[0] > 1.0)
     assert np.array_equal(case.mask[0], (label > 0)[:, ::-1, ::-1])  # y and x flipped to LPS
+
+
+def test_contrast_phase_augmentation_shifts_each_organ_inside_its_mask_only():
+    image = np.zeros((1, 4, 16, 16), np.float32)
+    mask = np.zeros((2, 4, 16, 16), np.uint8)
+    mask[0, :, 2:8, 2:8] = 1  # organ 0: enhanced by 0.2..0.3
+    mask[1, :, 10:14, 10:14] = 1  # organ 1: never enhanced (None)
+    aug = data.Augmentation(enabled=True, prob=0.0, label_offsets=((0.2, 0.3), None), label_offset_prob=1.0)
+    sampler = data.PatchSampler([data.Case("c", image, mask)], 2, (16, 16), augmentation=aug, seed=0)
+    for _ in range(5):
+        img, m = sampler.sample()
+        inside = img[0][m[0].astype(bool)]
+        assert inside.min() == inside.max() and 0.2 <= inside[0] <= 0.3  # one draw per organ and item
+        assert np.all(img[0][~m[0].astype(bool)] == 0.0)
+
+
+def test_contrast_augment_config_is_converted_from_hu_and_checked():
+    from DiffusionSegLib.errors import DiffusionSegError
+    from DiffusionSegLib.training import TrainConfig, _label_offsets
+
+    cfg = TrainConfig(normalization={"kind": "ct_window", "center": 50, "width": 400},
+                      contrast_augment={"liver": [0, 80]})
+    assert _label_offsets(cfg, ["spleen", "liver"]) == (None, (0.0, 0.4))  # 80 HU of a 400 HU window = 0.4
+    with pytest.raises(DiffusionSegError):
+        _label_offsets(cfg, ["spleen"])  # names a label the model does not have
+    with pytest.raises(DiffusionSegError):
+        _label_offsets(TrainConfig(normalization={"kind": "zscore"}, contrast_augment={"liver": [0, 80]}), ["liver"])

@@ -209,3 +209,27 @@ def test_lesion_cases_from_real_sdist(pyradiomics_archive, tmp_path):
         slices_with_lesion[image_path.name.split("_")[0]] = int(mask.any(axis=(1, 2)).sum())
     # Slice counts stated in shared DATA.md.
     assert slices_with_lesion == {"brain1": 7, "brain2": 3, "breast1": 3, "lung1": 3, "lung2": 11}
+
+
+def test_label_groups_and_validation_slab_without_download():
+    class_map = {1: "spleen", 5: "liver", 26: "vertebrae_S1", 27: "vertebrae_L5", 10: "lung_upper_lobe_left"}
+    realdata._check_labels({"liver": 5, "vertebrae": [26, 27]}, class_map)
+    with pytest.raises(DatasetError):
+        realdata._check_labels({"vertebrae": [26, 10]}, class_map)  # a lung lobe is not a vertebra
+    with pytest.raises(DatasetError):
+        realdata._check_labels({"spleen": 5}, class_map)
+    seg = np.array([0, 1, 5, 26, 27, 10], np.uint8)
+    np.testing.assert_array_equal(realdata._remap(seg, {"liver": 5, "vertebrae": [26, 27]}), [0, 0, 1, 2, 2, 0])
+
+    ct = sitk.GetImageFromArray(np.arange(20, dtype=np.int16).reshape(20, 1, 1) * np.ones((1, 3, 3), np.int16))
+    ct.SetSpacing((1.0, 1.0, 3.0))
+    ct.SetOrigin((0.0, 0.0, 10.0))
+    pieces, (val_ct, _) = realdata._split_slab(ct, ct, (8, 12), gap=2)
+    assert [name for name, _, _ in pieces] == ["below", "above"]
+    below, above = pieces[0][1], pieces[1][1]
+    assert sitk.GetArrayFromImage(below)[:, 0, 0].tolist() == list(range(0, 6))  # slices 6, 7 dropped
+    assert sitk.GetArrayFromImage(above)[:, 0, 0].tolist() == list(range(14, 20))  # 12, 13 dropped
+    assert sitk.GetArrayFromImage(val_ct)[:, 0, 0].tolist() == [8, 9, 10, 11]
+    assert val_ct.GetOrigin()[2] == 10.0 + 8 * 3.0  # physical position kept
+    with pytest.raises(DatasetError):
+        realdata._split_slab(ct, ct, (15, 25), gap=2)

@@ -1,0 +1,66 @@
+"""Largest-connected-component post-processing: hand-computed cases and the run report."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from conftest import make_model
+from DiffusionSegLib.inference import SegmentOptions, segment_image
+from DiffusionSegLib.postprocess import keep_largest_component, largest_component
+
+
+def test_keeps_only_the_largest_piece_and_reports_what_it_removed():
+    masks = np.zeros((2, 4, 8, 8), np.uint8)
+    masks[0, 0:2, 0:2, 0:3] = 1  # 12 voxels
+    masks[0, 3, 6:8, 6:8] = 1  # 4 voxels, separate
+    masks[1] = masks[0]  # label "b" is not processed
+    out, removed = keep_largest_component(masks, ["a", "b"], ["a"], voxel_ml=0.008)  # 2 x 2 x 2 mm voxels
+    assert out[0].sum() == 12 and out[0, 0:2, 0:2, 0:3].all()
+    np.testing.assert_array_equal(out[1], masks[1])
+    assert removed == {"a": 4 * 0.008}
+
+
+def test_pieces_touching_at_a_corner_are_one_component_and_empty_stays_empty():
+    mask = np.zeros((5, 5), np.uint8)
+    mask[0, 0] = mask[1, 1] = mask[2, 2] = 1  # diagonal chain: one component with 8-connectivity
+    mask[4, 4] = 1
+    mask[4, 3] = 1
+    kept = largest_component(mask)
+    assert kept.sum() == 3 and kept[2, 2] == 1 and kept[4, 4] == 0
+    assert largest_component(np.zeros((3, 3, 3))).sum() == 0
+
+
+def _two_blobs(net, card, images, n_samples, steps, **kwargs):
+    """Stand-in sampler: every sample marks a big and a small blob in every slice, one voxel varying."""
+    import torch
+
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    out = torch.zeros((n_samples, b, 1, h, w))
+    out[..., 2:12, 2:12] = 1.0
+    out[..., 20:24, 20:24] = 1.0
+    for k in range(n_samples):
+        out[k, :, 0, 13, 13 + k] = 1.0  # sample-to-sample differences, so ambiguity is not empty
+    return out
+
+
+def test_the_card_decides_and_the_report_says_so(tmp_path, monkeypatch):
+    from DiffusionSegLib import diffusion
+
+    monkeypatch.setattr(diffusion, "sample_masks", _two_blobs)
+    model = make_model(tmp_path / "lcc", largest_component=["lesion"])
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    on = segment_image(image, model, SegmentOptions(samples=3, steps=2, crf=False))
+    off = segment_image(image, model, SegmentOptions(samples=3, steps=2, crf=False, postprocess=False))
+    from scipy import ndimage
+
+    n_on = ndimage.label(on.fused[0], structure=np.ones((3, 3, 3)))[1]
+    n_off = ndimage.label(off.fused[0], structure=np.ones((3, 3, 3)))[1]
+    assert n_off == 2
+    assert n_on == 1
+    removed = on.report["postprocessing"]["removed_ml"]["fused"]["lesion"]
+    assert removed == round((off.fused.sum() - on.fused.sum()) * 2.0 / 1000.0, 4)
+    np.testing.assert_array_equal(on.probability, off.probability)  # samples untouched
+    np.testing.assert_array_equal(on.ambiguity, off.ambiguity)
+    assert off.report["postprocessing"]["largest_component"] == []
