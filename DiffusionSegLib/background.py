@@ -13,11 +13,13 @@ threads drain both pipes, so a chatty child never blocks on a full pipe.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -32,6 +34,14 @@ _ERROR_PREFIX = "diffusionseg: error: "
 # library sits next to the module file, not in site-packages, so the child would not find it.
 LIBRARY_PARENT = Path(__file__).resolve().parent.parent
 _READER_JOIN_S = 5.0  # pipes close when the child exits; this only bounds a stuck grandchild holding them
+# Cancel asks first (SIGTERM: the CLI then removes its temporary files), then forces (SIGKILL: torch
+# inside a long C++ call cannot run Python's handler soon). Only a process stuck in the kernel
+# outlives the second wait; cancel then returns anyway and poll() reports the exit later.
+_TERM_GRACE_S = 3.0
+_KILL_WAIT_S = 5.0
+_POLL_S = 0.02
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,9 +50,10 @@ class JobStatus:
 
     ``stage`` is "starting" until the first progress line, then the CLI's stage (load, sampling, crf,
     restore, write), "cancelled" after :meth:`SegmentJob.cancel`. ``finished`` is True once the child
-    has exited and its output has been read; ``returncode`` is then its exit status (negative: killed
-    by that signal on POSIX). ``error`` is the CLI's one-line error (or the last stderr line of a
-    crash) when the run failed, else None.
+    has exited and its output has been read (``returncode`` is then its exit status, negative: killed
+    by that signal on POSIX), or once the job was cancelled before it started (``returncode`` None).
+    ``error`` is the CLI's one-line error (or the last stderr line of a crash) when the run failed,
+    else None.
     """
 
     stage: str
@@ -74,6 +85,9 @@ class SegmentJob:
         self.stdout_lines: list[str] = []  # non-progress stdout (the CLI's summary), for logs
         self.stderr_lines: list[str] = []
         self._lock = threading.Lock()
+        # Held from "has the child exited?" to the signal sent on that answer, and around every
+        # reaping call: once reaped, the child's pid (= its process group id) may be reused.
+        self._process_lock = threading.Lock()
         self._status = JobStatus("starting", 0, 0, False, None, None)
         self._readers: list[threading.Thread] = []
         self._existing: set[str] | None = None  # output_dir entries before start; None: folder absent
@@ -89,6 +103,8 @@ class SegmentJob:
 
         if self.process is not None:
             raise RuntimeError("this job was already started")
+        if self._cancelled:
+            raise RuntimeError("this job was cancelled; create a new SegmentJob to run again")
         self._existing = set(os.listdir(self.output_dir)) if self.output_dir.is_dir() else None
         kwargs: dict = {}
         if os.name == "nt":
@@ -111,36 +127,58 @@ class SegmentJob:
 
     def poll(self) -> JobStatus:
         """Current status, without blocking (the child's exit is checked, never waited for)."""
-        if self.process is not None and self.process.poll() is not None:
+        if self.process is not None and self._reap() is not None:
             self._collect()
         return self._snapshot()
 
     def wait(self, timeout: float | None = None) -> JobStatus:
-        """Block until the child exits or ``timeout`` seconds pass; return the status then."""
+        """Block until the child exits or ``timeout`` seconds pass (None: no limit); return the status then.
+
+        Polls instead of blocking in ``Popen.wait`` so that a cancel from another thread is never
+        held up behind it.
+        """
         if self.process is None:
             raise RuntimeError("the job was not started")
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return self._snapshot()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._reap() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._snapshot()
+            time.sleep(_POLL_S)
         self._collect()
         return self._snapshot()
 
     def cancel(self) -> None:
-        """Kill the child and its whole process tree, wait for it, remove the partial outputs.
+        """Stop the child and its whole process tree and remove the outputs of this run.
 
-        Safe to call at any time, also after the child finished (its outputs are removed then too:
-        cancelling means the caller does not want them).
+        Safe in every state, and only the first call acts:
+
+        - before :meth:`start`: nothing ran, nothing is removed; the job can no longer be started;
+        - while the child runs: SIGTERM to its process group, SIGKILL after a grace period, each
+          wait bounded (a child that still does not exit is reported later by :meth:`poll`);
+        - after the child exited: nothing is signalled (its process group id may belong to
+          another program by now); the child is reaped and its outputs removed (cancelling means
+          the caller does not want them).
         """
-        self._cancelled = True
-        if self.process is not None:
-            _kill_tree(self.process)
-            self.process.wait()
-            self._collect()
-        self._remove_outputs()
         with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
             self._status.stage = "cancelled"
             self._status.error = None
+            if self.process is None:
+                self._status.finished = True
+                return
+        assert self.process is not None
+        if os.name == "nt":
+            _stop_tree_windows(self.process, self._process_lock)
+        else:
+            _stop_tree_posix(self.process, self._process_lock)
+        if self._reap() is not None:
+            self._collect()
+        else:
+            log.warning("DiffusionSeg child %d did not exit after SIGKILL; removing its outputs anyway",
+                        self.process.pid)
+        self._remove_outputs()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -177,13 +215,19 @@ class SegmentJob:
             if returncode != 0 and not self._cancelled:
                 self._status.error = _error_line(self.stderr_lines, returncode)
 
+    def _reap(self) -> int | None:
+        """The child's exit status, reaping it if it exited; None while it runs (never blocks)."""
+        assert self.process is not None
+        with self._process_lock:
+            return self.process.poll()
+
     def _snapshot(self) -> JobStatus:
         with self._lock:
             return replace(self._status)
 
     def _remove_outputs(self) -> None:
         """Remove what appeared in output_dir since start (all of it when start created the folder)."""
-        if not self.output_dir.is_dir():
+        if self.process is None or not self.output_dir.is_dir():
             return
         if self._existing is None:
             shutil.rmtree(self.output_dir, ignore_errors=True)
@@ -246,25 +290,74 @@ def _error_line(stderr_lines: list[str], returncode: int | None) -> str:
     return f"the segmentation process failed with exit status {returncode}"
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
-    """Kill ``process`` and every process it started (its process group / Windows process tree)."""
-    if os.name == "nt":
-        # taskkill /T walks the tree by parent pid; it must run while the parent still exists.
-        if process.poll() is None:
-            subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
-                           check=False)
-        if process.poll() is None:
-            process.kill()
-        return
-    # The group id is the child's pid (start_new_session). Killed even when the child itself already
-    # exited: grandchildren may live on in the group. SIGKILL: torch in C++ code may not react to TERM soon.
+def _has_exited(process: subprocess.Popen) -> bool:
+    """True when the child has exited, without reaping it where the OS allows (os.waitid WNOWAIT).
+
+    An exited but unreaped child (a zombie) keeps its pid, so its process group id cannot have
+    been reused yet. Without waitid, Popen.poll() answers and reaps.
+    """
+    if process.returncode is not None:
+        return True
+    if hasattr(os, "waitid"):
+        try:
+            return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped behind Popen's back: gone all the same
+            return True
+    return process.poll() is not None
+
+
+def _wait_exited(process: subprocess.Popen, lock: threading.Lock, timeout: float) -> bool:
+    """Poll until the child has exited (see _has_exited) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with lock:
+            if _has_exited(process):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_S)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass  # nothing left in the group
-    if process.poll() is None:
-        process.kill()
+
+
+def _stop_tree_posix(process: subprocess.Popen, lock: threading.Lock) -> None:
+    """SIGTERM, then SIGKILL, to the child's process group (its pid: start_new_session), bounded waits.
+
+    The group is signalled only while the child is not reaped, so the group id is still ours. The
+    final SIGKILL also goes out when the child already obeyed SIGTERM (it is a zombie then): it
+    takes grandchildren that ignore SIGTERM with it, which no later call could do safely.
+    """
+    with lock:
+        if _has_exited(process):
+            return  # exited on its own: nothing to signal; the caller reaps it
+        _signal_group(process.pid, signal.SIGTERM)
+    _wait_exited(process, lock, _TERM_GRACE_S)
+    with lock:
+        if process.returncode is None:  # not reaped (waitid polled without reaping, or still running)
+            _signal_group(process.pid, signal.SIGKILL)
+    _wait_exited(process, lock, _KILL_WAIT_S)
+
+
+def _stop_tree_windows(process: subprocess.Popen, lock: threading.Lock) -> None:
+    """taskkill /T /F the child's tree (it walks parent pids, so the child must still run), bounded."""
+    with lock:
+        if process.poll() is not None:
+            return
+    try:
+        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+                       check=False, timeout=_KILL_WAIT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # the child itself is still killed below
+    with lock:
+        if process.poll() is None:
+            process.kill()  # Popen holds a handle to the child, so its pid cannot have been reused
+    _wait_exited(process, lock, _KILL_WAIT_S)
 
 
 __all__ = ["JobStatus", "SegmentJob", "build_argv", "child_env", "PROGRESS_PREFIX", "LIBRARY_PARENT"]

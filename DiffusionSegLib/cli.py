@@ -1,7 +1,8 @@
 """Command-line interface: ``diffusionseg segment|train|evaluate|bench|models [install|download|clear]``.
 
-User errors (DiffusionSegError) are printed as one line on stderr with exit status 2; no
-output file is left behind (the writers are all-or-nothing).
+User errors (DiffusionSegError) and usage errors are printed as one line on stderr with exit
+status 2; no output file is left behind (the writers are all-or-nothing). SIGTERM ends a run like
+Ctrl+C does (temporary files removed), with exit status 143.
 """
 
 from __future__ import annotations
@@ -9,24 +10,70 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from DiffusionSegLib.errors import DiffusionSegError
 
 log = logging.getLogger("diffusionseg")
 
 
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line, like every other error of the CLI.
+
+    argparse prints the (multi-line) usage before its message; programs reading stderr (the Slicer
+    module shows the last "diffusionseg: error:" line) and people alike need only the message.
+    Subparsers inherit the class, so this holds for every subcommand. Exit status stays 2.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"diffusionseg: error: {message} (see '{self.prog} --help')\n")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= ``minimum``; anything else is a usage error naming the value.
+
+    The option must not accept 0 for "default": leaving it out is how the card's default is asked for.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"  # argparse names the type in some messages
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """Sampling options shared by segment, evaluate and bench."""
+    """Sampling options shared by segment, evaluate and bench.
+
+    Range checks here need no model; the bound that depends on the model card (steps <= its
+    training timesteps) is checked by the library before sampling (errors.SettingsError).
+    """
     p.add_argument("--model", default=None, help="model folder or name (default: the bundled default model)")
-    p.add_argument("--samples", type=int, default=None, help="number of sampled masks N (default: model card)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps K per sample (default: model card)")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="number of sampled masks N >= 1 (default: model card)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps K per sample, 1 to the model's training timesteps (default: model card)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
                    help="ddim (short chains, default) or ddpm (full chain)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same device -> same output)")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="random seed >= 0 (same seed, same device -> same output)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (unavailable -> CPU with a warning)")
-    p.add_argument("--batch-size", type=int, default=None, help="items per network call (default: from free memory)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="items per network call >= 1 (default: from free memory)")
 
 
 def _segment_options(args: argparse.Namespace):
@@ -76,18 +123,21 @@ def _json_progress(stage: str, done: int, total: int) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from DiffusionSegLib.inference import segment_file
+    from DiffusionSegLib import inference
     from DiffusionSegLib.models import resolve_model
-    from DiffusionSegLib.writers import write_outputs
+    from DiffusionSegLib.writers import OutputFolder
 
     mode = "none" if args.quiet else args.progress
     progress = _json_progress if mode == "json" else _tqdm_progress(mode == "none")
     model_dir = resolve_model(args.model)
-    result = segment_file(args.input, model_dir, _segment_options(args), progress)
-    if mode == "json":
-        # Writing (seg.nrrd, overview) takes seconds on large volumes: a stage of its own for the UI.
-        _json_progress("write", 0, 1)
-    written = write_outputs(result, args.output, keep_samples=args.keep_samples)
+    # The output folder is checked (user files, writable) and reserved before the minutes of
+    # sampling, not after them; a run that fails leaves it as it was.
+    with OutputFolder(args.output, overwrite=args.overwrite) as folder:
+        result = inference.segment_file(args.input, model_dir, _segment_options(args), progress)
+        if mode == "json":
+            # Writing (seg.nrrd, overview) takes seconds on large volumes: a stage of its own for the UI.
+            _json_progress("write", 0, 1)
+        written = folder.write(result, keep_samples=args.keep_samples)
     if mode == "json":
         _json_progress("write", 1, 1)
     rep = result.report
@@ -210,13 +260,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusionseg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="diffusionseg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment an image or volume; write masks, uncertainty, report, overview")
     p.add_argument("input", help="image file (NIfTI, NRRD, MHA, PNG, JPEG...) or a DICOM folder")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder; the outputs of an earlier run in it are replaced, so it holds exactly "
+                        "this run's outputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also write into a folder that holds files other than an earlier run's outputs: they "
+                        "are kept, except a file at the path of one of this run's outputs, which is replaced")
     _add_run_options(p)
     p.add_argument("--no-crf", action="store_true", help="skip DenseCRF refinement")
     p.add_argument("--keep-samples", action="store_true", help="also write each sampled mask")
@@ -252,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default="1x1,5x10,10x10,5x25", help="comma list of SAMPLESxSTEPS")
     p.add_argument("--size", default="128x128", help="2D image size HxW for the per-image figures")
     p.add_argument("--volume", default=None, help="volume file for the per-volume figures (default: bundled sample)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("-o", "--output", default=None, help="write the figures as JSON here")
     p.add_argument("--suite", choices=("inference", "real"), default="inference",
                    help="inference: timing of one model (default); real: the real-data benchmark (train and "
@@ -287,10 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler: unwinds the run like KeyboardInterrupt, cleaning up on the way."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="diffusionseg: %(levelname)s: %(message)s")
+    # SIGTERM (a cancel from the Slicer module, `timeout`, a job scheduler) would otherwise end the
+    # process on the spot and leave the hidden staging folder in the output folder.
+    try:
+        previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
+    except ValueError:  # not the main thread (main() called from a thread): keep the default
+        previous, installed = None, False
     try:
         return args.func(args)
     except DiffusionSegError as err:
@@ -299,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffusionseg: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("diffusionseg: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def read_outputs(outdir: str | os.PathLike) -> SegmentationResult:
 
     Arrays are (L, *spatial) in SimpleITK array order of the written maps; ``samples`` is
     (N, L, *spatial) uint8 when ``samples/`` was written, else None; ``refined`` is set when
-    ``crf.nii.gz`` exists. ``report`` is the JSON report without its ``outputs`` list.
+    the report's ``outputs`` list names ``crf.nii.gz`` (a stray file of that name is ignored). ``report`` is the JSON report without its ``outputs`` list.
     Raises OutputFolderError naming the folder and the missing or unreadable file.
     """
     outdir = Path(outdir)

@@ -17,9 +17,18 @@
 - ``report.json``: ``result.report`` plus the list of files written.
 
 Every output shares the geometry of ``result.reference`` (RGB inputs: its scalar geometry).
-The call is all-or-nothing: files are built in a hidden staging folder inside ``outdir`` and renamed
-into place at the end; on any failure every file this call wrote is removed, and so is ``outdir``
-(and parents) when this call created it and it is empty.
+
+A folder holds exactly one run's outputs. Rewriting a folder replaces the earlier run's outputs
+(the files its ``report.json`` lists, when they are named as this module names them); a file that
+is not one of them is the user's: such a folder is refused unless ``overwrite`` is set, and even
+then only a user file at the path of a new output is replaced, nothing else is removed.
+
+The call is all-or-nothing: :class:`OutputFolder` checks the folder and reserves a hidden staging
+folder inside it (cheap, so the CLI does it before the long sampling); the outputs are built there,
+then the earlier outputs are moved aside (``report.json`` first) and the new ones renamed into place
+(``report.json`` last, so a reader never sees a report with files of another run). On any failure
+the new files are removed and the earlier ones moved back, and ``outdir`` (and parents) are removed
+when this call created them and they are empty.
 """
 
 from __future__ import annotations
@@ -51,46 +60,218 @@ _UNCERTAIN_COLOR = np.array([1.0, 0.6, 0.0])  # orange: "the samples disagree he
 _MAX_OVERVIEW_SLICES = 3
 
 
-def write_outputs(result: SegmentationResult, outdir: str | os.PathLike,
-                  keep_samples: bool = False) -> dict[str, Path]:
+_REPORT = "report.json"
+# Every name write_outputs gives a file (relative to outdir): only such files can be "ours".
+_OUTPUT_NAME = re.compile(r"^(?:(?:fused|crf|consistency|ambiguity)\.nii\.gz"
+                          r"|(?:probability|uncertainty)_[A-Za-z0-9_-]+\.nii\.gz"
+                          r"|samples/sample_\d+\.nii\.gz|segmentation\.seg\.nrrd|overview\.png|report\.json)$")
+_STAGING = re.compile(r"^\.diffusionseg-(\d+)-[0-9a-f]{8}\.partial$")
+_SHOWN_FOREIGN = 3  # user files named in the refusal message
+# Files the desktop puts into any folder a user looks at: neither a reason to refuse nor ours to remove.
+_DESKTOP_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, keep_samples: bool = False,
+                  overwrite: bool = False) -> dict[str, Path]:
     """Write every output of ``result`` into ``outdir``; return {name: path} of the files written.
 
     Names are the file names without extension ("fused", "probability_liver", "sample_0",
-    "segmentation", "overview", "report"). Raises DiffusionSegError (naming the folder) when the
-    folder cannot be created or written; nothing written by this call is left behind then.
+    "segmentation", "overview", "report"). The earlier run's outputs in ``outdir`` are replaced;
+    a folder that holds other files is refused unless ``overwrite`` (they are kept then, see the
+    module docstring). Raises DiffusionSegError (naming the folder) when the folder is refused or
+    cannot be created or written; the folder is left as it was then.
+    """
+    with OutputFolder(outdir, overwrite) as folder:
+        return folder.write(result, keep_samples)
+
+
+class OutputFolder:
+    """The output folder of one run: checked and reserved by :meth:`open`, filled by :meth:`write`.
+
+    Use as a context manager around the whole run, so that a folder that cannot be used fails
+    before any computing, and a run that fails later leaves the folder as it was.
+    """
+
+    def __init__(self, outdir: str | os.PathLike, overwrite: bool = False):
+        self.outdir = Path(outdir)
+        self.overwrite = overwrite
+        self._staging: Path | None = None
+        self._created: list[Path] = []  # folders open() created, deepest first
+
+    def __enter__(self) -> "OutputFolder":
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Refuse a folder with user files (unless overwrite); create it and the hidden staging folder.
+
+        Creating the staging folder is the writability check: it fails at once on a read-only or
+        missing location, where the outputs would otherwise fail after the whole run.
+        """
+        if self._staging is not None:
+            raise RuntimeError("this OutputFolder is already open")
+        outdir = self.outdir
+        if outdir.exists() and not outdir.is_dir():
+            raise DiffusionSegError(f"cannot write outputs: {outdir} exists and is not a folder")
+        if outdir.is_dir() and not self.overwrite:
+            foreign = _foreign_files(outdir, previous_outputs(outdir))
+            if foreign:
+                shown = ", ".join(foreign[:_SHOWN_FOREIGN]) + (" ..." if len(foreign) > _SHOWN_FOREIGN else "")
+                raise DiffusionSegError(
+                    f"output folder {outdir} holds files that are not outputs of an earlier DiffusionSeg run "
+                    f"({shown}); choose a new or empty folder, or use --overwrite to write there anyway "
+                    f"(those files are kept)")
+        self._created = _missing_dirs(outdir)
+        staging = outdir / f".diffusionseg-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+        except OSError as err:
+            self._remove_created_dirs()
+            raise DiffusionSegError(f"cannot write outputs to {outdir}: {err.strerror or err}") from err
+        self._staging = staging
+        _remove_stale_staging(outdir, keep=staging.name)
+
+    def write(self, result: SegmentationResult, keep_samples: bool = False) -> dict[str, Path]:
+        """Build the outputs in the staging folder, then swap them for the earlier run's (see module doc)."""
+        if self._staging is None:
+            raise RuntimeError("OutputFolder.open() must be called before write()")
+        try:
+            (self._staging / "new").mkdir()
+            staged = _stage_outputs(result, self._staging / "new", keep_samples)
+            return self._swap(staged)
+        except OSError as err:
+            raise DiffusionSegError(f"cannot write outputs to {self.outdir}: {err.strerror or err}") from err
+
+    def close(self) -> None:
+        """Remove the staging folder (and the earlier outputs moved into it), and folders open() created
+        that are still empty (the run failed). Safe to call more than once."""
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        self._remove_created_dirs()
+
+    def _swap(self, staged: list[str]) -> dict[str, Path]:
+        """Move the earlier outputs (and, with overwrite, files in the way) aside, the new ones in; undo on failure."""
+        assert self._staging is not None
+        outdir, new, old = self.outdir, self._staging / "new", self._staging / "old"
+        earlier = previous_outputs(outdir)  # again: the folder may have changed during the run
+        in_the_way = [rel for rel in staged if os.path.lexists(outdir / rel) and rel not in earlier]
+        if in_the_way and not self.overwrite:
+            raise DiffusionSegError(f"cannot write outputs to {outdir}: {in_the_way[0]} appeared there during "
+                                    f"the run and is not a DiffusionSeg output (use --overwrite to replace it)")
+        aside: list[str] = []
+        moved_in: list[Path] = []
+        made: list[Path] = []
+        try:
+            for rel in [*earlier, *in_the_way]:  # report.json first: the old run is no longer "complete"
+                (old / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(outdir / rel, old / rel)
+                aside.append(rel)
+            written: dict[str, Path] = {}
+            for rel in staged:  # report.json last
+                final = outdir / rel
+                if not final.parent.is_dir():
+                    final.parent.mkdir()
+                    made.append(final.parent)
+                os.replace(new / rel, final)
+                moved_in.append(final)
+                written[_output_name(rel)] = final
+        except BaseException:
+            _undo_swap(outdir, old, aside, moved_in, made)
+            raise
+        samples = outdir / "samples"
+        if "samples" in {Path(rel).parts[0] for rel in earlier} and samples.is_dir() and not any(samples.iterdir()):
+            samples.rmdir()  # the earlier run's samples/ held only its samples, all replaced or gone
+        return written
+
+    def _remove_created_dirs(self) -> None:
+        for folder in self._created:
+            try:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            except OSError:
+                break  # a parent of a non-empty or unremovable folder cannot go either
+        self._created = []
+
+
+def previous_outputs(outdir: str | os.PathLike) -> list[str]:
+    """Relative paths of the earlier run's outputs in ``outdir``, ``report.json`` first.
+
+    They are the files ``report.json`` lists that exist and are named as this module names its
+    outputs, so a foreign or edited report can never make a file of the user's count as ours.
+    Empty when there is no readable report.
     """
     outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise DiffusionSegError(f"cannot write outputs: {outdir} exists and is not a folder")
-    created_dirs = _missing_dirs(outdir)
-    moved: list[Path] = []
-    staging = outdir / f".diffusionseg-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-        staged = _stage_outputs(result, staging, keep_samples)
-        written: dict[str, Path] = {}
-        for rel in staged:
-            final = outdir / rel
-            if not final.parent.is_dir():
-                final.parent.mkdir()
-                created_dirs.insert(0, final.parent)  # deepest first, as removal needs
-            os.replace(staging / rel, final)
-            moved.append(final)
-            written[_output_name(rel)] = final
-        return written
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        for path in moved:
-            path.unlink(missing_ok=True)
-        for folder in created_dirs:
-            if folder.is_dir() and not any(folder.iterdir()):
+        listed = json.loads((outdir / _REPORT).read_text(encoding="utf-8")).get("outputs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(listed, list) or not (outdir / _REPORT).is_file():
+        return []
+    ours = [rel for rel in listed if isinstance(rel, str) and rel != _REPORT and _OUTPUT_NAME.match(rel)
+            and (outdir / rel).is_file() and not (outdir / rel).is_symlink()]
+    return [_REPORT, *dict.fromkeys(ours)]
+
+
+def _foreign_files(outdir: Path, ours: list[str]) -> list[str]:
+    """Entries of ``outdir`` (one level into ``samples/``) that are not ``ours``, our staging folders
+    or desktop metadata files."""
+    known = set(ours)
+    foreign: list[str] = []
+    for entry in sorted(os.listdir(outdir)):
+        path = outdir / entry
+        if entry in known or entry in _DESKTOP_FILES or _STAGING.match(entry):
+            continue
+        if entry == "samples" and path.is_dir() and not path.is_symlink():
+            foreign += [f"samples/{name}" for name in sorted(os.listdir(path)) if f"samples/{name}" not in known]
+        else:
+            foreign.append(entry)
+    return foreign
+
+
+def _remove_stale_staging(outdir: Path, keep: str) -> None:
+    """Remove staging folders left by runs that were killed (their process is gone; POSIX only).
+
+    Windows has no harmless "is this pid alive" probe in os, so leftovers stay there; they are
+    hidden and never taken for user files.
+    """
+    if os.name == "nt":
+        return
+    for entry in os.listdir(outdir):
+        match = _STAGING.match(entry)
+        if entry == keep or not match:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(outdir / entry, ignore_errors=True)
+        except (PermissionError, OverflowError, ValueError):
+            pass  # alive under another user, or not a pid: not ours to judge
+
+
+def _undo_swap(outdir: Path, old: Path, aside: list[str], moved_in: list[Path], made: list[Path]) -> None:
+    """Best effort: remove the new files, move the earlier outputs back (each step on its own)."""
+    for final in reversed(moved_in):
+        try:
+            final.unlink(missing_ok=True)
+        except OSError:
+            log.warning("could not remove %s while undoing a failed write", final)
+    for folder in reversed(made):
+        try:
+            if not any(folder.iterdir()):
                 folder.rmdir()
-        if isinstance(err, OSError):
-            raise DiffusionSegError(f"cannot write outputs to {outdir}: {err.strerror or err}") from err
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            pass
+    for rel in reversed(aside):
+        try:
+            (outdir / rel).parent.mkdir(exist_ok=True)
+            os.replace(old / rel, outdir / rel)
+        except OSError:
+            log.warning("could not restore %s in %s after a failed write", rel, outdir)
 
 
 def label_map(masks: np.ndarray, probability: np.ndarray) -> np.ndarray:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +172,159 @@ def test_progress_json_lines_for_other_programs(tmp_path, tiny_model, capsys):
     assert stages[0] == "load" and stages[-1] == "write" and "sampling" in stages
     sampling = [(e["done"], e["total"]) for e in events if e["stage"] == "sampling"]
     assert sampling[-1][0] == sampling[-1][1] and [d for d, _ in sampling] == sorted(d for d, _ in sampling)
+
+
+# --- run settings out of range (issue item 8) -------------------------------------------------------
+
+
+def cli_exit(*args: str) -> int:
+    """Exit status of the CLI, whether main returns it or argparse exits with it."""
+    try:
+        return run_cli(*args)
+    except SystemExit as done:
+        return int(done.code or 0)
+
+
+def tiny_input(tmp: Path) -> Path:
+    path = tmp / "in.nrrd"
+    pixels = np.random.default_rng(0).normal(size=(16, 20)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(pixels), str(path))
+    return path
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "-1"), ("--steps", "0"), ("--samples", "0"),
+                                           ("--samples", "-3"), ("--batch-size", "0"), ("--seed", "-1"),
+                                           ("--steps", "ten")])
+def test_out_of_range_settings_are_one_line_errors(tmp_path, tiny_model, capsys, option, value):
+    # 0 used to mean "the card's default" (``opts.samples or card.default_samples``), negative
+    # values crashed: both are refused by argparse before anything is loaded.
+    out = tmp_path / "o"
+    assert cli_exit("segment", tiny_input(tmp_path), "-o", out, "--model", tiny_model, option, value, "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffusionseg: error:") and "\n" not in err, err
+    assert option in err and value in err, err
+    assert not out.exists()
+
+
+def test_steps_beyond_the_models_training_chain_is_a_one_line_error(tmp_path, tiny_model):
+    # The bound depends on the model card (num_train_timesteps, 1000 here), so the library checks
+    # it (SettingsError) before sampling; a real child process shows there is no traceback.
+    out = tmp_path / "o"
+    done = subprocess.run([sys.executable, "-m", "DiffusionSegLib", "segment", str(tiny_input(tmp_path)),
+                           "-o", str(out), "--model", str(tiny_model), "--steps", "5000", "-q"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2, err
+    assert err.startswith("diffusionseg: error:") and "\n" not in err and "Traceback" not in err, err
+    assert "steps" in err and "5000" in err, err
+    assert not out.exists() or not any(out.iterdir()), "no output may be left behind"
+
+
+# --- a reused output folder (issue item 10) ---------------------------------------------------------
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_into_the_same_folder_holds_only_that_runs_outputs(tmp_path, tiny_model):
+    from DiffusionSegLib.readers import read_outputs
+
+    src, out = tiny_input(tmp_path), tmp_path / "o"
+    common = ("segment", src, "-o", out, "--model", tiny_model, "--samples", "2", "--steps", "1", "-q")
+    assert run_cli(*common, "--keep-samples") == 0
+    assert (out / "crf.nii.gz").is_file() and (out / "samples").is_dir()
+    assert run_cli(*common, "--no-crf") == 0
+    assert not (out / "crf.nii.gz").exists(), "a stale crf.nii.gz would be read back as this run's CRF mask"
+    assert not (out / "samples").exists()
+    listed = json.loads((out / "report.json").read_text())["outputs"]
+    assert sorted(folder_state(out)) == sorted(listed)
+    assert read_outputs(out).refined is None
+
+
+def test_user_files_in_the_output_folder_are_never_silently_deleted(tmp_path, tiny_model, capsys):
+    src, out = tiny_input(tmp_path), tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    common = ("segment", src, "-o", out, "--model", tiny_model, "--samples", "1", "--steps", "1", "--no-crf", "-q")
+    assert run_cli(*common) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffusionseg: error:") and "\n" not in err and "notes.txt" in err and "--overwrite" in err
+    assert folder_state(out) == {"notes.txt": b"mine"}
+    assert run_cli(*common, "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").is_file()
+    assert run_cli(*common, "--overwrite") == 0  # and again: the earlier outputs are replaced, notes kept
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_run_keeps_the_previous_outputs(tmp_path, tiny_model, capsys):
+    src, out = tiny_input(tmp_path), tmp_path / "o"
+    assert run_cli("segment", src, "-o", out, "--model", tiny_model, "--samples", "1", "--steps", "1", "-q") == 0
+    before = folder_state(out)
+    assert run_cli("segment", tmp_path / "missing.nrrd", "-o", out, "--model", tiny_model, "-q") == 2
+    assert "missing.nrrd" in capsys.readouterr().err
+    assert folder_state(out) == before, "outputs changed or temporary files left behind"
+
+
+def _read_only_folder(tmp: Path) -> Path:
+    folder = tmp / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root (containers, CI) writes anyway: no such folder to test with
+        folder.chmod(0o755)
+        pytest.skip("this user can write into a read-only folder")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "inside a read-only folder", "below a file"])
+def test_an_unwritable_output_location_fails_before_sampling(tmp_path, tiny_model, capsys, monkeypatch, where):
+    from DiffusionSegLib import inference
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the run started although its outputs cannot be written")
+
+    monkeypatch.setattr(inference, "segment_file", no_sampling)
+    if where == "below a file":
+        (tmp_path / "taken").write_text("x")
+        out = tmp_path / "taken" / "o"
+    else:
+        folder = _read_only_folder(tmp_path)
+        out = folder if where == "read-only folder" else folder / "o"
+    started = time.monotonic()
+    try:
+        code = run_cli("segment", tiny_input(tmp_path), "-o", out, "--model", tiny_model, "-q")
+    finally:
+        if where != "below a file":
+            (tmp_path / "read-only").chmod(0o755)
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("diffusionseg: error:") and "\n" not in err, err
+    assert str(out) in err
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is a POSIX signal")
+def test_sigterm_ends_a_run_cleanly_and_keeps_the_earlier_outputs(tmp_path, tiny_model):
+    # The Slicer module's cancel (background.SegmentJob) and schedulers send SIGTERM first: the run
+    # must unwind (staging folder removed, earlier outputs untouched) rather than die on the spot.
+    import signal
+
+    from DiffusionSegLib.cli import PROGRESS_PREFIX
+
+    src, out = tiny_input(tmp_path), tmp_path / "o"
+    assert run_cli("segment", src, "-o", out, "--model", tiny_model, "--samples", "1", "--steps", "1", "-q") == 0
+    before = folder_state(out)
+    child = subprocess.Popen([sys.executable, "-m", "DiffusionSegLib", "segment", str(src), "-o", str(out),
+                              "--model", str(tiny_model), "--samples", "50", "--steps", "1000", "--progress", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in child.stdout:
+            if line.startswith(PROGRESS_PREFIX) and json.loads(line[len(PROGRESS_PREFIX):])["stage"] == "sampling":
+                break
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "diffusionseg: terminated"
+    assert folder_state(out) == before, "staging folder left behind or earlier outputs changed"

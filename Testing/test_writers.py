@@ -205,7 +205,7 @@ def test_failure_midway_leaves_nothing(tmp_path, oblique_3d, monkeypatch):
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError):
-        writers.write_outputs(make_result(oblique_3d), existing, keep_samples=True)
+        writers.write_outputs(make_result(oblique_3d), existing, keep_samples=True, overwrite=True)
     assert sorted(p.name for p in existing.rglob("*")) == ["notes.txt"]
 
 
@@ -234,6 +234,119 @@ def test_output_folder_that_is_a_file_is_a_user_error(tmp_path, oblique_3d):
     with pytest.raises(DiffusionSegError, match="taken"):
         writers.write_outputs(make_result(oblique_3d), target)
     assert target.read_text() == "x"
+
+
+# --- a reused output folder (issue item 10) --------------------------------------------------------
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rewrite_leaves_only_the_new_runs_outputs(tmp_path, rgb_2d):
+    out = tmp_path / "o"
+    first = writers.write_outputs(make_result(rgb_2d), out, keep_samples=True)
+    assert "crf" in first and (out / "samples").is_dir()
+    second = writers.write_outputs(make_result(rgb_2d, refined=False), out)  # no CRF, no samples
+    assert not (out / "crf.nii.gz").exists() and not (out / "samples").exists()
+    listed = json.loads((out / "report.json").read_text())["outputs"]
+    assert sorted(folder_state(out)) == sorted(listed) == sorted(str(p.relative_to(out)) for p in second.values())
+
+
+def test_a_folder_with_other_files_is_refused_without_overwrite(tmp_path, rgb_2d):
+    out = tmp_path / "o"
+    writers.write_outputs(make_result(rgb_2d), out, keep_samples=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "samples" / "my_edit.nii.gz").write_text("also mine")
+    before = folder_state(out)
+    with pytest.raises(DiffusionSegError, match="--overwrite") as err:
+        writers.write_outputs(make_result(rgb_2d, refined=False), out)
+    assert "notes.txt" in str(err.value) and "\n" not in str(err.value)
+    assert folder_state(out) == before, "a refused call changes nothing"
+
+    writers.write_outputs(make_result(rgb_2d, refined=False), out, overwrite=True)
+    after = folder_state(out)
+    (out / ".DS_Store").write_bytes(b"Finder")  # the user looked at the folder: still ours to rewrite
+    (out / "notes.txt").unlink()
+    (out / "samples" / "my_edit.nii.gz").unlink()
+    writers.write_outputs(make_result(rgb_2d, refined=False), out)
+    assert (out / ".DS_Store").read_bytes() == b"Finder"
+    assert after["notes.txt"] == b"mine" and after["samples/my_edit.nii.gz"] == b"also mine"
+    assert "crf.nii.gz" not in after and "samples/sample_0.nii.gz" not in after, "the earlier run's outputs go"
+
+
+def test_only_files_named_as_our_outputs_count_as_the_earlier_runs(tmp_path, rgb_2d):
+    # A report.json (hand-edited, or another tool's) must never make the writer delete other files.
+    out = tmp_path / "o"
+    out.mkdir()
+    (tmp_path / "outside.txt").write_text("x")
+    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text(json.dumps({"outputs": ["notes.txt", "../outside.txt", "report.json"]}))
+    with pytest.raises(DiffusionSegError, match="notes.txt"):
+        writers.write_outputs(make_result(rgb_2d), out)
+    writers.write_outputs(make_result(rgb_2d), out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.txt").read_text() == "x"
+
+
+def test_a_failed_rewrite_keeps_the_earlier_outputs(tmp_path, oblique_3d, monkeypatch):
+    out = tmp_path / "o"
+    writers.write_outputs(make_result(oblique_3d), out, keep_samples=True)
+    before = folder_state(out)
+    real_replace = os.replace
+    renamed: list[str] = []
+
+    def replace_failing_once_on_the_third_new_output(src, dst):
+        # Renames into the folder (not io's temporaries); once, so that the undo can move files back.
+        if Path(dst).parent in (out, out / "samples") and "failed" not in renamed:
+            if len(renamed) == 2:
+                renamed.append("failed")
+                raise OSError(28, "No space left on device")
+            renamed.append(str(dst))
+        real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace_failing_once_on_the_third_new_output)
+        with pytest.raises(DiffusionSegError, match="No space left on device"):
+            writers.write_outputs(make_result(oblique_3d, n_samples=2, refined=False), out)
+    assert folder_state(out) == before, "the earlier outputs come back exactly"
+
+    monkeypatch.setattr(writers, "write_overview", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broke")))
+    with pytest.raises(RuntimeError, match="broke"):
+        writers.write_outputs(make_result(oblique_3d, refined=False), out)
+    assert folder_state(out) == before
+
+
+def test_the_folder_is_checked_and_reserved_before_the_outputs_exist(tmp_path):
+    # OutputFolder.open runs before the long sampling: an unusable folder fails in no time, and a
+    # run that fails afterwards leaves no trace of the reservation.
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    with pytest.raises(DiffusionSegError, match="a file"):
+        writers.OutputFolder(blocker / "out").open()
+    out = tmp_path / "new" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with writers.OutputFolder(out) as folder:
+            assert out.is_dir() and [p.name for p in out.iterdir()][0].startswith(".diffusionseg-")
+            raise KeyboardInterrupt
+    assert not (tmp_path / "new").exists()
+    assert folder is not None
+
+
+@pytest.mark.skipif(os.name == "nt", reason="stale staging folders are recognised by a dead POSIX pid")
+def test_staging_left_by_a_killed_run_is_not_a_user_file_and_is_cleared(tmp_path, rgb_2d):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "o"
+    writers.write_outputs(make_result(rgb_2d), out)
+    leftover = out / f".diffusionseg-{dead.pid}-0123abcd.partial"
+    (leftover / "new").mkdir(parents=True)
+    (leftover / "new" / "fused.nii.gz").write_text("partial")
+    writers.write_outputs(make_result(rgb_2d), out)  # no --overwrite needed: the leftover is ours
+    assert not leftover.exists()
 
 
 # --- .seg.nrrd read by Slicer's own MRML (slicer-core) --------------------------------------------
