@@ -34,9 +34,11 @@ _COMPLEX_PIXELS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read an image file or DICOM folder as a validated 2D/3D scalar or RGB image.
 
-    A 3D image with a single slice in z is returned as 2D (origin, spacing and the in-plane
-    direction kept). Raises InputImageError (one line, naming ``path``) when the path is missing,
-    the file is unreadable, corrupt or truncated, or the content fails :func:`validate_image`.
+    A 3D image stays 3D, a single slice (z = 1) included, so every output keeps its 3D origin,
+    spacing and direction; only trailing length-1 axes beyond the third ((x, y, z, 1) volumes)
+    are dropped, and the (x, y, 1) form of a 2D picture format. Raises InputImageError (one
+    line, naming ``path``) when the path is missing, the file is unreadable, corrupt or
+    truncated, or the content fails :func:`validate_image`.
     """
     path = Path(path)
     if not path.exists():
@@ -54,18 +56,17 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         _check_nifti_finite(path)
         if image.GetNumberOfComponentsPerPixel() == 4 and path.suffix.lower() in _PICTURE_SUFFIXES:
             image = _drop_alpha(image)
-    # A trailing axis of length 1 carries no data: (x, y, 1) is a 2D picture, (x, y, z, 1) a 3D volume.
-    while image.GetDimension() > 2 and image.GetSize()[-1] == 1:
-        image = _drop_last_axis(image, str(path))
+    image = _drop_extra_axes(image, str(path), picture=path.suffix.lower() in _PICTURE_SUFFIXES)
     validate_image(image, str(path))
     return image
 
 
 def read_label(path: str | os.PathLike) -> sitk.Image:
-    """A label map as a scalar integer image, trailing length-1 axes dropped as for images.
+    """A label map as a scalar integer image, length-1 axes handled as for images (a 1-slice
+    volume stays 3D).
 
     Not :func:`read_image`: a label map may legitimately be constant (a case without foreground),
-    which read_image rejects for images. The truncation check and the axis dropping are the same,
+    which read_image rejects for images. The truncation check and the axis handling are the same,
     so a label keeps exactly the geometry its image gets. Raises DatasetError naming the file.
     """
     path = Path(path)
@@ -77,8 +78,7 @@ def read_label(path: str | os.PathLike) -> sitk.Image:
     if label.GetNumberOfComponentsPerPixel() != 1:
         raise DatasetError(f"label file {path.name}: expected a scalar label map, found "
                            f"{label.GetNumberOfComponentsPerPixel()} components per voxel")
-    while label.GetDimension() > 2 and label.GetSize()[-1] == 1:
-        label = _drop_last_axis(label, str(path))
+    label = _drop_extra_axes(label, str(path), picture=path.suffix.lower() in _PICTURE_SUFFIXES)
     if label.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         label = sitk.Cast(sitk.Round(label), sitk.sitkInt32)  # float label maps store integers
     return label
@@ -196,12 +196,26 @@ def _drop_alpha(image: sitk.Image) -> sitk.Image:
     return out
 
 
+def _drop_extra_axes(image: sitk.Image, name: str, picture: bool) -> sitk.Image:
+    """Drop trailing length-1 axes that carry no geometry: beyond the third ((x, y, z, 1) is a 3D
+    volume), and the third of a 2D picture format read as (x, y, 1).
+
+    A 3D volume with one slice keeps its third axis: its origin, slice spacing and 3D direction
+    are real geometry (an oblique slice cannot be described in 2D), and the outputs must carry it.
+    """
+    keep = 2 if picture else 3
+    while image.GetDimension() > keep and image.GetSize()[-1] == 1:
+        image = _drop_last_axis(image, name)
+    return image
+
+
 def _drop_last_axis(image: sitk.Image, name: str) -> sitk.Image:
     """Remove a trailing length-1 axis, keeping origin, spacing and the remaining direction block.
 
-    The direction block is kept when it is still orthonormal (the slice is perpendicular to the
-    dropped axis); otherwise (e.g. a single sagittal slice stored as z) the in-plane geometry
-    cannot be expressed in fewer dimensions and the identity is used.
+    Only called for axes without geometry of their own (see :func:`_drop_extra_axes`). The
+    direction block is kept when it is still orthonormal (the kept axes are perpendicular to the
+    dropped one); otherwise the geometry cannot be expressed in fewer dimensions and the identity
+    is used.
     """
     dim = image.GetDimension()
     block = np.array(image.GetDirection()).reshape(dim, dim)[: dim - 1, : dim - 1]
@@ -211,7 +225,7 @@ def _drop_last_axis(image: sitk.Image, name: str) -> sitk.Image:
     if np.allclose(block.T @ block, np.eye(dim - 1), atol=1e-4):
         extractor.SetDirectionCollapseToStrategy(sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
     else:
-        log.warning("%s: single slice is oblique to the dropped axis; using identity direction", name)
+        log.warning("%s: the kept axes are oblique to the dropped axis; using identity direction", name)
         extractor.SetDirectionCollapseToStrategy(sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
     return extractor.Execute(image)
 

@@ -4,7 +4,10 @@ Conventions. Arrays are in SimpleITK array order: a volume is (z, y, x), a 2D im
 with the channel axis first where there is one. ``card.spacing`` is in SimpleITK (x, y[, z])
 order; for a 2D model its two entries are the in-plane spacing along the slice's columns (W)
 then rows (H). ``card.slice_axis`` is the numpy axis of the (z, y, x) volume a 2D model slices
-along (0 = axial); the slice's (H, W) are the two remaining axes in their array order.
+along (0 = axial); the slice's (H, W) are the two remaining axes in their array order. A 3D
+volume holding a single slice is a volume like any other (reoriented, S = 1 slice for a 2D
+model, restored onto its own 3D grid); a 3D model refuses it, and so does a 2D model whose
+slices lie in another plane than that single slice.
 
 Pipeline of :func:`prepare`:
 
@@ -129,6 +132,7 @@ def resample_to_model_grid(image: sitk.Image, card: ModelCard) -> sitk.Image:
     Returns ``image`` itself when orientation and grid already agree.
     """
     image = orient(image, card)
+    _check_single_slice_plane(image, card)
     spacing = model_spacing(image, card)
     if np.allclose(spacing, image.GetSpacing(), rtol=_SPACING_RTOL, atol=0.0):
         return image
@@ -282,8 +286,33 @@ def _check_dims(image: sitk.Image, card: ModelCard) -> None:
         raise ModelLoadError(f"model card '{card.name}': spatial_dims must be 2 or 3, got {card.spatial_dims}")
     if card.spatial_dims == 3 and image.GetDimension() != 3:
         raise InputImageError(f"model '{card.name}' segments 3D volumes; the image is {image.GetDimension()}D")
+    if card.spatial_dims == 3 and 1 in image.GetSize():
+        # Padding would let the network run, but a 3D model's through-plane context would be
+        # made-up border values: refuse rather than return a confident guess.
+        raise InputImageError(f"model '{card.name}' segments 3D volumes; the image is a single slice "
+                              f"(size {image.GetSize()}): use a 2D model")
     if card.spatial_dims == 2 and card.slice_axis not in (0, 1, 2):
         raise ModelLoadError(f"model card '{card.name}': slice_axis must be 0, 1 or 2, got {card.slice_axis}")
+
+
+def _check_single_slice_plane(oriented: sitk.Image, card: ModelCard) -> None:
+    """A single-slice volume must lie in the plane a 2D model takes (InputImageError otherwise).
+
+    After reorientation the length-1 axis of a 1-slice volume says which plane the slice is: a 2D
+    model slicing along another axis would be handed 1-pixel-wide lines, not images.
+    """
+    if card.spatial_dims != 2 or oriented.GetDimension() != 3:
+        return
+    shape = tuple(reversed(oriented.GetSize()))  # numpy (z, y, x)
+    rows_axis, cols_axis = _in_plane_numpy_axes(card.slice_axis)
+    if shape[rows_axis] == 1 or shape[cols_axis] == 1:
+        single = shape.index(1)
+        frame = f" after reorientation to {card.orientation}" if card.orientation else ""
+        raise InputImageError(
+            f"model '{card.name}' segments slices along array axis {card.slice_axis} of the (z, y, x) volume; "
+            f"this image is a single slice across axis {single}{frame} (size {oriented.GetSize()}), "
+            f"a plane the model does not take"
+        )
 
 
 def _in_plane_numpy_axes(slice_axis: int) -> tuple[int, int]:

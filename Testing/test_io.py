@@ -10,7 +10,14 @@ import pytest
 import SimpleITK as sitk
 
 from DiffusionSegLib.errors import DiffusionSegError, InputImageError
-from DiffusionSegLib.io import array_with_channels, image_from_array, read_image, validate_image, write_image_atomic
+from DiffusionSegLib.io import (
+    array_with_channels,
+    image_from_array,
+    read_image,
+    read_label,
+    validate_image,
+    write_image_atomic,
+)
 
 
 def _rotation_z(degrees: float) -> np.ndarray:
@@ -63,17 +70,49 @@ def test_read_pictures_gray_rgb_and_rgba(tmp_path):
     assert array_with_channels(gray).shape == (1, 7, 9)
 
 
-def test_single_slice_volume_becomes_2d_with_in_plane_geometry(tmp_path):
-    image = _volume(shape_zyx=(1, 6, 5))
-    path = tmp_path / "slice.nrrd"
+def _oblique_single_slice(dtype=np.int16) -> sitk.Image:
+    """One slice (size (5, 6, 1)) tilted out of the axial plane: 25 degrees about x, then 10 about z."""
+    image = _volume(shape_zyx=(1, 6, 5), dtype=dtype)
+    t = np.deg2rad(25)
+    tilt = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), -np.sin(t)], [0.0, np.sin(t), np.cos(t)]])
+    image.SetDirection((tilt @ _rotation_z(10)).ravel().tolist())
+    image.SetSpacing((0.7, 0.9, 2.5))
+    return image
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_single_slice_volume_stays_3d_with_its_geometry(tmp_path, suffix):
+    """A 1-slice volume is a volume: no axis dropped, the oblique 3D direction and the origin kept."""
+    image = _oblique_single_slice()
+    path = tmp_path / f"slice{suffix}"
     sitk.WriteImage(image, str(path))
     loaded = read_image(path)
-    assert loaded.GetDimension() == 2
-    assert loaded.GetSize() == (5, 6)
-    assert np.allclose(loaded.GetSpacing(), (0.7, 0.9))
-    assert np.allclose(loaded.GetOrigin(), (-10.0, 20.0))
-    assert np.allclose(np.reshape(loaded.GetDirection(), (2, 2)), _rotation_z(10)[:2, :2])
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded), sitk.GetArrayFromImage(image)[0])
+    assert loaded.GetDimension() == 3 and loaded.GetSize() == (5, 6, 1)
+    assert _same_geometry(loaded, image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded), sitk.GetArrayFromImage(image))
+
+
+def test_single_slice_label_stays_3d_like_its_image(tmp_path):
+    label = sitk.GetImageFromArray(np.zeros((1, 6, 5), np.uint8))  # a case without foreground
+    label.CopyInformation(_oblique_single_slice())
+    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+    loaded = read_label(tmp_path / "label.nii.gz")
+    assert loaded.GetDimension() == 3 and _same_geometry(loaded, label)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd", ".nii.gz"])
+def test_a_trailing_length_1_fourth_axis_is_dropped_but_a_single_slice_kept(tmp_path, suffix):
+    """(x, y, z, 1) is a 3D volume; (x, y, 1, 1) is a 1-slice 3D volume, not a 2D image."""
+    for depth in (3, 1):
+        array = np.arange(depth * 30, dtype=np.float32).reshape(depth, 6, 5)
+        four = sitk.JoinSeries([sitk.GetImageFromArray(array)])  # size (5, 6, depth, 1)
+        sitk.WriteImage(four, str(tmp_path / f"four{suffix}"))
+        loaded = read_image(tmp_path / f"four{suffix}")
+        assert loaded.GetDimension() == 3 and loaded.GetSize() == (5, 6, depth)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded), array)
+        four_label = sitk.JoinSeries([sitk.GetImageFromArray(array.astype(np.uint8))])
+        sitk.WriteImage(four_label, str(tmp_path / f"four_label{suffix}"))
+        assert read_label(tmp_path / f"four_label{suffix}").GetSize() == (5, 6, depth)
 
 
 def _write_dicom_series(folder: Path, volume: sitk.Image, series_uid: str, first_instance: int = 1) -> None:
@@ -117,6 +156,18 @@ def test_dicom_folder_reads_the_largest_series_as_3d(tmp_path):
     loaded = read_image(folder)
     assert loaded.GetDimension() == 3
     assert _same_geometry(loaded, volume)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded), sitk.GetArrayFromImage(volume))
+
+
+def test_single_slice_dicom_folder_reads_as_a_3d_volume_with_its_geometry(tmp_path):
+    volume = _oblique_single_slice()
+    folder = tmp_path / "dicom1"
+    _write_dicom_series(folder, volume, "1.2.826.0.1.3680043.9.7.4")
+    loaded = read_image(folder)
+    assert loaded.GetDimension() == 3 and loaded.GetSize() == (5, 6, 1)
+    assert np.allclose(loaded.GetOrigin(), volume.GetOrigin(), atol=1e-5)
+    assert np.allclose(loaded.GetDirection(), volume.GetDirection(), atol=1e-5)
+    assert np.allclose(loaded.GetSpacing()[:2], volume.GetSpacing()[:2])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded), sitk.GetArrayFromImage(volume))
 
 

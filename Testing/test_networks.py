@@ -80,13 +80,137 @@ def test_ff_parser_is_identity_at_init_at_any_size(dims, size):
     assert torch.allclose(ff(x), x, atol=1e-5)
 
 
-def test_ff_parser_dc_weight_removes_the_mean_at_the_reference_size():
-    """A filter learned to remove the mean (W = 0 at DC only) removes exactly the mean."""
-    ff = FFParser(2, channels=2, reference_size=64)
+def test_ff_parser_uses_its_filter_as_is_at_the_reference_size():
+    """At the reference grid the stored W multiplies the spectrum bin for bin (no resampling)."""
+    torch.manual_seed(0)
+    ff = FFParser(2, channels=2, reference_size=12)
+    with torch.no_grad():
+        ff.weight_real.normal_()
+        ff.weight_imag.normal_()
+    x = torch.randn(3, 2, 12, 12)
+    expected = torch.fft.irfftn(torch.fft.rfftn(x, dim=(2, 3), norm="ortho")
+                                * torch.complex(ff.weight_real, ff.weight_imag),
+                                s=(12, 12), dim=(2, 3), norm="ortho")
+    assert torch.allclose(ff(x), expected, atol=1e-5)
+
+
+def _waves(size: tuple[int, ...], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every cosine cos(2 pi k i / n) along ``axis`` (n = size[axis], k = 0..n//2), constant elsewhere.
+
+    Returns (waves (n//2+1, 1, *size) float32, frequencies k/n (n//2+1,) in cycles/sample).
+    """
+    n = size[axis]
+    k = torch.arange(n // 2 + 1, dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    profile = torch.cos(2 * torch.pi * k[:, None] * i[None, :] / n)  # (K, n)
+    view = [len(k), 1] + [1] * len(size)
+    view[2 + axis] = n
+    return profile.view(view).expand(len(k), 1, *size).float().contiguous(), k / n
+
+
+def _notch(ff: FFParser, axis: int, bin_: int) -> None:
+    """Zero W where the frequency along ``axis`` is +-bin_/reference (every frequency on the other axes)."""
+    last = ff.spatial_dims - 1
+    reference = ff.weight_real.shape[1]
+    bins = {bin_} if axis == last else {bin_ % reference, -bin_ % reference}  # full axes hold +f and -f
+    with torch.no_grad():
+        for b in bins:
+            index = [slice(None)] * (ff.spatial_dims + 1)
+            index[1 + axis] = b
+            ff.weight_real[tuple(index)] = 0.0
+
+
+def _tent_gain(freqs: torch.Tensor, reference: int, bin_: int, rfft_axis: bool) -> torch.Tensor:
+    """Gain of W = 1 with a zero at reference bin ``bin_``, linearly interpolated in frequency.
+
+    Reference position of frequency f is f * reference; on a full axis the spectrum is periodic
+    (distance measured around the circle), on the rfft axis positions past the last stored bin
+    take its value.
+    """
+    position = freqs.double() * reference
+    if rfft_axis:
+        distance = (position.clamp(max=reference // 2) - bin_).abs()
+    else:
+        offset = torch.remainder(position - bin_, reference)
+        distance = torch.minimum(offset, reference - offset)
+    return distance.clamp(max=1.0)
+
+
+@pytest.mark.parametrize("reference", [64, 63])
+@pytest.mark.parametrize("size", [(96, 96), (168, 168), (63, 63), (65, 65), (64, 50)])
+def test_ff_parser_dc_block_stays_at_dc_at_other_sizes(reference, size):
+    """W = 0 at DC only, learnt on the reference grid: the mean is removed at any size, a cosine passes."""
+    ff = FFParser(2, channels=1, reference_size=reference)
     with torch.no_grad():
         ff.weight_real[:, 0, 0] = 0.0
-    x = torch.randn(1, 2, 64, 64) + 3.0
-    assert torch.allclose(ff(x), x - x.mean(dim=(2, 3), keepdim=True), atol=1e-4)
+    constant = torch.full((1, 1, *size), 3.0)
+    assert ff(constant).abs().max() < 1e-4
+    for axis in (0, 1):
+        waves, freqs = _waves(size, axis)
+        far = (freqs * reference > 1.0)  # more than one reference bin away from DC
+        out = ff(waves[far])
+        assert torch.allclose(out, waves[far], atol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("size", [(96, 96), (168, 168), (64, 64)])
+def test_ff_parser_band_stop_at_quarter_frequency_stays_there(axis, size):
+    """W = 0 at f = 0.25 (one reference bin): a cosine at 0.25 is removed at any size, one at 0.1 passes."""
+    ff = FFParser(2, channels=1, reference_size=64)
+    _notch(ff, axis, 16)  # bin 16 of 64 is f = 0.25
+    waves, freqs = _waves(size, axis)
+    quarter = int(torch.nonzero(freqs == 0.25))
+    tenth = int(torch.argmin((freqs - 0.1).abs()))
+    assert ff(waves[quarter:quarter + 1]).abs().max() < 1e-4
+    assert torch.allclose(ff(waves[tenth:tenth + 1]), waves[tenth:tenth + 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("size,reference", [((96, 96), 64), ((50, 50), 64), ((96, 96), 32), ((64, 64), 96)])
+def test_ff_parser_nyquist_stop_stays_at_nyquist(axis, size, reference):
+    """W = 0 at the reference's Nyquist bin: the alternating +-1 pattern is removed at any even size."""
+    ff = FFParser(2, channels=1, reference_size=reference)
+    _notch(ff, axis, reference // 2)
+    waves, freqs = _waves(size, axis)
+    assert freqs[-1] == 0.5
+    assert ff(waves[-1:]).abs().max() < 1e-4
+    tenth = int(torch.argmin((freqs - 0.1).abs()))
+    assert torch.allclose(ff(waves[tenth:tenth + 1]), waves[tenth:tenth + 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("dims,size,reference,bin_", [
+    (2, (96, 96), 64, 16), (2, (168, 63), 64, 16), (2, (65, 96), 63, 16), (2, (63, 65), 63, 0),
+    (2, (40, 41), 16, 5), (2, (48, 33), 64, 32),
+    (3, (24, 20, 21), 16, 4), (3, (21, 24, 20), 15, 0), (3, (10, 12, 14), 16, 8),
+])
+def test_ff_parser_gain_follows_physical_frequency(dims, size, reference, bin_):
+    """Every cosine of the target grid along every axis gets the reference filter's gain at its own
+    frequency (a one-bin notch interpolated linearly in cycles/sample), odd and even, 2D and 3D."""
+    for axis in range(dims):
+        ff = FFParser(dims, channels=1, reference_size=reference)
+        _notch(ff, axis, bin_)
+        waves, freqs = _waves(size, axis)
+        gain = _tent_gain(freqs, reference, bin_, rfft_axis=axis == dims - 1)
+        expected = waves * gain.float().view(-1, *([1] * (dims + 1)))
+        assert torch.allclose(ff(waves), expected, atol=1e-4), f"axis {axis}"
+
+
+def test_ff_parser_dc_block_in_3d_at_another_size():
+    """3D: W = 0 at DC on a 16^3 grid removes an offset at 24 x 21 x 30 and keeps a cosine riding on it."""
+    ff = FFParser(3, channels=2, reference_size=16)
+    with torch.no_grad():
+        ff.weight_real[:, 0, 0, 0] = 0.0
+    z, y, x = torch.meshgrid(torch.arange(24.0), torch.arange(21.0), torch.arange(30.0), indexing="ij")
+    wave = torch.cos(2 * torch.pi * (5 * z / 24 + 4 * y / 21 + 6 * x / 30))  # far from DC on every axis
+    volume = torch.stack([wave + 4.0, 2.0 * wave - 1.0])[None]
+    expected = torch.stack([wave, 2.0 * wave])[None]
+    assert torch.allclose(ff(volume), expected, atol=1e-4)
+
+
+def test_ff_parser_resized_filter_stays_differentiable():
+    ff = FFParser(2, channels=2, reference_size=8)
+    ff(torch.randn(2, 2, 20, 13)).pow(2).sum().backward()
+    assert ff.weight_real.grad.abs().sum() > 0 and ff.weight_imag.grad.abs().sum() > 0
 
 
 def test_ff_parser_filters_when_trained():

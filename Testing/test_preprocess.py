@@ -197,13 +197,69 @@ def test_small_image_is_padded_to_patch_size_with_the_normalized_minimum():
     np.testing.assert_array_equal(restore(prepared, prepared.batch, "nearest"), normalized[None])
 
 
-def test_single_slice_volume_with_2d_model_and_3d_model_rejects_2d_image():
+def test_single_slice_volume_is_one_slice_for_a_2d_model():
     image = sitk.GetImageFromArray(np.arange(30, dtype=np.float32).reshape(1, 5, 6))
     prepared = prepare(image, _card(spatial_dims=2), size_divisor=4)
-    assert prepared.batch.shape == (1, 1, 8, 8)
+    assert prepared.batch.shape == (1, 1, 8, 8) and prepared.slice_axis == 0
     assert restore(prepared, prepared.batch).shape == (1, 1, 5, 6)
+
+
+def test_single_slice_stored_flipped_reaches_the_network_like_its_lps_twin():
+    """The LPS reorientation applies to a 1-slice volume as to any volume (in-plane flips undone)."""
+    rng = np.random.default_rng(4)
+    lps_array = rng.normal(size=(1, 6, 5)).astype(np.float32)
+    lps = sitk.GetImageFromArray(lps_array)
+    lps.SetSpacing((1.0, 2.0, 3.0))
+    lps.SetOrigin((-10.0, 20.0, 5.0))
+    ras = sitk.GetImageFromArray(lps_array[:, ::-1, ::-1].copy())
+    ras.SetSpacing((1.0, 2.0, 3.0))
+    ras.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    ras.SetOrigin(lps.TransformIndexToPhysicalPoint((4, 5, 0)))
+    card = _card(spatial_dims=2, normalization={"kind": "zscore"})
+    a, b = prepare(lps, card), prepare(ras, card)
+    assert a.batch.shape == (1, 1, 6, 5)
+    assert np.allclose(a.batch, b.batch, atol=1e-6)
+    back_ras = restore(b, b.batch, "nearest")[0]
+    assert back_ras.shape == (1, 6, 5)
+    assert np.allclose(back_ras, restore(a, a.batch, "nearest")[0][:, ::-1, ::-1], atol=1e-6)
+
+
+def test_oblique_single_slice_round_trip_through_the_model_grid():
+    """A tilted 1-slice volume resampled in-plane comes back onto exactly its own grid."""
+    size = (24, 20, 1)
+    image = sitk.GetImageFromArray(_linear_field(_physical_points(size, SPACING, ORIGIN, DIRECTION)))
+    image.SetSpacing(SPACING)
+    image.SetOrigin(ORIGIN)
+    image.SetDirection(DIRECTION.ravel().tolist())
+    card = _card(spatial_dims=2, spacing=[0.5, 0.7], normalization=WINDOW)
+    prepared = prepare(image, card, size_divisor=8)
+    assert prepared.batch.shape == (1, 1, 40, 40) and prepared.resampled
+    restored = restore(prepared, prepared.batch, "linear")
+    assert restored.shape == (1, 1, 20, 24)
+    expected = normalize(array_with_channels(image), card)[0]
+    np.testing.assert_allclose(restored[0][:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], atol=1e-4)
+    np.testing.assert_allclose(restored[0], expected, atol=0.05)
+
+
+def test_3d_model_refuses_a_single_slice_volume_and_a_2d_image():
+    one_slice = sitk.GetImageFromArray(np.arange(30, dtype=np.float32).reshape(1, 5, 6))
+    with pytest.raises(InputImageError, match="single slice"):
+        prepare(one_slice, _card(spatial_dims=3))
     with pytest.raises(InputImageError, match="3D"):
         prepare(sitk.GetImageFromArray(np.arange(30, dtype=np.float32).reshape(5, 6)), _card(spatial_dims=3))
+
+
+def test_single_slice_across_another_axis_than_the_models_slices_is_refused():
+    """One sagittal slice (its length-1 axis runs left-right) is no axial slice: a clear error, not lines."""
+    image = sitk.GetImageFromArray(np.arange(30, dtype=np.float32).reshape(1, 5, 6))
+    # Voxel axes i -> posterior, j -> inferior, k -> left: after LPS reorientation k is the x axis.
+    image.SetDirection((0, 0, 1, 1, 0, 0, 0, -1, 0))
+    with pytest.raises(InputImageError, match="single slice"):
+        prepare(image, _card(spatial_dims=2, slice_axis=0))
+    # A model that takes sagittal slices (numpy axis 2 of the LPS volume) segments it.
+    prepared = prepare(image, _card(spatial_dims=2, slice_axis=2), size_divisor=1)
+    assert prepared.batch.shape == (1, 1, 5, 6)
+    assert restore(prepared, prepared.batch).shape == (1, 1, 5, 6)
 
 
 def test_normalize_hand_computed():

@@ -81,30 +81,98 @@ class DynamicConditionalEncoding(nn.Module):
         return (self.norm_image(m_image) * self.norm_mask(m_mask)) * m_image
 
 
+# One resized axis: (dim of the stacked (2, C, *ref) filter, lower bin, upper bin, upper weight).
+_AxisTaps = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _full_axis_taps(size: int, reference: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear-interpolation taps that sample a full (two-sided) FFT axis of ``reference`` bins at
+    the frequencies of the bins of a ``size``-point FFT.
+
+    Bin k of an n-point FFT is the frequency k/n cycles/sample, negative (k - n)/n above n/2. It
+    lies at reference position f * reference, taken modulo ``reference``: the DFT spectrum is
+    periodic in f with period 1, so the bins form a circle and the last stored bin neighbours
+    bin 0 (this is also how negative frequencies stay negative). Integer arithmetic keeps the
+    positions exact, so DC lands on bin 0 and coinciding bins take the stored value unmixed.
+
+    Returns (lower bin (size,), upper bin (size,), weight of the upper bin (size,) float64).
+    """
+    k = torch.arange(size, dtype=torch.int64)
+    signed = torch.where(k > size // 2, k - size, k)  # fftfreq order: Nyquist of even sizes is -1/2
+    numerator = signed * reference  # position = numerator / size reference bins
+    lower = torch.div(numerator, size, rounding_mode="floor")
+    weight = (numerator - lower * size).double() / size
+    lower = torch.remainder(lower, reference)
+    return lower, torch.remainder(lower + 1, reference), weight
+
+
+def _rfft_axis_taps(size: int, reference: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`_full_axis_taps` for the half-spectrum (rfft) axis: bins k = 0..size//2 at k/size.
+
+    The reference stores bins 0..reference//2; an odd reference stops short of f = 1/2, so
+    frequencies above its last bin take that bin's value (clamped at the Nyquist edge).
+    """
+    last = reference // 2
+    k = torch.arange(size // 2 + 1, dtype=torch.int64)
+    numerator = k * reference
+    lower = torch.div(numerator, size, rounding_mode="floor")
+    weight = (numerator - lower * size).double() / size
+    beyond = lower >= last
+    lower = torch.where(beyond, torch.full_like(lower, last), lower)
+    weight = torch.where(beyond, torch.zeros_like(weight), weight)
+    return lower, torch.clamp(lower + 1, max=last), weight
+
+
 class FFParser(nn.Module):
     """Learnable global frequency filter: m' = IFFT(W * FFT(m)), W complex per channel.
 
     W is stored on a reference grid (``reference_size`` per axis, rfft half-spectrum on the last
-    axis) and resized to the actual spectrum at run time, so any input size works. The
-    non-last axes are fftshifted before resizing so low frequencies stay low. Initialised to
-    W = 1 (identity).
+    axis) and sampled at run time at the physical frequencies (cycles/sample) of the actual
+    spectrum's bins, linearly in frequency, so a filter learnt at one size acts on the same
+    frequencies at any size: DC stays DC, Nyquist stays Nyquist, f = 0.25 stays 0.25.
+    Initialised to W = 1 (identity).
     """
 
     def __init__(self, spatial_dims: int, channels: int, reference_size: int):
         super().__init__()
         self.spatial_dims = spatial_dims
+        self.reference_size = int(reference_size)
         shape = (channels, *([reference_size] * (spatial_dims - 1)), reference_size // 2 + 1)
         self.weight_real = nn.Parameter(torch.ones(shape))
         self.weight_imag = nn.Parameter(torch.zeros(shape))
+        # Interpolation taps per (spatial size, device); indices and weights only, never filter
+        # values, so every call reads the live parameters. Not a buffer: not part of the weights.
+        self._taps: dict[tuple[tuple[int, ...], torch.device], list[_AxisTaps]] = {}
 
-    def _filter(self, spectrum_shape: Sequence[int]) -> torch.Tensor:
+    def _axis_taps(self, spatial_size: Sequence[int], device: torch.device) -> list[_AxisTaps]:
+        """Taps of every axis whose size differs from the reference (the others are used as stored)."""
+        key = (tuple(int(n) for n in spatial_size), device)
+        if key not in self._taps:
+            taps = []
+            last = len(key[0]) - 1
+            for axis, n in enumerate(key[0]):
+                if n == self.reference_size:
+                    continue  # same bins, same frequencies: the stored values as they are
+                make = _rfft_axis_taps if axis == last else _full_axis_taps
+                lower, upper, weight = make(n, self.reference_size)
+                taps.append((2 + axis, lower.to(device), upper.to(device), weight.float().to(device)))
+            self._taps[key] = taps
+        return self._taps[key]
+
+    def _filter(self, spatial_size: Sequence[int]) -> torch.Tensor:
+        """Complex filter (C, *S[:-1], S[-1]//2 + 1) for an input of spatial size S = ``spatial_size``.
+
+        Takes the full sizes, not the rfft spectrum's: n = 2m and 2m + 1 share a half-spectrum
+        length but not its bin frequencies.
+        """
         w = torch.stack([self.weight_real, self.weight_imag])  # (2, C, *ref)
-        if tuple(w.shape[2:]) != tuple(spectrum_shape):
-            shift_axes = tuple(range(2, 2 + self.spatial_dims - 1))
-            w = torch.fft.fftshift(w, dim=shift_axes) if shift_axes else w
-            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-            w = F.interpolate(w, size=tuple(spectrum_shape), mode=mode, align_corners=True)
-            w = torch.fft.ifftshift(w, dim=shift_axes) if shift_axes else w
+        # Separable linear interpolation, one axis at a time: the product of the per-axis linear
+        # weights is the (bi/tri)linear interpolation in frequency; index_select keeps it differentiable.
+        for dim, lower, upper, weight in self._axis_taps(spatial_size, w.device):
+            view = [1] * w.dim()
+            view[dim] = -1
+            weight = weight.view(view)
+            w = w.index_select(dim, lower) * (1 - weight) + w.index_select(dim, upper) * weight
         return torch.complex(w[0], w[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +183,7 @@ class FFParser(nn.Module):
         axes = tuple(range(2, x.dim()))
         with torch.autocast(device_type=x.device.type, enabled=False):
             spectrum = torch.fft.rfftn(x.float(), dim=axes, norm="ortho")
-            spectrum = spectrum * self._filter(spectrum.shape[2:])
+            spectrum = spectrum * self._filter(x.shape[2:])
             out = torch.fft.irfftn(spectrum, s=x.shape[2:], dim=axes, norm="ortho")
         return out.to(x.dtype)
 
