@@ -39,6 +39,9 @@ from slicer.util import VTKObservationMixin
 SAMPLE_VOLUME_NAME = "ct_abdomen_sample.nii.gz"
 DEVICES = ["auto", "cuda", "cpu"]
 POLL_INTERVAL_MS = 200
+# QSettings group of the sampling speed measured by earlier runs, per model and device setting: the
+# time estimate next to Apply comes from it, so it survives Slicer restarts.
+SPEED_SETTINGS_GROUP = "DiffusionSeg/SecondsPerPixelEvaluation"
 
 
 def _moduleDir():
@@ -149,6 +152,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._gpuAvailable = None  # checked once, lazily (imports torch)
         self._updatingAgreement = False
+        self._inputCheckKey = None  # what the warning label and the estimate were computed for
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -177,6 +181,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.enabled = sampleVolumePath() is not None
 
         self.ui.progressBar.setVisible(False)
+        self.ui.inputWarningLabel.setVisible(False)
         self._setupResultsTable()
         self.refreshModels()
         self.initializeParameterNode()
@@ -256,7 +261,81 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not running
         if not running:
             self.ui.loadSampleButton.enabled = sampleVolumePath() is not None
+            self._updateInputCheck()
         self.ui.agreementSlider.enabled = (not running) and self.logic is not None and self.logic.nSamples > 0
+
+    # -- does the input fit, how long will it take (before Apply) ------------------------------
+
+    def _selectionKey(self):
+        """Everything the input check and the estimate depend on; they are recomputed when it changes."""
+        params = self._parameterNode
+        if not params or not params.inputVolume:
+            return None
+        volume, roi = params.inputVolume, params.roi
+        return (volume.GetID(), volume.GetMTime(), volume.GetImageData().GetMTime() if volume.GetImageData() else 0,
+                roi.GetID() if roi else None, roi.GetMTime() if roi else 0, params.model, params.samples,
+                params.steps, params.device)
+
+    def _updateInputCheck(self):
+        """Show what about the selected volume does not fit the selected model, and the time estimate.
+
+        A visible label, not a log line: the user reads it before pressing Apply. Cheap (statistics on a
+        subsample, the model card only), and only recomputed when the selection changes.
+        """
+        key = self._selectionKey()
+        if key == self._inputCheckKey:
+            return
+        self._inputCheckKey = key
+        if key is None:
+            self._showInputWarnings([])
+            self.ui.estimateLabel.text = ""
+            return
+        params = self._parameterNode
+        try:
+            warnings = self.logic.checkInput(params.inputVolume, params.model or None, params.roi)
+            self._showInputWarnings([w.message for w in warnings])
+        except Exception as err:  # an unusable node or model: Apply reports it properly
+            logging.debug("DiffusionSeg: input check skipped: %s", err)
+            self._showInputWarnings([])
+        try:
+            settings = self.logic.makeSettings(model=params.model or None, samples=params.samples or None,
+                                               steps=params.steps or None, device=params.device)
+            estimate = self.logic.estimate(params.inputVolume, settings, params.roi,
+                                           speed=self._storedSpeed(params.model or None, params.device))
+        except Exception as err:
+            logging.debug("DiffusionSeg: no estimate: %s", err)
+            estimate = None
+        self.ui.estimateLabel.text = (_("Sampling: {estimate}").format(estimate=estimate.text()) if estimate
+                                      else _("Sampling time: measured a few seconds after Apply."))
+
+    def _showInputWarnings(self, messages):
+        label = self.ui.inputWarningLabel
+        if not messages:
+            label.text = ""
+            label.setVisible(False)
+            return
+        label.text = _("This input may not fit the model:") + "".join(f"\n\u2022 {m}" for m in messages)
+        label.setVisible(True)
+
+    def _storedSpeed(self, model, device):
+        """The speed an earlier run of ``model`` with ``device`` measured (QSettings), or None."""
+        ensureLibraryImportable()
+        from DiffusionSegLib.modelcard import read_card
+        from DiffusionSegLib.models import resolve_model
+        from DiffusionSegLib.slicer_workflow import MeasuredSpeed
+
+        name = read_card(resolve_model(model)).name
+        value = qt.QSettings().value(f"{SPEED_SETTINGS_GROUP}/{name}/{device}")
+        try:
+            return MeasuredSpeed(name, device, float(value)) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    def _storeSpeed(self):
+        speed = self.logic.measuredSpeed
+        if speed is not None:
+            qt.QSettings().setValue(f"{SPEED_SETTINGS_GROUP}/{speed.model}/{speed.device}",
+                                    speed.seconds_per_pixel_evaluation)
 
     # -- input -------------------------------------------------------------------------------
 
@@ -466,6 +545,14 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if getattr(self, "_deviceNoteText", ""):
             text += f"  {self._deviceNoteText}"
         self.ui.statusLabel.text = text
+        try:  # the child's own input warnings and its measured estimate, printed before sampling
+            messages = self.logic.runMessages()
+            if messages.estimate:
+                self.ui.estimateLabel.text = _("Sampling: {estimate}").format(estimate=messages.estimate)
+            if messages.warnings:
+                self._showInputWarnings(messages.warnings)
+        except Exception:
+            logging.debug("DiffusionSeg: run messages unavailable", exc_info=True)
         if not status.finished:
             return
         self._pollTimer.stop()
@@ -477,6 +564,8 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
         if succeeded:
             self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=elapsed)
+            self._storeSpeed()
+            self._inputCheckKey = None  # the estimate can now use this run's speed
             self._showResults(resetAgreement=True)
         else:
             self.ui.statusLabel.text = _("Failed; the scene was left unchanged.")
@@ -595,7 +684,8 @@ def stageText(status):
         return _("Finished; loading the results...") if status.returncode == 0 else _("The segmentation process stopped.")
     text = names.get(status.stage, status.stage)
     if status.stage == "sampling" and status.total:
-        text += " " + _("step {done} of {total}").format(done=status.done, total=status.total)
+        # The CLI counts network evaluations (samples x steps x slices), as the estimate does.
+        text += " " + _("{done} of {total} network evaluations").format(done=status.done, total=status.total)
     return text
 
 
@@ -772,6 +862,22 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         if volumeNode is None:
             raise ValueError(_("Select an input volume."))
         self.workflow.start(volumeNode, settings, roi_node=roiNode)
+
+    def checkInput(self, volumeNode, model=None, roiNode=None):
+        """What about the volume does not fit the model (list of InputWarning); no torch, no weights."""
+        return self.workflow.check_input(volumeNode, model, roi_node=roiNode)
+
+    def estimate(self, volumeNode, settings, roiNode=None, speed=None):
+        """RunEstimate of the sampling time from a measured speed, or None when none was measured."""
+        return self.workflow.estimate(volumeNode, settings, roi_node=roiNode, speed=speed)
+
+    def runMessages(self):
+        """Input warnings and the measured estimate the running child printed."""
+        return self.workflow.run_messages()
+
+    @property
+    def measuredSpeed(self):
+        return self._workflow.measured_speed if self._workflow is not None else None
 
     def poll(self):
         return self.workflow.poll()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,21 @@ def _find_prediction(folder: Path, case: str) -> Path:
     raise DatasetError(f"no prediction for case '{case}' in {folder}")
 
 
+# progress(stage, done, total): stage "cases" counts scored cases; "sampling" (model mode) is the
+# current case's sampling, as inference.segment_image reports it.
+Progress = Callable[[str, int, int], None]
+
+
 def score_case(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], spacing_xyz: list[float]) -> dict[str, Any]:
     """Per-label Dice, IoU, HD95 (mm) of binary masks keyed by label name."""
     spacing = list(reversed(spacing_xyz))  # numpy axis order
-    return {name: {"dice": dice(pred[name], ref[name]), "iou": iou(pred[name], ref[name]),
-                   "hd95_mm": hd95(pred[name], ref[name], spacing)} for name in ref}
+    with warnings.catch_warnings():
+        # MONAI >= 1.5 warns on every HD95 that get_mask_edges' always_return_as_numpy argument,
+        # which its own compute_hausdorff_distance passes, is deprecated: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r".*get_mask_edges:always_return_as_numpy.*",
+                                category=FutureWarning)
+        return {name: {"dice": dice(pred[name], ref[name]), "iou": iou(pred[name], ref[name]),
+                       "hd95_mm": hd95(pred[name], ref[name], spacing)} for name in ref}
 
 
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -61,8 +73,12 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]
 
 
 def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None, split: str = "test",
-             out_json: str | Path | None = None) -> dict[str, Any]:
-    """Score a model or a prediction folder on a dataset split. Returns {"cases": [...], "mean": {...}}."""
+             out_json: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Score a model or a prediction folder on a dataset split. Returns {"cases": [...], "mean": {...}}.
+
+    ``progress("cases", done, total)`` is called before the first case and after each one; in model
+    mode the sampling of each case is reported too (stage "sampling").
+    """
     from DiffusionSegLib.data import default_labels, discover_cases
     from DiffusionSegLib.io import read_image
     from DiffusionSegLib.models import resolve_model
@@ -76,13 +92,15 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
     if not (source.is_dir() and not (source / "model.json").exists()):
         model_dir = resolve_model(pred_or_model)
     results = []
-    for case in cases:
+    report = progress or (lambda stage, done, total: None)
+    report("cases", 0, len(cases))
+    for index, case in enumerate(cases):
         image = read_image(case.image)
         ref_map = _label_array(case, case.label, image)
         if model_dir is not None:
             from DiffusionSegLib.inference import segment_image
 
-            result = segment_image(image, model_dir, options)
+            result = segment_image(image, model_dir, options, progress)
             missing = [lab.name for lab in result.labels if lab.name not in label_values]
             if missing:
                 raise ModelLoadError(f"model labels {missing} are not labels of dataset {dataset} "
@@ -93,6 +111,7 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
             pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
         ref = {name: np.isin(ref_map, label_values[name]) for name in pred}
         results.append({"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))})
+        report("cases", index + 1, len(cases))
     summary = {"dataset": str(dataset), "split": split, "source": str(pred_or_model),
                "mode": "model" if model_dir is not None else "predictions", "cases": results,
                "mean": summarize(results)}

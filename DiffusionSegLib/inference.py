@@ -7,8 +7,10 @@ ensemble, crf). Nothing here reads or writes files except through ``segment_file
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,8 +21,22 @@ from DiffusionSegLib.result import SegmentationResult
 
 log = logging.getLogger(__name__)
 
-# progress(stage, done, total): stage is "load", "sampling", "ensemble", "crf", "restore"
+# progress(stage, done, total): stage is "load", "sampling", "crf", "restore". For "sampling", done
+# and total count network evaluations (one slice or patch through the network once), so that
+# total = samples x steps x slices; the other stages count their own units (1 of 1, samples).
 StageProgress = Callable[[str, int, int], None]
+# Called once before sampling with what does not fit (inputcheck.InputWarning list) / the estimate.
+WarningsHook = Callable[[list], None]
+EstimateHook = Callable[[Any], None]
+
+# What the network predicts, in words (report.json): the card's prediction_type is jargon.
+PREDICTION_TARGETS = {"sample": "clean mask (x0)", "epsilon": "added noise (epsilon)",
+                      "v_prediction": "velocity (v, a mix of noise and mask)"}
+_SAMPLER_NAMES = {"ddim": "DDIM (deterministic after the first noise)",
+                  "ddpm": "DDPM (ancestral, random at every step)",
+                  "none": "none (supervised model: one forward pass)"}
+_UNCERTAINTY_DEFINITIONS = {"variance": "variance p(1-p) of the sample mean p, 0 (samples agree) to 0.25",
+                            "entropy": "binary entropy of the sample mean p in bits, 0 (samples agree) to 1"}
 
 
 @dataclass
@@ -40,6 +56,7 @@ class SegmentOptions:
     postprocess: bool = True  # the card's organ post-processing (largest connected component)
     amp: bool | None = None  # None: autocast on CUDA only
     batch_size: int | None = None  # None: chosen from free memory
+    strict: bool = False  # input warnings (inputcheck) refuse the run (InputMismatchError) before sampling
 
 
 FUSIONS = ("mean", "staple")
@@ -96,23 +113,92 @@ def _restore_binary(prepared: Any, maps: np.ndarray, spatial_dims: int) -> np.nd
     return (soft > 0.5).astype(np.uint8)
 
 
+def _evaluation_progress(report_progress: StageProgress, total_evaluations: int) -> Callable[[int, int], None]:
+    """Sampler progress (network calls of the current attempt) -> ("sampling", evaluations done, total).
+
+    The sampler counts calls on chunks of items, restarting its count after an out-of-memory
+    halving; what a user can check is network evaluations (samples x steps x slices). The share of
+    each attempt's calls is mapped onto the evaluations still to do, so the count only grows and
+    ends exactly at the total.
+    """
+    state = {"base": 0, "reported": 0, "done": 0, "total": None}
+
+    def progress(done: int, total: int) -> None:
+        if total != state["total"] or done < state["done"]:  # a new attempt after an OOM halving
+            state["base"], state["total"] = state["reported"], total
+        state["done"] = done
+        left = total_evaluations - state["base"]
+        reported = total_evaluations if done >= total else state["base"] + (left * done) // max(total, 1)
+        state["reported"] = max(state["reported"], reported)
+        report_progress("sampling", state["reported"], total_evaluations)
+
+    return progress
+
+
+def probe_seconds_per_evaluation(net: Any, card: Any, batch: Any, n_samples: int, batch_size: int | None,
+                                 amp: bool) -> float:
+    """Seconds per network evaluation on this device and input size, from one timed forward pass.
+
+    The timed pass has the size of the sampler's chunks (``batch_size``, or what sample_masks picks
+    from free memory): a CPU call has a cost that does not shrink with the batch, so a smaller probe
+    would overstate the time several times. One item goes first, untimed, to pay the one-time
+    start-up (thread pool, allocator, kernel selection). Cost: about one of the run's network calls
+    (a default 5 x 10 run on 20 slices makes 40), announced, never used to schedule.
+    """
+    import torch
+
+    from DiffusionSegLib.device import auto_batch_size, keep_freed_memory_for_reuse
+    from DiffusionSegLib.diffusion import _autocast, _bytes_per_item
+
+    device = batch.device
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()  # as the sampler does, so the probe runs under the same allocator
+    # The chunk size sample_masks will use (same rule, same cap).
+    chunk = batch_size or auto_batch_size(device, _bytes_per_item(card, tuple(batch.shape[2:])),
+                                          cap=64 if device.type != "cpu" else 32)
+    k = max(1, min(n_samples * batch.shape[0], chunk))
+    cond = batch[torch.arange(k, device=device) % batch.shape[0]]
+    noise = torch.Generator("cpu").manual_seed(0)
+    x = torch.randn((k, card.out_channels, *batch.shape[2:]), generator=noise).to(device)
+    t = torch.full((k,), card.num_train_timesteps - 1, device=device, dtype=torch.long)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode(), _autocast(device, amp):
+        net(x[:1], cond[:1], t[:1])
+        sync()
+        start = time.perf_counter()
+        net(x, cond, t)
+        sync()
+    return (time.perf_counter() - start) / k
+
+
 def segment_image(
     image: Any,
     model_dir: str | Path,
     options: SegmentOptions | None = None,
     progress: StageProgress | None = None,
+    on_warnings: WarningsHook | None = None,
+    on_estimate: EstimateHook | None = None,
 ) -> SegmentationResult:
     """Segment one SimpleITK image (2D/3D, scalar or RGB) with the model in ``model_dir``.
 
     Every array of the result is on exactly the input's grid (size, origin, spacing, direction).
+    Before the model is loaded the input is checked against the model card (inputcheck): the
+    warnings go to ``on_warnings`` (default: logged), and ``options.strict`` turns them into an
+    InputMismatchError. With ``on_estimate``, one timed forward pass measures this device and the
+    sampling time is announced (inputcheck.RunEstimate) before sampling starts.
     """
     import torch
 
     from DiffusionSegLib import crf, ensemble
     from DiffusionSegLib.device import resolve_device
     from DiffusionSegLib.diffusion import sample_masks
+    from DiffusionSegLib.inputcheck import InputMismatchError, RunEstimate, check_input, input_modality
     from DiffusionSegLib.io import validate_image
-    from DiffusionSegLib.modelcard import load_model
+    from DiffusionSegLib.modelcard import load_model, read_card
     from DiffusionSegLib.preprocess import prepare, restore
 
     opts = options or SegmentOptions()
@@ -128,9 +214,20 @@ def segment_image(
 
     check_options(opts)
     validate_image(image, "input image")
+    # The card alone (no weights) is enough to refuse a setting or an input in well under a second.
+    card = read_card(model_dir)
+    check_options(opts, card.num_train_timesteps)
+    warnings = check_input(image, card)
+    if warnings and opts.strict:
+        raise InputMismatchError(warnings)
+    if warnings:
+        if on_warnings is not None:
+            on_warnings(warnings)
+        else:
+            for warning in warnings:
+                log.warning("the input does not fit the model: %s", warning.message)
     device = resolve_device(opts.device)
     net, card = load_model(model_dir, device)
-    check_options(opts, card.num_train_timesteps)
     n_samples = card.default_samples if opts.samples is None else opts.samples
     sampler = opts.sampler or card.default_sampler
     if opts.steps is not None:
@@ -150,17 +247,24 @@ def segment_image(
     batch = torch.from_numpy(prepared.batch).to(device)
     lap("preprocess")
 
+    estimate = None
+    if on_estimate is not None and getattr(net, "is_diffusion", True):
+        per_evaluation = probe_seconds_per_evaluation(net, card, batch, n_samples, opts.batch_size, amp)
+        estimate = RunEstimate(n_samples, steps, int(batch.shape[0]), per_evaluation, str(device),
+                               "slices" if card.spatial_dims == 2 else "volumes")
+        lap("estimate")
+        on_estimate(estimate)
+
+    sampling_progress = _evaluation_progress(report_progress, n_samples * steps * int(batch.shape[0]))
     if getattr(net, "is_diffusion", True):
         soft = sample_masks(
             net, card, batch, n_samples=n_samples, steps=steps, sampler=sampler, seed=opts.seed,
-            batch_size=opts.batch_size, amp=amp,
-            progress=lambda done, total: report_progress("sampling", done, total),
+            batch_size=opts.batch_size, amp=amp, progress=sampling_progress,
         ).numpy()  # (N, B, L, *spatial)
     else:
         from DiffusionSegLib.networks.unet import predict_supervised
 
-        soft = predict_supervised(net, batch, opts.batch_size, amp,
-                                  lambda done, total: report_progress("sampling", done, total)).numpy()
+        soft = predict_supervised(net, batch, opts.batch_size, amp, sampling_progress).numpy()
     if device.type == "cuda":
         torch.cuda.synchronize()
     lap("sampling")
@@ -215,7 +319,8 @@ def segment_image(
     )
     lap("ensemble")
     result.report = build_report(result, card, device, opts, n_samples, steps, sampler, crf_backend,
-                                 prepared.batch.shape[0], timings)
+                                 prepared.batch.shape[0], timings, warnings=warnings, estimate=estimate,
+                                 item_shape=list(prepared.batch.shape[2:]), input_modality=input_modality(image))
     result.report["postprocessing"] = {
         "largest_component": list(card.largest_component) if opts.postprocess else [],
         ("removed_ml" if image.GetDimension() == 3 else "removed_mm2"):
@@ -226,9 +331,29 @@ def segment_image(
     return result
 
 
+def _versions() -> dict[str, str]:
+    """Versions of the software that produced a result: diffusionseg and what its numbers depend on."""
+    from importlib import metadata
+
+    versions = {"diffusionseg": __version__}
+    for name, dist in (("torch", "torch"), ("monai", "monai"), ("SimpleITK", "SimpleITK")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = platform.python_version()
+    return versions
+
+
 def build_report(result: SegmentationResult, card: Any, device: Any, opts: SegmentOptions, n_samples: int,
-                 steps: int, sampler: str, crf_backend: str, n_items: int, timings: dict[str, float]) -> dict:
-    """JSON-able report of a run: settings, cost (NFE), timings, diversity, region sizes."""
+                 steps: int, sampler: str, crf_backend: str, n_items: int, timings: dict[str, float], *,
+                 warnings: list | tuple = (), estimate: Any = None, item_shape: list[int] | None = None,
+                 input_modality: dict[str, str] | None = None) -> dict:
+    """JSON-able report of a run: settings, cost (NFE), timings, diversity, region sizes, input fit.
+
+    Per-label figures are keyed by label name first (``sample_diversity[label]``,
+    ``volumes_ml[label][region]``), the label values as in the label maps are in ``label_map``.
+    """
     from DiffusionSegLib import ensemble
 
     ref = result.reference
@@ -237,28 +362,47 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
     regions = {"fused": result.fused, "consistency": result.consistency, "ambiguity": result.ambiguity}
     if result.refined is not None:
         regions["crf"] = result.refined
-    sizes: dict[str, dict[str, float]] = {}
+    per_region = {}
     for region, mask in regions.items():
         values = ensemble.volumes_ml(mask, spacing)
         if not is_3d:  # a 2D image has areas: volumes_ml of a 2D grid is mm^2 / 1000
             values = [v * 1000.0 for v in values]
-        sizes[region] = {lab.name: round(float(v), 4) for lab, v in zip(card.labels, values)}
+        per_region[region] = values
+    sizes = {lab.name: {region: round(float(values[i]), 4) for region, values in per_region.items()}
+             for i, lab in enumerate(card.labels)}
+    evaluations = n_samples * steps * n_items
+    sampling_s = timings.get("sampling")
+    modality = {"model": card.modality, "input": (input_modality or {}).get("modality", "unknown"),
+                "input_determined_from": (input_modality or {}).get("source", "")}
     return {
         "diffusionseg_version": __version__,
-        "model": {"name": card.name, "method": card.method, "prediction_type": card.prediction_type,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": _versions(),
+        "model": {"name": card.name, "method": card.method, "modality": card.modality,
+                  "spatial_dims": card.spatial_dims, "in_channels": card.in_channels, "spacing_mm": card.spacing,
+                  "normalization": card.normalization, "prediction_type": card.prediction_type,
+                  "prediction_target": PREDICTION_TARGETS.get(card.prediction_type, card.prediction_type),
                   "weights_sha256": card.weights_sha256},
+        "modality": modality,
+        "warnings": [w.to_dict() for w in warnings],
+        "label_map": {"0": "background", **{str(i + 1): lab.name for i, lab in enumerate(card.labels)}},
         "device": str(device),
         "samples": n_samples,
         "steps": steps,
         "sampler": sampler,
+        "sampler_description": _SAMPLER_NAMES.get(sampler, sampler),
         "seed": opts.seed,
         "nfe_per_image": n_samples * steps,
-        "network_evaluations": n_samples * steps * n_items,
+        "network_evaluations": evaluations,
         "slices_or_patches": n_items,
+        "model_grid_item_shape": item_shape,
+        "seconds_per_network_evaluation": round(sampling_s / evaluations, 6) if sampling_s and evaluations else None,
+        "estimate": estimate.to_dict() if estimate is not None else None,
         "fusion": opts.fusion,
         "final_mask": ("crf: DenseCRF of the " + opts.fusion + " fusion") if result.refined is not None
                       else ("fused: " + opts.fusion + " fusion"),
         "uncertainty_kind": opts.uncertainty,
+        "uncertainty_definition": _UNCERTAINTY_DEFINITIONS.get(opts.uncertainty, opts.uncertainty),
         "crf_backend": crf_backend,
         "sample_diversity": {lab.name: round(d, 6) for lab, d in zip(card.labels, result.sample_diversity)},
         "sample_diversity_definition": "mean pairwise (1 - IoU) between sampled masks: the E[d(S,S')] term of the GED",
@@ -271,14 +415,15 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
 
 
 def segment_file(path: str | Path, model_dir: str | Path, options: SegmentOptions | None = None,
-                 progress: StageProgress | None = None) -> SegmentationResult:
-    """Read ``path`` (any image SimpleITK reads, a DICOM folder, PNG/JPEG) and segment it."""
+                 progress: StageProgress | None = None, on_warnings: WarningsHook | None = None,
+                 on_estimate: EstimateHook | None = None) -> SegmentationResult:
+    """Read ``path`` (any image SimpleITK reads, a DICOM folder, PNG/JPEG) and segment it (see segment_image)."""
     from DiffusionSegLib.io import read_image
 
     start = time.perf_counter()
     image = read_image(path)
     read_s = round(time.perf_counter() - start, 4)
-    result = segment_image(image, model_dir, options, progress)
+    result = segment_image(image, model_dir, options, progress, on_warnings, on_estimate)
     result.report["input"]["path"] = str(path)
     result.report["timings_s"] = {"read": read_s, **result.report["timings_s"]}
     result.report["total_s"] = round(result.report["total_s"] + read_s, 4)

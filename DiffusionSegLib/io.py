@@ -168,6 +168,9 @@ def image_from_array(array: np.ndarray, reference: sitk.Image, pixel_type: int =
     return image
 
 
+DICOM_MODALITY_TAG = "0008|0060"  # (0008,0060) Modality: CT, MR, ...
+
+
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     """The series of ``folder`` with the most files, as one volume."""
     try:
@@ -182,10 +185,14 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         log.info("%s holds %d DICOM series; reading the largest (%d files)", folder, len(series), len(files))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # keep the tags: the input check reads the Modality
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as err:
         raise InputImageError(f"cannot read the DICOM series in {folder}: corrupt or incomplete files") from err
+    if reader.HasMetaDataKey(0, DICOM_MODALITY_TAG):
+        image.SetMetaData(DICOM_MODALITY_TAG, reader.GetMetaData(0, DICOM_MODALITY_TAG).strip())
+    return image
 
 
 def _drop_alpha(image: sitk.Image) -> sitk.Image:

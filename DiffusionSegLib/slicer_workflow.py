@@ -17,6 +17,13 @@ One :class:`SegmentationWorkflow` per scene drives one run at a time:
 After a run with kept samples, :meth:`~SegmentationWorkflow.set_agreement` re-derives the fused
 segments as "at least k of N samples agree" without sampling again (the agreement slider).
 
+Before a run, :meth:`~SegmentationWorkflow.check_input` says what about the selected volume does not
+fit the selected model (the panel's warning label, shown before Apply) and
+:meth:`~SegmentationWorkflow.estimate` how long sampling will take, from the speed measured by the
+last run on this computer (:attr:`~SegmentationWorkflow.measured_speed`). During a run,
+:meth:`~SegmentationWorkflow.run_messages` returns the child's own warnings and its estimate, which
+it measures with one timed network pass before sampling.
+
 No Qt and no torch here: this module imports the bridge (slicer MRML, vtk, numpy) and
 standard-library process handling only, so it runs in Slicer's UI process and under pytest on a
 ``slicer-core`` scene alike.
@@ -36,6 +43,12 @@ import numpy as np
 
 from DiffusionSegLib.background import JobStatus, SegmentJob
 from DiffusionSegLib.errors import DiffusionSegError
+from DiffusionSegLib.inputcheck import MODALITY_TAG, InputWarning, RunEstimate
+
+# Prefixes of the child's stderr lines the panel shows (the CLI prints them; cli imports torch, so
+# they are spelled here too and a test keeps both in step).
+WARNING_PREFIX = "diffusionseg: warning: "
+ESTIMATE_PREFIX = "diffusionseg: estimate: "
 
 # Box in IJK of the input volume, half-open: ((i0, j0, k0), (i1, j1, k1)).
 IJKBox = tuple[tuple[int, int, int], tuple[int, int, int]]
@@ -55,6 +68,27 @@ class RunSettings:
     crf: bool = True
     keep_samples: bool = True  # the agreement slider needs the per-sample masks
     show_samples: bool = False  # also show each sample as a (hidden) segment
+
+
+@dataclass(frozen=True)
+class MeasuredSpeed:
+    """Sampling speed measured by a finished run: seconds per network evaluation per model-grid pixel.
+
+    Per pixel, so it scales to another input size; keyed by model and the device *setting* the user
+    chose (auto/cpu/cuda), which is what the panel knows before a run.
+    """
+
+    model: str
+    device: str
+    seconds_per_pixel_evaluation: float
+
+
+@dataclass(frozen=True)
+class RunMessages:
+    """What the running child said before sampling: input warnings and its measured estimate."""
+
+    warnings: list[str]
+    estimate: str | None
 
 
 @dataclass
@@ -81,6 +115,7 @@ class SegmentationWorkflow:
         self._labels: list[str] = []
         self._summary: dict[str, Any] = {}
         self._agreement: int | None = None
+        self._speed: MeasuredSpeed | None = None
 
     # -- running --------------------------------------------------------------------------------
 
@@ -95,18 +130,9 @@ class SegmentationWorkflow:
         Raises ValueError for an unusable node or ROI, DiffusionSegError when the child cannot start.
         The scene is not modified.
         """
-        from DiffusionSegLib import mrml_bridge
-
         if self._run is not None:
             raise RuntimeError("a DiffusionSeg run is already in progress; cancel or finish it first")
-        if volume_node is None:
-            raise ValueError("no input volume selected")
-        box = mrml_bridge.roi_ijk_box(volume_node, roi_node) if roi_node is not None else None
-        image = mrml_bridge.volume_to_image(volume_node, box)
-        if image.GetDimension() == 3 and image.GetSize()[2] == 1:
-            # A single slice (a photo or one CT slice) is a 2D image for the library: its 2D readers
-            # and models take it as is. The bridge puts the results back on the node's 3D grid.
-            image = image[:, :, 0]
+        box, image = self._export(volume_node, roi_node)
         workdir = Path(tempfile.mkdtemp(prefix="diffusionseg-"))
         try:
             input_path = workdir / "input.nrrd"
@@ -119,6 +145,76 @@ class SegmentationWorkflow:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         self._run = _Run(volume_node, settings, box, workdir, job)
+
+    def _export(self, volume_node: Any, roi_node: Any = None) -> tuple[IJKBox | None, Any]:
+        """The image the child will segment: the node's voxels (ROI-cropped) with its geometry and, when
+        the volume came from DICOM, its Modality tag (so the input check can trust it)."""
+        from DiffusionSegLib import mrml_bridge
+
+        if volume_node is None:
+            raise ValueError("no input volume selected")
+        box = mrml_bridge.roi_ijk_box(volume_node, roi_node) if roi_node is not None else None
+        image = mrml_bridge.volume_to_image(volume_node, box)
+        if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+            # A single slice (a photo or one CT slice) is a 2D image for the library: its 2D readers
+            # and models take it as is. The bridge puts the results back on the node's 3D grid.
+            image = image[:, :, 0]
+        modality = _dicom_modality(self.scene, volume_node)
+        if modality:
+            image.SetMetaData(MODALITY_TAG, modality)  # NRRD keeps it: the child sees it too
+        return box, image
+
+    def check_input(self, volume_node: Any, model: str | None = None, roi_node: Any = None) -> list[InputWarning]:
+        """What about ``volume_node`` (cropped to ``roi_node``) does not fit ``model``; [] when it fits.
+
+        The checks the CLI runs before sampling (inputcheck.check_input), run here in the UI process:
+        numpy statistics on a subsample, no torch, no model weights, well under a second.
+        Raises ValueError for an unusable node, DiffusionSegError for a missing or broken model.
+        """
+        from DiffusionSegLib.inputcheck import check_input
+        from DiffusionSegLib.modelcard import read_card
+        from DiffusionSegLib.models import resolve_model
+
+        _, image = self._export(volume_node, roi_node)
+        return check_input(image, read_card(resolve_model(model)))
+
+    def estimate(self, volume_node: Any, settings: RunSettings, roi_node: Any = None,
+                 speed: MeasuredSpeed | None = None) -> RunEstimate | None:
+        """Sampling time of a run with ``settings`` on ``volume_node``, before it starts; None when no
+        speed was measured for this model and device setting (``speed`` or the last run's).
+
+        Network evaluations are counted as the CLI counts them (samples x steps x slices on the model
+        grid); seconds per evaluation scale with the slice's pixels on the model grid.
+        """
+        from DiffusionSegLib.inputcheck import model_grid_items
+        from DiffusionSegLib.modelcard import read_card
+        from DiffusionSegLib.models import resolve_model
+
+        card = read_card(resolve_model(settings.model))
+        speed = speed or self._speed
+        if speed is None or speed.model != card.name or speed.device != settings.device:
+            return None
+        _, image = self._export(volume_node, roi_node)
+        items, pixels = model_grid_items(image, card)
+        steps = settings.steps or card.default_steps
+        return RunEstimate(settings.samples or card.default_samples, steps, items,
+                           speed.seconds_per_pixel_evaluation * pixels, settings.device,
+                           "slices" if card.spatial_dims == 2 else "volumes",
+                           source="measured by the last run on this computer")
+
+    @property
+    def measured_speed(self) -> MeasuredSpeed | None:
+        """Speed of the last finished run (for :meth:`estimate`; the panel keeps it across sessions)."""
+        return self._speed
+
+    def run_messages(self) -> RunMessages:
+        """Input warnings and the measured estimate the running child printed (empty before it did)."""
+        if self._run is None:
+            raise RuntimeError("no DiffusionSeg run in progress")
+        lines = list(self._run.job.stderr_lines)
+        warnings = [line[len(WARNING_PREFIX):] for line in lines if line.startswith(WARNING_PREFIX)]
+        estimates = [line[len(ESTIMATE_PREFIX):] for line in lines if line.startswith(ESTIMATE_PREFIX)]
+        return RunMessages(warnings, estimates[-1] if estimates else None)
 
     def poll(self) -> JobStatus:
         """Progress of the run in progress (stage, done, total, finished, returncode, error)."""
@@ -167,6 +263,7 @@ class SegmentationWorkflow:
         finally:
             shutil.rmtree(run.workdir, ignore_errors=True)
         self._remember(run.volume_node, result, outputs)
+        self._speed = _speed_of(result.report, run.settings.device) or self._speed
         return outputs
 
     def process(self, volume_node: Any, settings: RunSettings | None = None, roi_node: Any = None,
@@ -244,6 +341,31 @@ class SegmentationWorkflow:
         }
 
 
+def _speed_of(report: dict[str, Any], device_setting: str) -> MeasuredSpeed | None:
+    """The sampling speed a run's report.json records, per model-grid pixel; None when it has none."""
+    per_evaluation = report.get("seconds_per_network_evaluation")
+    shape = report.get("model_grid_item_shape")
+    name = (report.get("model") or {}).get("name")
+    if not per_evaluation or not shape or not name:
+        return None
+    return MeasuredSpeed(str(name), device_setting, float(per_evaluation) / float(np.prod(shape)))
+
+
+def _dicom_modality(scene: Any, volume_node: Any) -> str | None:
+    """The DICOM Modality Slicer's DICOM import recorded for the node's series (subject hierarchy), or None."""
+    try:
+        import slicer
+
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+        item = sh.GetItemByDataNode(volume_node)
+        if item == sh.GetInvalidItemID():
+            return None
+        name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+        return sh.GetItemAttribute(item, name).strip().upper() or None
+    except (ImportError, AttributeError):  # no subject hierarchy: nothing recorded
+        return None
+
+
 def _node_spacing(volume_node: Any) -> tuple[float, float, float]:
     return tuple(float(s) for s in volume_node.GetSpacing())
 
@@ -279,4 +401,4 @@ def _paste_into_volume(result: Any, shape: tuple[int, int, int], box: IJKBox | N
         uncertainty=full(result.uncertainty, 1), refined=full(result.refined, 1), samples=full(result.samples, 2))
 
 
-__all__ = ["RunSettings", "SegmentationWorkflow"]
+__all__ = ["MeasuredSpeed", "RunMessages", "RunSettings", "SegmentationWorkflow"]

@@ -12,8 +12,9 @@
 - ``segmentation.seg.nrrd`` (slicerio >= 1.1): segments "<label> fused" (the CRF-refined mask when
   available), "<label> consistency", "<label> ambiguity"; overlapping segments go to separate
   layers as Slicer stores them.
-- ``overview.png``: the most informative slices with the fused outline, the ambiguity overlay and
-  the uncertainty map.
+- ``overview.png``: the most informative axial slices with the final-mask outline, the ambiguity
+  overlay and the uncertainty map, a legend, a titled colorbar, the model's CT window and slice
+  positions in mm (see :func:`write_overview`).
 - ``report.json``: ``result.report`` plus the list of files written.
 
 Every output shares the geometry of ``result.reference`` (RGB inputs: its scalar geometry).
@@ -505,68 +506,184 @@ def _most_informative_slices(fused: np.ndarray, ambiguity: np.ndarray) -> list[i
     return [int(run[np.argmax(score[run])]) for run in runs]
 
 
-def _display(image: np.ndarray, rgb: bool) -> np.ndarray:
-    """Image slices (n, y, x[, 3]) as floats in [0, 1]: 8-bit RGB as is, else a 1-99 % window."""
-    if rgb and image.dtype == np.uint8:
-        return image / 255.0
+# What the uncertainty colorbar says and where it ends, per kind: a fixed scale, so a nearly
+# certain result does not look alarming just because its largest value fills the colour range.
+_UNCERTAINTY_SCALES = {"variance": ("uncertainty: variance p(1-p)\n(0 = samples agree, 0.25 = half of them)", 0.25),
+                       "entropy": ("uncertainty: binary entropy (bits)\n(0 = samples agree, 1 = half of them)", 1.0)}
+_OVERVIEW_DPI = 100
+_OVERVIEW_WIDTH_IN = 11.5
+
+
+def _display_window(image: np.ndarray, rgb: bool, report: dict[str, Any]) -> tuple[float, float, str]:
+    """(low, high, description) of the grey-level window for scalar slices.
+
+    A CT input shown to a CT-window model gets the model's own window (what the model was trained
+    to look at, e.g. W400/L50 HU soft tissue); anything else a 1-99 % percentile window.
+    """
+    norm = (report.get("model") or {}).get("normalization") or {}
+    input_modality = (report.get("modality") or {}).get("input")
+    if not rgb and norm.get("kind") == "ct_window" and input_modality == "CT":
+        center, width = float(norm["center"]), float(norm["width"])
+        return center - width / 2, center + width / 2, f"CT window W{width:g}/L{center:g} HU (the model's)"
     low, high = np.percentile(image, [1, 99])
     if high <= low:
         low, high = float(image.min()), float(image.max())
-    return np.clip((image - low) / max(high - low, 1e-12), 0.0, 1.0)
+    return float(low), float(max(high, low + 1e-12)), "grey levels: 1-99 % of the shown slices"
 
 
-def write_overview(result: SegmentationResult, path: str | os.PathLike, dpi: int = 80) -> None:
-    """PNG of up to 3 informative slices: fused outline, ambiguity overlay, uncertainty (max over labels).
+def _to_lps(ref: sitk.Image, maps: list[np.ndarray]) -> tuple[sitk.Image, list[np.ndarray]]:
+    """A 3D reference (and (L, z, y, x) maps on its grid) permuted/flipped to LPS, no interpolation.
 
-    Rows are slices; columns: image + final-mask outline, image + ambiguity, uncertainty map.
-    The title gives the sample diversity (mean pairwise 1 - IoU) per label.
+    Then array axis 0 runs inferior->superior, rows anterior->posterior and columns patient right->left:
+    axial slices in the radiological convention whatever the file's direction matrix.
+    """
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ref.GetDirection())
+    if current == "LPS":
+        return ref, maps
+    oriented_ref = sitk.DICOMOrient(ref, "LPS")
+    scalar_ref = image_from_array(np.zeros(tuple(reversed(ref.GetSize())), np.uint8), ref, sitk.sitkUInt8)
+    out = []
+    for stack in maps:
+        channels = [sitk.GetArrayFromImage(sitk.DICOMOrient(image_from_array(m, scalar_ref, _pixel_type(m)), "LPS"))
+                    for m in stack]
+        out.append(np.stack(channels))
+    return oriented_ref, out
+
+
+def _pixel_type(array: np.ndarray) -> int:
+    return sitk.sitkFloat32 if array.dtype.kind == "f" else sitk.sitkUInt8
+
+
+def _crop_box(shown: np.ndarray, masks: list[np.ndarray]) -> tuple[slice, slice]:
+    """Rows/columns holding the anatomy (above the window floor) or any mask, with a small margin.
+
+    A CT is mostly air around the body: without the crop the organs are a third of the panel.
+    """
+    grey = shown if shown.ndim == 3 else shown.mean(axis=-1)
+    keep = (grey > 0.02).any(axis=0)
+    for m in masks:
+        keep |= m.any(axis=tuple(range(m.ndim - 2)))
+    rows, cols = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+    if rows.size == 0 or cols.size == 0:
+        return slice(None), slice(None)
+    h, w = keep.shape
+    mr, mc = max(2, h // 30), max(2, w // 30)
+    return (slice(max(0, rows[0] - mr), min(h, rows[-1] + mr + 1)),
+            slice(max(0, cols[0] - mc), min(w, cols[-1] + mc + 1)))
+
+
+def write_overview(result: SegmentationResult, path: str | os.PathLike, dpi: int = _OVERVIEW_DPI) -> None:
+    """PNG of up to 3 informative axial slices, readable on a screen without the other outputs.
+
+    Rows are slices (position in mm along the patient axis); columns: image + final-mask outline,
+    image + ambiguity (where the samples disagree), image + uncertainty with a titled colorbar on a
+    fixed scale. A legend names each label's colours, the grey window is the model's CT window for CT
+    inputs, volumes are shown in the radiological convention (patient right on the left) with
+    orientation letters, and input warnings (report "warnings") are repeated in red at the bottom.
     """
     # The Agg canvas is used explicitly instead of matplotlib.use("Agg"): inside Slicer a global
     # backend switch would change the user's own plotting; nothing here needs a display.
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     ref = result.reference
+    report = result.report or {}
     rgb = ref.GetNumberOfComponentsPerPixel() == 3
+    maps = [result.fused, result.final_mask, result.ambiguity, result.uncertainty]  # (L, *spatial)
+    volume = ref.GetDimension() == 3
+    if volume:
+        ref, maps = _to_lps(ref, maps)
     image = sitk.GetArrayViewFromImage(ref)  # (z, y, x[, 3]) or (y, x[, 3])
-    maps = (result.fused, result.final_mask, result.ambiguity, result.uncertainty)  # (L, *spatial)
-    if ref.GetDimension() == 2:  # one "slice": same code path as a volume
-        image, maps = image[None], tuple(m[:, None] for m in maps)
+    if not volume:  # one "slice": same code path as a volume
+        image, maps = image[None], [m[:, None] for m in maps]
     fused, final, ambiguity, uncertainty = maps
     slices = _most_informative_slices(fused, ambiguity)
-    shown = _display(np.asarray(image[slices]), rgb)
-    unc = uncertainty[:, slices].max(axis=0)  # (n, y, x)
-    unc_max = float(unc.max())
+    raw = np.asarray(image[slices], dtype=np.float32)
+    if rgb and image.dtype == np.uint8:
+        shown, window = raw / 255.0, "RGB as stored"
+    else:
+        low, high, window = _display_window(raw, rgb, report)
+        shown = np.clip((raw - low) / (high - low), 0.0, 1.0)
+    rows, cols = _crop_box(shown, [final[:, slices], ambiguity[:, slices]])
     spacing = ref.GetSpacing()
     aspect = spacing[1] / spacing[0]  # rows are y, columns x
     colors = [np.clip(np.asarray(lab.color, float), 0, 1) for lab in result.labels]
     amb_colors = [np.asarray(segment_colors(lab.color)["ambiguity"]) for lab in result.labels]
-    crf = " (CRF)" if result.refined is not None else ""
+    kind = report.get("uncertainty_kind", "variance")
+    unc_title, unc_max = _UNCERTAINTY_SCALES.get(kind, (f"uncertainty ({kind})", float(uncertainty.max()) or 1.0))
+    unc_norm = Normalize(vmin=0.0, vmax=unc_max)
+    unc_cmap = colormaps["inferno"]
+    final_name = "final mask (CRF-refined)" if result.refined is not None else "final mask (fused)"
 
-    fig = Figure(figsize=(7.5, 2.3 * len(slices) + 0.5), dpi=dpi, layout="compressed")
+    n = len(slices)
+    # Rows as tall as the cropped slices are at a third of the width: no empty bands between rows.
+    panel_h = (_OVERVIEW_WIDTH_IN - 1.2) / 3 * aspect * shown[0][rows, cols].shape[0] / max(
+        shown[0][rows, cols].shape[1], 1)
+    fig = Figure(figsize=(_OVERVIEW_WIDTH_IN, min(n * (panel_h + 0.55) + 1.6, 11.8)), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(slices), 3, squeeze=False)
+    # A thin first row holds the legend: placed by the layout engine under the title, never over it.
+    grid = fig.add_gridspec(n + 1, 3, height_ratios=[0.12 * max(panel_h, 1.0)] + [panel_h] * n)
+    legend_ax = fig.add_subplot(grid[0, :])
+    legend_ax.set_axis_off()
+    axes = np.array([[fig.add_subplot(grid[row + 1, col]) for col in range(3)] for row in range(n)])
     cmap = None if rgb else "gray"
     for row, z in enumerate(slices):
-        ax_fused, ax_amb, ax_unc = axes[row]
-        for ax in (ax_fused, ax_amb):
-            ax.imshow(shown[row], cmap=cmap, vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        ax_final, ax_amb, ax_unc = axes[row]
+        picture = shown[row][rows, cols]
+        for ax in (ax_final, ax_amb, ax_unc):
+            ax.imshow(picture, cmap=cmap, vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         for i, color in enumerate(colors):
-            if final[i, z].any():
-                ax_fused.contour(final[i, z], levels=[0.5], colors=[color], linewidths=1.0)
-        overlay = np.zeros((*ambiguity.shape[2:], 4), np.float32)
+            if final[i, z][rows, cols].any():
+                ax_final.contour(final[i, z][rows, cols], levels=[0.5], colors=[color], linewidths=1.6)
+        overlay = np.zeros((*picture.shape[:2], 4), np.float32)
         for i, color in enumerate(amb_colors):
-            overlay[ambiguity[i, z].astype(bool)] = (*color, 0.65)
+            overlay[ambiguity[i, z][rows, cols].astype(bool)] = (*color, 0.75)
         ax_amb.imshow(overlay, aspect=aspect, interpolation="nearest")
-        im = ax_unc.imshow(unc[row], cmap="magma", vmin=0, vmax=max(unc_max, 1e-6), aspect=aspect,
-                           interpolation="nearest")
-        fig.colorbar(im, ax=ax_unc, fraction=0.046, pad=0.02)
-        where = f"slice {z}" if ref.GetDimension() == 3 else "image"
-        ax_fused.set_title(f"{where}: fused{crf}", fontsize=8)
-        ax_amb.set_title("ambiguity", fontsize=8)
-        ax_unc.set_title("uncertainty", fontsize=8)
-        for ax in (ax_fused, ax_amb, ax_unc):
-            ax.set_axis_off()
+        unc = uncertainty[:, z].max(axis=0)[rows, cols]
+        heat = unc_cmap(unc_norm(unc))
+        heat[..., 3] = np.where(unc > 0, 0.85, 0.0)  # certain voxels stay transparent: anatomy shows through
+        ax_unc.imshow(heat, aspect=aspect, interpolation="nearest")
+        if volume:
+            position = ref.TransformIndexToPhysicalPoint((0, 0, int(z)))[2]
+            where = f"axial slice {z + 1} of {fused.shape[1]}, S {position:.1f} mm"
+        else:
+            where = "image"
+        ax_final.set_title(f"{where}\n{final_name}", fontsize=10)
+        ax_amb.set_title("ambiguity: samples disagree", fontsize=10)
+        ax_unc.set_title("uncertainty", fontsize=10)
+        for ax in (ax_final, ax_amb, ax_unc):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if volume:  # LPS arrays: columns run patient right -> left, rows anterior -> posterior
+                for x, y, text, ha, va in ((0.01, 0.5, "R", "left", "center"), (0.99, 0.5, "L", "right", "center"),
+                                           (0.5, 0.99, "A", "center", "top"), (0.5, 0.01, "P", "center", "bottom")):
+                    ax.text(x, y, text, transform=ax.transAxes, color="yellow", fontsize=9, ha=ha, va=va)
+    bar = fig.colorbar(ScalarMappable(norm=unc_norm, cmap=unc_cmap), ax=axes[:, 2].tolist(), fraction=0.05, pad=0.02)
+    bar.set_label(unc_title, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+
+    handles = [Line2D([], [], color=c, lw=2.5, label=f"{lab.name}: {final_name}")
+               for lab, c in zip(result.labels, colors)]
+    handles += [Patch(facecolor=c, alpha=0.75, label=f"{lab.name}: ambiguity")
+                for lab, c in zip(result.labels, amb_colors)]
+    # Under the title, so the key is read before the pictures; the bottom is kept for warnings.
+    legend_ax.legend(handles=handles, loc="center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
+
+    model = (report.get("model") or {}).get("name", "")
+    samples = report.get("samples")
     diversity = ", ".join(f"{lab.name} {d:.3f}" for lab, d in zip(result.labels, result.sample_diversity))
-    fig.suptitle(f"sample diversity (mean pairwise 1-IoU): {diversity or 'n/a'}", fontsize=9)
+    lines = [f"DiffusionSeg{f' - model {model}' if model else ''}{f', {samples} samples' if samples else ''}; {window}",
+             f"sample diversity (mean pairwise 1-IoU of the samples, 0 = identical): {diversity or 'n/a'}"]
+    fig.suptitle("\n".join(lines), fontsize=10)
+    warnings = report.get("warnings") or []
+    if warnings:
+        codes = ", ".join(dict.fromkeys(str(w.get("code", "")) for w in warnings))
+        # supxlabel, not a free text: constrained layout makes room for it below the legend.
+        fig.supxlabel(f"Input does not fit the model ({codes}): see report.json 'warnings'",
+                      color="red", fontsize=10, weight="bold")
     fig.savefig(os.fspath(path), format="png", dpi=dpi)

@@ -43,7 +43,10 @@ def test_segment_the_bundled_sample_with_the_bundled_model(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["name"] == DEFAULT_MODEL
     assert report["samples"] == 2 and report["steps"] == 2 and report["nfe_per_image"] == 4
-    assert set(report["volumes_ml"]["fused"]) == {"liver", "spleen"}
+    # Per-label figures keyed by label name first, the same way for volumes and diversity.
+    assert set(report["volumes_ml"]) == set(report["sample_diversity"]) == {"liver", "spleen"}
+    assert set(report["volumes_ml"]["liver"]) == {"fused", "crf", "consistency", "ambiguity"}
+    assert report["warnings"] == [], "the bundled sample fits the bundled model"
     assert (out / "segmentation.seg.nrrd").stat().st_size > 0
     assert (out / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
@@ -328,3 +331,165 @@ def test_sigterm_ends_a_run_cleanly_and_keeps_the_earlier_outputs(tmp_path, tiny
     assert child.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "diffusionseg: terminated"
     assert folder_state(out) == before, "staging folder left behind or earlier outputs changed"
+
+
+# --- the input does not fit the model; before the long work; outputs people can read -------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ct_model(tmp_path_factory):
+    """A tiny 2D CT model that states what the bundled one states: CT, HU window, 3 mm, 96 px crops."""
+    from conftest import make_model
+
+    return make_model(tmp_path_factory.mktemp("m") / "tiny_ct", modality="CT", spacing=[3.0, 3.0],
+                      patch_size=[96, 96], normalization={"kind": "ct_window", "center": 50, "width": 400})
+
+
+def mr_like_file(tmp: Path) -> Path:
+    """An MR-like volume (no air at -1000 HU, values 0..900) with a body-sized field of view."""
+    rng = np.random.default_rng(4)
+    zz, yy, xx = np.indices((3, 48, 56))
+    body = ((yy - 24) / 20.0) ** 2 + ((xx - 28) / 24.0) ** 2 < 1
+    image = sitk.GetImageFromArray(np.where(body, rng.uniform(300, 900, body.shape),
+                                            rng.uniform(0, 10, body.shape)).astype(np.int16))
+    image.SetSpacing((6.0, 6.0, 5.0))  # 336 x 288 mm
+    image.SetOrigin((-160.0, -140.0, 0.0))
+    path = tmp / "mr_like.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_an_mr_like_volume_to_the_ct_model_warns_in_stderr_and_report(tmp_path, tiny_ct_model, capsys):
+    out = tmp_path / "o"
+    assert run_cli("segment", mr_like_file(tmp_path), "-o", out, "--model", tiny_ct_model, "--samples", "2",
+                   "--steps", "1", "--no-crf", "-q") == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("diffusionseg: warning: ")]
+    assert len(warned) == 1 and "does not look like CT" in warned[0], err
+    report = json.loads((out / "report.json").read_text())
+    assert [w["code"] for w in report["warnings"]] == ["modality"]
+    assert report["warnings"][0]["message"] in warned[0]
+    assert report["modality"]["model"] == "CT" and report["modality"]["input"] == "not CT"
+
+
+def test_strict_refuses_an_input_that_does_not_fit(tmp_path, tiny_ct_model, capsys, monkeypatch):
+    from DiffusionSegLib import diffusion
+
+    monkeypatch.setattr(diffusion, "sample_masks", lambda *a, **k: pytest.fail("sampling started"))
+    png = tmp_path / "slice.png"  # a picture: 8-bit values and no spacing, two reasons
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(pixels), str(png))
+    out = tmp_path / "o"
+    assert run_cli("segment", png, "-o", out, "--model", tiny_ct_model, "--strict", "-q") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("diffusionseg: error: ") for line in lines), lines
+    assert "8-bit" in lines[0] and "no pixel spacing" in lines[1]
+    assert not out.exists(), "a refused run must leave no output folder"
+
+
+def test_the_sampling_time_is_announced_before_sampling(tmp_path, tiny_model, capsys, monkeypatch):
+    from DiffusionSegLib import diffusion
+
+    real, seen = diffusion.sample_masks, {}
+
+    def recording(*args, **kwargs):
+        seen["stderr so far"] = capsys.readouterr().err
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "sample_masks", recording)
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(4, 16, 20)).astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
+    assert run_cli("segment", tmp_path / "in.nrrd", "-o", tmp_path / "o", "--model", tiny_model,
+                   "--samples", "5", "--steps", "3", "--no-crf") == 0
+    estimate = [line for line in seen["stderr so far"].splitlines() if line.startswith("diffusionseg: estimate: ")]
+    assert len(estimate) == 1, seen
+    assert "on cpu (5 samples x 3 steps x 4 slices = 60 network evaluations" in estimate[0]
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["estimate"]["network_evaluations"] == report["network_evaluations"] == 60
+
+
+def test_the_progress_bar_counts_network_evaluations_to_its_total(tmp_path, tiny_model, monkeypatch):
+    from DiffusionSegLib import cli
+
+    bars = []
+    real = cli._tqdm_progress
+
+    def keep(quiet):
+        bar = real(quiet)
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(cli, "_tqdm_progress", keep)
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
+    # 5 samples x 10 steps x 3 slices in chunks of 4 items: 4 chunks x 10 steps = 40 network calls,
+    # which the bar used to show as "40 steps"; it counts the 150 network evaluations now.
+    assert run_cli("segment", tmp_path / "in.nrrd", "-o", tmp_path / "o", "--model", tiny_model, "--samples", "5",
+                   "--steps", "10", "--batch-size", "4", "--no-crf") == 0
+    assert bars[0].last == (150, 150)
+    assert "network evaluation" in bars[0].unit
+
+
+def test_version():
+    done = subprocess.run([sys.executable, "-m", "DiffusionSegLib", "--version"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    from DiffusionSegLib import __version__
+
+    assert done.returncode == 0 and done.stdout.strip() == f"diffusionseg {__version__}"
+
+
+def _parsers(parser, path=("diffusionseg",)):
+    """(command path, parser) of the parser and every subcommand parser, nested ones included."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*path, name))
+
+
+def test_every_option_has_a_help_line_and_no_markup():
+    import argparse
+    import re
+
+    from DiffusionSegLib.cli import build_parser
+
+    walked = list(_parsers(build_parser()))
+    assert {" ".join(path) for path, _ in walked} >= {
+        "diffusionseg segment", "diffusionseg evaluate", "diffusionseg models download", "diffusionseg models clear"}
+    markup = re.compile(r"``|:(?:ref|func|class|meth|mod):`|\.\. \w+::")
+    for path, parser in walked:
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help and action.help.strip(), f"{' '.join(path)} {action.option_strings or action.dest}: no help"
+        text = parser.format_help()
+        assert not markup.search(text), f"{' '.join(path)} --help shows reStructuredText markup: {markup.search(text)}"
+
+
+def test_models_json_into_a_closed_pipe_ends_quietly(tmp_path, tiny_model):
+    # Enough models for the JSON to overflow the pipe buffer (64 KiB), so the child writes after the
+    # reader has gone, as with "diffusionseg models --json | head -1".
+    folder = tmp_path / "many"
+    card = json.loads((tiny_model / "model.json").read_text())
+    for i in range(250):
+        (folder / f"m{i:03d}").mkdir(parents=True)
+        (folder / f"m{i:03d}" / "model.json").write_text(json.dumps({**card, "name": f"m{i:03d}"}))
+    env = {**os.environ, "DIFFUSIONSEG_MODELS": str(folder)}
+    child = subprocess.Popen([sys.executable, "-m", "DiffusionSegLib", "models", "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=REPO, env=env)
+    assert child.stdout.readline().strip() == b"["
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    child.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert child.returncode in (0, 141), child.returncode
+
+
+def test_a_normal_run_shows_no_third_party_future_warning(tmp_path, tiny_model):
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-m", "DiffusionSegLib", "segment",
+                           str(tiny_input(tmp_path)), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
+                           "--samples", "2", "--steps", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr

@@ -90,3 +90,41 @@ def test_evaluate_a_model_scores_the_runs_final_mask(tmp_path, tiny_model, fusio
     assert summary["mode"] == "model"
     assert summary["cases"][0]["metrics"]["lesion"]["dice"] == pytest.approx(expected)
     assert summary["cases"][0]["metrics"]["lesion"]["iou"] == pytest.approx((pred & ref).sum() / (pred | ref).sum())
+
+
+def test_evaluate_reports_progress_per_case_and_no_monai_future_warning(tmp_path, dataset):
+    import warnings
+
+    root, label = dataset
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    pred = label.copy()
+    pred[0, 1, 1] = 0  # non-empty masks on both sides: HD95 is computed (MONAI's get_mask_edges)
+    _write(pred, preds / "case1.nii.gz")
+    events = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(preds, root, split="test", progress=lambda stage, done, total: events.append((stage, done, total)))
+    assert events == [("cases", 0, 1), ("cases", 1, 1)]
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not future, future
+
+
+def test_evaluate_cli_draws_a_case_bar(tmp_path, dataset, monkeypatch):
+    from DiffusionSegLib import cli
+
+    root, label = dataset
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    _write(label, preds / "case1.nii.gz")
+    bars = []
+    real = cli._Bar
+
+    class Keep(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(cli, "_Bar", Keep)
+    assert main(["evaluate", str(preds), str(root)]) == 0
+    assert bars and bars[0].stage == "cases" and bars[0].last == (1, 1)

@@ -8,6 +8,7 @@ import SimpleITK as sitk
 
 from conftest import make_model
 from DiffusionSegLib.inference import SegmentOptions, segment_image
+from DiffusionSegLib.modelcard import LabelInfo
 
 
 def oblique_volume() -> sitk.Image:
@@ -148,3 +149,99 @@ def test_the_crf_refines_the_chosen_fusion(tiny_model, monkeypatch, fusion):
     np.testing.assert_array_equal(result.final_mask, result.fused)
     assert result.report["final_mask"] == f"crf: DenseCRF of the {fusion} fusion"
 
+
+
+# --- the input does not fit the model; before the long work; a readable report ----------------------
+
+
+def mr_like_volume() -> sitk.Image:
+    """MR-like intensities (0..900, no air at -1000) on a real geometry."""
+    rng = np.random.default_rng(5)
+    arr = np.where(rng.random((3, 24, 28)) < 0.7, rng.uniform(300, 900, (3, 24, 28)), rng.uniform(0, 10, (3, 24, 28)))
+    image = sitk.GetImageFromArray(arr.astype(np.float32))
+    image.SetSpacing((10.0, 10.0, 5.0))  # 240 x 280 mm: a body-sized view, so only the modality is off
+    image.SetOrigin((-120.0, -140.0, 0.0))
+    return image
+
+
+@pytest.fixture(scope="module")
+def tiny_ct_model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("m") / "tiny_ct", modality="CT",
+                      normalization={"kind": "ct_window", "center": 50, "width": 400},
+                      labels=[LabelInfo("liver", (0.9, 0.5, 0.3)), LabelInfo("spleen", (0.6, 0.3, 0.7))])
+
+
+def test_sampling_progress_counts_network_evaluations_to_the_total(tiny_model):
+    """5 samples x 4 steps x 3 slices in chunks of 4 items: 60 network evaluations, not 16 chunk calls."""
+    events = []
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32))
+    result = segment_image(image, tiny_model, SegmentOptions(samples=5, steps=4, batch_size=4, crf=False),
+                           progress=lambda stage, done, total: events.append((stage, done, total)))
+    sampling = [(done, total) for stage, done, total in events if stage == "sampling"]
+    assert {total for _, total in sampling} == {60} == {result.report["network_evaluations"]}
+    assert sampling[-1] == (60, 60)
+    assert [d for d, _ in sampling] == sorted(d for d, _ in sampling)
+
+
+def test_evaluation_progress_stays_monotonic_over_an_out_of_memory_retry():
+    from DiffusionSegLib.inference import _evaluation_progress
+
+    seen = []
+    progress = _evaluation_progress(lambda stage, done, total: seen.append((done, total)), 100)
+    for done in range(1, 5):  # first attempt: 10 calls planned, 4 done, then out of memory
+        progress(done, 10)
+    for done in range(1, 13):  # retry on the remaining items with half the chunk: 12 calls
+        progress(done, 12)
+    counts = [d for d, _ in seen]
+    assert counts == sorted(counts) and seen[-1] == (100, 100) and {t for _, t in seen} == {100}
+
+
+def test_report_is_readable_and_keyed_by_label(tiny_ct_model):
+    import re
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32))
+    rep = segment_image(image, tiny_ct_model, SegmentOptions(samples=2, steps=1)).report
+    assert rep["label_map"] == {"0": "background", "1": "liver", "2": "spleen"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rep["created_utc"])
+    assert set(rep["versions"]) == {"diffusionseg", "torch", "monai", "SimpleITK", "python"}
+    assert rep["model"]["prediction_type"] == "sample" and rep["model"]["prediction_target"] == "clean mask (x0)"
+    assert rep["modality"]["model"] == "CT" and rep["modality"]["input"] == "not CT"
+    assert [w["code"] for w in rep["warnings"]] == ["modality"]
+    # Both per-label figures are keyed by label name first; volumes then by region.
+    assert set(rep["sample_diversity"]) == set(rep["volumes_ml"]) == {"liver", "spleen"}
+    assert set(rep["volumes_ml"]["liver"]) == {"fused", "consistency", "ambiguity", "crf"}
+    assert rep["seconds_per_network_evaluation"] > 0 and rep["model_grid_item_shape"] == [16, 16]
+
+
+def test_warnings_and_estimate_come_before_sampling(tiny_ct_model, monkeypatch):
+    from DiffusionSegLib import diffusion
+
+    order = []
+    real = diffusion.sample_masks
+
+    def recording(*args, **kwargs):
+        order.append("sampling")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "sample_masks", recording)
+    estimates = []
+    result = segment_image(mr_like_volume(), tiny_ct_model, SegmentOptions(samples=3, steps=2, crf=False),
+                           on_warnings=lambda ws: order.append(("warnings", [w.code for w in ws])),
+                           on_estimate=lambda e: (order.append("estimate"), estimates.append(e)))
+    assert order == [("warnings", ["modality"]), "estimate", "sampling"]
+    assert estimates[0].network_evaluations == 3 * 2 * 3 == result.report["estimate"]["network_evaluations"]
+    assert estimates[0].seconds_per_evaluation > 0
+    assert "3 samples x 2 steps x 3 slices = 18 network evaluations" in estimates[0].text()
+
+
+def test_strict_refuses_before_the_model_is_loaded(tiny_ct_model, monkeypatch):
+    from DiffusionSegLib import modelcard
+    from DiffusionSegLib.inputcheck import InputMismatchError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded although the input is refused")
+
+    monkeypatch.setattr(modelcard, "load_model", never)
+    with pytest.raises(InputMismatchError) as refused:
+        segment_image(mr_like_volume(), tiny_ct_model, SegmentOptions(samples=1, steps=1, strict=True))
+    assert [w.code for w in refused.value.warnings] == ["modality"]

@@ -289,3 +289,11 @@ def test_array_with_channels_and_image_from_array():
     assert _same_geometry(mask, reference)
     with pytest.raises(ValueError):
         image_from_array(np.ones((5, 6, 4), np.float32), reference)
+
+
+def test_dicom_folder_keeps_its_modality_tag(tmp_path):
+    """The input check names the modality from (0008,0060); a series read must carry it."""
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.int16))
+    _write_dicom_series(tmp_path / "series", volume, "1.2.826.0.1.3680043.9.7.2")
+    image = read_image(tmp_path / "series")
+    assert image.GetMetaData("0008|0060") == "CT"

@@ -30,3 +30,16 @@ def test_hd95_uses_spacing():
     b[0, 2, 3] = 1  # two voxels apart along x
     assert hd95(a, b, (3.0, 1.0, 1.0)) == pytest.approx(2.0)
     assert hd95(a, b, (3.0, 1.0, 2.5)) == pytest.approx(5.0)
+
+
+def test_false_positive_components_hand_computed():
+    from DiffusionSegLib.metrics import false_positive_components
+
+    ref = np.zeros((4, 10, 10), bool)
+    ref[1:3, 1:4, 1:4] = True
+    pred = np.zeros_like(ref)
+    pred[1:3, 2:5, 2:5] = True  # overlaps the reference: not a false positive
+    pred[0, 8:10, 8:10] = True  # 4 voxels, separate
+    pred[3, 0, 9] = True  # 1 voxel, separate
+    assert false_positive_components(pred, ref, voxel_ml=0.5) == [2.0, 0.5]
+    assert false_positive_components(np.zeros_like(ref), ref, 1.0) == []

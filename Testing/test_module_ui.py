@@ -36,6 +36,8 @@ EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
     "showSamplesCheckBox": ("QCheckBox",),
     "outputSegmentationSelector": ("qMRMLNodeComboBox",),
     "applyButton": ("QPushButton",),
+    "estimateLabel": ("QLabel",),
+    "inputWarningLabel": ("QLabel",),
     "progressBar": ("QProgressBar",),
     "statusLabel": ("QLabel",),
     "agreementSlider": ("ctkSliderWidget", "QSlider"),
@@ -239,3 +241,51 @@ def test_ui_text_is_not_empty_for_buttons(ui):
     for name, (cls, props) in widgets.items():
         if cls in ("QPushButton", "QCheckBox", "ctkCollapsibleButton"):
             assert props.get("text"), f"{name} has no text"
+
+
+def _layout_holding(root: ET.Element, widget_name: str) -> ET.Element:
+    """The <layout> element whose items directly hold the widget ``widget_name``."""
+    for layout in root.iter("layout"):
+        for item in layout.findall("item"):
+            widget = item.find("widget")
+            if widget is not None and widget.get("name") == widget_name:
+                return layout
+    raise AssertionError(f"{widget_name} is in no layout")
+
+
+def test_the_estimate_sits_next_to_apply_and_the_input_warning_above_it(ui):
+    tree, _ = ui
+    root = tree.getroot()
+    row = _layout_holding(root, "applyButton")
+    assert row.get("class") == "QHBoxLayout"
+    assert [i.find("widget").get("name") for i in row.findall("item")] == ["applyButton", "estimateLabel"]
+    main = _layout_holding(root, "inputWarningLabel")
+    items = main.findall("item")
+    names = [(i.find("widget").get("name") if i.find("widget") is not None else
+              (i.find("layout").get("name") if i.find("layout") is not None else None)) for i in items]
+    assert names.index("inputWarningLabel") + 1 == names.index(row.get("name")), names
+
+
+def _method(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    return item
+    raise AssertionError(f"{cls}.{name} not found")
+
+
+def _calls(function: ast.FunctionDef) -> set[str]:
+    return {node.func.attr for node in ast.walk(function)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+
+
+def test_the_input_check_runs_when_the_selection_changes_not_only_on_apply(module_tree):
+    # The parameter node's ModifiedEvent (volume, model, ROI, samples... changed) calls _updateGuiState.
+    assert "_updateInputCheck" in _calls(_method(module_tree, "DiffusionSegWidget", "_updateGuiState"))
+    check = _method(module_tree, "DiffusionSegWidget", "_updateInputCheck")
+    assert {"checkInput", "estimate", "_showInputWarnings"} <= _calls(check)
+    show = ast.unparse(_method(module_tree, "DiffusionSegWidget", "_showInputWarnings"))
+    assert "inputWarningLabel" in show and "setVisible(True)" in show
+    # While the run goes, the child's own warnings and measured estimate replace the pre-run ones.
+    assert "runMessages" in _calls(_method(module_tree, "DiffusionSegWidget", "onPollTimer"))

@@ -256,3 +256,94 @@ def test_bad_inputs_are_refused_before_anything_starts(scene, tiny_model):
     with pytest.raises(ValueError):
         workflow.start(empty, settings_for(tiny_model))
     assert not workflow.running
+
+
+# --- before Apply: does the input fit, how long will it take --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ct_model(tmp_path_factory):
+    from conftest import make_model
+
+    return make_model(tmp_path_factory.mktemp("m") / "tiny_ct", modality="CT", spacing=[3.0, 3.0],
+                      patch_size=[96, 96], normalization={"kind": "ct_window", "center": 50, "width": 400})
+
+
+def mr_like_array(shape=(4, 40, 48)) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.indices(shape)
+    body = ((yy - shape[1] / 2) / (0.4 * shape[1])) ** 2 + ((xx - shape[2] / 2) / (0.4 * shape[2])) ** 2 < 1
+    return np.where(body, rng.uniform(300, 900, shape), rng.uniform(0, 10, shape)).astype(np.int16)
+
+
+def body_matrix(spacing=(7.0, 7.0, 5.0)) -> np.ndarray:
+    matrix = np.diag([*spacing, 1.0])
+    matrix[:3, 3] = (-160.0, -140.0, 0.0)
+    return matrix
+
+
+def test_check_input_names_an_mr_volume_given_to_a_ct_model_before_any_run(scene, tiny_ct_model):
+    volume = add_volume(scene, mr_like_array(), body_matrix())
+    workflow = SegmentationWorkflow(scene)
+    nodes = node_count(scene)
+    warnings = workflow.check_input(volume, str(tiny_ct_model))
+    assert [w.code for w in warnings] == ["modality"] and "CT" in warnings[0].message
+    assert node_count(scene) == nodes and not workflow.running
+    # A CT volume in Hounsfield units fits.
+    ct = np.where(mr_like_array() > 100, 40, -1000).astype(np.int16)
+    assert workflow.check_input(add_volume(scene, ct, body_matrix()), str(tiny_ct_model)) == []
+
+
+def test_the_dicom_modality_recorded_by_slicer_is_used(scene, tiny_ct_model):
+    # A CT in HU whose DICOM series says MR (Slicer's DICOM import records it in subject hierarchy).
+    ct = np.where(mr_like_array() > 100, 40, -1000).astype(np.int16)
+    volume = add_volume(scene, ct, body_matrix())
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(volume)
+    if item == sh.GetInvalidItemID():  # slicer-core has no plugin logic that adds items for new nodes
+        item = sh.CreateItem(sh.GetSceneItemID(), volume)
+    sh.SetItemAttribute(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName(), "MR")
+    warnings = SegmentationWorkflow(scene).check_input(volume, str(tiny_ct_model))
+    assert [w.code for w in warnings] == ["modality"] and "DICOM" in warnings[0].message
+
+
+def test_estimate_before_apply_from_the_last_runs_speed(scene, tiny_model):
+    from DiffusionSegLib.slicer_workflow import MeasuredSpeed
+
+    volume = add_volume(scene, blob_volume(), oblique_matrix())
+    workflow = SegmentationWorkflow(scene)
+    settings = settings_for(tiny_model, samples=4, steps=5)
+    assert workflow.estimate(volume, settings) is None, "no speed measured yet: no made-up figure"
+    workflow.process(volume, settings_for(tiny_model), timeout=300)
+    speed = workflow.measured_speed
+    assert speed is not None and speed.model == "tiny_gray" and speed.device == "cpu"
+    estimate = workflow.estimate(volume, settings)
+    assert estimate.network_evaluations == 4 * 5 * 6  # 6 slices, as the CLI counts them
+    assert "4 samples x 5 steps x 6 slices = 120 network evaluations" in estimate.text()
+    assert "last run on this computer" in estimate.text()
+    # Another device setting or model: the speed does not apply.
+    assert workflow.estimate(volume, settings_for(tiny_model, device="auto")) is None
+    other = MeasuredSpeed("another", "cpu", 1e-6)
+    assert SegmentationWorkflow(scene).estimate(volume, settings, speed=other) is None
+
+
+def test_run_messages_carry_the_childs_warnings_and_estimate(scene, tiny_ct_model):
+    volume = add_volume(scene, mr_like_array(), body_matrix())
+    workflow = SegmentationWorkflow(scene)
+    workflow.start(volume, settings_for(tiny_ct_model, samples=2, steps=1))
+    try:
+        assert workflow._run is not None
+        status = workflow._run.job.wait(300)
+        assert status.succeeded, status.error
+        messages = workflow.run_messages()
+    finally:
+        workflow.finish()
+    assert len(messages.warnings) == 1 and "does not look like CT" in messages.warnings[0]
+    assert messages.estimate is not None and "2 samples x 1 steps x 4 slices" in messages.estimate
+
+
+def test_the_workflow_reads_the_prefixes_the_cli_prints():
+    from DiffusionSegLib import cli, slicer_workflow
+
+    assert slicer_workflow.WARNING_PREFIX == cli.WARNING_PREFIX
+    assert slicer_workflow.ESTIMATE_PREFIX == cli.ESTIMATE_PREFIX

@@ -96,7 +96,7 @@ def assert_valid_png(path: Path) -> None:
     with Image.open(path) as png:
         width, height = png.size
     assert 200 <= width <= 1200 and 150 <= height <= 1200, (width, height)
-    assert path.stat().st_size < 500_000
+    assert path.stat().st_size < 600_000
 
 
 # --- units with hand-computed numbers ---------------------------------------------------------------
@@ -445,3 +445,92 @@ def test_seg_nrrd_of_a_2d_image_is_one_slice_in_slicer(tmp_path, rgb_2d, slicer_
     assert node.GetSegmentation().GetNumberOfSegments() == 6
     assert_segment_matches(slicer_scene, node, "liver_fused", result.fused[0], rgb_2d)
     assert_segment_matches(slicer_scene, node, "left_kidney_cortex_consistency", result.consistency[1], rgb_2d)
+
+
+# --- overview.png: readable without the other outputs ----------------------------------------------
+
+
+def ct_result(direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), input_modality: str = "CT") -> SegmentationResult:
+    """A CT slab: air -1000 HU, a soft-tissue body at 50 HU, a 700 HU bone, and a bright marker
+    block at the smallest column index (patient left when the x axis is flipped)."""
+    shape = (5, 60, 80)
+    arr = np.full(shape, -1000.0, np.float32)
+    arr[:, 10:50, 10:70] = 50.0
+    arr[:, 25:35, 36:44] = 700.0
+    arr[:, 20:30, 12:18] = 150.0  # marker: 0.75 grey in W400/L50
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((0.8, 0.8, 2.5))
+    image.SetOrigin((-30.0, -20.0, 112.5))
+    image.SetDirection(direction)
+    base = make_result(image)
+    report = {"model": {"name": "ct_test", "normalization": {"kind": "ct_window", "center": 50, "width": 400}},
+              "modality": {"model": "CT", "input": input_modality}, "uncertainty_kind": "variance", "samples": 3,
+              "warnings": [{"code": "spacing", "message": "no spacing"}]}
+    base.report = report
+    return base
+
+
+def render_overview(result: SegmentationResult, path: Path, monkeypatch) -> "object":
+    """Write the overview and return the matplotlib Figure it saved (to read its texts and images)."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    real = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    writers.write_overview(result, path)
+    return figures[0]
+
+
+def all_texts(fig) -> list[str]:
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def test_overview_names_colours_units_window_and_positions(tmp_path, monkeypatch):
+    result = ct_result()
+    fig = render_overview(result, tmp_path / "overview.png", monkeypatch)
+    texts = all_texts(fig)
+    joined = "\n".join(texts)
+    # A legend names each label's colour (outline and ambiguity).
+    for label in LABELS:
+        assert any(label.name in t and "final mask" in t for t in texts), label.name
+        assert any(label.name in t and "ambiguity" in t for t in texts), label.name
+    # The uncertainty colorbar has a title that says what is measured and its scale.
+    assert any("variance p(1-p)" in t and "0.25" in t for t in texts), texts
+    # The model's CT window, named, and slice positions in mm along the patient axis.
+    assert "W400/L50 HU" in joined
+    assert sum("mm" in t and "axial slice" in t for t in texts) >= 1
+    # Input warnings are not hidden in the JSON only.
+    assert "Input does not fit the model (spacing)" in joined
+    # The grey levels are the window: 50 HU is mid-grey (a 1-99 % window would put it elsewhere).
+    shown = fig.axes[1].images[0].get_array()
+    assert np.isclose(np.asarray(shown), 0.5, atol=1e-6).any()
+    assert float(np.asarray(shown).max()) == 1.0  # 700 HU bone saturates at the top of W400/L50
+    from PIL import Image
+
+    with Image.open(tmp_path / "overview.png") as png:
+        assert png.size[0] >= 1000, "too small to read on a screen"
+
+
+def test_overview_of_a_non_ct_input_uses_a_percentile_window(tmp_path, monkeypatch):
+    fig = render_overview(ct_result(input_modality="not CT"), tmp_path / "overview.png", monkeypatch)
+    assert "W400/L50" not in "\n".join(all_texts(fig))
+    assert any("1-99 %" in t for t in all_texts(fig))
+
+
+def test_overview_shows_patient_right_on_the_left_whatever_the_file_direction(tmp_path, monkeypatch):
+    # The same anatomy stored with x and y flipped (RAS-like NIfTI): the marker at the smallest
+    # column index is at the patient's left, so it must appear on the right half of the picture.
+    flipped = render_overview(ct_result(direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)), tmp_path / "a.png", monkeypatch)
+    shown = np.asarray(flipped.axes[1].images[0].get_array())
+    marker_cols = np.flatnonzero(np.isclose(shown, 0.75, atol=1e-6).any(axis=0))
+    assert marker_cols.size and marker_cols.min() > shown.shape[1] / 2, \
+        "patient left drawn on the left: not the radiological view"
+    texts = all_texts(flipped)
+    assert {"R", "L", "A", "P"} <= set(texts)
