@@ -395,6 +395,9 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelSelected(self, index):
         if self._parameterNode:
             self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+        entry = getattr(self, "_modelEntries", {}).get(self.ui.modelComboBox.itemData(index) or "")
+        if entry is not None:  # DenseCRF starts as the model card recommends; the user may still change it
+            self.ui.crfCheckBox.checked = entry.get("defaultCrf", True)
         self._showModelInfo()
 
     def onAddModel(self):
@@ -820,6 +823,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                 "isDefault": origin == "bundled" and card.name == models.DEFAULT_MODEL,
                 "summary": summary + (f"\n{card.description}" if card.description else ""),
                 "tooltip": tooltip,
+                "defaultCrf": bool(card.default_crf),
             })
         return entries
 

@@ -253,8 +253,8 @@ def build_argv(input_path: Path, output_dir: Path, settings: "RunSettings") -> l
     if settings.steps is not None:
         argv += ["--steps", str(int(settings.steps))]
     argv += ["--seed", str(int(settings.seed)), "--device", settings.device]
-    if not settings.crf:
-        argv.append("--no-crf")
+    if settings.crf is not None:  # None: the model card's default
+        argv.append("--crf" if settings.crf else "--no-crf")
     return argv
 
 

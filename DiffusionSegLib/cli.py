@@ -87,11 +87,19 @@ def _add_run_options(p: argparse.ArgumentParser, model: bool = True) -> None:
                    help="items per network call >= 1 (default: from free memory)")
 
 
+def _add_crf_options(p: argparse.ArgumentParser, on_help: str, off_help: str) -> None:
+    """--crf / --no-crf; neither: the model card's default (default_crf)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--crf", dest="crf", action="store_const", const=True, default=None,
+                       help=f"{on_help} (default: as the model card says)")
+    group.add_argument("--no-crf", dest="crf", action="store_const", const=False, help=off_help)
+
+
 def _segment_options(args: argparse.Namespace):
     from DiffusionSegLib.inference import SegmentOptions
 
     return SegmentOptions(samples=args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                          device=args.device, crf=not getattr(args, "no_crf", False),
+                          device=args.device, crf=getattr(args, "crf", None),
                           fusion=getattr(args, "fusion", "mean"),
                           uncertainty=getattr(args, "uncertainty", "variance"),
                           keep_samples=getattr(args, "keep_samples", False), batch_size=args.batch_size,
@@ -330,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write into a folder that holds files other than an earlier run's outputs: they "
                         "are kept, except a file at the path of one of this run's outputs, which is replaced")
     _add_run_options(p)
-    p.add_argument("--no-crf", action="store_true", help="skip DenseCRF refinement")
+    _add_crf_options(p, "refine the fused mask with DenseCRF", "skip DenseCRF refinement")
     p.add_argument("--keep-samples", action="store_true", help="also write each sampled mask")
     p.add_argument("--fusion", choices=("mean", "staple"), default="mean",
                    help="how the samples are fused: mean > 0.5 (default) or SimpleITK STAPLE")
@@ -363,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="write per-case metrics as JSON here")
     # No --model: the model is the first argument (a --model here used to be accepted and ignored).
     _add_run_options(p, model=False)
-    p.add_argument("--no-crf", action="store_true", help="score the fused mask without DenseCRF refinement")
+    _add_crf_options(p, "score the DenseCRF-refined mask", "score the fused mask without DenseCRF refinement")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,13 +49,8 @@ Progress = Callable[[str, int, int], None]
 def score_case(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], spacing_xyz: list[float]) -> dict[str, Any]:
     """Per-label Dice, IoU, HD95 (mm) of binary masks keyed by label name."""
     spacing = list(reversed(spacing_xyz))  # numpy axis order
-    with warnings.catch_warnings():
-        # MONAI >= 1.5 warns on every HD95 that get_mask_edges' always_return_as_numpy argument,
-        # which its own compute_hausdorff_distance passes, is deprecated: nothing a user can act on.
-        warnings.filterwarnings("ignore", message=r".*get_mask_edges:always_return_as_numpy.*",
-                                category=FutureWarning)
-        return {name: {"dice": dice(pred[name], ref[name]), "iou": iou(pred[name], ref[name]),
-                       "hd95_mm": hd95(pred[name], ref[name], spacing)} for name in ref}
+    return {name: {"dice": dice(pred[name], ref[name]), "iou": iou(pred[name], ref[name]),
+                   "hd95_mm": hd95(pred[name], ref[name], spacing)} for name in ref}
 
 
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:

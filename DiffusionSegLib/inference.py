@@ -48,7 +48,7 @@ class SegmentOptions:
     sampler: str | None = None
     seed: int = 0
     device: str = "auto"
-    crf: bool = True
+    crf: bool | None = None  # DenseCRF refinement; None = the card's default_crf
     crf_backend: str = "auto"
     fusion: str = "mean"  # "mean" (mean > 0.5) or "staple" (SimpleITK STAPLE)
     uncertainty: str = "variance"  # "variance" or "entropy"
@@ -275,7 +275,8 @@ def segment_image(
         samples_model = samples_model[:, :, 0]
     refined = None
     crf_backend = "none"
-    if opts.crf:
+    use_crf = card.default_crf if opts.crf is None else opts.crf
+    if use_crf:
         report_progress("crf", 0, 1)
         image_model = np.moveaxis(prepared.batch, 1, 0) if card.spatial_dims == 2 else prepared.batch[0]
         # The torch backend runs where the samples were drawn (the GPU when there is one).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -34,7 +35,12 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float |
         return None
     p = torch.from_numpy(pred.astype(bool))[None, None]
     r = torch.from_numpy(ref.astype(bool))[None, None]
-    value = float(compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))[0, 0])
+    with warnings.catch_warnings():
+        # MONAI >= 1.5 warns on every call that get_mask_edges' always_return_as_numpy argument,
+        # which its own compute_hausdorff_distance passes, is deprecated: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r".*get_mask_edges:always_return_as_numpy.*",
+                                category=FutureWarning)
+        value = float(compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))[0, 0])
     return None if math.isnan(value) or math.isinf(value) else value
 
 

@@ -78,6 +78,9 @@ class ModelCard:
     # Labels whose fused / final mask keeps only its largest connected component (solid organs;
     # see postprocess.py). Empty: no post-processing.
     largest_component: list[str] = field(default_factory=list)
+    # Whether a run refines the fused mask with DenseCRF unless told otherwise (decided on
+    # validation data: the CRF's long-range appearance kernel can erase thin structures).
+    default_crf: bool = True
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)  # data, steps, hardware, duration
     metrics: dict[str, Any] = field(default_factory=dict)  # measured validation/held-out figures

@@ -65,7 +65,7 @@ class RunSettings:
     steps: int | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
-    crf: bool = True
+    crf: bool | None = None  # None: the model card's default_crf
     keep_samples: bool = True  # the agreement slider needs the per-sample masks
     show_samples: bool = False  # also show each sample as a (hidden) segment
 

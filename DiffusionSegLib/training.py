@@ -85,6 +85,7 @@ class TrainConfig:
     # organ's voxels, e.g. {"liver": [0, 80]} lets a model trained on non-contrast CT see enhanced livers.
     contrast_augment: dict[str, list[float]] = field(default_factory=dict)
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
+    default_crf: bool = True  # written to the card: DenseCRF on by default at inference
     val_every: int = 500
     val_cases: int | list[str] | None = None  # held-out CASES: names, a count, or None = 20% (at least 1)
     val_samples: int = 3
@@ -276,7 +277,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
         default_sampler="ddim", default_steps=config.default_steps if diffusion else 1,
         default_samples=config.default_samples if diffusion else 1,
-        largest_component=[n for n in config.largest_component if n in labels],
+        largest_component=[n for n in config.largest_component if n in labels], default_crf=config.default_crf,
         description=config.description, limits=config.limits,
     )
 

@@ -50,6 +50,10 @@ def test_argv_carries_the_settings(tmp_path):
     for part in ("--progress json", "--keep-samples", "--model m", "--samples 4", "--steps 7", "--seed 3",
                  "--device cpu", "--no-crf"):
         assert part in joined, part
+    with_crf = build_argv(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python="py", crf=True))
+    card_default = build_argv(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python="py"))
+    assert "--crf" in with_crf and "--no-crf" not in with_crf
+    assert "--crf" not in card_default and "--no-crf" not in card_default  # the model card decides
 
 
 def test_a_run_reports_progress_and_writes_its_outputs(tmp_path, tiny_model):

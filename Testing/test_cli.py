@@ -493,3 +493,14 @@ def test_a_normal_run_shows_no_third_party_future_warning(tmp_path, tiny_model):
                            "--samples", "2", "--steps", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr, done.stderr
+
+
+def test_crf_and_no_crf_exclude_each_other_and_default_to_the_card():
+    from DiffusionSegLib.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["segment", "x", "-o", "y"]).crf is None
+    assert parser.parse_args(["segment", "x", "-o", "y", "--crf"]).crf is True
+    assert parser.parse_args(["segment", "x", "-o", "y", "--no-crf"]).crf is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["segment", "x", "-o", "y", "--crf", "--no-crf"])

@@ -245,3 +245,12 @@ def test_strict_refuses_before_the_model_is_loaded(tiny_ct_model, monkeypatch):
     with pytest.raises(InputMismatchError) as refused:
         segment_image(mr_like_volume(), tiny_ct_model, SegmentOptions(samples=1, steps=1, strict=True))
     assert [w.code for w in refused.value.warnings] == ["modality"]
+
+
+def test_the_card_decides_whether_the_crf_runs_unless_the_run_says(tmp_path):
+    no_crf_model = make_model(tmp_path / "no_crf_default", default_crf=False)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
+    default = segment_image(image, no_crf_model, SegmentOptions(samples=2, steps=1))
+    forced = segment_image(image, no_crf_model, SegmentOptions(samples=2, steps=1, crf=True))
+    assert default.refined is None and default.report["crf_backend"] == "none"
+    assert forced.refined is not None and forced.report["crf_backend"] != "none"
