@@ -155,9 +155,10 @@ class SegmentationWorkflow:
             raise ValueError("no input volume selected")
         box = mrml_bridge.roi_ijk_box(volume_node, roi_node) if roi_node is not None else None
         image = mrml_bridge.volume_to_image(volume_node, box)
-        if image.GetDimension() == 3 and image.GetSize()[2] == 1:
-            # A single slice (a photo or one CT slice) is a 2D image for the library: its 2D readers
-            # and models take it as is. The bridge puts the results back on the node's 3D grid.
+        if image.GetDimension() == 3 and image.GetSize()[2] == 1 and image.GetNumberOfComponentsPerPixel() > 1:
+            # A single-slice colour node is a photo: a 2D picture for the library, never reoriented
+            # as anatomy. A single scalar slice (one CT/MR slice) stays 3D, as the CLI keeps it, so it
+            # is reoriented like any volume. The bridge puts results back on the node's 3D grid.
             image = image[:, :, 0]
         modality = _dicom_modality(self.scene, volume_node)
         if modality:

@@ -347,3 +347,18 @@ def test_the_workflow_reads_the_prefixes_the_cli_prints():
 
     assert slicer_workflow.WARNING_PREFIX == cli.WARNING_PREFIX
     assert slicer_workflow.ESTIMATE_PREFIX == cli.ESTIMATE_PREFIX
+
+
+def test_single_scalar_slice_is_segmented_as_a_3d_volume_like_the_cli(scene, tiny_model):
+    """One CT slice stays 3D (reoriented like any volume), and its segments land on its grid."""
+    rng = np.random.default_rng(5)
+    one_slice = rng.normal(size=(1, 24, 20)).astype(np.float32)
+    volume = add_volume(scene, one_slice, oblique_matrix())
+    settings = settings_for(tiny_model)
+    outputs = SegmentationWorkflow(scene).process(volume, settings, timeout=300)
+    image = mrml_bridge.volume_to_image(volume)
+    assert image.GetDimension() == 3
+    expected = in_process(image, tiny_model, settings)
+    fused = segment_array(outputs.segmentation_node, volume, outputs.segment_ids["lesion"]["fused"])
+    assert fused.shape == (1, 24, 20)
+    assert np.array_equal(fused, expected.fused[0].astype(bool))
