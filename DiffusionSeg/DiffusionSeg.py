@@ -811,7 +811,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             measured = {}
         entries = []
         for origin, folder, card in models.list_models():
-            labels = ", ".join(label.name for label in card.labels)
+            labels = ", ".join(card.labels[i].name for i in card.output_label_indices())
             summary = _("{name}: {modality}; labels: {labels}").format(
                 name=card.name, modality=card.modality, labels=labels)
             figures = catalogueFigures(measured.get(card.name))

@@ -236,7 +236,7 @@ def _models_list(args: argparse.Namespace) -> int:
         print("no models found in: " + ", ".join(str(d) for _, d in search_dirs()))
     for origin, path, card in found:
         default = " (default)" if path.name == DEFAULT_MODEL else ""
-        labels = ", ".join(lab.name for lab in card.labels)
+        labels = ", ".join(card.labels[i].name for i in card.output_label_indices())
         print(f"{path.name}{default} [{origin}] {card.method} {card.spatial_dims}D {card.modality}: {labels}  {path}")
         figures = summary_line(listed[path.name]) if path.name in listed else ""
         if figures:

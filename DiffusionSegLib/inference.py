@@ -269,6 +269,10 @@ def segment_image(
         torch.cuda.synchronize()
     lap("sampling")
 
+    # Context classes (card.shown_labels) were sampled with the rest and are dropped here.
+    shown = card.output_label_indices()
+    labels = [card.labels[i] for i in shown]
+    soft = soft[:, :, shown]
     # Model grid, label-first: (N, L, *vol) with vol = (S, H, W) for 2D models, (D, H, W) for 3D.
     samples_model = np.moveaxis(soft > 0.5, 2, 1).astype(np.uint8)
     if card.spatial_dims == 3:
@@ -301,14 +305,14 @@ def segment_image(
     if opts.postprocess and card.largest_component:
         from DiffusionSegLib.postprocess import keep_largest_component
 
-        names = [lab.name for lab in card.labels]
+        names = [lab.name for lab in labels]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         fused, removed["fused"] = keep_largest_component(fused, names, card.largest_component, voxel_ml)
         if refined is not None:
             refined, removed["crf"] = keep_largest_component(refined, names, card.largest_component, voxel_ml)
     result = SegmentationResult(
         reference=image,
-        labels=card.labels,
+        labels=labels,
         probability=ensemble.probability(samples),
         fused=fused,
         consistency=ensemble.consistency(samples),
@@ -370,7 +374,7 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
             values = [v * 1000.0 for v in values]
         per_region[region] = values
     sizes = {lab.name: {region: round(float(values[i]), 4) for region, values in per_region.items()}
-             for i, lab in enumerate(card.labels)}
+             for i, lab in enumerate(result.labels)}
     evaluations = n_samples * steps * n_items
     sampling_s = timings.get("sampling")
     modality = {"model": card.modality, "input": (input_modality or {}).get("modality", "unknown"),
@@ -386,7 +390,7 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
                   "weights_sha256": card.weights_sha256},
         "modality": modality,
         "warnings": [w.to_dict() for w in warnings],
-        "label_map": {"0": "background", **{str(i + 1): lab.name for i, lab in enumerate(card.labels)}},
+        "label_map": {"0": "background", **{str(i + 1): lab.name for i, lab in enumerate(result.labels)}},
         "device": str(device),
         "samples": n_samples,
         "steps": steps,
@@ -405,7 +409,7 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
         "uncertainty_kind": opts.uncertainty,
         "uncertainty_definition": _UNCERTAINTY_DEFINITIONS.get(opts.uncertainty, opts.uncertainty),
         "crf_backend": crf_backend,
-        "sample_diversity": {lab.name: round(d, 6) for lab, d in zip(card.labels, result.sample_diversity)},
+        "sample_diversity": {lab.name: round(d, 6) for lab, d in zip(result.labels, result.sample_diversity)},
         "sample_diversity_definition": "mean pairwise (1 - IoU) between sampled masks: the E[d(S,S')] term of the GED",
         ("volumes_ml" if is_3d else "areas_mm2"): sizes,
         "input": {"size": list(ref.GetSize()), "spacing": spacing, "origin": list(ref.GetOrigin()),

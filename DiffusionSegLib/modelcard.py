@@ -81,6 +81,9 @@ class ModelCard:
     # Whether a run refines the fused mask with DenseCRF unless told otherwise (decided on
     # validation data: the CRF's long-range appearance kernel can erase thin structures).
     default_crf: bool = True
+    # Labels a run outputs; empty = all. The others are context classes: trained so the model tells
+    # neighbouring structures apart (a kidney is not liver), sampled, and then dropped.
+    shown_labels: list[str] = field(default_factory=list)
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)  # data, steps, hardware, duration
     metrics: dict[str, Any] = field(default_factory=dict)  # measured validation/held-out figures
@@ -91,6 +94,16 @@ class ModelCard:
     @property
     def out_channels(self) -> int:
         return len(self.labels)
+
+    def output_label_indices(self) -> list[int]:
+        """Indices into ``labels`` of the labels a run outputs (``shown_labels``, all when empty)."""
+        if not self.shown_labels:
+            return list(range(len(self.labels)))
+        names = [lab.name for lab in self.labels]
+        unknown = [n for n in self.shown_labels if n not in names]
+        if unknown:
+            raise ModelLoadError(f"model card '{self.name}': shown_labels {unknown} are not labels of the model")
+        return [i for i, n in enumerate(names) if n in self.shown_labels]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

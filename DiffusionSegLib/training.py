@@ -86,6 +86,7 @@ class TrainConfig:
     contrast_augment: dict[str, list[float]] = field(default_factory=dict)
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     default_crf: bool = True  # written to the card: DenseCRF on by default at inference
+    shown_labels: list[str] = field(default_factory=list)  # written to the card; empty = output every label
     val_every: int = 500
     val_cases: int | list[str] | None = None  # held-out CASES: names, a count, or None = 20% (at least 1)
     val_samples: int = 3
@@ -278,6 +279,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         default_sampler="ddim", default_steps=config.default_steps if diffusion else 1,
         default_samples=config.default_samples if diffusion else 1,
         largest_component=[n for n in config.largest_component if n in labels], default_crf=config.default_crf,
+        shown_labels=[n for n in config.shown_labels if n in labels],
         description=config.description, limits=config.limits,
     )
 

@@ -254,3 +254,22 @@ def test_the_card_decides_whether_the_crf_runs_unless_the_run_says(tmp_path):
     forced = segment_image(image, no_crf_model, SegmentOptions(samples=2, steps=1, crf=True))
     assert default.refined is None and default.report["crf_backend"] == "none"
     assert forced.refined is not None and forced.report["crf_backend"] != "none"
+
+
+def test_context_labels_are_sampled_but_only_shown_labels_are_output(tmp_path):
+    from DiffusionSegLib.errors import ModelLoadError
+    from DiffusionSegLib.modelcard import LabelInfo
+
+    labels = [LabelInfo("kidney"), LabelInfo("liver"), LabelInfo("spleen")]
+    both = make_model(tmp_path / "all", labels=labels)
+    shown = make_model(tmp_path / "shown", labels=labels, shown_labels=["liver", "spleen"])
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32))
+    opts = SegmentOptions(samples=2, steps=2, crf=False)
+    full, part = segment_image(image, both, opts), segment_image(image, shown, opts)
+    assert [lab.name for lab in part.labels] == ["liver", "spleen"]
+    assert part.fused.shape == (2, 2, 16, 16)
+    np.testing.assert_array_equal(part.probability, full.probability[1:])  # same weights, same seed
+    assert part.report["label_map"] == {"0": "background", "1": "liver", "2": "spleen"}
+    bad = make_model(tmp_path / "bad", labels=labels, shown_labels=["pancreas"])
+    with pytest.raises(ModelLoadError, match="pancreas"):
+        segment_image(image, bad, opts)

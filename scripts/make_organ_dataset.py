@@ -22,12 +22,32 @@ from DiffusionSegLib import realdata  # noqa: E402
 from DiffusionSegLib.errors import DiffusionSegError  # noqa: E402
 
 
-def _label(text: str) -> tuple[str, int]:
-    """Parse "name=id" (id in TotalSegmentator's class_map['total'])."""
+def _label(text: str) -> tuple[str, int | list[int]]:
+    """Parse "name=id", "name=a-b" or "name=a,b,c" (ids in TotalSegmentator's class_map['total']);
+    a range or list merges those classes into one label (e.g. vertebrae=26-50)."""
     name, sep, value = text.partition("=")
-    if not sep or not name or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected name=id (e.g. liver=5), got {text!r}")
-    return name, int(value)
+    try:
+        if not sep or not name:
+            raise ValueError
+        if value.isdigit():
+            return name, int(value)
+        if "-" in value:
+            low, high = (int(v) for v in value.split("-"))
+            if low > high:
+                raise ValueError
+            return name, list(range(low, high + 1))
+        return name, [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=id, name=a-b or name=a,b (e.g. liver=5), got {text!r}") from None
+
+
+def _slab(text: str) -> tuple[int, int]:
+    """Parse "start:stop" z slices of the training CT held out for validation."""
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected start:stop slices (e.g. 94:100), got {text!r}") from None
+    return start, stop
 
 
 def _mb(path: Path) -> str:
@@ -39,18 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "data" / "organs", help="dataset folder to write")
     parser.add_argument("--labels", type=_label, nargs="+",
                         default=list(realdata.ORGAN_LABELS.items()),
-                        help="organs as name=TotalSegmentator id, in output label order (default: liver=5 spleen=1)")
+                        help="organs as name=TotalSegmentator id (or a-b / a,b,c to merge classes), in output "
+                             "label order (default: liver=5 spleen=1)")
+    parser.add_argument("--validation-slab", type=_slab, default=None,
+                        help="start:stop z slices of the training CT kept out of training as a validation case "
+                             "(2 slices dropped on each side)")
+    parser.add_argument("--no-sample", action="store_true", help="do not (re)write the bundled sample volume")
     parser.add_argument("--sample", type=Path, default=REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz",
                         help="where to write the bundled sample volume (README.md goes next to it)")
     args = parser.parse_args(argv)
     try:
         start = time.perf_counter()
-        out = realdata.build_organ_dataset(args.out, dict(args.labels))
+        out = realdata.build_organ_dataset(args.out, dict(args.labels), validation_slab=args.validation_slab)
         built = time.perf_counter() - start
         dataset = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
         print(f"dataset: {out} ({built:.1f} s)")
-        for split in ("training", "test"):
-            for entry in dataset[split]:
+        for split in ("training", "validation", "test"):
+            for entry in dataset.get(split, []):
                 for key in ("image", "label"):
                     path = out / entry[key]
                     print(f"  {split:8s} {key:5s} {path} {_mb(path)}")
@@ -58,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {split:8s} voxels {counts}")
         print(f"  alignment checks: {json.dumps(dataset['alignment_checks'])}")
         print(f"  note: {dataset['note']}")
+        if args.no_sample:
+            return 0
         start = time.perf_counter()
         sample = realdata.make_sample_volume(args.sample)
         readme = realdata.write_sample_readme(sample)
