@@ -4,10 +4,10 @@ One JSON file lists the models (bundled ones and, later, downloadable ones) with
 decide which to use, so a model can be added without code changes::
 
     {"format_version": 1, "models": [{
-        "name": "ct_liver_spleen_2d", "task": "...", "modality": "CT", "labels": ["liver", "spleen"],
+        "name": "ct_abdomen_organs_2d", "task": "...", "modality": "CT", "labels": ["liver", "spleen"],
         "method": "medsegdiff", "spatial_dims": 2,
         "source": "bundled",               # or "url": "https://...zip" with "archive_sha256"
-        "path": "Models/ct_liver_spleen_2d",   # bundled: folder relative to Resources/
+        "path": "Models/ct_abdomen_organs_2d",   # bundled: folder relative to Resources/
         "weights_sha256": "...", "weights_bytes": 4802248,
         "dice": {"liver": 0.87, ...}, "dice_measured": "where and how (command, reference, doc section)",
         "seconds_per_volume": {"cpu": {"seconds": 54.0, "measured": "..."}, "gpu": {...}}}]}

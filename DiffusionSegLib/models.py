@@ -35,7 +35,7 @@ from DiffusionSegLib.modelcard import (CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, 
 
 log = logging.getLogger("diffusionseg")
 
-DEFAULT_MODEL = "ct_liver_spleen_2d"
+DEFAULT_MODEL = "ct_abdomen_organs_2d"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 # Prefix of every temporary file/folder this module creates in user_models_dir(); clear_installed_models
 # removes leftovers with it (an install killed half-way), and list_models skips them.

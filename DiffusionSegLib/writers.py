@@ -667,18 +667,24 @@ def write_overview(result: SegmentationResult, path: str | os.PathLike, dpi: int
     bar.set_label(unc_title, fontsize=9)
     bar.ax.tick_params(labelsize=8)
 
-    handles = [Line2D([], [], color=c, lw=2.5, label=f"{lab.name}: {final_name}")
-               for lab, c in zip(result.labels, colors)]
-    handles += [Patch(facecolor=c, alpha=0.75, label=f"{lab.name}: ambiguity")
-                for lab, c in zip(result.labels, amb_colors)]
+    # Only labels that appear in the shown slices: a nine-organ model would otherwise list keys
+    # for structures the picture does not contain.
+    shown = [i for i in range(len(result.labels))
+             if any(final[i, z].any() or ambiguity[i, z].any() for z in slices)] or list(range(len(result.labels)))
+    handles = [Line2D([], [], color=colors[i], lw=2.5, label=f"{result.labels[i].name}: {final_name}") for i in shown]
+    handles += [Patch(facecolor=amb_colors[i], alpha=0.75, label=f"{result.labels[i].name}: ambiguity")
+                for i in shown]
     # Under the title, so the key is read before the pictures; the bottom is kept for warnings.
     legend_ax.legend(handles=handles, loc="center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
 
     model = (report.get("model") or {}).get("name", "")
     samples = report.get("samples")
     diversity = ", ".join(f"{lab.name} {d:.3f}" for lab, d in zip(result.labels, result.sample_diversity))
+    import textwrap
+
     lines = [f"DiffusionSeg{f' - model {model}' if model else ''}{f', {samples} samples' if samples else ''}; {window}",
-             f"sample diversity (mean pairwise 1-IoU of the samples, 0 = identical): {diversity or 'n/a'}"]
+             *textwrap.wrap(f"sample diversity (mean pairwise 1-IoU of the samples, 0 = identical): "
+                            f"{diversity or 'n/a'}", width=150)]
     fig.suptitle("\n".join(lines), fontsize=10)
     warnings = report.get("warnings") or []
     if warnings:

@@ -38,14 +38,18 @@ def test_segment_the_bundled_sample_with_the_bundled_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out.resolve()) in printed
     reference = sitk.ReadImage(str(SAMPLE))
-    for name in ("fused", "crf", "consistency", "ambiguity", "probability_liver", "uncertainty_spleen"):
+    for name in ("fused", "consistency", "ambiguity", "probability_liver", "uncertainty_spleen"):
         assert_same_grid(sitk.ReadImage(str(out / f"{name}.nii.gz")), reference)
+    assert not (out / "crf.nii.gz").exists()  # the bundled card turns DenseCRF off (decided on validation)
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["name"] == DEFAULT_MODEL
     assert report["samples"] == 2 and report["steps"] == 2 and report["nfe_per_image"] == 4
     # Per-label figures keyed by label name first, the same way for volumes and diversity.
-    assert set(report["volumes_ml"]) == set(report["sample_diversity"]) == {"liver", "spleen"}
-    assert set(report["volumes_ml"]["liver"]) == {"fused", "crf", "consistency", "ambiguity"}
+    shown = {"liver", "spleen", "kidney_right", "kidney_left", "stomach", "gallbladder", "aorta",
+             "inferior_vena_cava", "vertebrae"}  # context classes (portal vein, lung) are not output
+    assert set(report["volumes_ml"]) == set(report["sample_diversity"]) == shown
+    assert set(report["volumes_ml"]["liver"]) == {"fused", "consistency", "ambiguity"}
+    assert report["postprocessing"]["largest_component"][:2] == ["liver", "spleen"]
     assert report["warnings"] == [], "the bundled sample fits the bundled model"
     assert (out / "segmentation.seg.nrrd").stat().st_size > 0
     assert (out / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,7 @@ from DiffusionSegLib.modelcard import CARD_NAME, WEIGHTS_NAME, load_model
 from DiffusionSegLib.models import (clear_installed_models, download_model, install_model, list_models, resolve_model,
                                     user_models_dir)
 
-BUNDLED = REPO / "Resources" / "Models" / "ct_liver_spleen_2d"
+BUNDLED = REPO / "Resources" / "Models" / "ct_abdomen_organs_2d"
 # The bundled model's card name is taken by the bundled folder (found first), so installs are renamed.
 NAME = "liver_copy"
 
@@ -39,7 +39,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def model_copy(tmp_path) -> Path:
-    dest = tmp_path / "src" / "ct_liver_spleen_2d"
+    dest = tmp_path / "src" / "ct_abdomen_organs_2d"
     shutil.copytree(BUNDLED, dest)
     return dest
 
@@ -68,10 +68,10 @@ def test_install_from_folder_is_listed_and_loads(model_copy):
     assert installed_entries() == [NAME], "temporary folders left behind"
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     origins = {p.name: o for o, p, _ in list_models()}
-    assert origins[NAME] == "installed" and origins["ct_liver_spleen_2d"] == "bundled"
+    assert origins[NAME] == "installed" and origins["ct_abdomen_organs_2d"] == "bundled"
     assert resolve_model(NAME) == path
     _net, card = load_model(path)
-    assert card.name == "ct_liver_spleen_2d"  # --name renames the folder, not the card
+    assert card.name == "ct_abdomen_organs_2d"  # --name renames the folder, not the card
 
 
 def test_install_uses_the_card_name_by_default(model_copy):
@@ -241,7 +241,7 @@ class _Server:
 def served(model_copy, tmp_path) -> Iterator[tuple[_Server, Path]]:
     www = tmp_path / "www"
     www.mkdir()
-    archive = zip_folder(model_copy, www / "model.zip", "ct_liver_spleen_2d")
+    archive = zip_folder(model_copy, www / "model.zip", "ct_abdomen_organs_2d")
     server = _Server(www)
     try:
         yield server, archive
@@ -356,7 +356,7 @@ def test_cli_install_list_clear(model_copy, tmp_path, capsys):
     assert f"installed model {NAME}" in capsys.readouterr().out
     assert run_cli("models") == 0
     out = capsys.readouterr().out
-    assert f"{NAME} [installed]" in out and "ct_liver_spleen_2d (default) [bundled]" in out
+    assert f"{NAME} [installed]" in out and "ct_abdomen_organs_2d (default) [bundled]" in out
     assert run_cli("models", "--json") == 0
     listed = {m["name"]: m["origin"] for m in json.loads(capsys.readouterr().out)}
     assert listed[NAME] == "installed"

@@ -410,8 +410,11 @@ def test_module_shows_the_catalogue_figures_of_a_model():
     namespace = {"_": lambda text: text, "ensureLibraryImportable": lambda: None}
     exec(compile(ast.Module([function], []), str(MODULE_FILE), "exec"), namespace)
     figures = namespace["catalogueFigures"]
-    entry = entry_for("ct_liver_spleen_2d")
+    entry = entry_for("ct_abdomen_organs_2d")
     line = figures(entry)
     assert f"liver {entry['dice']['liver']:.2f}" in line
-    assert f"{entry['seconds_per_volume']['gpu']['seconds']:.1f} s per volume on GPU" in line
+    assert f"{entry['seconds_per_volume']['cpu']['seconds']:.0f} s per volume on CPU" in line
+    assert "GPU" not in line  # never measured on a GPU: no figure is made up
+    gpu_entry = {**entry, "seconds_per_volume": {"gpu": {"seconds": 2.66}}}
+    assert "2.7 s per volume on GPU" in figures(gpu_entry)
     assert figures(None) == "" and figures({"name": "x"}) == ""

@@ -55,7 +55,7 @@ def measure(model: Path, dataset: Path, split: str, largest_component: list[str]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         row = {"case": case.name, "labels": {}}
         results = {pp: segment_image(image, model, SegmentOptions(seed=0, postprocess=pp)) for pp in (False, True)}
-        for i, lab in enumerate(card.labels):
+        for i, lab in enumerate(results[True].labels):  # the labels the model outputs (card.shown_labels)
             if lab.name not in label_values:
                 continue
             ref = np.isin(ref_map, label_values[lab.name])
