@@ -97,7 +97,8 @@ def run_benchmark(args: Any) -> list[dict[str, Any]]:
     volume = read_image(volume_path) if volume_path.exists() else None
     rows: list[dict[str, Any]] = []
 
-    def options(n: int, k: int, batch_size: int | None = None, crf: bool = True) -> SegmentOptions:
+    def options(n: int, k: int, batch_size: int | None = None, crf: bool | None = None) -> SegmentOptions:
+        """crf None: the model card's default, so the rows measure what a user's run costs."""
         return SegmentOptions(samples=n, steps=k, sampler=args.sampler or "ddim", seed=args.seed,
                               device=args.device, crf=crf, batch_size=batch_size)
 
