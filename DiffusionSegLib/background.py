@@ -18,14 +18,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
-if TYPE_CHECKING:  # RunSettings lives with the workflow; only its fields are read here
-    from DiffusionSegLib.slicer_workflow import RunSettings
 
 # Prefix of the progress lines the CLI prints with ``segment --progress json`` (cli imports it from here).
 PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS "
@@ -42,6 +41,25 @@ _KILL_WAIT_S = 5.0
 _POLL_S = 0.02
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSettings:
+    """Options of one run, as the Slicer module's controls set them (None = model card default).
+
+    The one settings object from the panel to the child process: ``build_argv`` turns it into the
+    CLI command line.
+    """
+
+    python: str = sys.executable  # child interpreter; inside Slicer: PythonSlicer
+    model: str | None = None  # model name or folder; None = the bundled default model
+    samples: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    crf: bool | None = None  # None: the model card's default_crf
+    keep_samples: bool = True  # the agreement slider needs the per-sample masks
+    show_samples: bool = False  # also show each sample as a (hidden) segment
 
 
 @dataclass

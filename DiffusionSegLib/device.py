@@ -59,6 +59,16 @@ def use_deterministic_kernels(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); a no-op elsewhere unless asked on CPU."""
+    if not amp:
+        return torch.autocast(device_type=device.type, enabled=False)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
 _ALLOCATOR_TUNED = False
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from DiffusionSegLib.device import auto_batch_size, keep_freed_memory_for_reuse, run_with_oom_backoff
+from DiffusionSegLib.device import auto_batch_size, autocast, keep_freed_memory_for_reuse, run_with_oom_backoff
 from DiffusionSegLib.modelcard import ModelCard
 
 log = logging.getLogger(__name__)
@@ -90,17 +90,7 @@ def diffusion_loss(
     return F.mse_loss(prediction.float(), training_target(scheduler, x0, noise, timesteps))
 
 
-def _autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing); a no-op elsewhere unless asked on CPU."""
-    if not amp:
-        return torch.autocast(device_type=device.type, enabled=False)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-
-
-def _bytes_per_item(card: ModelCard, spatial: tuple[int, ...]) -> int:
+def bytes_per_item(card: ModelCard, spatial: tuple[int, ...]) -> int:
     """Rough activation memory of one item: widest feature map x a safety factor."""
     width = max(card.network.get("channels", [64]) or [64])
     return int(math.prod(spatial) * width * 4 * 24)
@@ -220,7 +210,7 @@ def sample_masks(
     x_T = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
     out = torch.empty(shape, dtype=torch.float32, device="cpu")
     if batch_size is None:
-        batch_size = auto_batch_size(device, _bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
+        batch_size = auto_batch_size(device, bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
     done = 0
 
     def run(bs: int) -> None:
@@ -235,7 +225,7 @@ def sample_masks(
             gens = [torch.Generator("cpu").manual_seed(_item_seed(seed, i)) for i in range(start, stop)] if eta else []
             for k, t in enumerate(timesteps):
                 t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
-                with _autocast(device, amp):
+                with autocast(device, amp):
                     pred = net(x, cond, t_batch)
                 noise = None
                 if eta:

@@ -148,13 +148,14 @@ def probe_seconds_per_evaluation(net: Any, card: Any, batch: Any, n_samples: int
     import torch
 
     from DiffusionSegLib.device import auto_batch_size, keep_freed_memory_for_reuse
-    from DiffusionSegLib.diffusion import _autocast, _bytes_per_item
+    from DiffusionSegLib.device import autocast
+    from DiffusionSegLib.diffusion import bytes_per_item
 
     device = batch.device
     if device.type == "cpu":
         keep_freed_memory_for_reuse()  # as the sampler does, so the probe runs under the same allocator
     # The chunk size sample_masks will use (same rule, same cap).
-    chunk = batch_size or auto_batch_size(device, _bytes_per_item(card, tuple(batch.shape[2:])),
+    chunk = batch_size or auto_batch_size(device, bytes_per_item(card, tuple(batch.shape[2:])),
                                           cap=64 if device.type != "cpu" else 32)
     k = max(1, min(n_samples * batch.shape[0], chunk))
     cond = batch[torch.arange(k, device=device) % batch.shape[0]]
@@ -166,7 +167,7 @@ def probe_seconds_per_evaluation(net: Any, card: Any, batch: Any, n_samples: int
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         net(x[:1], cond[:1], t[:1])
         sync()
         start = time.perf_counter()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from DiffusionSegLib.background import JobStatus, SegmentJob
+from DiffusionSegLib.background import JobStatus, RunSettings, SegmentJob  # RunSettings: re-exported
 from DiffusionSegLib.errors import DiffusionSegError
 from DiffusionSegLib.inputcheck import MODALITY_TAG, InputWarning, RunEstimate
 
@@ -53,21 +52,6 @@ ESTIMATE_PREFIX = "diffusionseg: estimate: "
 # Box in IJK of the input volume, half-open: ((i0, j0, k0), (i1, j1, k1)).
 IJKBox = tuple[tuple[int, int, int], tuple[int, int, int]]
 _REGIONS = ("fused", "consistency", "ambiguity")
-
-
-@dataclass
-class RunSettings:
-    """Options of one run, as the Slicer module's controls set them (None = model card default)."""
-
-    python: str = sys.executable  # child interpreter; inside Slicer: PythonSlicer
-    model: str | None = None  # model name or folder; None = the bundled default model
-    samples: int | None = None
-    steps: int | None = None
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    crf: bool | None = None  # None: the model card's default_crf
-    keep_samples: bool = True  # the agreement slider needs the per-sample masks
-    show_samples: bool = False  # also show each sample as a (hidden) segment
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     ``batch_size`` images (from free memory when None), halved on out-of-memory.
     """
     from DiffusionSegLib.device import auto_batch_size, keep_freed_memory_for_reuse, run_with_oom_backoff
-    from DiffusionSegLib.diffusion import _autocast
+    from DiffusionSegLib.device import autocast
 
     device = images.device
     if device.type == "cpu":
@@ -107,7 +107,7 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     def run(bs: int) -> None:
         nonlocal done
         for start in range(done, b, bs):
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = net(images[start:start + bs])
             chunks.append(torch.sigmoid(logits.float()).cpu())
             done = min(start + bs, b)  # an OOM retry resumes after the last finished chunk
