@@ -250,14 +250,15 @@ def evaluate_model(model_dir: Path, dataset_dir: Path, samples: int, steps: int,
         start = time.perf_counter()
         result = segment_image(image, model_dir, options)
         seconds = time.perf_counter() - start
-        names = [lab.name for lab in result.labels]
-        missing = [n for n in names if n not in label_values]
-        if missing:
-            raise DiffusionSegError(f"model labels {missing} are not labels of {dataset_dir}")
+        # Only labels the dataset annotates are scored (an organ model may output more).
+        names = [lab.name for lab in result.labels if lab.name in label_values]
+        if not names:
+            raise DiffusionSegError(f"none of the model labels is a label of {dataset_dir}")
+        index = {lab.name: i for i, lab in enumerate(result.labels)}
         ref = {n: np.isin(ref_map, label_values[n]) for n in names}
-        pred = {n: result.final_mask[i].astype(bool) for i, n in enumerate(names)}
+        pred = {n: result.final_mask[index[n]].astype(bool) for n in names}
         metrics = score_case(pred, ref, list(image.GetSpacing()))
-        unc = {n: uncertainty_stats(result.samples[:, i], ref[n]) for i, n in enumerate(names)}
+        unc = {n: uncertainty_stats(result.samples[:, index[n]], ref[n]) for n in names}
         rep = result.report
         out.append({"case": case.name, "metrics": metrics, "uncertainty": unc, "seconds": round(seconds, 3),
                     "sampling_seconds": rep.get("timings_s", {}).get("sampling"),
@@ -265,7 +266,8 @@ def evaluate_model(model_dir: Path, dataset_dir: Path, samples: int, steps: int,
                     if image.GetDimension() == 3 else 1})
         if example_dir is not None:
             example_dir.mkdir(parents=True, exist_ok=True)
-            ex = _example_slice(sitk.GetArrayFromImage(image), ref, result.probability, result.samples.shape[0])
+            ex = _example_slice(sitk.GetArrayFromImage(image), ref, result.probability[[index[n] for n in names]],
+                                result.samples.shape[0])
             np.savez_compressed(example_dir / f"{case.name}.npz", labels=np.array(names), **ex)
     return {"cases": out, "samples": samples, "steps": steps, "sampler": sampler, "seed": seed, "crf": crf}
 
@@ -724,7 +726,10 @@ def sampling_table(sampling: Mapping[str, Any]) -> str:
 
 def bundled_table(bundled: Mapping[str, Any], organ_metrics: Mapping[str, Any]) -> str:
     lines = ["| model | setting | label | Dice | IoU | HD95 (mm) | seconds per volume |", "|---|---|---|---|---|---|---|"]
-    for name, res in (("bundled ct_liver_spleen_2d", bundled.get("crf")), ("bundled ct_liver_spleen_2d", bundled.get("no_crf"))):
+    from DiffusionSegLib.models import DEFAULT_MODEL
+
+    name = f"bundled {DEFAULT_MODEL}"
+    for res in (bundled.get("crf"), bundled.get("no_crf")):
         if not res:
             continue
         case = res["cases"][0]

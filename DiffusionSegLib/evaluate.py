@@ -83,8 +83,19 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
     label_values = default_labels(dataset, cases)
     model_dir = None
     source = Path(pred_or_model)
+    not_scored: list[str] = []
     if not (source.is_dir() and not (source / "model.json").exists()):
         model_dir = resolve_model(pred_or_model)
+        # Checked before any case is segmented. A model may output more structures than a dataset
+        # annotates (an organ model on a liver dataset): those are listed, not scored, not refused.
+        from DiffusionSegLib.modelcard import read_card
+
+        card = read_card(model_dir)
+        shown = [card.labels[i].name for i in card.output_label_indices()]
+        not_scored = [n for n in shown if n not in label_values]
+        if len(not_scored) == len(shown):
+            raise ModelLoadError(f"none of the model labels {shown} is a label of dataset {dataset} "
+                                 f"({', '.join(label_values)})")
     results = []
     report = progress or (lambda stage, done, total: None)
     report("cases", 0, len(cases))
@@ -95,11 +106,7 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
             from DiffusionSegLib.inference import segment_image
 
             result = segment_image(image, model_dir, options, progress)
-            missing = [lab.name for lab in result.labels if lab.name not in label_values]
-            if missing:
-                raise ModelLoadError(f"model labels {missing} are not labels of dataset {dataset} "
-                                     f"({', '.join(label_values)})")
-            pred = {lab.name: result.final_mask[i] for i, lab in enumerate(result.labels)}
+            pred = {lab.name: result.final_mask[i] for i, lab in enumerate(result.labels) if lab.name in label_values}
         else:
             pred_map = _label_array(case, _find_prediction(source, case.name), image)
             pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
@@ -108,7 +115,7 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
         report("cases", index + 1, len(cases))
     summary = {"dataset": str(dataset), "split": split, "source": str(pred_or_model),
                "mode": "model" if model_dir is not None else "predictions", "cases": results,
-               "mean": summarize(results)}
+               "mean": summarize(results), "model_labels_not_in_dataset": not_scored}
     if out_json:
         atomic_write_bytes(out_json, json.dumps(summary, indent=2).encode())
     return summary

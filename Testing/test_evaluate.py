@@ -128,3 +128,16 @@ def test_evaluate_cli_draws_a_case_bar(tmp_path, dataset, monkeypatch):
     monkeypatch.setattr(cli, "_Bar", Keep)
     assert main(["evaluate", str(preds), str(root)]) == 0
     assert bars and bars[0].stage == "cases" and bars[0].last == (1, 1)
+
+
+def test_a_model_with_more_labels_than_the_dataset_is_scored_on_the_shared_ones(tmp_path, dataset):
+    """An organ model on a dataset that annotates fewer organs: shared labels scored, the rest listed."""
+    from conftest import make_model
+    from DiffusionSegLib.inference import SegmentOptions
+    from DiffusionSegLib.modelcard import LabelInfo
+
+    root, _ = dataset  # labels "a" and "b"
+    model = make_model(tmp_path / "abc", labels=[LabelInfo("a"), LabelInfo("kidney"), LabelInfo("b")])
+    summary = evaluate(model, root, options=SegmentOptions(samples=2, steps=1, crf=False), split="test")
+    assert set(summary["cases"][0]["metrics"]) == {"a", "b"}
+    assert summary["model_labels_not_in_dataset"] == ["kidney"]
