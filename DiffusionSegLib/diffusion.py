@@ -13,6 +13,7 @@ import logging
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -157,8 +158,6 @@ def denoise_step(
 
 def _item_seed(seed: int, item: int) -> int:
     """Seed of item ``item``'s per-step noise stream: a function of (seed, item) only."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, item]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 

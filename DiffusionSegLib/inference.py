@@ -199,7 +199,8 @@ def segment_image(
     from DiffusionSegLib.diffusion import sample_masks
     from DiffusionSegLib.inputcheck import InputMismatchError, RunEstimate, check_input, input_modality
     from DiffusionSegLib.io import validate_image
-    from DiffusionSegLib.modelcard import load_model, read_card
+    from DiffusionSegLib.modelcard import read_card
+    from DiffusionSegLib.models import load_model
     from DiffusionSegLib.preprocess import prepare, restore
 
     opts = options or SegmentOptions()

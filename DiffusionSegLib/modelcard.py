@@ -6,11 +6,12 @@ Layout of a model folder::
       model.json          the card (this module's ModelCard), includes sha256 of the weights
       model.safetensors   the weights (no pickle anywhere)
 
-Loading checks the sha256 of the weights against the card and the tensor names/shapes against
-the architecture the card describes, so a corrupt (truncated, partly copied) or mismatched model
-fails with a clear error. The sha256 sits in the same folder as the weights: it detects corruption, not deliberate
-tampering (whoever can change the weights can change the card); trust comes from where the model
-was installed from (``models download --sha256`` checks the archive against a hash you supply).
+Loading (``models.load_model``, which also builds the network) checks the sha256 of the weights
+against the card and the tensor names/shapes against the architecture the card describes, so a
+corrupt (truncated, partly copied) or mismatched model fails with a clear error. The sha256 sits in
+the same folder as the weights: it detects corruption, not deliberate tampering (whoever can change
+the weights can change the card); trust comes from where the model was installed from
+(``models download --sha256`` checks the archive against a hash you supply).
 """
 
 from __future__ import annotations
@@ -172,41 +173,3 @@ def read_card(model_dir: str | os.PathLike) -> ModelCard:
         return ModelCard.from_dict(data)
     except TypeError as err:
         raise ModelLoadError(f"invalid model card {card_path}: {err}") from err
-
-
-def load_model(model_dir: str | os.PathLike, device: Any = "cpu"):
-    """Rebuild the network of a model folder and load its weights.
-
-    Returns ``(network, card)``; the network is in eval mode on ``device``.
-    Raises ModelLoadError when the sha256 differs from the card (corrupt or truncated file)
-    or when the weights do not fit the architecture in the card.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from DiffusionSegLib.networks import build_network
-
-    card = read_card(model_dir)
-    weights = Path(model_dir) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ModelLoadError(f"model weights missing: {weights}")
-    actual = sha256_of(weights)
-    if actual != card.weights_sha256:
-        raise ModelLoadError(
-            f"sha256 of {weights} is {actual[:12]}..., the model card says {card.weights_sha256[:12]}...: "
-            "the weights were modified or truncated"
-        )
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelLoadError(f"corrupt weights file {weights}: {err}") from err
-    try:
-        net = build_network(card)
-    except (TypeError, ValueError) as err:
-        raise ModelLoadError(f"model card {model_dir} describes an invalid network: {err}") from err
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ModelLoadError(f"weights do not match the architecture in the model card: {first}") from err
-    return net.to(device).eval(), card

@@ -27,11 +27,10 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from DiffusionSegLib.errors import ModelLoadError
-from DiffusionSegLib.modelcard import (CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, ModelCard, load_model, read_card,
-                                       sha256_of)
+from DiffusionSegLib.modelcard import CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, ModelCard, read_card, sha256_of
 
 log = logging.getLogger("diffusionseg")
 
@@ -84,6 +83,44 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     if path.exists():
         raise ModelLoadError(f"not a DiffusionSeg model folder (no {CARD_NAME}): {path}")
     raise ModelLoadError(f"model '{name_or_path}' not found (see 'diffusionseg models')")
+
+
+def load_model(model_dir: str | os.PathLike, device: Any = "cpu"):
+    """Rebuild the network of a model folder and load its weights.
+
+    Returns ``(network, card)``; the network is in eval mode on ``device``.
+    Raises ModelLoadError when the sha256 differs from the card (corrupt or truncated file)
+    or when the weights do not fit the architecture in the card.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from DiffusionSegLib.networks import build_network
+
+    card = read_card(model_dir)
+    weights = Path(model_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelLoadError(f"model weights missing: {weights}")
+    actual = sha256_of(weights)
+    if actual != card.weights_sha256:
+        raise ModelLoadError(
+            f"sha256 of {weights} is {actual[:12]}..., the model card says {card.weights_sha256[:12]}...: "
+            "the weights were modified or truncated"
+        )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"corrupt weights file {weights}: {err}") from err
+    try:
+        net = build_network(card)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"model card {model_dir} describes an invalid network: {err}") from err
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelLoadError(f"weights do not match the architecture in the model card: {first}") from err
+    return net.to(device).eval(), card
 
 
 # --- Installing, downloading and clearing user models -----------------------------------------

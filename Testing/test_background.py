@@ -139,6 +139,14 @@ def wait_until(condition, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def started_sleeper(tmp_path: Path) -> SegmentJob:
+    """A running job whose child (a fake interpreter) sleeps for 10 minutes unless signalled."""
+    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python=fake_python(tmp_path, "exec sleep 600")))
+    job.start()
+    wait_until(lambda: alive(job.pid))
+    return job
+
+
 @pytest.fixture()
 def signals_sent(monkeypatch):
     """Record every os.killpg / os.kill call that sends a signal (they still go out); signal 0, the
@@ -198,10 +206,7 @@ def test_cancel_after_the_child_exited_signals_nothing(tmp_path, signals_sent):
 
 @posix_only
 def test_cancel_twice_during_a_run_signals_once(tmp_path, signals_sent):
-    sleeper = RunSettings(python=fake_python(tmp_path, "exec sleep 600"))
-    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", sleeper)
-    job.start()
-    wait_until(lambda: alive(job.pid))
+    job = started_sleeper(tmp_path)
     job.cancel()
     sent = list(signals_sent)
     assert sent and all(call[1] == job.pid for call in sent)
@@ -258,10 +263,7 @@ def test_cancel_never_blocks_on_a_child_that_does_not_die(tmp_path, monkeypatch)
 
     from DiffusionSegLib import background
 
-    sleeper = RunSettings(python=fake_python(tmp_path, "exec sleep 600"))
-    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", sleeper)
-    job.start()
-    wait_until(lambda: alive(job.pid))
+    job = started_sleeper(tmp_path)
     real_killpg = os.killpg
     try:
         # Signals that never arrive (a process stuck in the kernel looks the same to the parent).

@@ -20,9 +20,9 @@ from conftest import REPO
 from DiffusionSegLib import models
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import ModelLoadError
-from DiffusionSegLib.modelcard import CARD_NAME, WEIGHTS_NAME, load_model
-from DiffusionSegLib.models import (clear_installed_models, download_model, install_model, list_models, resolve_model,
-                                    user_models_dir)
+from DiffusionSegLib.modelcard import CARD_NAME, WEIGHTS_NAME
+from DiffusionSegLib.models import (clear_installed_models, download_model, install_model, list_models, load_model,
+                                    resolve_model, user_models_dir)
 
 BUNDLED = REPO / "Resources" / "Models" / "ct_abdomen_organs_2d"
 # The bundled model's card name is taken by the bundled folder (found first), so installs are renamed.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard, load_model, save_model
+from DiffusionSegLib.modelcard import LabelInfo, ModelCard, save_model
+from DiffusionSegLib.models import load_model
 from DiffusionSegLib.networks import build_network
 from DiffusionSegLib.networks.medsegdiff import DynamicConditionalEncoding, FFParser, MedSegDiffUNet
 from DiffusionSegLib.networks.vanilla import VanillaConditionalDPM

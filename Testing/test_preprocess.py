@@ -204,10 +204,10 @@ def test_single_slice_volume_is_one_slice_for_a_2d_model():
     assert restore(prepared, prepared.batch).shape == (1, 1, 5, 6)
 
 
-def test_single_slice_stored_flipped_reaches_the_network_like_its_lps_twin():
-    """The LPS reorientation applies to a 1-slice volume as to any volume (in-plane flips undone)."""
-    rng = np.random.default_rng(4)
-    lps_array = rng.normal(size=(1, 6, 5)).astype(np.float32)
+def _lps_and_ras_twins(slices: int, seed: int) -> tuple[sitk.Image, sitk.Image]:
+    """The same random anatomy (slices x 6 x 5) stored LPS, and with x and y reversed (direction
+    diag(-1, -1, 1), origin at the far corner), as a RAS-flipped NIfTI would store it."""
+    lps_array = np.random.default_rng(seed).normal(size=(slices, 6, 5)).astype(np.float32)
     lps = sitk.GetImageFromArray(lps_array)
     lps.SetSpacing((1.0, 2.0, 3.0))
     lps.SetOrigin((-10.0, 20.0, 5.0))
@@ -215,6 +215,12 @@ def test_single_slice_stored_flipped_reaches_the_network_like_its_lps_twin():
     ras.SetSpacing((1.0, 2.0, 3.0))
     ras.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
     ras.SetOrigin(lps.TransformIndexToPhysicalPoint((4, 5, 0)))
+    return lps, ras
+
+
+def test_single_slice_stored_flipped_reaches_the_network_like_its_lps_twin():
+    """The LPS reorientation applies to a 1-slice volume as to any volume (in-plane flips undone)."""
+    lps, ras = _lps_and_ras_twins(slices=1, seed=4)
     card = _card(spatial_dims=2, normalization={"kind": "zscore"})
     a, b = prepare(lps, card), prepare(ras, card)
     assert a.batch.shape == (1, 1, 6, 5)
@@ -336,21 +342,12 @@ def test_same_anatomy_stored_with_flipped_axes_gives_the_same_slices():
     from DiffusionSegLib.modelcard import ModelCard
     from DiffusionSegLib.preprocess import prepare, restore
 
-    rng = np.random.default_rng(3)
-    lps_array = rng.normal(size=(4, 6, 5)).astype(np.float32)
-    lps = sitk.GetImageFromArray(lps_array)
-    lps.SetSpacing((1.0, 2.0, 3.0))
-    lps.SetOrigin((-10.0, 20.0, 5.0))
-    # The same voxels stored with x and y reversed: direction diag(-1, -1, 1), origin at the far corner.
-    ras = sitk.GetImageFromArray(lps_array[:, ::-1, ::-1].copy())
-    ras.SetSpacing((1.0, 2.0, 3.0))
-    ras.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
-    ras.SetOrigin(lps.TransformIndexToPhysicalPoint((4, 5, 0)))
+    lps, ras = _lps_and_ras_twins(slices=4, seed=3)
     card = ModelCard(name="o", normalization={"kind": "zscore"})
     a, b = prepare(lps, card), prepare(ras, card)
     assert np.allclose(a.batch, b.batch, atol=1e-6)
     # Outputs go back onto each file's own grid.
     back_lps = restore(a, a.batch[:, :1], "nearest")[0]
     back_ras = restore(b, b.batch[:, :1], "nearest")[0]
-    assert back_ras.shape == lps_array.shape
+    assert back_ras.shape == sitk.GetArrayViewFromImage(lps).shape
     assert np.allclose(back_ras, back_lps[:, ::-1, ::-1], atol=1e-6)

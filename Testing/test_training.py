@@ -11,7 +11,8 @@ import torch
 
 from DiffusionSegLib.data import Case
 from DiffusionSegLib.errors import DiffusionSegError
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard, load_model
+from DiffusionSegLib.modelcard import LabelInfo, ModelCard
+from DiffusionSegLib.models import load_model
 from DiffusionSegLib.training import TrainConfig, config_from_cli, dice_score, train, validation_dice
 
 TINY_NET = {"channels": [8, 16, 32], "norm_groups": 4}  # size_divisor 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +34,15 @@ def measure(model: Path, dataset: Path, split: str, largest_component: list[str]
     from DiffusionSegLib.modelcard import read_card
 
     card = read_card(model)
-    if largest_component is not None:  # try a post-processing choice without rewriting the card
-        card_path = model / "model.json"
-        card_json = json.loads(card_path.read_text())
-        card_json["largest_component"] = largest_component
-        tmp = Path(f"/tmp/measure-{model.name}")
-        tmp.mkdir(exist_ok=True)
+    if largest_component is not None:  # try a post-processing choice on a copy of the card only
+        staged = Path(tempfile.mkdtemp(prefix=f"measure-{model.name}-"))
         for f in model.iterdir():
             if f.is_file() and f.name != "model.json":
-                target = tmp / f.name
-                if not target.exists():
-                    target.symlink_to(f.resolve())
-        (tmp / "model.json").write_text(json.dumps(card_json))
-        model = tmp
+                (staged / f.name).symlink_to(f.resolve())
+        card_json = json.loads((model / "model.json").read_text())
+        card_json["largest_component"] = largest_component
+        (staged / "model.json").write_text(json.dumps(card_json))
+        model = staged
     cases = discover_cases(dataset, split)
     label_values = default_labels(dataset, cases)
     out = []
