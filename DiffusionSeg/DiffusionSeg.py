@@ -320,9 +320,9 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _storedSpeed(self, model, device):
         """The speed an earlier run of ``model`` with ``device`` measured (QSettings), or None."""
         ensureLibraryImportable()
-        from DiffusionSegLib.modelcard import read_card
-        from DiffusionSegLib.models import resolve_model
-        from DiffusionSegLib.slicer_workflow import MeasuredSpeed
+        from DiffusionSegLib.models.card import read_card
+        from DiffusionSegLib.models.store import resolve_model
+        from DiffusionSegLib.slicer.workflow import MeasuredSpeed
 
         name = read_card(resolve_model(model)).name
         value = qt.QSettings().value(f"{SPEED_SETTINGS_GROUP}/{name}/{device}")
@@ -657,7 +657,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 def catalogueFigures(entry):
     """One line of measured figures from a model catalogue entry (Resources/Models.json), or ""."""
     ensureLibraryImportable()
-    from DiffusionSegLib.catalogue import summary_line
+    from DiffusionSegLib.models.catalogue import summary_line
 
     return summary_line(entry)
 
@@ -698,7 +698,7 @@ def stageText(status):
 
 
 class DiffusionSegLogic(ScriptedLoadableModuleLogic):
-    """Thin adapter over ``DiffusionSegLib.slicer_workflow.SegmentationWorkflow`` on ``slicer.mrmlScene``.
+    """Thin adapter over ``DiffusionSegLib.slicer.workflow.SegmentationWorkflow`` on ``slicer.mrmlScene``.
 
     Usable without the GUI, e.g. from Slicer's Python console::
 
@@ -717,7 +717,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     def workflow(self):
         if self._workflow is None:
             ensureLibraryImportable()
-            from DiffusionSegLib.slicer_workflow import SegmentationWorkflow
+            from DiffusionSegLib.slicer.workflow import SegmentationWorkflow
 
             self._workflow = SegmentationWorkflow(slicer.mrmlScene)
         return self._workflow
@@ -728,7 +728,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                      showSamples=False):
         """A RunSettings for the child process (PythonSlicer), keeping the samples for the slider."""
         ensureLibraryImportable()
-        from DiffusionSegLib.slicer_workflow import RunSettings
+        from DiffusionSegLib.slicer.workflow import RunSettings
 
         return RunSettings(python=childPythonExecutable(), model=model or None, samples=samples or None,
                            steps=steps or None, seed=int(seed), device=device, crf=bool(crf),
@@ -738,7 +738,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     def missingDependencies():
         """Required packages that are not installed: {import name: pip requirement}."""
         ensureLibraryImportable()
-        from DiffusionSegLib.dependencies import missing_requirements
+        from DiffusionSegLib.core.dependencies import missing_requirements
 
         return missing_requirements()
 
@@ -749,7 +749,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         packages through Slicer's pip helpers. pydensecrf2 is optional and never installed here.
         """
         ensureLibraryImportable()
-        from DiffusionSegLib.dependencies import TORCH, describe, missing_requirements, pip_requirements
+        from DiffusionSegLib.core.dependencies import TORCH, describe, missing_requirements, pip_requirements
 
         missing = missing_requirements()
         if not missing:
@@ -802,7 +802,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     def availableModels(self):
         """Readable models as dicts: name, origin, folder, isDefault, summary, tooltip."""
         ensureLibraryImportable()
-        from DiffusionSegLib import catalogue, models
+        from DiffusionSegLib.models import catalogue
+        from DiffusionSegLib.models import store as models
 
         try:
             measured = {entry["name"]: entry for entry in catalogue.catalogue()}
@@ -829,7 +830,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     def installModel(self, sourceFolder):
         ensureLibraryImportable()
-        from DiffusionSegLib.models import install_model
+        from DiffusionSegLib.models.store import install_model
 
         return install_model(sourceFolder)
 
@@ -840,13 +841,13 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         raising from it cancels the download.
         """
         ensureLibraryImportable()
-        from DiffusionSegLib.models import download_model
+        from DiffusionSegLib.models.store import download_model
 
         return download_model(url, sha256, progress=progress)
 
     def clearInstalledModels(self):
         ensureLibraryImportable()
-        from DiffusionSegLib.models import clear_installed_models
+        from DiffusionSegLib.models.store import clear_installed_models
 
         return clear_installed_models()
 
@@ -983,8 +984,8 @@ class DiffusionSegTest(ScriptedLoadableModuleTest):
 
         # Every label of the model has its fused, consistency and ambiguity segments.
         ensureLibraryImportable()
-        from DiffusionSegLib.modelcard import read_card
-        from DiffusionSegLib.models import resolve_model
+        from DiffusionSegLib.models.card import read_card
+        from DiffusionSegLib.models.store import resolve_model
 
         card = read_card(resolve_model(None))
         for label in card.labels:

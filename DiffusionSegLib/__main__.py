@@ -1,5 +1,5 @@
 """``python -m DiffusionSegLib`` runs the command-line interface."""
 
-from DiffusionSegLib.cli import main
+from DiffusionSegLib.cli.main import main
 
 raise SystemExit(main())

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard, save_model
-from DiffusionSegLib.networks import build_network
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, save_model
+from DiffusionSegLib.methods.registry import build_network
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO
-from DiffusionSegLib.background import PROGRESS_PREFIX, SegmentJob, build_argv
-from DiffusionSegLib.cli import PROGRESS_PREFIX as CLI_PREFIX
-from DiffusionSegLib.slicer_workflow import RunSettings
+from DiffusionSegLib.slicer.job import PROGRESS_PREFIX, SegmentJob, build_argv
+from DiffusionSegLib.cli.main import PROGRESS_PREFIX as CLI_PREFIX
+from DiffusionSegLib.slicer.workflow import RunSettings
 
 SAMPLE = REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz"
 
@@ -78,7 +78,7 @@ def test_a_user_error_comes_back_as_its_one_line_message(tmp_path):
 
 
 def test_a_child_that_cannot_start_is_a_clear_error(tmp_path):
-    from DiffusionSegLib.errors import DiffusionSegError
+    from DiffusionSegLib.core.errors import DiffusionSegError
 
     job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python=str(tmp_path / "no-python")))
     with pytest.raises(DiffusionSegError, match="cannot start"):
@@ -221,7 +221,7 @@ def test_cancel_twice_during_a_run_signals_once(tmp_path, signals_sent):
 def test_cancel_asks_with_sigterm_then_kills_a_tree_that_ignores_it(tmp_path, signals_sent, monkeypatch):
     import signal
 
-    from DiffusionSegLib import background
+    from DiffusionSegLib.slicer import job as background
 
     monkeypatch.setattr(background, "_TERM_GRACE_S", 0.5, raising=False)
     marker = tmp_path / "grandchild.pid"
@@ -261,7 +261,7 @@ def test_cancel_never_blocks_on_a_child_that_does_not_die(tmp_path, monkeypatch)
     import signal
     import threading
 
-    from DiffusionSegLib import background
+    from DiffusionSegLib.slicer import job as background
 
     job = started_sleeper(tmp_path)
     real_killpg = os.killpg

@@ -7,10 +7,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DiffusionSegLib.modelcard import ModelCard
-from DiffusionSegLib.networks import build_network, is_diffusion_method
-from DiffusionSegLib.synthetic_lesions import LesionDesign, insert_lesions
-from DiffusionSegLib.training import dice_score, train
+from DiffusionSegLib.models.card import ModelCard
+from DiffusionSegLib.methods.registry import build_network, is_diffusion_method
+from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions
+from DiffusionSegLib.training.loop import dice_score, train
 from test_training import _config, _shape, _write_shapes, one_thread  # noqa: F401  (fixture)
 
 UNET_NET = {"channels": [16, 32, 64], "num_res_units": 1}
@@ -27,7 +27,7 @@ def test_unet_maps_images_to_one_logit_map_per_label(spatial_dims, size):
 
 
 def test_unet_baseline_learns_shapes_and_segments_deterministically(tmp_path):
-    from DiffusionSegLib.inference import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
 
     _write_shapes(tmp_path / "data", 40, seed=0)
     # Measured: validation Dice 0.854 after 300 steps at lr 3e-3 (0.74 at lr 1e-3), about 5 s.

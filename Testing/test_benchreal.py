@@ -1,4 +1,4 @@
-"""Real-data benchmark plumbing (DiffusionSegLib.benchreal) on tiny synthetic data: aggregation
+"""Real-data benchmark plumbing (DiffusionSegLib.bench.real) on tiny synthetic data: aggregation
 (mean +/- std over seeds, checked by hand), uncertainty statistics, resume skipping finished runs,
 the CLI flags, and the model catalogue against the bundled files."""
 
@@ -12,8 +12,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DiffusionSegLib import benchreal, catalogue
-from DiffusionSegLib.errors import DiffusionSegError
+from DiffusionSegLib.bench import real as benchreal
+
+from DiffusionSegLib.models import catalogue
+from DiffusionSegLib.core.errors import DiffusionSegError
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +167,7 @@ def test_suite_runs_writes_results_and_resume_skips_finished_runs(tmp_path, monk
     # metrics were lost is evaluated again from its trained model without retraining.
     (out / "runs" / "tiny" / "unet_s0" / "metrics.json").unlink()
     trained, evaluated = [], []
-    import DiffusionSegLib.training as training
+    import DiffusionSegLib.training.loop as training
 
     real_eval = benchreal.evaluate_model
     monkeypatch.setattr(training, "train", lambda *a, **k: trained.append(a) or None)
@@ -204,7 +206,7 @@ def test_full_suite_shares_one_budget_across_methods():
 
 
 def test_cli_parses_the_real_suite_flags():
-    from DiffusionSegLib.cli import build_parser
+    from DiffusionSegLib.cli.main import build_parser
 
     args = build_parser().parse_args(["bench", "--suite", "real", "--quick", "--data", "d", "--out", "o", "--resume"])
     assert (args.suite, args.quick, args.data, args.out, args.resume) == ("real", True, "d", "o", True)
@@ -221,7 +223,7 @@ def test_catalogue_matches_the_bundled_weights():
     entries = catalogue.catalogue()
     assert entries, "Resources/Models.json lists no model"
     assert catalogue.check_bundled() == []
-    from DiffusionSegLib.models import BUNDLED_DIR
+    from DiffusionSegLib.models.store import BUNDLED_DIR
 
     bundled = {p.name for p in BUNDLED_DIR.iterdir() if (p / "model.json").is_file()}
     assert bundled <= {e["name"] for e in entries}  # every bundled model is catalogued
@@ -233,7 +235,7 @@ def test_catalogue_matches_the_bundled_weights():
 
 
 def test_catalogue_check_reports_a_wrong_digest_and_a_missing_url(tmp_path):
-    from DiffusionSegLib.errors import ModelLoadError
+    from DiffusionSegLib.core.errors import ModelLoadError
 
     entry = dict(catalogue.catalogue()[0])
     entry["weights_sha256"] = "0" * 64

@@ -15,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO
-from DiffusionSegLib.cli import main
-from DiffusionSegLib.models import DEFAULT_MODEL, resolve_model
+from DiffusionSegLib.cli.main import main
+from DiffusionSegLib.models.store import DEFAULT_MODEL, resolve_model
 
 SAMPLE = REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz"
 
@@ -133,7 +133,7 @@ def test_tampered_or_mismatched_model_is_refused(tmp_path, tiny_model, tiny_rgb_
     shutil.copytree(tiny_model, mismatched)
     shutil.copy(tiny_rgb_model / "model.safetensors", mismatched / "model.safetensors")
     card = json.loads((mismatched / "model.json").read_text())
-    from DiffusionSegLib.modelcard import sha256_of
+    from DiffusionSegLib.models.card import sha256_of
 
     card["weights_sha256"] = sha256_of(mismatched / "model.safetensors")
     (mismatched / "model.json").write_text(json.dumps(card))
@@ -167,7 +167,7 @@ def test_module_entry_point_runs():
 
 
 def test_progress_json_lines_for_other_programs(tmp_path, tiny_model, capsys):
-    from DiffusionSegLib.cli import PROGRESS_PREFIX
+    from DiffusionSegLib.cli.main import PROGRESS_PREFIX
 
     img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(16, 20)).astype(np.float32))
     sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
@@ -236,7 +236,7 @@ def folder_state(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_rerun_into_the_same_folder_holds_only_that_runs_outputs(tmp_path, tiny_model):
-    from DiffusionSegLib.readers import read_outputs
+    from DiffusionSegLib.outputs.readers import read_outputs
 
     src, out = tiny_input(tmp_path), tmp_path / "o"
     common = ("segment", src, "-o", out, "--model", tiny_model, "--samples", "2", "--steps", "1", "-q")
@@ -286,7 +286,7 @@ def _read_only_folder(tmp: Path) -> Path:
 
 @pytest.mark.parametrize("where", ["read-only folder", "inside a read-only folder", "below a file"])
 def test_an_unwritable_output_location_fails_before_sampling(tmp_path, tiny_model, capsys, monkeypatch, where):
-    from DiffusionSegLib import inference
+    from DiffusionSegLib.pipeline import segment as inference
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("the run started although its outputs cannot be written")
@@ -316,7 +316,7 @@ def test_sigterm_ends_a_run_cleanly_and_keeps_the_earlier_outputs(tmp_path, tiny
     # must unwind (staging folder removed, earlier outputs untouched) rather than die on the spot.
     import signal
 
-    from DiffusionSegLib.cli import PROGRESS_PREFIX
+    from DiffusionSegLib.cli.main import PROGRESS_PREFIX
 
     src, out = tiny_input(tmp_path), tmp_path / "o"
     assert run_cli("segment", src, "-o", out, "--model", tiny_model, "--samples", "1", "--steps", "1", "-q") == 0
@@ -377,7 +377,7 @@ def test_an_mr_like_volume_to_the_ct_model_warns_in_stderr_and_report(tmp_path, 
 
 
 def test_strict_refuses_an_input_that_does_not_fit(tmp_path, tiny_ct_model, capsys, monkeypatch):
-    from DiffusionSegLib import diffusion
+    from DiffusionSegLib.methods import diffusion
 
     monkeypatch.setattr(diffusion, "sample_masks", lambda *a, **k: pytest.fail("sampling started"))
     png = tmp_path / "slice.png"  # a picture: 8-bit values and no spacing, two reasons
@@ -392,7 +392,7 @@ def test_strict_refuses_an_input_that_does_not_fit(tmp_path, tiny_ct_model, caps
 
 
 def test_the_sampling_time_is_announced_before_sampling(tmp_path, tiny_model, capsys, monkeypatch):
-    from DiffusionSegLib import diffusion
+    from DiffusionSegLib.methods import diffusion
 
     real, seen = diffusion.sample_masks, {}
 
@@ -413,7 +413,7 @@ def test_the_sampling_time_is_announced_before_sampling(tmp_path, tiny_model, ca
 
 
 def test_the_progress_bar_counts_network_evaluations_to_its_total(tmp_path, tiny_model, monkeypatch):
-    from DiffusionSegLib import cli
+    from DiffusionSegLib.cli import main as cli
 
     bars = []
     real = cli._tqdm_progress
@@ -457,7 +457,7 @@ def test_every_option_has_a_help_line_and_no_markup():
     import argparse
     import re
 
-    from DiffusionSegLib.cli import build_parser
+    from DiffusionSegLib.cli.main import build_parser
 
     walked = list(_parsers(build_parser()))
     assert {" ".join(path) for path, _ in walked} >= {
@@ -500,7 +500,7 @@ def test_a_normal_run_shows_no_third_party_future_warning(tmp_path, tiny_model):
 
 
 def test_crf_and_no_crf_exclude_each_other_and_default_to_the_card():
-    from DiffusionSegLib.cli import build_parser
+    from DiffusionSegLib.cli.main import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["segment", "x", "-o", "y"]).crf is None

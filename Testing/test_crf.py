@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from DiffusionSegLib import crf
-from DiffusionSegLib.errors import DiffusionSegError
+from DiffusionSegLib.pipeline import crf
+from DiffusionSegLib.core.errors import DiffusionSegError
 
 torch.set_num_threads(1)
 
@@ -167,8 +167,8 @@ def _saturated(intensity: np.ndarray) -> float:
 
 
 def test_zscore_image_does_not_saturate():
-    from DiffusionSegLib.modelcard import ModelCard
-    from DiffusionSegLib.preprocess import normalize
+    from DiffusionSegLib.models.card import ModelCard
+    from DiffusionSegLib.pipeline.preprocess import normalize
 
     # A Gaussian z-score image: the [-1, 1] mapping clips |z| > 1 (31.7 %), [-3, 3] only 0.27 %.
     rng = np.random.default_rng(0)

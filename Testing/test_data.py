@@ -1,4 +1,4 @@
-"""Dataset discovery, loading on the model grid, and training-item sampling (DiffusionSegLib.data)."""
+"""Dataset discovery, loading on the model grid, and training-item sampling (DiffusionSegLib.training.data)."""
 
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionSegLib import data
-from DiffusionSegLib.errors import DatasetError
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard
+from DiffusionSegLib.training import data
+from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.models.card import LabelInfo, ModelCard
 
 
 def _write(array: np.ndarray, path, spacing=None, origin=None, is_vector=False) -> None:
@@ -287,8 +287,8 @@ def test_contrast_phase_augmentation_shifts_each_organ_inside_its_mask_only():
 
 
 def test_contrast_augment_config_is_converted_from_hu_and_checked():
-    from DiffusionSegLib.errors import DiffusionSegError
-    from DiffusionSegLib.training import TrainConfig, _label_offsets
+    from DiffusionSegLib.core.errors import DiffusionSegError
+    from DiffusionSegLib.training.loop import TrainConfig, _label_offsets
 
     cfg = TrainConfig(normalization={"kind": "ct_window", "center": 50, "width": 400},
                       contrast_augment={"liver": [0, 80]})

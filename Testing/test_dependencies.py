@@ -1,4 +1,4 @@
-"""DiffusionSegLib.dependencies: what the Slicer module checks for and installs at first use."""
+"""DiffusionSegLib.core.dependencies: what the Slicer module checks for and installs at first use."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from DiffusionSegLib import dependencies
-from DiffusionSegLib.dependencies import (OPTIONAL_REQUIREMENTS, REQUIREMENTS, TORCH, describe, is_importable,
+from DiffusionSegLib.core import dependencies
+from DiffusionSegLib.core.dependencies import (OPTIONAL_REQUIREMENTS, REQUIREMENTS, TORCH, describe, is_importable,
                                           missing_requirements, pip_requirements)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_find_spec_errors_mean_missing_unless_loaded(error):
 
 def test_checking_imports_nothing_heavy():
     """The check runs in Slicer's UI process: it must not import the packages it looks for."""
-    code = ("import sys; from DiffusionSegLib.dependencies import missing_requirements; missing_requirements(); "
+    code = ("import sys; from DiffusionSegLib.core.dependencies import missing_requirements; missing_requirements(); "
             "print(','.join(m for m in ('torch', 'monai', 'scipy', 'matplotlib', 'SimpleITK') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == ""
@@ -89,6 +89,6 @@ def test_checking_imports_nothing_heavy():
 def test_module_uses_the_library_lists():
     """The Slicer module installs what this module lists, torch through PyTorchUtils."""
     source = (ROOT / "DiffusionSeg" / "DiffusionSeg.py").read_text(encoding="utf-8")
-    assert "from DiffusionSegLib.dependencies import" in source
+    assert "from DiffusionSegLib.core.dependencies import" in source
     assert "installTorch" in source
     assert dependencies.__all__

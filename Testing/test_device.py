@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DiffusionSegLib.device import auto_batch_size, is_out_of_memory, resolve_device, run_with_oom_backoff
-from DiffusionSegLib.inference import SegmentOptions, segment_image
+from DiffusionSegLib.core.device import auto_batch_size, is_out_of_memory, resolve_device, run_with_oom_backoff
+from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits():
@@ -55,7 +55,7 @@ def test_auto_picks_the_gpu_when_there_is_one(monkeypatch, cuda, mps, expected):
 
 
 def test_deterministic_kernels_are_switched_on_for_cuda_training(monkeypatch):
-    from DiffusionSegLib.device import use_deterministic_kernels
+    from DiffusionSegLib.core.device import use_deterministic_kernels
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),

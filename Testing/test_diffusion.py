@@ -7,8 +7,8 @@ the prediction type, so a correct sampler must return exactly that mask for ever
 import pytest
 import torch
 
-from DiffusionSegLib.diffusion import diffusion_loss, make_scheduler, mask_to_signal, sample_masks
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard
+from DiffusionSegLib.methods.diffusion import diffusion_loss, make_scheduler, mask_to_signal, sample_masks
+from DiffusionSegLib.models.card import LabelInfo, ModelCard
 
 
 class OracleDenoiser(torch.nn.Module):
@@ -102,7 +102,7 @@ def test_every_network_call_sees_the_noise_level_of_its_timestep(steps):
 
 
 def test_timestep_list_is_trailing_and_starts_at_pure_noise():
-    from DiffusionSegLib.diffusion import sampling_timesteps
+    from DiffusionSegLib.methods.diffusion import sampling_timesteps
 
     assert sampling_timesteps(1000, 1) == [999]
     assert sampling_timesteps(1000, 2) == [999, 499]

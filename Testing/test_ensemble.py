@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from DiffusionSegLib import ensemble
+from DiffusionSegLib.pipeline import ensemble
 
 
 def _three_samples() -> np.ndarray:
@@ -192,7 +192,7 @@ def test_rejects_non_stack():
 
 
 def test_agreement_mask_counts_samples_hand_computed():
-    from DiffusionSegLib.ensemble import agreement_mask
+    from DiffusionSegLib.pipeline.ensemble import agreement_mask
 
     # 3 samples, 1 label, 4 voxels: voxel v is foreground in exactly v samples.
     samples = np.array([[[0, 1, 1, 1]], [[0, 0, 1, 1]], [[0, 0, 0, 1]]], dtype=np.uint8)

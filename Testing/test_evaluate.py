@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionSegLib.cli import main
-from DiffusionSegLib.errors import DatasetError
-from DiffusionSegLib.evaluate import evaluate
+from DiffusionSegLib.cli.main import main
+from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.training.evaluate import evaluate
 
 
 def _write(array: np.ndarray, path, spacing=(1.0, 1.0, 2.0)) -> None:
@@ -67,8 +67,8 @@ def test_evaluate_a_model_from_the_cli(tmp_path, dataset, tiny_model):
 @pytest.mark.parametrize("fusion,crf", [("mean", False), ("staple", True)])
 def test_evaluate_a_model_scores_the_runs_final_mask(tmp_path, tiny_model, fusion, crf):
     """Model mode: each case is segmented and its final mask (the one the run names) is scored."""
-    from DiffusionSegLib.inference import SegmentOptions, segment_image
-    from DiffusionSegLib.io import read_image
+    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.io import read_image
 
     root = tmp_path / "ds"
     for sub in ("imagesTs", "labelsTs"):
@@ -111,7 +111,7 @@ def test_evaluate_reports_progress_per_case_and_no_monai_future_warning(tmp_path
 
 
 def test_evaluate_cli_draws_a_case_bar(tmp_path, dataset, monkeypatch):
-    from DiffusionSegLib import cli
+    from DiffusionSegLib.cli import main as cli
 
     root, label = dataset
     preds = tmp_path / "preds"
@@ -133,8 +133,8 @@ def test_evaluate_cli_draws_a_case_bar(tmp_path, dataset, monkeypatch):
 def test_a_model_with_more_labels_than_the_dataset_is_scored_on_the_shared_ones(tmp_path, dataset):
     """An organ model on a dataset that annotates fewer organs: shared labels scored, the rest listed."""
     from conftest import make_model
-    from DiffusionSegLib.inference import SegmentOptions
-    from DiffusionSegLib.modelcard import LabelInfo
+    from DiffusionSegLib.pipeline.segment import SegmentOptions
+    from DiffusionSegLib.models.card import LabelInfo
 
     root, _ = dataset  # labels "a" and "b"
     model = make_model(tmp_path / "abc", labels=[LabelInfo("a"), LabelInfo("kidney"), LabelInfo("b")])

@@ -26,7 +26,7 @@ def sample_crop():
     """Ten slices of the bundled CT sample: enough anatomy, quick to sample."""
     import SimpleITK as sitk
 
-    from DiffusionSegLib.bench import SAMPLE_VOLUME
+    from DiffusionSegLib.bench.synthetic import SAMPLE_VOLUME
 
     image = sitk.ReadImage(str(SAMPLE_VOLUME))
     return image[:, :, 5:15]
@@ -34,8 +34,8 @@ def sample_crop():
 
 def test_bf16_autocast_matches_fp32_on_the_default_model(sample_crop):
     """CUDA runs in bf16 by default; its masks must agree with the fp32 run on the same case."""
-    from DiffusionSegLib.inference import SegmentOptions, segment_image
-    from DiffusionSegLib.models import resolve_model
+    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.models.store import resolve_model
 
     model = resolve_model(None)
     runs = {amp: segment_image(sample_crop, model, SegmentOptions(device="cuda", amp=amp, crf=False, seed=3))
@@ -49,8 +49,8 @@ def test_bf16_autocast_matches_fp32_on_the_default_model(sample_crop):
 
 
 def test_same_seed_same_device_gives_the_same_masks(sample_crop):
-    from DiffusionSegLib.inference import SegmentOptions, segment_image
-    from DiffusionSegLib.models import resolve_model
+    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.models.store import resolve_model
 
     model = resolve_model(None)
     a, b = (segment_image(sample_crop, model, SegmentOptions(device="cuda", crf=False, seed=11)) for _ in range(2))
@@ -60,7 +60,7 @@ def test_same_seed_same_device_gives_the_same_masks(sample_crop):
 
 def test_real_cuda_out_of_memory_halves_the_batch(caplog):
     """A batch that cannot fit raises a real CUDA OOM; the back-off halves it until it fits."""
-    from DiffusionSegLib.device import run_with_oom_backoff
+    from DiffusionSegLib.core.device import run_with_oom_backoff
 
     total = torch.cuda.get_device_properties(0).total_memory
     item_bytes = total // 8  # 8 items would fill the whole card; with the cap below at most 2 fit
@@ -88,8 +88,8 @@ def test_real_cuda_out_of_memory_halves_the_batch(caplog):
 
 def test_sampling_recovers_from_out_of_memory(sample_crop, caplog):
     """Inference asked for a batch that does not fit completes with a smaller one and the same masks."""
-    from DiffusionSegLib.inference import SegmentOptions, segment_image
-    from DiffusionSegLib.models import resolve_model
+    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.models.store import resolve_model
 
     model = resolve_model(None)
     torch.cuda.empty_cache()

@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_model
-from DiffusionSegLib.inference import SegmentOptions, segment_image
-from DiffusionSegLib.modelcard import LabelInfo
+from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+from DiffusionSegLib.models.card import LabelInfo
 
 
 def oblique_volume() -> sitk.Image:
@@ -101,8 +101,8 @@ def test_image_smaller_than_the_model_input_is_padded_not_rejected(tmp_path):
                                          ("fusion", "vote"), ("uncertainty", "std")])
 def test_out_of_range_settings_are_refused_before_sampling(tiny_model, monkeypatch, field, value):
     """0 is not "the card default" (None is), and steps above the model's T are a user error."""
-    from DiffusionSegLib import diffusion
-    from DiffusionSegLib.errors import SettingsError
+    from DiffusionSegLib.methods import diffusion
+    from DiffusionSegLib.core.errors import SettingsError
 
     def never(*args, **kwargs):
         raise AssertionError("sampling started with a bad setting")
@@ -114,7 +114,7 @@ def test_out_of_range_settings_are_refused_before_sampling(tiny_model, monkeypat
 
 
 def test_torch_crf_runs_on_the_sampling_device(tiny_model, monkeypatch):
-    from DiffusionSegLib import crf
+    from DiffusionSegLib.pipeline import crf
 
     seen = {}
     real_refine = crf.refine
@@ -133,8 +133,8 @@ def test_torch_crf_runs_on_the_sampling_device(tiny_model, monkeypatch):
 @pytest.mark.parametrize("fusion", ["mean", "staple"])
 def test_the_crf_refines_the_chosen_fusion(tiny_model, monkeypatch, fusion):
     """With a CRF that changes nothing, the final mask must be the chosen fusion, STAPLE included."""
-    from DiffusionSegLib import crf
-    from DiffusionSegLib.ensemble import fused_mask
+    from DiffusionSegLib.pipeline import crf
+    from DiffusionSegLib.pipeline.ensemble import fused_mask
 
     def pass_through(probability, image, spatial_dims, **kwargs):
         return (np.asarray(probability) > 0.5).astype(np.uint8), "pass-through"
@@ -184,7 +184,7 @@ def test_sampling_progress_counts_network_evaluations_to_the_total(tiny_model):
 
 
 def test_evaluation_progress_stays_monotonic_over_an_out_of_memory_retry():
-    from DiffusionSegLib.inference import _evaluation_progress
+    from DiffusionSegLib.pipeline.segment import _evaluation_progress
 
     seen = []
     progress = _evaluation_progress(lambda stage, done, total: seen.append((done, total)), 100)
@@ -214,7 +214,7 @@ def test_report_is_readable_and_keyed_by_label(tiny_ct_model):
 
 
 def test_warnings_and_estimate_come_before_sampling(tiny_ct_model, monkeypatch):
-    from DiffusionSegLib import diffusion
+    from DiffusionSegLib.methods import diffusion
 
     order = []
     real = diffusion.sample_masks
@@ -235,8 +235,8 @@ def test_warnings_and_estimate_come_before_sampling(tiny_ct_model, monkeypatch):
 
 
 def test_strict_refuses_before_the_model_is_loaded(tiny_ct_model, monkeypatch):
-    from DiffusionSegLib import models
-    from DiffusionSegLib.inputcheck import InputMismatchError
+    from DiffusionSegLib.models import store as models
+    from DiffusionSegLib.pipeline.inputcheck import InputMismatchError
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded although the input is refused")
@@ -257,8 +257,8 @@ def test_the_card_decides_whether_the_crf_runs_unless_the_run_says(tmp_path):
 
 
 def test_context_labels_are_sampled_but_only_shown_labels_are_output(tmp_path):
-    from DiffusionSegLib.errors import ModelLoadError
-    from DiffusionSegLib.modelcard import LabelInfo
+    from DiffusionSegLib.core.errors import ModelLoadError
+    from DiffusionSegLib.models.card import LabelInfo
 
     labels = [LabelInfo("kidney"), LabelInfo("liver"), LabelInfo("spleen")]
     both = make_model(tmp_path / "all", labels=labels)

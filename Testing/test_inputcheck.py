@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionSegLib.inputcheck import (
+from DiffusionSegLib.pipeline.inputcheck import (
     MODALITY_TAG,
     InputWarning,
     RunEstimate,
@@ -19,7 +19,7 @@ from DiffusionSegLib.inputcheck import (
     input_modality,
     model_grid_items,
 )
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard
+from DiffusionSegLib.models.card import LabelInfo, ModelCard
 
 
 def ct_card(**fields) -> ModelCard:
@@ -83,9 +83,9 @@ def test_a_ct_in_hounsfield_units_fits_the_ct_model():
 
 
 def test_the_bundled_sample_fits_the_default_model():
-    from DiffusionSegLib.io import read_image
-    from DiffusionSegLib.modelcard import read_card
-    from DiffusionSegLib.models import resolve_model
+    from DiffusionSegLib.pipeline.io import read_image
+    from DiffusionSegLib.models.card import read_card
+    from DiffusionSegLib.models.store import resolve_model
 
     from conftest import REPO
 

@@ -1,4 +1,4 @@
-"""Tests of DiffusionSegLib.io: reading (files, DICOM folders, pictures), validation, atomic writing."""
+"""Tests of DiffusionSegLib.pipeline.io: reading (files, DICOM folders, pictures), validation, atomic writing."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionSegLib.errors import DiffusionSegError, InputImageError
-from DiffusionSegLib.io import (
+from DiffusionSegLib.core.errors import DiffusionSegError, InputImageError
+from DiffusionSegLib.pipeline.io import (
     array_with_channels,
     image_from_array,
     read_image,

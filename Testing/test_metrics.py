@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from DiffusionSegLib.metrics import dice, hd95, iou
+from DiffusionSegLib.training.metrics import dice, hd95, iou
 
 
 def test_dice_and_iou_hand_computed():
@@ -33,7 +33,7 @@ def test_hd95_uses_spacing():
 
 
 def test_false_positive_components_hand_computed():
-    from DiffusionSegLib.metrics import false_positive_components
+    from DiffusionSegLib.training.metrics import false_positive_components
 
     ref = np.zeros((4, 10, 10), bool)
     ref[1:3, 1:4, 1:4] = True

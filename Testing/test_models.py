@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from DiffusionSegLib import models
-from DiffusionSegLib.cli import main
-from DiffusionSegLib.errors import ModelLoadError
-from DiffusionSegLib.modelcard import CARD_NAME, WEIGHTS_NAME
-from DiffusionSegLib.models import (clear_installed_models, download_model, install_model, list_models, load_model,
+from DiffusionSegLib.models import store as models
+from DiffusionSegLib.cli.main import main
+from DiffusionSegLib.core.errors import ModelLoadError
+from DiffusionSegLib.models.card import CARD_NAME, WEIGHTS_NAME
+from DiffusionSegLib.models.store import (clear_installed_models, download_model, install_model, list_models, load_model,
                                     resolve_model, user_models_dir)
 
 BUNDLED = REPO / "Resources" / "Models" / "ct_abdomen_organs_2d"

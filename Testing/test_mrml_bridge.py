@@ -14,10 +14,10 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from conftest import new_mrml_scene  # noqa: E402
-from DiffusionSegLib import mrml_bridge as mb  # noqa: E402
-from DiffusionSegLib.modelcard import LabelInfo  # noqa: E402
-from DiffusionSegLib.result import SegmentationResult  # noqa: E402
-from DiffusionSegLib.writers import segment_colors, terminology_entry, write_seg_nrrd  # noqa: E402
+from DiffusionSegLib.slicer import scene as mb  # noqa: E402
+from DiffusionSegLib.models.card import LabelInfo  # noqa: E402
+from DiffusionSegLib.pipeline.result import SegmentationResult  # noqa: E402
+from DiffusionSegLib.outputs.writers import segment_colors, terminology_entry, write_seg_nrrd  # noqa: E402
 
 LIVER_TERMINOLOGY = "SCT^123037004^Anatomical Structure;SCT^10200004^Liver"
 FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard, save_model
-from DiffusionSegLib.models import load_model
-from DiffusionSegLib.networks import build_network
-from DiffusionSegLib.networks.medsegdiff import DynamicConditionalEncoding, FFParser, MedSegDiffUNet
-from DiffusionSegLib.networks.vanilla import VanillaConditionalDPM
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, save_model
+from DiffusionSegLib.models.store import load_model
+from DiffusionSegLib.methods.registry import build_network
+from DiffusionSegLib.methods.medsegdiff.network import DynamicConditionalEncoding, FFParser, MedSegDiffUNet
+from DiffusionSegLib.methods.vanilla_dpm.network import VanillaConditionalDPM
 
 
 @pytest.mark.parametrize("dims,size,labels", [(2, (48, 80), 1), (2, (24, 40), 3), (3, (16, 32, 24), 1), (3, (8, 16, 8), 2)])

@@ -267,11 +267,20 @@ def test_every_library_python_file_is_packaged(module):
     listed = _library_scripts(library)
     assert len(listed) == len(set(listed)), "a library file is listed twice"
     on_disk = sorted(p.relative_to(ROOT).as_posix() for p in LIBRARY_DIR.rglob("*.py")
-                     if "__pycache__" not in p.parts)
+                     if "__pycache__" not in p.parts and "bench" not in p.relative_to(LIBRARY_DIR).parts)
     missing_from_list = sorted(set(on_disk) - set(listed))
     assert not missing_from_list, f"library files not packaged (add them to DiffusionSeg/CMakeLists.txt): {missing_from_list}"
     not_on_disk = sorted(set(listed) - set(on_disk))
     assert not not_on_disk, f"listed in DiffusionSeg/CMakeLists.txt but missing on disk: {not_on_disk}"
+
+
+def test_benchmark_is_not_packaged(module):
+    """The benchmark (DiffusionSegLib/bench/) ships with the pip package only, never in the extension."""
+    _, _, _, library = module
+    bench_files = sorted(p.relative_to(ROOT).as_posix() for p in (LIBRARY_DIR / "bench").rglob("*.py"))
+    assert bench_files, "the benchmark folder moved: update this test"
+    packaged_bench = [f for f in _library_scripts(library) if f.startswith("DiffusionSegLib/bench/")]
+    assert not packaged_bench, f"benchmark files packaged into the extension: {packaged_bench}"
 
 
 def test_library_installed_next_to_the_module(module):
@@ -295,7 +304,7 @@ def test_bundled_models_and_sample_are_packaged(module):
     assert model_dirs, "no bundled model found"
     expected = {(d / name).relative_to(ROOT).as_posix() for d in model_dirs for name in ("model.json", "model.safetensors")}
     expected.add("Resources/Sample/ct_abdomen_sample.nii.gz")
-    expected.add("Resources/Models.json")  # the model catalogue (DiffusionSegLib.catalogue)
+    expected.add("Resources/Models.json")  # the model catalogue (DiffusionSegLib.models.catalogue)
     assert expected <= set(listed), f"not packaged: {sorted(expected - set(listed))}"
     for relative in listed:
         assert (ROOT / relative).is_file(), f"listed but missing: {relative}"
@@ -313,12 +322,13 @@ def test_bundled_models_and_sample_are_packaged(module):
 
 def test_installed_layout_matches_where_the_library_looks():
     """Library at <dir>/DiffusionSegLib, data at <dir>/Resources: the same in the source tree and installed."""
-    from DiffusionSegLib import background, models
+    from DiffusionSegLib.slicer import job as background
+    from DiffusionSegLib.models import store as models
 
     assert models.BUNDLED_DIR == ROOT / "Resources" / "Models"
-    assert models.BUNDLED_DIR == Path(models.__file__).resolve().parent.parent / "Resources" / "Models"
+    assert models.BUNDLED_DIR == Path(models.__file__).resolve().parents[2] / "Resources" / "Models"
     assert background.LIBRARY_PARENT == ROOT
-    from DiffusionSegLib import catalogue
+    from DiffusionSegLib.models import catalogue
 
     assert catalogue.CATALOGUE_PATH == ROOT / "Resources" / "Models.json"
 
@@ -402,7 +412,7 @@ def test_torch_is_never_pip_installed_by_the_module():
 def test_module_shows_the_catalogue_figures_of_a_model():
     """catalogueFigures (pure Python, so it is run here without Qt) turns a Models.json entry into the
     line the model panel shows."""
-    from DiffusionSegLib.catalogue import entry_for
+    from DiffusionSegLib.models.catalogue import entry_for
 
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "catalogueFigures")

@@ -6,8 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from conftest import make_model
-from DiffusionSegLib.inference import SegmentOptions, segment_image
-from DiffusionSegLib.postprocess import keep_largest_component, largest_component
+from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+from DiffusionSegLib.pipeline.postprocess import keep_largest_component, largest_component
 
 
 def test_keeps_only_the_largest_piece_and_reports_what_it_removed():
@@ -45,7 +45,7 @@ def _two_blobs(net, card, images, n_samples, steps, **kwargs):
 
 
 def test_the_card_decides_and_the_report_says_so(tmp_path, monkeypatch):
-    from DiffusionSegLib import diffusion
+    from DiffusionSegLib.methods import diffusion
 
     monkeypatch.setattr(diffusion, "sample_masks", _two_blobs)
     model = make_model(tmp_path / "lcc", largest_component=["lesion"])

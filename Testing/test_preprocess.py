@@ -1,4 +1,4 @@
-"""Tests of DiffusionSegLib.preprocess: model grid, normalization, padding and the exact inverse."""
+"""Tests of DiffusionSegLib.pipeline.preprocess: model grid, normalization, padding and the exact inverse."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionSegLib.errors import InputImageError, ModelLoadError
-from DiffusionSegLib.io import array_with_channels, image_from_array, read_image
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard
-from DiffusionSegLib.preprocess import (
+from DiffusionSegLib.core.errors import InputImageError, ModelLoadError
+from DiffusionSegLib.pipeline.io import array_with_channels, image_from_array, read_image
+from DiffusionSegLib.models.card import LabelInfo, ModelCard
+from DiffusionSegLib.pipeline.preprocess import (
     model_spacing,
     normalize,
     prepare,
@@ -339,8 +339,8 @@ def test_labels_follow_the_image_onto_the_model_grid():
 
 def test_same_anatomy_stored_with_flipped_axes_gives_the_same_slices():
     """A RAS-flipped NIfTI-style volume and its LPS twin must reach the network identically."""
-    from DiffusionSegLib.modelcard import ModelCard
-    from DiffusionSegLib.preprocess import prepare, restore
+    from DiffusionSegLib.models.card import ModelCard
+    from DiffusionSegLib.pipeline.preprocess import prepare, restore
 
     lps, ras = _lps_and_ras_twins(slices=4, seed=3)
     card = ModelCard(name="o", normalization={"kind": "zscore"})

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from DiffusionSegLib import writers
-from DiffusionSegLib.readers import OutputFolderError, read_outputs
+from DiffusionSegLib.outputs import writers
+from DiffusionSegLib.outputs.readers import OutputFolderError, read_outputs
 from test_writers import make_result, oblique_3d, rgb_2d  # noqa: F401  (fixtures)
 
 

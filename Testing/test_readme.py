@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from DiffusionSegLib.cli import build_parser
+from DiffusionSegLib.cli.main import build_parser
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")

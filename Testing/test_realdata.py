@@ -1,4 +1,4 @@
-"""Tests of DiffusionSegLib.realdata: pinned-digest fetching, safe extraction, label placement,
+"""Tests of DiffusionSegLib.bench.realdata: pinned-digest fetching, safe extraction, label placement,
 and the real organ/lesion datasets (downloaded once per session with pip when not cached)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionSegLib import realdata
-from DiffusionSegLib.errors import DatasetError
+from DiffusionSegLib.bench import realdata
+from DiffusionSegLib.core.errors import DatasetError
 
 FAKE_BYTES = b"not really an sdist\n"
 

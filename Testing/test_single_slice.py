@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_model
-from DiffusionSegLib.inference import SegmentOptions, segment_file
-from DiffusionSegLib.io import read_image
-from DiffusionSegLib.writers import ijk_to_lps, write_outputs
+from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_file
+from DiffusionSegLib.pipeline.io import read_image
+from DiffusionSegLib.outputs.writers import ijk_to_lps, write_outputs
 from test_io import _write_dicom_series
 
 SIZE = (26, 30, 1)  # SimpleITK (x, y, z): one slice
@@ -103,7 +103,7 @@ def test_single_slice_dicom_folder_outputs_keep_the_3d_input_grid(tmp_path, mode
 
 
 def test_3d_model_refuses_a_single_slice_file_with_a_clear_error(tmp_path, tiny_3d_model):
-    from DiffusionSegLib.errors import InputImageError
+    from DiffusionSegLib.core.errors import InputImageError
 
     path = tmp_path / "slice.nii.gz"
     sitk.WriteImage(_single_slice(), str(path))

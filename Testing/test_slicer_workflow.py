@@ -17,10 +17,10 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 
 from conftest import new_mrml_scene  # noqa: E402
-from DiffusionSegLib import mrml_bridge  # noqa: E402
-from DiffusionSegLib.errors import DiffusionSegError  # noqa: E402
-from DiffusionSegLib.inference import SegmentOptions, segment_image  # noqa: E402
-from DiffusionSegLib.slicer_workflow import RunSettings, SegmentationWorkflow  # noqa: E402
+from DiffusionSegLib.slicer import scene as mrml_bridge  # noqa: E402
+from DiffusionSegLib.core.errors import DiffusionSegError  # noqa: E402
+from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image  # noqa: E402
+from DiffusionSegLib.slicer.workflow import RunSettings, SegmentationWorkflow  # noqa: E402
 from test_writers import rotation  # noqa: E402
 
 
@@ -308,7 +308,7 @@ def test_the_dicom_modality_recorded_by_slicer_is_used(scene, tiny_ct_model):
 
 
 def test_estimate_before_apply_from_the_last_runs_speed(scene, tiny_model):
-    from DiffusionSegLib.slicer_workflow import MeasuredSpeed
+    from DiffusionSegLib.slicer.workflow import MeasuredSpeed
 
     volume = add_volume(scene, blob_volume(), oblique_matrix())
     workflow = SegmentationWorkflow(scene)
@@ -343,7 +343,8 @@ def test_run_messages_carry_the_childs_warnings_and_estimate(scene, tiny_ct_mode
 
 
 def test_the_workflow_reads_the_prefixes_the_cli_prints():
-    from DiffusionSegLib import cli, slicer_workflow
+    from DiffusionSegLib.cli import main as cli
+    from DiffusionSegLib.slicer import workflow as slicer_workflow
 
     assert slicer_workflow.WARNING_PREFIX == cli.WARNING_PREFIX
     assert slicer_workflow.ESTIMATE_PREFIX == cli.ESTIMATE_PREFIX

@@ -1,4 +1,4 @@
-"""Training loop (DiffusionSegLib.training): validation Dice, a tiny model that really learns,
+"""Training loop (DiffusionSegLib.training.loop): validation Dice, a tiny model that really learns,
 seeded reproducibility, and checkpoint/resume."""
 
 import json
@@ -9,11 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DiffusionSegLib.data import Case
-from DiffusionSegLib.errors import DiffusionSegError
-from DiffusionSegLib.modelcard import LabelInfo, ModelCard
-from DiffusionSegLib.models import load_model
-from DiffusionSegLib.training import TrainConfig, config_from_cli, dice_score, train, validation_dice
+from DiffusionSegLib.training.data import Case
+from DiffusionSegLib.core.errors import DiffusionSegError
+from DiffusionSegLib.models.card import LabelInfo, ModelCard
+from DiffusionSegLib.models.store import load_model
+from DiffusionSegLib.training.loop import TrainConfig, config_from_cli, dice_score, train, validation_dice
 
 TINY_NET = {"channels": [8, 16, 32], "norm_groups": 4}  # size_divisor 4
 
@@ -122,7 +122,7 @@ def test_validation_dice_of_an_exact_and_of_a_wrong_denoiser(spatial_dims):
 
 
 def test_tiny_medsegdiff_learns_shapes_and_the_saved_model_segments_new_ones(tmp_path):
-    from DiffusionSegLib.inference import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
 
     _write_shapes(tmp_path / "data", 40, seed=0)
     config = _config(steps=150, batch_size=8, val_every=150, checkpoint_every=150, val_cases=8, val_samples=3,

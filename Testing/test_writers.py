@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import new_mrml_scene
-from DiffusionSegLib import writers
-from DiffusionSegLib.errors import DiffusionSegError
-from DiffusionSegLib.modelcard import LabelInfo
-from DiffusionSegLib.result import SegmentationResult
+from DiffusionSegLib.outputs import writers
+from DiffusionSegLib.core.errors import DiffusionSegError
+from DiffusionSegLib.models.card import LabelInfo
+from DiffusionSegLib.pipeline.result import SegmentationResult
 
 LIVER_TERMS = "SCT^123037004^Anatomical Structure;SCT^10200004^Liver"
 LIVER_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"

@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
-from DiffusionSegLib import realdata  # noqa: E402
-from DiffusionSegLib.errors import DiffusionSegError  # noqa: E402
+from DiffusionSegLib.bench import realdata  # noqa: E402
+from DiffusionSegLib.core.errors import DiffusionSegError  # noqa: E402
 
 
 def _label(text: str) -> tuple[str, int | list[int]]:

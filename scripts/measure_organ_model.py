@@ -20,18 +20,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from DiffusionSegLib.data import default_labels, discover_cases  # noqa: E402
-from DiffusionSegLib.inference import SegmentOptions, segment_image  # noqa: E402
-from DiffusionSegLib.io import read_image, read_label  # noqa: E402
-from DiffusionSegLib.metrics import dice, false_positive_components  # noqa: E402
-from DiffusionSegLib.modelcard import atomic_write_bytes  # noqa: E402
+from DiffusionSegLib.training.data import default_labels, discover_cases  # noqa: E402
+from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image  # noqa: E402
+from DiffusionSegLib.pipeline.io import read_image, read_label  # noqa: E402
+from DiffusionSegLib.training.metrics import dice, false_positive_components  # noqa: E402
+from DiffusionSegLib.models.card import atomic_write_bytes  # noqa: E402
 
 
 def measure(model: Path, dataset: Path, split: str, largest_component: list[str] | None) -> dict:
     """Per case and label: Dice of fused / final with and without post-processing, stray pieces (mL)."""
     import SimpleITK as sitk
 
-    from DiffusionSegLib.modelcard import read_card
+    from DiffusionSegLib.models.card import read_card
 
     card = read_card(model)
     if largest_component is not None:  # try a post-processing choice on a copy of the card only

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from DiffusionSegLib.modelcard import CARD_NAME, atomic_write_bytes  # noqa: E402
+from DiffusionSegLib.models.card import CARD_NAME, atomic_write_bytes  # noqa: E402
 
 
 def main() -> None:

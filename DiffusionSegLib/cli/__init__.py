@@ -1,0 +1,1 @@
+"""The ``diffusionseg`` command line."""

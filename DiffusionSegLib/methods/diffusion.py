@@ -1,0 +1,240 @@
+"""Diffusion on masks: schedulers, the training loss, and the batched sampler.
+
+The diffusion runs on the mask (labels scaled to [-1, 1]); the image is the condition passed
+to the network at every step. The noise schedule (alphas_cumprod), ``add_noise`` and
+the v target come from ``monai.networks.schedulers``; the sampling chain (its timestep list and
+the DDIM / DDPM update) is owned here, so it pairs every network call with the noise level the
+sample is really at, whatever the MONAI version.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from DiffusionSegLib.core.device import auto_batch_size, autocast, keep_freed_memory_for_reuse, run_with_oom_backoff
+from DiffusionSegLib.models.card import ModelCard
+
+log = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+SAMPLERS = ("ddim", "ddpm")
+ProgressFn = Callable[[int, int], None]
+
+
+def make_scheduler(card: ModelCard, sampler: str = "ddim"):
+    """MONAI scheduler for the card's noise schedule and prediction target."""
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    if card.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type '{card.prediction_type}' (use {', '.join(PREDICTION_TYPES)})")
+    common = dict(
+        num_train_timesteps=card.num_train_timesteps,
+        schedule=card.beta_schedule,
+        prediction_type=card.prediction_type,
+        clip_sample=True,  # masks live in [-1, 1]; clipping x0 keeps few-step chains stable
+    )
+    if sampler == "ddim":
+        return DDIMScheduler(**common)
+    if sampler == "ddpm":
+        return DDPMScheduler(**common)
+    raise ValueError(f"unknown sampler '{sampler}' (use {', '.join(SAMPLERS)})")
+
+
+def mask_to_signal(mask: torch.Tensor) -> torch.Tensor:
+    """{0, 1} mask -> diffusion signal in [-1, 1]."""
+    return mask.float() * 2.0 - 1.0
+
+
+def signal_to_probability(x: torch.Tensor) -> torch.Tensor:
+    """Diffusion signal in [-1, 1] -> soft mask in [0, 1]."""
+    return ((x.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network learns to predict at (x_t, t) for the scheduler's prediction type."""
+    kind = scheduler.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    return scheduler.get_velocity(x0, noise, timesteps)
+
+
+def diffusion_loss(
+    net: torch.nn.Module,
+    scheduler,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain MSE diffusion loss on a batch.
+
+    image: (B, C, *spatial) normalized condition; mask: (B, L, *spatial) in {0, 1}.
+    timesteps: (B,) long; drawn uniformly from [0, T) when not given.
+    Returns the scalar mean squared error between the prediction and the target.
+    """
+    x0 = mask_to_signal(mask)
+    b = x0.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator, device="cpu")
+    timesteps = timesteps.to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
+    x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+    prediction = net(x_t, image, timesteps)
+    return F.mse_loss(prediction.float(), training_target(scheduler, x0, noise, timesteps))
+
+
+def bytes_per_item(card: ModelCard, spatial: tuple[int, ...]) -> int:
+    """Rough activation memory of one item: widest feature map x a safety factor."""
+    width = max(card.network.get("channels", [64]) or [64])
+    return int(math.prod(spatial) * width * 4 * 24)
+
+
+def sampling_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """The chain's timesteps, noisiest first: "trailing" spacing t_i = round(T - i T / n) - 1.
+
+    The chain starts at t = T - 1 (where x_T ~ N(0, I) really is) and every step ends at the next
+    listed t, the last one at the clean signal, so each network call sees the noise level its
+    input is at. Owned here, not taken from MONAI: MONAI 1.6 spaces ``set_timesteps`` with
+    linspace while its ``step()`` jumps by T // n, which pairs short chains inconsistently.
+    """
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+    ts = [int(round(num_train_timesteps - i * num_train_timesteps / steps)) - 1 for i in range(steps)]
+    return ts
+
+
+def predicted_x0_and_noise(
+    prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str,
+    clip: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, epsilon) implied by the network output at noise level ``alpha_bar`` (a 0-d tensor).
+
+    x_t = sqrt(a) x0 + sqrt(1 - a) eps; the v target is v = sqrt(a) eps - sqrt(1 - a) x0.
+    x0 is clipped to [-1, 1] (masks live there) and eps recomputed from the clipped x0, so the
+    step below moves exactly along the line between the clipped estimate and x_t.
+    """
+    a, s = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        x0 = (x_t - s * prediction) / a
+    elif prediction_type == "sample":
+        x0 = prediction
+    elif prediction_type == "v_prediction":
+        x0 = a * x_t - s * prediction
+    else:
+        raise ValueError(f"unknown prediction_type '{prediction_type}' (use {', '.join(PREDICTION_TYPES)})")
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    eps = (x_t - a * x0) / s
+    return x0, eps
+
+
+def denoise_step(
+    prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor,
+    prediction_type: str, eta: float = 0.0, noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One step x_t -> x_prev of the generalized DDIM update (Song et al. 2021, eq. 12).
+
+    eta = 0: deterministic DDIM. eta = 1: ancestral DDPM on this chain (sigma^2 is the posterior
+    variance (1 - a_prev) / (1 - a) * (1 - a / a_prev)), which on the full chain is DDPM exactly.
+    ``noise`` (same shape as x_t) is needed when eta > 0. alpha_bar_prev = 1 ends at the clean signal.
+    """
+    x0, eps = predicted_x0_and_noise(prediction, x_t, alpha_bar, prediction_type)
+    sigma2 = eta**2 * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
+    x_prev = alpha_bar_prev.sqrt() * x0 + (1.0 - alpha_bar_prev - sigma2).clamp(min=0.0).sqrt() * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("a stochastic step (eta > 0) needs noise")
+        x_prev = x_prev + sigma2.sqrt() * noise
+    return x_prev
+
+
+def _item_seed(seed: int, item: int) -> int:
+    """Seed of item ``item``'s per-step noise stream: a function of (seed, item) only."""
+    return int(np.random.SeedSequence([seed, item]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def sample_masks(
+    net: torch.nn.Module,
+    card: ModelCard,
+    images: torch.Tensor,
+    n_samples: int,
+    steps: int,
+    sampler: str = "ddim",
+    seed: int = 0,
+    batch_size: int | None = None,
+    amp: bool = False,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Draw ``n_samples`` masks for each image with a ``steps``-step chain.
+
+    images: (B, C, *spatial) normalized, on the network's device (slices of a volume for 2D
+    models). Samples and images are flattened into one list of N*B items (item i = sample i // B
+    of image i % B) and denoised in chunks of ``batch_size`` (chosen from free memory when None;
+    halved on out-of-memory). Sampler "ddim" is deterministic after x_T; "ddpm" is ancestral
+    sampling on the same chain (eta = 1; ``steps`` = T is the original DDPM).
+    Every random number is tied to its item, never to a chunk: x_T comes from one CPU generator
+    seeded with ``seed`` in item order, and the per-step noise of item i from its own CPU
+    generator seeded from (seed, i). So the masks depend on the seed only, whatever the batch
+    size, the out-of-memory halving or the device.
+    Returns (N, B, L, *spatial) float32 soft masks in [0, 1] (threshold at 0.5 for binary samples).
+    """
+    if n_samples < 1 or steps < 1:
+        raise ValueError("samples and steps must be >= 1")
+    if steps > card.num_train_timesteps:
+        raise ValueError(f"steps ({steps}) cannot exceed the model's {card.num_train_timesteps} training timesteps")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' (use {', '.join(SAMPLERS)})")
+    if card.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type '{card.prediction_type}' (use {', '.join(PREDICTION_TYPES)})")
+    device = images.device
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
+    eta = 1.0 if sampler == "ddpm" else 0.0
+    timesteps = sampling_timesteps(card.num_train_timesteps, steps)
+    alphas_cumprod = make_scheduler(card, sampler).alphas_cumprod.to(device=device, dtype=torch.float32)
+    # alpha_bar of each step's start and end; the last step ends at the clean signal (alpha_bar = 1).
+    a_now = [alphas_cumprod[t] for t in timesteps]
+    a_next = a_now[1:] + [torch.ones((), device=device)]
+    b, spatial = images.shape[0], tuple(images.shape[2:])
+    n_items = n_samples * b
+    shape = (n_items, card.out_channels, *spatial)
+    x_T = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+    out = torch.empty(shape, dtype=torch.float32, device="cpu")
+    if batch_size is None:
+        batch_size = auto_batch_size(device, bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
+    done = 0
+
+    def run(bs: int) -> None:
+        nonlocal done
+        total = math.ceil((n_items - done) / bs) * steps
+        for ci, start in enumerate(range(done, n_items, bs)):
+            stop = min(start + bs, n_items)
+            idx = torch.arange(start, stop) % b
+            cond = images[idx.to(device)]
+            x = x_T[start:stop].to(device)
+            # Re-seeded at every chunk start, so an out-of-memory retry replays the same noise.
+            gens = [torch.Generator("cpu").manual_seed(_item_seed(seed, i)) for i in range(start, stop)] if eta else []
+            for k, t in enumerate(timesteps):
+                t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
+                with autocast(device, amp):
+                    pred = net(x, cond, t_batch)
+                noise = None
+                if eta:
+                    noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+                x = denoise_step(pred.float(), x, a_now[k], a_next[k], card.prediction_type, eta, noise)
+                if progress is not None:
+                    progress(ci * steps + k + 1, total)
+            out[start:stop] = signal_to_probability(x).cpu()
+            done = stop  # an OOM retry resumes after the last finished chunk
+
+    with torch.inference_mode():
+        run_with_oom_backoff(run, batch_size)
+    return out.reshape(n_samples, b, *shape[1:])

@@ -1,0 +1,1 @@
+"""MedSegDiff: conditional DPM with dynamic conditional encoding and the FF-Parser."""

@@ -1,0 +1,1 @@
+"""Supervised MONAI UNet baseline (Dice + BCE): one deterministic forward pass, not a diffusion model."""

@@ -1,0 +1,175 @@
+"""Model format: a folder with safetensors weights and a JSON model card.
+
+Layout of a model folder::
+
+    my_model/
+      model.json          the card (this module's ModelCard), includes sha256 of the weights
+      model.safetensors   the weights (no pickle anywhere)
+
+Loading (``models.load_model``, which also builds the network) checks the sha256 of the weights
+against the card and the tensor names/shapes against the architecture the card describes, so a
+corrupt (truncated, partly copied) or mismatched model fails with a clear error. The sha256 sits in
+the same folder as the weights: it detects corruption, not deliberate tampering (whoever can change
+the weights can change the card); trust comes from where the model was installed from
+(``models download --sha256`` checks the archive against a hash you supply).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from DiffusionSegLib.core.errors import ModelLoadError
+
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LabelInfo:
+    """One output channel of the model (binary/multi-label: one channel per label)."""
+
+    name: str
+    color: tuple[float, float, float] = (1.0, 0.0, 0.0)  # RGB in [0, 1]
+    # Terminology as "category;type" codes (SNOMED CT), used by the Slicer bridge when known.
+    terminology: str = ""
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild, run and judge a model. Serialized as JSON.
+
+    Attributes name the science: ``method`` is the network family (``medsegdiff`` or
+    ``vanilla_dpm``), ``prediction_type`` the diffusion target (``epsilon``, ``sample`` = x0,
+    ``v_prediction``), ``spacing`` the in-plane (2D models) or full (3D models) voxel spacing in
+    mm, in SimpleITK (x, y[, z]) order, that the model was trained at (None = use the image grid).
+    """
+
+    name: str
+    method: str = "medsegdiff"
+    spatial_dims: int = 2
+    in_channels: int = 1
+    labels: list[LabelInfo] = field(default_factory=lambda: [LabelInfo("lesion")])
+    network: dict[str, Any] = field(default_factory=dict)  # kwargs of networks.build_network
+    modality: str = "CT"  # CT | MR | RGB | other
+    spacing: list[float] | None = None
+    # Normalization: {"kind": "ct_window", "center": 40, "width": 400} | {"kind": "zscore"}
+    #                | {"kind": "rgb"} (8-bit channels to [-1, 1]) | {"kind": "minmax"}
+    normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
+    # DICOM orientation code 3D inputs are brought to (axes permuted/flipped, no interpolation)
+    # before anything else, so a model always sees anatomy the same way up whatever the file's
+    # direction matrix ("LPS": numpy axis 0 runs inferior->superior, i.e. axial slices). None = keep.
+    orientation: str | None = "LPS"
+    # numpy axis of a (z, y, x) volume along which a 2D model is applied (0 = axial slices).
+    slice_axis: int = 0
+    patch_size: list[int] | None = None  # training crop (H, W[, D]); inference is fully convolutional
+    prediction_type: str = "sample"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear_beta"
+    default_sampler: str = "ddim"
+    default_steps: int = 10
+    default_samples: int = 5
+    # Labels whose fused / final mask keeps only its largest connected component (solid organs;
+    # see postprocess.py). Empty: no post-processing.
+    largest_component: list[str] = field(default_factory=list)
+    # Whether a run refines the fused mask with DenseCRF unless told otherwise (decided on
+    # validation data: the CRF's long-range appearance kernel can erase thin structures).
+    default_crf: bool = True
+    # Labels a run outputs; empty = all. The others are context classes: trained so the model tells
+    # neighbouring structures apart (a kidney is not liver), sampled, and then dropped.
+    shown_labels: list[str] = field(default_factory=list)
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)  # data, steps, hardware, duration
+    metrics: dict[str, Any] = field(default_factory=dict)  # measured validation/held-out figures
+    limits: str = ""
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.labels)
+
+    def output_label_indices(self) -> list[int]:
+        """Indices into ``labels`` of the labels a run outputs (``shown_labels``, all when empty)."""
+        if not self.shown_labels:
+            return list(range(len(self.labels)))
+        names = [lab.name for lab in self.labels]
+        unknown = [n for n in self.shown_labels if n not in names]
+        if unknown:
+            raise ModelLoadError(f"model card '{self.name}': shown_labels {unknown} are not labels of the model")
+        return [i for i, n in enumerate(names) if n in self.shown_labels]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ModelLoadError(f"model card has unknown fields: {sorted(unknown)}")
+        data = dict(data)
+        data["labels"] = [LabelInfo(**{**lab, "color": tuple(lab.get("color", (1, 0, 0)))}) for lab in data.get("labels", [])]
+        if not data["labels"]:
+            raise ModelLoadError("model card lists no labels")
+        return cls(**data)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename (never a half-written file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model_dir: str | os.PathLike, state_dict: dict[str, Any], card: ModelCard) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` (with the weights' sha256) into ``model_dir``."""
+    from safetensors.torch import save
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    blob = save(tensors, metadata={"format": "diffusionseg", "name": card.name})
+    card.weights_sha256 = hashlib.sha256(blob).hexdigest()
+    atomic_write_bytes(model_dir / WEIGHTS_NAME, blob)
+    atomic_write_bytes(model_dir / CARD_NAME, card.to_json().encode())
+    return model_dir
+
+
+def read_card(model_dir: str | os.PathLike) -> ModelCard:
+    """Read and validate the JSON card of a model folder (weights are not touched)."""
+    card_path = Path(model_dir) / CARD_NAME
+    if not card_path.is_file():
+        raise ModelLoadError(f"not a DiffusionSeg model folder (no {CARD_NAME}): {model_dir}")
+    try:
+        data = json.loads(card_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"unreadable model card {card_path}: {err}") from err
+    try:
+        return ModelCard.from_dict(data)
+    except TypeError as err:
+        raise ModelLoadError(f"invalid model card {card_path}: {err}") from err

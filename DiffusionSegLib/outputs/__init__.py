@@ -1,0 +1,1 @@
+"""Results as files: writers (NIfTI, .seg.nrrd, report.json, overview.png, written atomically) and readers."""

@@ -1,0 +1,1 @@
+"""One image through a model: read -> preprocess -> sample (a method) -> ensemble -> refine -> restore -> result."""

@@ -1,0 +1,354 @@
+"""Per-model-card preprocessing (resample, normalize, pad) and its exact inverse.
+
+Conventions. Arrays are in SimpleITK array order: a volume is (z, y, x), a 2D image (y, x),
+with the channel axis first where there is one. ``card.spacing`` is in SimpleITK (x, y[, z])
+order; for a 2D model its two entries are the in-plane spacing along the slice's columns (W)
+then rows (H). ``card.slice_axis`` is the numpy axis of the (z, y, x) volume a 2D model slices
+along (0 = axial); the slice's (H, W) are the two remaining axes in their array order. A 3D
+volume holding a single slice is a volume like any other (reoriented, S = 1 slice for a 2D
+model, restored onto its own 3D grid); a 3D model refuses it, and so does a 2D model whose
+slices lie in another plane than that single slice.
+
+Pipeline of :func:`prepare`:
+
+1. Resample onto the model grid, in the image's own index frame: same origin and direction,
+   new spacing, size = round(old_size * old_spacing / new_spacing). The voxel axes stay the
+   image's axes, so oblique images are never rotated and the inverse is a resampling back onto
+   the input grid. A 2D model keeps the slice axis untouched (each model slice is an input slice).
+2. Normalize per ``card.normalization`` (see :func:`normalize`).
+3. Arrange as a batch and pad the spatial axes at both ends with the per-channel minimum of the
+   normalized image (CT air stays air) to multiples of ``size_divisor`` and at least
+   ``card.patch_size``.
+
+:func:`restore` crops the padding and resamples network outputs back onto exactly the input grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from DiffusionSegLib.core.errors import InputImageError, ModelLoadError
+from DiffusionSegLib.pipeline.io import array_with_channels
+from DiffusionSegLib.models.card import ModelCard
+
+# Spacings within this relative tolerance are the same grid (NIfTI stores float32 spacings).
+_SPACING_RTOL = 1e-5
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of an image grid, all in SimpleITK (x, y[, z]) order."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]  # row-major dim x dim matrix; column k = physical direction of axis k
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+    def scalar_image(self, array: np.ndarray) -> sitk.Image:
+        """Float32 scalar image of ``array`` (SimpleITK array order) on this grid."""
+        if array.shape != tuple(reversed(self.size)):
+            raise ValueError(f"array shape {array.shape} does not fit grid size {self.size}")
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32), isVector=False)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+@dataclass
+class PreparedInput:
+    """The network input of one image and what :func:`restore` needs to undo the preprocessing.
+
+    ``batch`` is float32, (S, C, H, W) for 2D models (S slices along ``slice_axis``; a 2D image
+    gives S = 1) or (1, C, D, H, W) for 3D models, padded. It is also the image the CRF uses:
+    it lies on the same (padded) model grid as the network outputs.
+    """
+
+    batch: np.ndarray
+    reference: sitk.Image  # the input image: restore() resamples onto exactly its grid
+    model_grid: Grid  # grid of the resampled, unpadded image
+    spatial_dims: int  # of the model: 2 or 3
+    slice_axis: int | None  # numpy axis of the model-grid (z, y, x) volume stacked into S; None: no stacking
+    crop: tuple[slice, ...]  # selects the image inside the padded spatial axes, (H, W) or (D, H, W)
+    resampled: bool  # False when the model grid is the input grid (restore only crops)
+
+    @property
+    def image_for_crf(self) -> np.ndarray:
+        """The normalized padded image channel-first like the ensemble maps: (C, S, H, W) or (C, D, H, W)."""
+        if self.spatial_dims == 2:
+            return np.moveaxis(self.batch, 1, 0)
+        return self.batch[0]
+
+
+def model_spacing(image: sitk.Image, card: ModelCard) -> tuple[float, ...]:
+    """Spacing (SimpleITK order) of the model grid of ``image``; the image's own when card.spacing is None."""
+    old = tuple(image.GetSpacing())
+    _check_dims(image, card)
+    if card.spacing is None:
+        return old
+    if len(card.spacing) != card.spatial_dims:
+        raise ModelLoadError(
+            f"model card '{card.name}': spacing {card.spacing} must have {card.spatial_dims} entries for a "
+            f"{card.spatial_dims}D model"
+        )
+    if card.spatial_dims == 3 or image.GetDimension() == 2:
+        return tuple(float(s) for s in card.spacing)
+    rows_axis, cols_axis = _in_plane_numpy_axes(card.slice_axis)
+    new = list(old)
+    new[2 - cols_axis] = float(card.spacing[0])  # numpy axis k is SimpleITK axis 2 - k
+    new[2 - rows_axis] = float(card.spacing[1])
+    return tuple(new)
+
+
+def orient(image: sitk.Image, card: ModelCard) -> sitk.Image:
+    """A 3D ``image`` with its voxel axes permuted/flipped to ``card.orientation`` (exact, no interpolation).
+
+    Files store the same anatomy with different direction matrices (NIfTI often RAS-flipped, DICOM
+    LPS); without this a 2D model would see the liver on the left in one file and on the right in
+    another. Returns ``image`` itself when it is 2D, already oriented, or the card has no orientation.
+    """
+    if card.orientation is None or image.GetDimension() != 3:
+        return image
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    if current == card.orientation:
+        return image
+    return sitk.DICOMOrient(image, card.orientation)
+
+
+def resample_to_model_grid(image: sitk.Image, card: ModelCard) -> sitk.Image:
+    """``image`` (scalar or RGB) oriented per the card and on the model grid: linear interpolation,
+    float32 pixels.
+
+    Returns ``image`` itself when orientation and grid already agree.
+    """
+    image = orient(image, card)
+    _check_single_slice_plane(image, card)
+    spacing = model_spacing(image, card)
+    if np.allclose(spacing, image.GetSpacing(), rtol=_SPACING_RTOL, atol=0.0):
+        return image
+    float_type = sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1 else sitk.sitkVectorFloat32
+    return _resample_in_index_frame(sitk.Cast(image, float_type), spacing, sitk.sitkLinear)
+
+
+def resample_labels_to_model_grid(label_image: sitk.Image, card: ModelCard,
+                                  reference_resampled: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resampling of a label map onto the grid of ``reference_resampled``.
+
+    ``reference_resampled`` is :func:`resample_to_model_grid` of the label's image; the label
+    keeps its pixel type. ``card`` is checked for a matching dimension only (the grid comes from
+    the reference).
+    """
+    _check_dims(label_image, card)
+    if Grid.of(label_image) == Grid.of(reference_resampled):
+        return label_image
+    return sitk.Resample(label_image, reference_resampled, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                         label_image.GetPixelID(), True)
+
+
+def normalize(array: np.ndarray, card: ModelCard) -> np.ndarray:
+    """float32 (C, *spatial) -> normalized float32 (card.in_channels, *spatial).
+
+    Kinds (``card.normalization["kind"]``), all per channel:
+
+    - ``ct_window``: clip to center +- width/2 (HU), map linearly to [-1, 1].
+    - ``zscore``: (x - mean) / std over the voxels above the channel's 1st percentile, so a large
+      constant background (MR air, zero fill outside the field of view) does not set the scale;
+      every voxel is then transformed, without clipping.
+    - ``rgb``: 8-bit values 0..255 -> [-1, 1]; values above 255 raise InputImageError.
+    - ``minmax``: clip to the 1st..99th percentile, map to [-1, 1] (min..max when those coincide).
+
+    Raises InputImageError when C != card.in_channels, except that an RGB image whose three
+    channels are identical (a grayscale picture saved as RGB) is reduced to one channel.
+    """
+    array = _match_channels(np.asarray(array, dtype=np.float32), card)
+    settings = card.normalization or {}
+    kind = settings.get("kind")
+    out = np.empty_like(array)
+    for c, channel in enumerate(array):
+        if kind == "ct_window":
+            if "center" not in settings or "width" not in settings or float(settings["width"]) <= 0:
+                raise ModelLoadError(f"model card '{card.name}': ct_window needs center and a positive width")
+            center, half = float(settings["center"]), float(settings["width"]) / 2.0
+            out[c] = (np.clip(channel, center - half, center + half) - center) / half
+        elif kind == "zscore":
+            floor = np.percentile(channel, 1.0)
+            body = channel[channel > floor]
+            body = body if body.size else channel
+            out[c] = (channel - body.mean()) / max(float(body.std()), 1e-8)
+        elif kind == "rgb":
+            if channel.min() < 0 or channel.max() > 255:
+                raise InputImageError(
+                    f"model '{card.name}' takes 8-bit RGB (0..255); the image has values in "
+                    f"[{channel.min():g}, {channel.max():g}]"
+                )
+            out[c] = channel / 127.5 - 1.0
+        elif kind == "minmax":
+            low, high = np.percentile(channel, [1.0, 99.0])
+            if high <= low:
+                low, high = float(channel.min()), float(channel.max())
+            out[c] = 2.0 * (np.clip(channel, low, high) - low) / max(high - low, 1e-8) - 1.0
+        else:
+            raise ModelLoadError(f"model card '{card.name}': unknown normalization kind {kind!r}")
+    return out
+
+
+def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> PreparedInput:
+    """Resample, normalize and pad ``image`` into the network's batch layout (see PreparedInput)."""
+    if size_divisor < 1:
+        raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
+    _check_dims(image, card)
+    resampled = resample_to_model_grid(image, card)
+    volume = normalize(array_with_channels(resampled), card)  # (C, *model spatial)
+    slice_axis = card.slice_axis if card.spatial_dims == 2 and image.GetDimension() == 3 else None
+    if slice_axis is None:
+        items = volume[None]  # (1, C, *spatial)
+    else:
+        items = np.moveaxis(volume, 1 + slice_axis, 0)  # (S, C, H, W)
+    spatial = items.shape[2:]
+    targets = [_padded_length(n, p, size_divisor) for n, p in zip(spatial, _minimum_sizes(card))]
+    before = [(t - n) // 2 for n, t in zip(spatial, targets)]
+    # Per-channel minimum: the darkest value (CT air, photo black) fills the border, not a new value.
+    fill = volume.reshape(volume.shape[0], -1).min(axis=1)
+    batch = np.empty((items.shape[0], items.shape[1], *targets), dtype=np.float32)
+    batch[:] = fill.reshape(1, -1, *([1] * len(targets)))
+    crop = tuple(slice(b, b + n) for b, n in zip(before, spatial))
+    batch[(slice(None), slice(None), *crop)] = items
+    return PreparedInput(
+        batch=batch,
+        reference=image,
+        model_grid=Grid.of(resampled),
+        spatial_dims=card.spatial_dims,
+        slice_axis=slice_axis,
+        crop=crop,
+        resampled=resampled is not image,
+    )
+
+
+def restore(prepared: PreparedInput, maps: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+    """Network outputs on the padded model grid -> float32 (L, *input spatial) on the input grid.
+
+    ``maps`` has the shape of ``prepared.batch`` with L channels instead of C: (S, L, H, W) or
+    (1, L, D, H, W). The result lies on exactly the input's size, origin, spacing and direction,
+    spatial in SimpleITK array order ((z, y, x) or (y, x)). ``interpolation``: ``linear`` for
+    continuous maps, ``nearest`` for label values. Points of the input grid just outside the
+    model grid's extent (its size is rounded) take the nearest model voxel.
+    """
+    if interpolation not in _INTERPOLATORS:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATORS)}, got {interpolation!r}")
+    batch_shape = prepared.batch.shape
+    if maps.ndim != len(batch_shape) or maps.shape[0] != batch_shape[0] or maps.shape[2:] != batch_shape[2:]:
+        raise ValueError(f"maps shape {maps.shape} does not match the batch shape {batch_shape} (channels aside)")
+    items = maps[(slice(None), slice(None), *prepared.crop)]
+    if prepared.slice_axis is None:
+        volume = items[0]  # (L, *model spatial)
+    else:
+        volume = np.moveaxis(np.moveaxis(items, 0, 1), 1, 1 + prepared.slice_axis)  # (L, z, y, x)
+    volume = np.asarray(volume, dtype=np.float32)
+    if not prepared.resampled:
+        return np.ascontiguousarray(volume)
+    reference = prepared.reference
+    restored = [
+        sitk.GetArrayFromImage(
+            sitk.Resample(prepared.model_grid.scalar_image(label_map), reference, sitk.Transform(),
+                          _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32, True)
+        )
+        for label_map in volume
+    ]
+    return np.stack(restored).astype(np.float32, copy=False)
+
+
+def _resample_in_index_frame(image: sitk.Image, spacing: tuple[float, ...], interpolator: int) -> sitk.Image:
+    """``image`` at ``spacing`` with the same origin and direction; size = round(size * old / new).
+
+    Model-grid voxels past the input's last voxel centre take the nearest input value rather
+    than an arbitrary default (0 HU would paint water along the border).
+    """
+    # floor(x + 0.5), not round(): Python's round() sends 2.5 to 2 (banker's rounding).
+    size = [max(1, math.floor(n * old / new + 0.5))
+            for n, old, new in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
+                         image.GetDirection(), 0.0, image.GetPixelID(), True)
+
+
+def _check_dims(image: sitk.Image, card: ModelCard) -> None:
+    """The model's dimension and slice axis fit the image."""
+    if card.spatial_dims not in (2, 3):
+        raise ModelLoadError(f"model card '{card.name}': spatial_dims must be 2 or 3, got {card.spatial_dims}")
+    if card.spatial_dims == 3 and image.GetDimension() != 3:
+        raise InputImageError(f"model '{card.name}' segments 3D volumes; the image is {image.GetDimension()}D")
+    if card.spatial_dims == 3 and 1 in image.GetSize():
+        # Padding would let the network run, but a 3D model's through-plane context would be
+        # made-up border values: refuse rather than return a confident guess.
+        raise InputImageError(f"model '{card.name}' segments 3D volumes; the image is a single slice "
+                              f"(size {image.GetSize()}): use a 2D model")
+    if card.spatial_dims == 2 and card.slice_axis not in (0, 1, 2):
+        raise ModelLoadError(f"model card '{card.name}': slice_axis must be 0, 1 or 2, got {card.slice_axis}")
+
+
+def _check_single_slice_plane(oriented: sitk.Image, card: ModelCard) -> None:
+    """A single-slice volume must lie in the plane a 2D model takes (InputImageError otherwise).
+
+    After reorientation the length-1 axis of a 1-slice volume says which plane the slice is: a 2D
+    model slicing along another axis would be handed 1-pixel-wide lines, not images.
+    """
+    if card.spatial_dims != 2 or oriented.GetDimension() != 3:
+        return
+    shape = tuple(reversed(oriented.GetSize()))  # numpy (z, y, x)
+    rows_axis, cols_axis = _in_plane_numpy_axes(card.slice_axis)
+    if shape[rows_axis] == 1 or shape[cols_axis] == 1:
+        single = shape.index(1)
+        frame = f" after reorientation to {card.orientation}" if card.orientation else ""
+        raise InputImageError(
+            f"model '{card.name}' segments slices along array axis {card.slice_axis} of the (z, y, x) volume; "
+            f"this image is a single slice across axis {single}{frame} (size {oriented.GetSize()}), "
+            f"a plane the model does not take"
+        )
+
+
+def _in_plane_numpy_axes(slice_axis: int) -> tuple[int, int]:
+    """Numpy axes (rows H, columns W) of a (z, y, x) volume's slices along ``slice_axis``."""
+    rows, cols = (axis for axis in range(3) if axis != slice_axis)
+    return rows, cols
+
+
+def _minimum_sizes(card: ModelCard) -> list[int]:
+    """Minimum padded spatial sizes in batch order: (H, W) or (D, H, W); card.patch_size is (H, W[, D])."""
+    if card.patch_size is None:
+        return [1] * card.spatial_dims
+    if len(card.patch_size) != card.spatial_dims:
+        raise ModelLoadError(
+            f"model card '{card.name}': patch_size {card.patch_size} must have {card.spatial_dims} entries"
+        )
+    if card.spatial_dims == 3:
+        height, width, depth = card.patch_size
+        return [int(depth), int(height), int(width)]
+    return [int(n) for n in card.patch_size]
+
+
+def _padded_length(length: int, minimum: int, divisor: int) -> int:
+    """Smallest multiple of ``divisor`` that is >= both ``length`` and ``minimum``."""
+    return math.ceil(max(length, minimum) / divisor) * divisor
+
+
+def _match_channels(array: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(C, *spatial) with C == card.in_channels, or InputImageError."""
+    channels = array.shape[0]
+    if channels == card.in_channels:
+        return array
+    identical = channels == 3 and np.array_equal(array[0], array[1]) and np.array_equal(array[0], array[2])
+    if identical and card.in_channels == 1:
+        return array[:1]
+    kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
+    raise InputImageError(
+        f"model '{card.name}' takes {card.in_channels}-channel images; the image is {kind} ({channels} channel(s))"
+    )

@@ -1,0 +1,1 @@
+"""Datasets, the training loop, metrics and evaluation on labelled cases."""

@@ -1,0 +1,499 @@
+"""Training/evaluation datasets: discovery of image/label pairs and sampling of training items.
+
+Two dataset layouts are read:
+
+- MSD style: ``dataset.json`` with ``"training": [{"image": "./imagesTr/a.nii.gz", "label":
+  "./labelsTr/a.nii.gz"}, ...]`` (optional ``"validation"`` and ``"test"`` lists; test entries may be
+  plain image paths) and ``"labels": {"0": "background", "1": "liver"}`` (the nnU-Net v2 form
+  ``{"background": 0, "liver": 1}`` is read too);
+- folders ``imagesTr/`` + ``labelsTr/`` (``imagesVal``/``labelsVal``, ``imagesTs``/``labelsTs`` for
+  the other splits) matched by case name; an nnU-Net ``_0000`` channel suffix on images is ignored.
+
+Cases are preprocessed exactly like inference input (``io.read_image`` -> ``preprocess.
+resample_to_model_grid`` -> ``preprocess.normalize``), labels are resampled with nearest neighbour
+onto the resampled image grid, and both are kept in memory as arrays on the model grid.
+``PatchSampler`` then draws augmented training items from them with its own seeded generators,
+so the same seed gives the same item sequence (and its state can be saved for resuming).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError
+from DiffusionSegLib.pipeline.io import read_label
+from DiffusionSegLib.models.card import ModelCard
+
+SPLITS = ("training", "validation", "test")
+_SPLIT_FOLDERS = {"training": ("imagesTr", "labelsTr"), "validation": ("imagesVal", "labelsVal"),
+                  "test": ("imagesTs", "labelsTs")}
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+CHANNEL_SUFFIX = "_0000"  # nnU-Net names the first (only supported) channel <case>_0000.<ext>
+
+LabelValues = dict[str, tuple[int, ...]]  # label name -> values in the label files that form it
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case on disk; ``label`` is None only for unlabelled test images."""
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+@dataclass
+class Case:
+    """One preprocessed case on the model grid.
+
+    image: (C, S, H, W) float32 for 2D models (S slices along the card's slice_axis, S = 1 for a
+    2D input) or (C, D, H, W) for 3D models, normalized per the card.
+    mask:  (L, S, H, W) or (L, D, H, W) uint8, one binary channel per selected label.
+    """
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def case_name(path: Path) -> str:
+    """File name without its image extension (and without an nnU-Net ``_0000`` channel suffix)."""
+    name = _strip_extension(path.name)
+    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
+
+
+def _strip_extension(name: str) -> str:
+    for ext in IMAGE_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_dataset_json(dataset_dir: str | Path) -> dict[str, Any] | None:
+    """The parsed ``dataset.json`` of a dataset folder, or None when there is none."""
+    path = Path(dataset_dir) / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"unreadable {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object")
+    return data
+
+
+def _entry_files(dataset_dir: Path, entry: Any, split: str) -> CaseFiles:
+    """A ``dataset.json`` list entry ({"image": ..., "label": ...} or an image path) -> CaseFiles."""
+    if isinstance(entry, str):
+        image, label = entry, None
+    elif isinstance(entry, dict) and isinstance(entry.get("image"), str):
+        image, label = entry["image"], entry.get("label")
+    else:
+        raise DatasetError(f"dataset.json: {split} entry {entry!r} has no image path")
+    image_path = (dataset_dir / image).resolve()
+    if not image_path.is_file():
+        raise DatasetError(f"dataset.json: image {image} of the {split} list does not exist")
+    label_path = None
+    if label is not None:
+        label_path = (dataset_dir / label).resolve()
+        if not label_path.is_file():
+            raise DatasetError(f"dataset.json: label {label} (for image {image_path.name}) does not exist")
+    return CaseFiles(case_name(image_path), image_path, label_path)
+
+
+def _folder_files(dataset_dir: Path, split: str) -> list[CaseFiles]:
+    """Cases of ``imagesXx/`` matched by name with ``labelsXx/`` (labels optional for test)."""
+    images_dir, labels_dir = (dataset_dir / f for f in _SPLIT_FOLDERS[split])
+    if not images_dir.is_dir():
+        return []
+    images: dict[str, Path] = {}
+    for path in sorted(images_dir.iterdir()):
+        if not _is_image_file(path):
+            continue
+        if _strip_extension(path.name).endswith("_0001"):
+            raise DatasetError(f"{path}: multi-channel nnU-Net cases (_0001 files) are not supported")
+        name = case_name(path)
+        if name in images:
+            raise DatasetError(f"{images_dir}: two images for case '{name}' ({images[name].name}, {path.name})")
+        images[name] = path
+    labels = {case_name(p): p for p in sorted(labels_dir.iterdir()) if _is_image_file(p)} if labels_dir.is_dir() else {}
+    if split != "test" or labels:
+        missing = sorted(set(images) - set(labels))
+        if missing:
+            raise DatasetError(f"{labels_dir}: no label file for case(s) {', '.join(missing[:5])}")
+        orphans = sorted(set(labels) - set(images))
+        if orphans:
+            raise DatasetError(f"{images_dir}: no image for label file(s) of case(s) {', '.join(orphans[:5])}")
+    return [CaseFiles(name, path, labels.get(name)) for name, path in images.items()]
+
+
+def discover_cases(dataset_dir: str | Path, split: str = "training") -> list[CaseFiles]:
+    """Image/label pairs of one split of a dataset folder, in listing (or name) order.
+
+    ``dataset.json`` lists win when the file has one for the split; otherwise the split's folders
+    are matched by case name. Raises DatasetError for a missing folder, an empty training split,
+    missing image or label files, or duplicate case names. An absent validation/test split gives [].
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' (use {', '.join(SPLITS)})")
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder does not exist: {root}")
+    meta = read_dataset_json(root)
+    if meta is not None and isinstance(meta.get(split), list):
+        cases = [_entry_files(root, entry, split) for entry in meta[split]]
+    else:
+        cases = _folder_files(root, split)
+    if split == "training" and not cases:
+        raise DatasetError(f"{root}: no training cases (expected dataset.json with a 'training' list, "
+                           "or imagesTr/ + labelsTr/ folders with images)")
+    if split != "test" and any(c.label is None for c in cases):
+        raise DatasetError(f"{root}: every {split} case needs a label file")
+    names = [c.name for c in cases]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"{root}: duplicate case name(s) in the {split} split: {', '.join(duplicates)}")
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Label selection
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_values(name: str, values: Any) -> tuple[int, ...]:
+    items = values if isinstance(values, (list, tuple)) else [values]
+    try:
+        out = tuple(int(v) for v in items)
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"label '{name}': values must be integers, got {values!r}") from err
+    if not out or 0 in out:
+        raise DatasetError(f"label '{name}': values must be non-empty and non-zero (0 is background), got {values!r}")
+    return out
+
+
+def check_label_selection(selection: Mapping[str, Any]) -> LabelValues:
+    """Validate a user mapping label name -> value or list of values (e.g. {"liver": 5, "kidney": [2, 3]})."""
+    if not selection:
+        raise DatasetError("the label selection is empty")
+    return {str(name): _as_values(str(name), values) for name, values in selection.items()}
+
+
+def labels_from_dataset_json(meta: Mapping[str, Any]) -> LabelValues:
+    """Every non-background label of a dataset.json ``labels`` table, in value order."""
+    table = meta.get("labels")
+    if not isinstance(table, dict) or not table:
+        return {}
+    if all(str(k).lstrip("-").isdigit() for k in table):  # MSD: {"0": "background", "1": "liver"}
+        pairs = sorted((int(k), str(v)) for k, v in table.items())
+        return {name: (value,) for value, name in pairs if value != 0}
+    # nnU-Net v2: {"background": 0, "liver": 1, "tumour": [2, 3]}; region lists keep their order
+    return {str(name): _as_values(str(name), v) for name, v in table.items()
+            if not (isinstance(v, int) and v == 0)}
+
+
+def default_labels(dataset_dir: str | Path, cases: Sequence[CaseFiles]) -> LabelValues:
+    """Default selection: every label of dataset.json, else every non-zero value in the label files."""
+    meta = read_dataset_json(dataset_dir)
+    found = labels_from_dataset_json(meta) if meta else {}
+    if found:
+        return found
+    import SimpleITK as sitk
+
+    values: set[int] = set()
+    for case in cases:
+        if case.label is not None:
+            values |= {int(v) for v in np.unique(sitk.GetArrayFromImage(read_label(case.label)))}
+    values.discard(0)
+    if not values:
+        raise DatasetError(f"{dataset_dir}: the label files contain no foreground (all zero)")
+    return {f"label_{v}": (v,) for v in sorted(values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading on the model grid
+# ---------------------------------------------------------------------------------------------
+
+
+def check_geometry(image, label, case: CaseFiles) -> None:
+    """Raise DatasetError unless the label map lies on the image's voxel grid."""
+    if image.GetDimension() != label.GetDimension() or image.GetSize() != label.GetSize():
+        raise DatasetError(f"case {case.name}: label {case.label.name} has size {label.GetSize()}, "
+                           f"image {case.image.name} has size {image.GetSize()}")
+    spacing = np.asarray(image.GetSpacing())
+    tolerance = 1e-3 * float(spacing.min())  # a thousandth of a voxel: rounding in headers only
+    if (not np.allclose(spacing, label.GetSpacing(), rtol=1e-4, atol=0)
+            or not np.allclose(image.GetOrigin(), label.GetOrigin(), rtol=0, atol=tolerance)
+            or not np.allclose(image.GetDirection(), label.GetDirection(), rtol=0, atol=1e-4)):
+        raise DatasetError(f"case {case.name}: label {case.label.name} has a different spacing, origin or "
+                           f"direction than image {case.image.name}")
+
+
+def to_model_layout(array: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(C, *spatial) in SimpleITK array order -> the layout of ``Case`` arrays.
+
+    2D models: the slice axis moves to position 1 ((C, S, H, W)); a 2D input gets S = 1.
+    3D models: unchanged (C, D, H, W).
+    """
+    if card.spatial_dims == 3:
+        if array.ndim != 4:
+            raise DatasetError("a 3D model needs 3D training images")
+        return array
+    if array.ndim == 3:
+        return array[:, None]
+    return np.moveaxis(array, 1 + card.slice_axis, 1)
+
+
+def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
+    """Read, resample and normalize one case exactly as inference prepares its input."""
+    import SimpleITK as sitk
+
+    from DiffusionSegLib.pipeline.io import array_with_channels, read_image
+    from DiffusionSegLib.pipeline.preprocess import normalize, resample_labels_to_model_grid, resample_to_model_grid
+
+    label = read_label(files.label)
+    try:
+        image = read_image(files.image)
+        check_geometry(image, label, files)
+        image_grid = resample_to_model_grid(image, card)
+        label_grid = sitk.GetArrayFromImage(resample_labels_to_model_grid(label, card, image_grid))
+        array = normalize(array_with_channels(image_grid), card)
+    except DatasetError:
+        raise
+    except DiffusionSegError as err:  # InputImageError, ModelLoadError: name the case in the message
+        raise DatasetError(f"case {files.name}: {err}") from err
+    mask = np.stack([np.isin(label_grid, values) for values in labels.values()]).astype(np.uint8)
+    return Case(files.name, to_model_layout(array.astype(np.float32, copy=False), card), to_model_layout(mask, card))
+
+
+def array_patch_size(patch_size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """A card's ``patch_size`` ((H, W) or (H, W, D)) in array order: (H, W) or (D, H, W)."""
+    if spatial_dims == 3:
+        height, width, depth = patch_size
+        return int(depth), int(height), int(width)
+    return tuple(int(p) for p in patch_size)
+
+
+def load_cases(cases: Sequence[CaseFiles], card: ModelCard, labels: LabelValues) -> list[Case]:
+    """``load_case`` for each case; raises DatasetError when a selected label occurs in no case."""
+    loaded = [load_case(c, card, labels) for c in cases]
+    for index, name in enumerate(labels):
+        if not any(case.mask[index].any() for case in loaded):
+            raise DatasetError(f"label '{name}' (values {list(labels[name])}) occurs in none of the "
+                               f"{len(loaded)} cases on the model grid; check the label selection")
+    return loaded
+
+
+def image_channels(files: CaseFiles) -> int:
+    """Channels of a case's image (1 for scalar, 3 for RGB), read without preprocessing."""
+    from DiffusionSegLib.pipeline.io import read_image
+
+    return int(read_image(files.image).GetNumberOfComponentsPerPixel())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling training items
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Augmentation:
+    """Random augmentation of training items (MONAI array transforms).
+
+    The affine (rotation up to ``rotate_deg`` in each plane, isotropic-per-axis scale in
+    1 +- ``scale``) moves image (bilinear) and mask (nearest) together. Intensity scale/shift and
+    gaussian noise act on the normalized image only. Left-right flips are off by default because
+    organs are lateralized (a flipped liver is a wrong liver).
+    """
+
+    enabled: bool = True
+    prob: float = 0.5  # probability of each transform
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    noise_std: float = 0.05
+    flips: bool = False
+    # Contrast-phase augmentation: per label index, a (low, high) range of intensity offsets in
+    # normalized units added to that organ's voxels (one uniform draw per organ and item), so a
+    # model trained on one phase (e.g. non-contrast CT) also sees the enhanced organs of another.
+    label_offsets: tuple[tuple[float, float] | None, ...] = ()
+    label_offset_prob: float = 0.7
+
+
+def pad_to(array: np.ndarray, size: Sequence[int], value: np.ndarray | float) -> np.ndarray:
+    """Pad the trailing len(size) axes of (K, *spatial) symmetrically up to at least ``size``.
+
+    ``value``: a scalar, or one value per leading channel (image minimum per channel, matching
+    the constant padding of inference).
+    """
+    spatial = array.shape[-len(size):]
+    widths = [(0, 0)] * (array.ndim - len(size))
+    widths += [((max(0, p - n)) // 2, max(0, p - n) - max(0, p - n) // 2) for n, p in zip(spatial, size)]
+    if all(w == (0, 0) for w in widths):
+        return array
+    values = np.broadcast_to(np.asarray(value, dtype=array.dtype), (array.shape[0],))
+    return np.stack([np.pad(a, widths[1:], constant_values=v) for a, v in zip(array, values)])
+
+
+class PatchSampler:
+    """Draws (image, mask) training items from in-memory cases.
+
+    2D models (``spatial_dims=2``): an item is a slice along the card's slice axis cropped to
+    ``patch_size`` (H, W); 3D models: a (D, H, W) patch (array order: see ``array_patch_size``). With probability
+    ``foreground_fraction`` the item is centred on a foreground voxel: a label present in a
+    random foreground case, then (2D) a slice containing that label and a pixel of it, or (3D) a
+    voxel of it. Otherwise the location is uniform (2D: uniform over all slices of all cases).
+    Images smaller than the patch are padded (image: its per-channel minimum, mask: 0).
+    All randomness comes from ``seed``: a numpy Generator for locations and a RandomState shared
+    by the MONAI transforms, both saved/restored by ``get_state``/``set_state``.
+    """
+
+    def __init__(self, cases: Sequence[Case], spatial_dims: int, patch_size: Sequence[int],
+                 foreground_fraction: float = 0.67, augmentation: Augmentation | None = None, seed: int = 0):
+        if not cases:
+            raise DatasetError("no training cases to sample from")
+        if len(patch_size) != spatial_dims:
+            raise ValueError(f"patch_size {list(patch_size)} does not have {spatial_dims} dimensions")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError("foreground_fraction must be in [0, 1]")
+        self.spatial_dims = spatial_dims
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_fraction = foreground_fraction
+        self.augmentation = augmentation or Augmentation(enabled=False)
+        # patch_size pads the trailing axes: (H, W) of (C, S, H, W), or (D, H, W) of (C, D, H, W).
+        self.images = [pad_to(c.image, self.patch_size, c.image.reshape(c.image.shape[0], -1).min(axis=1))
+                       for c in cases]
+        self.masks = [pad_to(c.mask, self.patch_size, 0) for c in cases]
+        self.n_labels = self.masks[0].shape[0]
+        # Foreground coordinates per case and label, sorted by first (slice) axis by np.argwhere.
+        self.fg = [[np.argwhere(m[l]).astype(np.int32) for l in range(self.n_labels)] for m in self.masks]
+        self.fg_cases = [i for i, per_label in enumerate(self.fg) if any(len(c) for c in per_label)]
+        slices = np.array([img.shape[1] for img in self.images])
+        self.slice_weights = slices / slices.sum()
+        self.rng = np.random.default_rng(seed)
+        self.random_state = np.random.RandomState(seed)
+        self.transform = self._build_transform()
+
+    def _build_transform(self):
+        aug = self.augmentation
+        if not aug.enabled:
+            return None
+        from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised,
+                                      RandScaleIntensityd, RandShiftIntensityd)
+
+        angle = math.radians(aug.rotate_deg)
+        rotate = (angle,) if self.spatial_dims == 2 else (angle, angle, angle)
+        transforms = [
+            RandAffined(keys=("image", "mask"), prob=aug.prob, rotate_range=rotate,
+                        scale_range=(aug.scale,) * self.spatial_dims, mode=("bilinear", "nearest"),
+                        padding_mode="border"),  # border on both keeps image and mask consistent at edges
+            RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.prob),
+            RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.prob),
+            RandGaussianNoised(keys="image", std=aug.noise_std, prob=aug.prob),
+        ]
+        if aug.flips:
+            transforms.append(RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=self.spatial_dims - 1))
+        compose = Compose(transforms)  # Compose re-seeds its members: share our state after it
+        for t in transforms:  # one shared RandomState: a single state to save for resuming
+            t.set_random_state(state=self.random_state)
+        return compose
+
+    def _location(self) -> tuple[int, np.ndarray | None]:
+        """(case index, centre voxel or None for a uniform location); 2D centre is (slice, y, x)."""
+        if self.fg_cases and self.rng.random() < self.foreground_fraction:
+            case = self.fg_cases[int(self.rng.integers(len(self.fg_cases)))]
+            present = [l for l, coords in enumerate(self.fg[case]) if len(coords)]
+            coords = self.fg[case][present[int(self.rng.integers(len(present)))]]
+            if self.spatial_dims == 2:  # uniform over slices with the label, then over its pixels there
+                slices, first, counts = np.unique(coords[:, 0], return_index=True, return_counts=True)
+                k = int(self.rng.integers(len(slices)))
+                return case, coords[first[k] + int(self.rng.integers(counts[k]))]
+            return case, coords[int(self.rng.integers(len(coords)))]
+        if self.spatial_dims == 2:
+            return int(self.rng.choice(len(self.images), p=self.slice_weights)), None
+        return int(self.rng.integers(len(self.images))), None
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """One item: image (C, *patch) float32 and mask (L, *patch) uint8."""
+        case, centre = self._location()
+        image, mask = self.images[case], self.masks[case]
+        if self.spatial_dims == 2:
+            s = int(centre[0]) if centre is not None else int(self.rng.integers(image.shape[1]))
+            image, mask = image[:, s], mask[:, s]
+            centre = centre[1:] if centre is not None else None
+        starts = []
+        for axis, p in enumerate(self.patch_size):
+            n = image.shape[1 + axis]
+            if centre is None:
+                starts.append(int(self.rng.integers(n - p + 1)))
+            else:
+                starts.append(int(np.clip(int(centre[axis]) - p // 2, 0, n - p)))
+        window = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
+        image, mask = np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])
+        if self.augmentation.enabled and self.augmentation.label_offsets:
+            image = self._enhance_organs(image, mask)
+        if self.transform is not None:
+            import torch
+
+            out = self.transform({"image": torch.from_numpy(image), "mask": torch.from_numpy(mask.astype(np.float32))})
+            image = out["image"].as_tensor().numpy().astype(np.float32, copy=False)
+            mask = (out["mask"].as_tensor().numpy() > 0.5).astype(np.uint8)
+        return image, mask
+
+    def _enhance_organs(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Contrast-phase augmentation: image (C, *patch) + a random offset inside each organ's mask (L, *patch).
+
+        Offsets are drawn from ``self.rng`` (its state is saved with the checkpoint) and the result is
+        kept inside the normalized range the image already spans, as the CT window clip would.
+        """
+        aug = self.augmentation
+        if self.rng.random() >= aug.label_offset_prob:
+            return image
+        low, high = float(image.min()), float(image.max())
+        out = image.copy()
+        for label, bounds in enumerate(aug.label_offsets[: mask.shape[0]]):
+            if bounds is None:
+                continue
+            offset = float(self.rng.uniform(bounds[0], bounds[1]))
+            out[:, mask[label].astype(bool)] += offset
+        return np.clip(out, min(low, -1.0), max(high, 1.0), out=out)
+
+    def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, *patch) float32 images and (B, L, *patch) uint8 masks."""
+        items = [self.sample() for _ in range(batch_size)]
+        return np.stack([i for i, _ in items]), np.stack([m for _, m in items])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Endless batches, drawn in the calling process (no DataLoader workers)."""
+        while True:
+            yield self.batch(batch_size)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serializable state of both random generators."""
+        kind, key, pos, has_gauss, cached = self.random_state.get_state()
+        return {"locations": self.rng.bit_generator.state,
+                "augmentation": [kind, key.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restore ``get_state`` output (the transforms share ``random_state``, so they follow)."""
+        self.rng.bit_generator.state = state["locations"]
+        kind, key, pos, has_gauss, cached = state["augmentation"]
+        self.random_state.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,123 @@
+"""``diffusionseg evaluate``: Dice, IoU and HD95 per case and label, and their mean +/- std.
+
+Two modes: a model (folder or name) is run on every case of the split; or a folder of predicted
+label maps named like the cases (``<case>.nii.gz``, values as in the dataset's label files) is
+scored as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from DiffusionSegLib.core.errors import DatasetError, ModelLoadError
+from DiffusionSegLib.training.metrics import dice, hd95, iou
+from DiffusionSegLib.models.card import atomic_write_bytes
+
+
+def _label_array(case: Any, label_path: Path, image: Any) -> np.ndarray:
+    """A label map (reference or prediction) as an integer array, checked to lie on the image's grid."""
+    import SimpleITK as sitk
+
+    from DiffusionSegLib.training.data import CaseFiles, check_geometry
+    from DiffusionSegLib.pipeline.io import read_label
+
+    label = read_label(label_path)
+    check_geometry(image, label, CaseFiles(case.name, case.image, label_path))
+    return sitk.GetArrayFromImage(label)
+
+
+def _find_prediction(folder: Path, case: str) -> Path:
+    from DiffusionSegLib.training.data import case_name
+
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and case_name(path) == case:
+            return path
+    raise DatasetError(f"no prediction for case '{case}' in {folder}")
+
+
+# progress(stage, done, total): stage "cases" counts scored cases; "sampling" (model mode) is the
+# current case's sampling, as inference.segment_image reports it.
+Progress = Callable[[str, int, int], None]
+
+
+def score_case(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], spacing_xyz: list[float]) -> dict[str, Any]:
+    """Per-label Dice, IoU, HD95 (mm) of binary masks keyed by label name."""
+    spacing = list(reversed(spacing_xyz))  # numpy axis order
+    return {name: {"dice": dice(pred[name], ref[name]), "iou": iou(pred[name], ref[name]),
+                   "hd95_mm": hd95(pred[name], ref[name], spacing)} for name in ref}
+
+
+def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Mean and (population) std of each metric per label over cases; HD95 over cases where defined."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in cases[0]["metrics"]:
+        row: dict[str, float | None] = {}
+        for metric in ("dice", "iou", "hd95_mm"):
+            values = [c["metrics"][name][metric] for c in cases if c["metrics"][name][metric] is not None]
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else None
+            row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else (0.0 if values else None)
+        out[name] = row
+    return out
+
+
+def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None, split: str = "test",
+             out_json: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Score a model or a prediction folder on a dataset split. Returns {"cases": [...], "mean": {...}}.
+
+    ``progress("cases", done, total)`` is called before the first case and after each one; in model
+    mode the sampling of each case is reported too (stage "sampling").
+    """
+    from DiffusionSegLib.training.data import default_labels, discover_cases
+    from DiffusionSegLib.pipeline.io import read_image
+    from DiffusionSegLib.models.store import resolve_model
+
+    cases = [c for c in discover_cases(dataset, split) if c.label is not None]
+    if not cases:
+        raise DatasetError(f"{dataset}: no labelled cases in the '{split}' split")
+    label_values = default_labels(dataset, cases)
+    model_dir = None
+    source = Path(pred_or_model)
+    not_scored: list[str] = []
+    if not (source.is_dir() and not (source / "model.json").exists()):
+        model_dir = resolve_model(pred_or_model)
+        # Checked before any case is segmented. A model may output more structures than a dataset
+        # annotates (an organ model on a liver dataset): those are listed, not scored, not refused.
+        from DiffusionSegLib.models.card import read_card
+
+        card = read_card(model_dir)
+        shown = [card.labels[i].name for i in card.output_label_indices()]
+        not_scored = [n for n in shown if n not in label_values]
+        if len(not_scored) == len(shown):
+            raise ModelLoadError(f"none of the model labels {shown} is a label of dataset {dataset} "
+                                 f"({', '.join(label_values)})")
+    results = []
+    report = progress or (lambda stage, done, total: None)
+    report("cases", 0, len(cases))
+    for index, case in enumerate(cases):
+        image = read_image(case.image)
+        ref_map = _label_array(case, case.label, image)
+        if model_dir is not None:
+            from DiffusionSegLib.pipeline.segment import segment_image
+
+            result = segment_image(image, model_dir, options, progress)
+            pred = {lab.name: result.final_mask[i] for i, lab in enumerate(result.labels) if lab.name in label_values}
+        else:
+            pred_map = _label_array(case, _find_prediction(source, case.name), image)
+            pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
+        ref = {name: np.isin(ref_map, label_values[name]) for name in pred}
+        results.append({"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))})
+        report("cases", index + 1, len(cases))
+    summary = {"dataset": str(dataset), "split": split, "source": str(pred_or_model),
+               "mode": "model" if model_dir is not None else "predictions", "cases": results,
+               "mean": summarize(results), "model_labels_not_in_dataset": not_scored}
+    if out_json:
+        atomic_write_bytes(out_json, json.dumps(summary, indent=2).encode())
+    return summary
+
+

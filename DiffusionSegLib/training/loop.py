@@ -1,0 +1,543 @@
+"""Training loop for diffusion segmentation models.
+
+``train(dataset_dir, model_dir, config)`` reads a dataset folder (see ``data``), trains the
+network the config describes with the plain MSE diffusion loss (``diffusion.diffusion_loss``; the
+supervised ``unet`` method: Dice + BCE, ``networks.unet.supervised_loss``),
+keeps an exponential moving average (EMA) of the weights, measures the Dice of the EMA weights
+on held-out CASES every ``val_every`` steps (few-step DDIM ensembles, as inference runs), and
+writes the best EMA weights with ``modelcard.save_model``.
+
+Files in ``model_dir``::
+
+    model.json, model.safetensors   the final model (best validated EMA weights; last EMA without validation)
+    training_log.json               loss of every step and every validation result
+    checkpoint/                     weights.safetensors (network, EMA, best EMA, torch RNG states),
+                                    optimizer.pt (torch.save, read back with weights_only=True),
+                                    state.json (step, config, sampler RNG state, history)
+
+``train(..., resume=True)`` continues from ``checkpoint/``; on CPU the continuation is
+bit-identical to an uninterrupted run (every random generator is restored).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from DiffusionSegLib.core.errors import DiffusionSegError
+from DiffusionSegLib.training.metrics import dice as dice_score  # public here: dice_score(pred, ref), both empty = 1.0
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train", "config_from_cli", "validation_dice", "dice_score"]
+
+CHECKPOINT_DIR = "checkpoint"
+LOG_NAME = "training_log.json"
+# Fields that may change when a run is resumed: they schedule the run, they do not define the model or data.
+RESUMABLE_CHANGES = ("steps", "val_every", "checkpoint_every", "device", "description", "limits")
+DEFAULT_COLORS = ((0.86, 0.24, 0.18), (0.18, 0.55, 0.86), (0.22, 0.72, 0.31), (0.95, 0.76, 0.15),
+                  (0.58, 0.34, 0.78), (0.95, 0.5, 0.2))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (JSON-serializable with ``dataclasses.asdict``)."""
+
+    name: str = ""  # model name; "" = the model folder's name
+    method: str = "medsegdiff"  # network family: medsegdiff | vanilla_dpm | unet (supervised baseline)
+    spatial_dims: int = 2
+    network: dict[str, Any] = field(default_factory=dict)  # kwargs of networks.build_network
+    patch_size: list[int] = field(default_factory=lambda: [128, 128])  # (H, W) or (H, W, D) as in ModelCard
+    spacing: list[float] | None = None  # model grid in mm, SimpleITK (x, y[, z]) order; None = image grid
+    normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
+    modality: str = "CT"
+    orientation: str | None = "LPS"  # 3D inputs are reoriented to this before slicing (see ModelCard)
+    slice_axis: int = 0  # numpy axis of (z, y, x) along which a 2D model takes slices
+    labels: dict[str, Any] | None = None  # name -> value(s) in the label files; None = all of dataset.json
+    label_colors: dict[str, list[float]] = field(default_factory=dict)  # name -> RGB in [0, 1]
+    # x0 target: METHODS.md measured Dice 0.97 (x0) vs 0.33-0.55 (epsilon) at 5-50 DDIM steps after a short training.
+    prediction_type: str = "sample"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear_beta"
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 8
+    lr: float = 1e-4  # AdamW, constant
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999  # reached after warm-up: decay_k = min(ema_decay, (1 + k) / (10 + k))
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    amp: bool | None = None  # bf16 autocast; None = on CUDA with bf16 support only
+    foreground_fraction: float = 0.67  # share of items centred on foreground
+    augment: bool = True
+    flips: bool = False  # left-right flips (off: organs are lateralized)
+    # Contrast-phase augmentation (ct_window models): label name -> [low, high] HU added to that
+    # organ's voxels, e.g. {"liver": [0, 80]} lets a model trained on non-contrast CT see enhanced livers.
+    contrast_augment: dict[str, list[float]] = field(default_factory=dict)
+    largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
+    default_crf: bool = True  # written to the card: DenseCRF on by default at inference
+    shown_labels: list[str] = field(default_factory=list)  # written to the card; empty = output every label
+    val_every: int = 500
+    val_cases: int | list[str] | None = None  # held-out CASES: names, a count, or None = 20% (at least 1)
+    val_samples: int = 3
+    val_steps: int = 5  # DDIM steps of validation sampling
+    seed: int = 0
+    checkpoint_every: int = 500
+    device: str = "auto"
+    default_steps: int = 10  # inference defaults written to the model card
+    default_samples: int = 5
+    description: str = ""
+    limits: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DiffusionSegError(f"unknown training setting(s): {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def check(self) -> None:
+        """Raise DiffusionSegError for settings that cannot work (before any data is read)."""
+        from DiffusionSegLib.methods.diffusion import PREDICTION_TYPES
+        from DiffusionSegLib.methods.registry import METHODS
+
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method '{self.method}' (use {', '.join(METHODS)})")
+        if self.spatial_dims not in (2, 3):
+            problems.append(f"spatial_dims {self.spatial_dims} (use 2 or 3)")
+        if len(self.patch_size) != self.spatial_dims or min(self.patch_size) < 1:
+            problems.append(f"patch_size {self.patch_size} for a {self.spatial_dims}D model")
+        if self.spacing is not None and len(self.spacing) not in (2, 3):
+            problems.append(f"spacing {self.spacing}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            problems.append(f"prediction_type '{self.prediction_type}' (use {', '.join(PREDICTION_TYPES)})")
+        if self.slice_axis not in (0, 1, 2):
+            problems.append(f"slice_axis {self.slice_axis} (use 0, 1 or 2)")
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_samples", "val_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} {getattr(self, name)} (must be >= 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay {self.ema_decay} (use 0 <= decay < 1)")
+        if problems:
+            raise DiffusionSegError("invalid training settings: " + "; ".join(problems))
+
+
+def config_from_cli(args: Any) -> TrainConfig:
+    """TrainConfig from the ``train`` subcommand: base, then ``--set KEY=JSON`` overrides.
+
+    Base: the checkpoint's own config when ``--resume`` finds one in ``--output``, else the
+    ``--config`` JSON file, else the defaults. A value that is not JSON is taken as a string
+    (``--set method=vanilla_dpm``).
+    """
+    state_path = Path(args.output) / CHECKPOINT_DIR / "state.json"
+    if getattr(args, "resume", False) and state_path.is_file():
+        base = json.loads(state_path.read_text())["config"]
+    elif getattr(args, "config", None):
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as err:
+            raise DiffusionSegError(f"unreadable training config {args.config}: {err}") from err
+    else:
+        base = {}
+    for item in getattr(args, "set", None) or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise DiffusionSegError(f"--set expects KEY=VALUE, got '{item}'")
+        try:
+            base[key.strip()] = json.loads(raw)
+        except ValueError:
+            base[key.strip()] = raw
+    return TrainConfig.from_dict(base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def validation_dice(net: Any, card: ModelCard, cases: Sequence[Any], n_samples: int, steps: int,
+                    seed: int, device: Any, amp: bool = False) -> dict[str, Any]:
+    """Dice per label of the fused mask on whole held-out cases at the model grid.
+
+    Each case (``data.Case``, image (C, S, H, W) for 2D models or (C, D, H, W) for 3D) is padded
+    as inference pads (per-channel minimum, to at least the patch size and a multiple of the
+    network's size divisor), sampled ``n_samples`` times with ``steps`` DDIM steps
+    (``diffusion.sample_masks``), each sample thresholded at 0.5, fused by mean > 0.5, and compared
+    with the reference over the whole volume (both empty = 1.0). Returns
+    ``{"dice": {label: mean over cases}, "mean_dice": mean over labels, "per_case": {case: {label: dice}}}``.
+    """
+    import torch
+
+    from DiffusionSegLib.training.data import array_patch_size, pad_to
+    from DiffusionSegLib.methods.diffusion import sample_masks
+
+    divisor = int(getattr(net, "size_divisor", 1))
+    n_spatial = card.spatial_dims
+    minimum = array_patch_size(card.patch_size, n_spatial) if card.patch_size else (1,) * n_spatial
+    per_case: dict[str, dict[str, float]] = {}
+    for case in cases:
+        spatial = case.image.shape[-n_spatial:]
+        padded_size = [math.ceil(max(n, p) / divisor) * divisor for n, p in zip(spatial, minimum)]
+        image = pad_to(case.image, padded_size, case.image.reshape(case.image.shape[0], -1).min(axis=1))
+        # 2D models: slices are the batch, (S, C, H, W); 3D: one item (1, C, D, H, W).
+        batch = np.moveaxis(image, 1, 0) if n_spatial == 2 else image[None]
+        batch_t = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+        if getattr(net, "is_diffusion", True):
+            soft = sample_masks(net, card, batch_t, n_samples, steps, sampler="ddim", seed=seed,
+                                amp=amp).numpy()  # (N, B, L, *spatial)
+        else:
+            from DiffusionSegLib.methods.unet.network import predict_supervised
+
+            soft = predict_supervised(net, batch_t, amp=amp).numpy()  # (1, B, L, *spatial)
+        fused = (soft > 0.5).mean(axis=0) > 0.5  # (B, L, *spatial)
+        fused = np.moveaxis(fused, 1, 0) if n_spatial == 2 else fused[0]  # (L, S|D, H, W) like case.mask
+        crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(spatial, padded_size))
+        fused = fused[(slice(None), slice(None)) + crop] if n_spatial == 2 else fused[(slice(None),) + crop]
+        per_case[case.name] = {lab.name: dice_score(fused[i], case.mask[i]) for i, lab in enumerate(card.labels)}
+    dice = {lab.name: float(np.mean([d[lab.name] for d in per_case.values()])) for lab in card.labels}
+    return {"dice": dice, "mean_dice": float(np.mean(list(dice.values()))), "per_case": per_case}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_validation(dataset_dir: Path, cases: list, config: TrainConfig) -> tuple[list, list]:
+    """(training cases, held-out cases): by case, never by slice.
+
+    A dataset with its own validation split uses it. Otherwise ``val_cases`` names cases, or
+    gives a count drawn with the run's seed; None = 20% of the cases (at least 1 when there are
+    2 or more; a single-case dataset trains without validation).
+    """
+    from DiffusionSegLib.training.data import discover_cases
+
+    own = discover_cases(dataset_dir, "validation")
+    if own:
+        return cases, own
+    wanted = config.val_cases
+    if isinstance(wanted, list):
+        by_name = {c.name: c for c in cases}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise DiffusionSegError(f"val_cases not in the training split: {', '.join(missing)}")
+        return [c for c in cases if c.name not in wanted], [by_name[n] for n in wanted]
+    count = int(wanted) if wanted is not None else (max(1, round(0.2 * len(cases))) if len(cases) >= 2 else 0)
+    if count >= len(cases):
+        raise DiffusionSegError(f"val_cases={count} leaves no training case (the dataset has {len(cases)})")
+    order = np.random.default_rng(config.seed).permutation(len(cases))
+    held = set(order[:count].tolist())
+    return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
+
+
+def _label_offsets(config: TrainConfig, label_names: list[str]) -> tuple[tuple[float, float] | None, ...]:
+    """``contrast_augment`` (HU per label name) as offsets in normalized units, per label index."""
+    if not config.contrast_augment:
+        return ()
+    unknown = sorted(set(config.contrast_augment) - set(label_names))
+    if unknown:
+        raise DiffusionSegError(f"contrast_augment names labels the model does not have: {', '.join(unknown)}")
+    norm = config.normalization or {}
+    if norm.get("kind") != "ct_window":
+        raise DiffusionSegError("contrast_augment is given in HU and needs a ct_window normalization")
+    per_hu = 2.0 / float(norm["width"])  # the window maps width HU onto [-1, 1]
+    out: list[tuple[float, float] | None] = []
+    for name in label_names:
+        bounds = config.contrast_augment.get(name)
+        if bounds is not None and (len(bounds) != 2 or bounds[0] > bounds[1]):
+            raise DiffusionSegError(f"contrast_augment[{name!r}] must be [low, high] HU, got {bounds}")
+        out.append(None if bounds is None else (bounds[0] * per_hu, bounds[1] * per_hu))
+    return tuple(out)
+
+
+def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mapping[str, Any]) -> ModelCard:
+    from DiffusionSegLib.methods.registry import is_diffusion_method
+
+    # A supervised model has one deterministic "sample" of one "step"; more would repeat the same mask.
+    diffusion = is_diffusion_method(config.method)
+    label_infos = [LabelInfo(n, tuple(config.label_colors.get(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])))
+                   for i, n in enumerate(labels)]
+    return ModelCard(
+        name=name, method=config.method, spatial_dims=config.spatial_dims, in_channels=in_channels,
+        labels=label_infos, network=dict(config.network), modality=config.modality,
+        spacing=list(config.spacing) if config.spacing is not None else None,
+        normalization=dict(config.normalization), orientation=config.orientation, slice_axis=config.slice_axis,
+        patch_size=list(config.patch_size), prediction_type=config.prediction_type,
+        num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+        default_sampler="ddim", default_steps=config.default_steps if diffusion else 1,
+        default_samples=config.default_samples if diffusion else 1,
+        largest_component=[n for n in config.largest_component if n in labels], default_crf=config.default_crf,
+        shown_labels=[n for n in config.shown_labels if n in labels],
+        description=config.description, limits=config.limits,
+    )
+
+
+def _ema_update(ema: Any, net: Any, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net for floating tensors; other buffers are copied."""
+    import torch
+
+    with torch.no_grad():
+        for e, p in zip(ema.state_dict().values(), net.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(p, 1.0 - decay)
+            else:
+                e.copy_(p)
+
+
+def _cpu_state(module: Any) -> dict[str, Any]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+class _Run:
+    """The state of one training run, with checkpoint save/restore."""
+
+    def __init__(self, dataset_dir: Path, model_dir: Path, config: TrainConfig):
+        import torch
+
+        from DiffusionSegLib.training import data
+        from DiffusionSegLib.core.device import resolve_device, use_deterministic_kernels
+        from DiffusionSegLib.methods.diffusion import make_scheduler
+        from DiffusionSegLib.methods.registry import build_network
+
+        self.dataset_dir, self.model_dir, self.config = dataset_dir, model_dir, config
+        all_cases = data.discover_cases(dataset_dir, "training")
+        train_files, val_files = _split_validation(dataset_dir, all_cases, config)
+        labels = (data.check_label_selection(config.labels) if config.labels
+                  else data.default_labels(dataset_dir, all_cases))
+        self.label_values = labels
+        self.card = _build_card(config.name or model_dir.name, config, data.image_channels(train_files[0]), labels)
+        self.train_cases = data.load_cases(train_files, self.card, labels)
+        # Held-out cases need not contain every label: an absent label predicted absent scores 1.0.
+        self.val_cases = [data.load_case(f, self.card, labels) for f in val_files]
+        self.sampler = data.PatchSampler(
+            self.train_cases, config.spatial_dims, data.array_patch_size(config.patch_size, config.spatial_dims),
+            config.foreground_fraction,
+            data.Augmentation(enabled=config.augment, flips=config.flips,
+                              label_offsets=_label_offsets(config, list(labels))), seed=config.seed)
+
+        self.device = resolve_device(config.device)
+        use_deterministic_kernels(self.device)  # same seed, same run, on CUDA as well as on CPU
+        self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if config.amp is None else config.amp
+        torch.manual_seed(config.seed)  # network initialisation
+        self.net = build_network(self.card).to(self.device)
+        divisor = int(getattr(self.net, "size_divisor", 1))
+        if any(p % divisor for p in config.patch_size):
+            raise DiffusionSegError(f"patch_size {config.patch_size} must be a multiple of {divisor} for this network")
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = make_scheduler(self.card)
+        self.loss_generator = torch.Generator("cpu").manual_seed(config.seed + 1)
+        self.step = 0
+        self.losses: list[float] = []
+        self.validations: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # {"step", "mean_dice", "dice", "state"}
+        self.elapsed_s = 0.0
+
+    # -- one optimizer step ------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        import torch
+
+        from DiffusionSegLib.methods.diffusion import diffusion_loss
+
+        images, masks = self.sampler.batch(self.config.batch_size)
+        image = torch.from_numpy(images).to(self.device)
+        mask = torch.from_numpy(masks).to(self.device)
+        self.net.train()
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if getattr(self.net, "is_diffusion", True):
+                loss = diffusion_loss(self.net, self.scheduler, image, mask, generator=self.loss_generator)
+            else:
+                from DiffusionSegLib.methods.unet.network import supervised_loss
+
+                loss = supervised_loss(self.net, image, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        # EMA warm-up: early weights are poor, so the average forgets them quickly at first.
+        _ema_update(self.ema, self.net, min(self.config.ema_decay, (1 + self.step) / (10 + self.step)))
+        self.step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DiffusionSegError(f"training diverged at step {self.step} (loss {value}); lower lr or disable amp")
+        self.losses.append(value)
+        return value
+
+    def validate(self) -> dict[str, Any] | None:
+        if not self.val_cases:
+            return None
+        result = validation_dice(self.ema, self.card, self.val_cases, self.config.val_samples,
+                                 self.config.val_steps, self.config.seed, self.device, self.amp)
+        record = {"step": self.step, **result}
+        self.validations.append(record)
+        if self.best is None or result["mean_dice"] > self.best["mean_dice"]:
+            self.best = {"step": self.step, "mean_dice": result["mean_dice"], "dice": result["dice"],
+                         "state": _cpu_state(self.ema)}
+        return record
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write checkpoint/ via a fresh folder swapped in by rename (never a half-written checkpoint)."""
+        import torch
+        from safetensors.torch import save_file
+
+        final = self.model_dir / CHECKPOINT_DIR
+        tmp = self.model_dir / f".{CHECKPOINT_DIR}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {f"net.{k}": v for k, v in _cpu_state(self.net).items()}
+        tensors.update({f"ema.{k}": v for k, v in _cpu_state(self.ema).items()})
+        if self.best is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best["state"].items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.loss"] = self.loss_generator.get_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        state = {
+            "step": self.step, "config": dataclasses.asdict(self.config), "dataset": str(self.dataset_dir),
+            "train_cases": [c.name for c in self.train_cases], "val_cases": [c.name for c in self.val_cases],
+            "sampler": self.sampler.get_state(), "losses": self.losses, "validations": self.validations,
+            "best": None if self.best is None else {k: v for k, v in self.best.items() if k != "state"},
+            "elapsed_s": self.elapsed_s,
+        }
+        _write_json(tmp / "state.json", state)
+        old = self.model_dir / f".{CHECKPOINT_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        state = json.loads((folder / "state.json").read_text())
+        saved = TrainConfig.from_dict(state["config"])
+        changed = [f.name for f in dataclasses.fields(TrainConfig)
+                   if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if changed:
+            raise DiffusionSegError(f"cannot resume: the checkpoint was trained with different {', '.join(changed)}")
+        names = ([c.name for c in self.train_cases], [c.name for c in self.val_cases])
+        if names != (state["train_cases"], state["val_cases"]):
+            raise DiffusionSegError("cannot resume: the dataset's cases differ from the checkpoint's")
+        tensors = load_file(str(folder / "weights.safetensors"))
+        for prefix, module in (("net.", self.net), ("ema.", self.ema)):
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        torch.set_rng_state(tensors["rng.torch"])
+        self.loss_generator.set_state(tensors["rng.loss"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.sampler.set_state(state["sampler"])
+        self.step, self.losses, self.validations = state["step"], state["losses"], state["validations"]
+        self.elapsed_s = state["elapsed_s"]
+        if state["best"] is not None:
+            self.best = {**state["best"], "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
+
+
+def _checkpoint_folder(model_dir: Path) -> Path | None:
+    """The checkpoint to resume from; ``.checkpoint.old`` survives a crash between the two renames."""
+    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
+        if (model_dir / name / "state.json").is_file():
+            return model_dir / name
+    return None
+
+
+def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: TrainConfig | None = None,
+          progress: bool = True, resume: bool = False) -> ModelCard:
+    """Train a model on ``dataset_dir`` and write it to ``model_dir``; returns its card.
+
+    ``resume=True`` continues from ``model_dir/checkpoint/`` (the config may change only in
+    ``RESUMABLE_CHANGES``, e.g. more ``steps``). Without ``resume`` an existing checkpoint is an
+    error, so a finished or interrupted run is never overwritten by accident.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from DiffusionSegLib.models.card import save_model
+
+    config = config or TrainConfig()
+    config.check()
+    dataset_dir, model_dir = Path(dataset_dir).resolve(), Path(model_dir).resolve()
+    existing = _checkpoint_folder(model_dir)
+    if resume and existing is None:
+        raise DiffusionSegError(f"cannot resume: no checkpoint in {model_dir}")
+    if not resume and existing is not None:
+        raise DiffusionSegError(f"{model_dir} already holds a training checkpoint; resume it or choose another folder")
+    run = _Run(dataset_dir, model_dir, config)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if existing is not None:
+        run.load_checkpoint(existing)
+        log.info("resuming at step %d of %d", run.step, config.steps)
+
+    bar = tqdm(total=config.steps, initial=run.step, desc="training", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    clock = time.perf_counter()
+    try:
+        while run.step < config.steps:
+            run.train_step()
+            last = run.step == config.steps
+            if run.step % config.val_every == 0 or last:
+                run.validate()
+            postfix = {"loss": f"{np.mean(run.losses[-50:]):.4f}"}  # running mean: one batch is noisy
+            if run.validations:
+                postfix["val_dice"] = f"{run.validations[-1]['mean_dice']:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if run.step % config.checkpoint_every == 0 or last:
+                run.elapsed_s += time.perf_counter() - clock
+                clock = time.perf_counter()
+                run.save_checkpoint()
+    finally:
+        bar.close()
+    run.elapsed_s += time.perf_counter() - clock
+
+    card = run.card
+    final_state = run.best["state"] if run.best is not None else _cpu_state(run.ema)
+    device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else str(run.device)
+    card.training = {
+        "dataset": str(dataset_dir), "cases": len(run.train_cases), "case_names": [c.name for c in run.train_cases],
+        "validation_cases": [c.name for c in run.val_cases],
+        "labels": {name: list(values) for name, values in run.label_values.items()},
+        "steps": run.step, "batch_size": config.batch_size, "duration_s": round(run.elapsed_s, 1),
+        "device": device_name, "amp_bf16": run.amp, "torch_version": torch.__version__,
+        "final_loss": float(np.mean(run.losses[-100:])), "weights": "EMA",
+        "selected_step": run.best["step"] if run.best is not None else run.step,
+        "config": dataclasses.asdict(config),
+    }
+    if run.best is not None:
+        card.metrics = {
+            "validation_dice": {k: round(v, 4) for k, v in run.best["dice"].items()},
+            "validation_mean_dice": round(run.best["mean_dice"], 4),
+            "validation": {"cases": [c.name for c in run.val_cases], "step": run.best["step"],
+                           "samples": config.val_samples, "steps": config.val_steps, "sampler": "ddim",
+                           "fusion": "mean of binary samples > 0.5", "grid": "model grid, whole case"},
+        }
+    else:
+        card.metrics = {"validation": "none: no held-out case"}
+        log.warning("no held-out case: the model card has no validation Dice")
+    _write_json(model_dir / LOG_NAME, {"losses": run.losses, "validations": run.validations})
+    save_model(model_dir, final_state, card)
+    return card
