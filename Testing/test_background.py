@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO
-from DiffusionSegLib.slicer.job import PROGRESS_PREFIX, SegmentJob, build_argv
-from DiffusionSegLib.cli.main import PROGRESS_PREFIX as CLI_PREFIX
-from DiffusionSegLib.slicer.workflow import RunSettings
+from DiffusionSegLib.cli.protocol import PROGRESS_PREFIX
+from DiffusionSegLib.pipeline.settings import SegmentSettings
+from DiffusionSegLib.slicer.job import SegmentJob, build_argv
 
 SAMPLE = REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz"
 
@@ -38,27 +38,25 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_progress_prefix_is_the_clis():
-    assert PROGRESS_PREFIX == CLI_PREFIX
-
-
 def test_argv_carries_the_settings(tmp_path):
     argv = build_argv(tmp_path / "in.nrrd", tmp_path / "out",
-                      RunSettings(python="py", model="m", samples=4, steps=7, seed=3, device="cpu", crf=False))
+                      SegmentSettings(model="m", samples=4, steps=7, seed=3, device="cpu", crf=False,
+                                      keep_samples=True), "py")
     assert argv[:4] == ["py", "-m", "DiffusionSegLib", "segment"]
     joined = " ".join(argv)
     for part in ("--progress json", "--keep-samples", "--model m", "--samples 4", "--steps 7", "--seed 3",
                  "--device cpu", "--no-crf"):
         assert part in joined, part
-    with_crf = build_argv(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python="py", crf=True))
-    card_default = build_argv(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python="py"))
+    with_crf = build_argv(tmp_path / "in.nrrd", tmp_path / "out", SegmentSettings(crf=True), "py")
+    card_default = build_argv(tmp_path / "in.nrrd", tmp_path / "out", SegmentSettings(), "py")
     assert "--crf" in with_crf and "--no-crf" not in with_crf
     assert "--crf" not in card_default and "--no-crf" not in card_default  # the model card decides
 
 
 def test_a_run_reports_progress_and_writes_its_outputs(tmp_path, tiny_model):
     src = small_image(tmp_path / "in.nrrd")
-    job = SegmentJob(src, tmp_path / "out", RunSettings(model=str(tiny_model), samples=2, steps=2, crf=False))
+    job = SegmentJob(src, tmp_path / "out", SegmentSettings(model=str(tiny_model), samples=2, steps=2, crf=False,
+                                                       keep_samples=True))
     job.start()
     status = job.wait(timeout=180)
     assert status.succeeded, (status, job.stderr_lines[-5:])
@@ -69,7 +67,7 @@ def test_a_run_reports_progress_and_writes_its_outputs(tmp_path, tiny_model):
 
 
 def test_a_user_error_comes_back_as_its_one_line_message(tmp_path):
-    job = SegmentJob(tmp_path / "missing.nii.gz", tmp_path / "out", RunSettings())
+    job = SegmentJob(tmp_path / "missing.nii.gz", tmp_path / "out", SegmentSettings())
     job.start()
     status = job.wait(timeout=120)
     assert status.finished and status.returncode == 2 and not status.succeeded
@@ -80,7 +78,7 @@ def test_a_user_error_comes_back_as_its_one_line_message(tmp_path):
 def test_a_child_that_cannot_start_is_a_clear_error(tmp_path):
     from DiffusionSegLib.core.errors import DiffusionSegError
 
-    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python=str(tmp_path / "no-python")))
+    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", SegmentSettings(), python=str(tmp_path / "no-python"))
     with pytest.raises(DiffusionSegError, match="cannot start"):
         job.start()
 
@@ -99,7 +97,7 @@ def test_cancel_kills_the_whole_process_tree_and_removes_partial_outputs(tmp_pat
     earlier = {"report.json": '{"outputs": ["fused.nii.gz", "report.json"]}', "fused.nii.gz": "earlier run"}
     for name, text in earlier.items():
         (out / name).write_text(text)
-    job = SegmentJob(SAMPLE, out, RunSettings(python=str(wrapper), samples=5, steps=50, device="cpu"))
+    job = SegmentJob(SAMPLE, out, SegmentSettings(samples=5, steps=50, device="cpu"), python=str(wrapper))
     job.start()
     deadline = time.monotonic() + 120
     while job.poll().stage != "sampling":
@@ -141,7 +139,7 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 
 def started_sleeper(tmp_path: Path) -> SegmentJob:
     """A running job whose child (a fake interpreter) sleeps for 10 minutes unless signalled."""
-    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python=fake_python(tmp_path, "exec sleep 600")))
+    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", SegmentSettings(), python=fake_python(tmp_path, "exec sleep 600"))
     job.start()
     wait_until(lambda: alive(job.pid))
     return job
@@ -172,7 +170,7 @@ def test_cancel_before_start_touches_nothing(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("the user's file")
-    job = SegmentJob(tmp_path / "in.nrrd", out, RunSettings())
+    job = SegmentJob(tmp_path / "in.nrrd", out, SegmentSettings())
     job.cancel()
     job.cancel()
     assert (out / "mine.txt").read_text() == "the user's file", "a job that never ran removes nothing"
@@ -187,7 +185,7 @@ def test_cancel_before_start_touches_nothing(tmp_path):
 def test_cancel_after_the_child_exited_signals_nothing(tmp_path, signals_sent):
     # The child's pid (= its process group id) is free for reuse once the child is reaped: a signal
     # to that group could hit unrelated processes. After exit, cancel only reaps and cleans up.
-    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python=fake_python(tmp_path, "exit 0")))
+    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", SegmentSettings(), python=fake_python(tmp_path, "exit 0"))
     job.start()
     wait_until(lambda: not alive(job.pid))  # exited (a zombie), not yet reaped: poll() was never called
     job.cancel()
@@ -197,7 +195,7 @@ def test_cancel_after_the_child_exited_signals_nothing(tmp_path, signals_sent):
     assert status.stage == "cancelled" and status.finished and status.returncode == 0
     assert job.process.returncode == 0, "the child is reaped"
 
-    finished = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out2", RunSettings(python=fake_python(tmp_path, "exit 3")))
+    finished = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out2", SegmentSettings(), python=fake_python(tmp_path, "exit 3"))
     finished.start()
     assert finished.wait(timeout=10).finished  # exited and reaped by wait()
     finished.cancel()
@@ -226,7 +224,7 @@ def test_cancel_asks_with_sigterm_then_kills_a_tree_that_ignores_it(tmp_path, si
     monkeypatch.setattr(background, "_TERM_GRACE_S", 0.5, raising=False)
     marker = tmp_path / "grandchild.pid"
     body = f"trap '' TERM\nsleep 600 &\necho $! > '{marker}'\nexec sleep 600"
-    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python=fake_python(tmp_path, body)))
+    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", SegmentSettings(), python=fake_python(tmp_path, body))
     job.start()
     wait_until(marker.exists)
     wait_until(lambda: marker.read_text().strip() != "")
@@ -247,7 +245,7 @@ def test_a_grandchild_ignoring_sigterm_dies_with_a_child_that_obeys_it(tmp_path)
     # (while its pid, the group id, cannot have been reused).
     marker = tmp_path / "grandchild.pid"
     body = f"(trap '' TERM; exec sleep 600) &\necho $! > '{marker}'\nexec sleep 600"
-    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", RunSettings(python=fake_python(tmp_path, body)))
+    job = SegmentJob(tmp_path / "in.nrrd", tmp_path / "out", SegmentSettings(), python=fake_python(tmp_path, body))
     job.start()
     wait_until(lambda: marker.exists() and marker.read_text().strip() != "")
     grandchild = int(marker.read_text())

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from DiffusionSegLib.models.card import ModelCard
-from DiffusionSegLib.methods.registry import build_network, is_diffusion_method
+from DiffusionSegLib.methods.registry import build_network, get_method
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions
 from DiffusionSegLib.training.loop import dice_score, train
 from test_training import _config, _shape, _write_shapes, one_thread  # noqa: F401  (fixture)
@@ -20,14 +20,15 @@ UNET_NET = {"channels": [16, 32, 64], "num_res_units": 1}
 def test_unet_maps_images_to_one_logit_map_per_label(spatial_dims, size):
     card = ModelCard(name="u", method="unet", spatial_dims=spatial_dims, in_channels=3, network=UNET_NET)
     net = build_network(card)
-    assert not net.is_diffusion and net.size_divisor == 4 and not is_diffusion_method("unet")
+    assert net.size_divisor == 4 and not get_method("unet").draws_samples
     with torch.no_grad():
         logits = net(torch.randn(2, 3, *size))
     assert logits.shape == (2, 1, *size)
 
 
 def test_unet_baseline_learns_shapes_and_segments_deterministically(tmp_path):
-    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
 
     _write_shapes(tmp_path / "data", 40, seed=0)
     # Measured: validation Dice 0.854 after 300 steps at lr 3e-3 (0.74 at lr 1e-3), about 5 s.
@@ -43,12 +44,12 @@ def test_unet_baseline_learns_shapes_and_segments_deterministically(tmp_path):
         image, mask = _shape(rng)
         # Asking for samples/steps is harmless: a supervised model runs once.
         result = segment_image(sitk.GetImageFromArray(image), tmp_path / "model",
-                               SegmentOptions(crf=False, device="cpu", samples=4, steps=5, seed=1))
+                               SegmentSettings(crf=False, device="cpu", samples=4, steps=5, seed=1))
         scores.append(dice_score(result.fused[0], mask))
         assert result.report["samples"] == 1 and result.report["nfe_per_image"] == 1
         assert result.sample_diversity == [0.0] and not result.ambiguity.any()
         again = segment_image(sitk.GetImageFromArray(image), tmp_path / "model",
-                              SegmentOptions(crf=False, device="cpu", seed=2))
+                              SegmentSettings(crf=False, device="cpu", seed=2))
         assert np.array_equal(again.probability, result.probability)  # no noise, no seed dependence
     assert np.mean(scores) >= 0.8
 

@@ -19,6 +19,7 @@ from DiffusionSegLib.bench import data as benchdata
 from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.training.data import discover_cases
 from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.core.files import sha256_of
 
 
 def _cached() -> bool:
@@ -136,7 +137,7 @@ def test_manifest_lists_every_file_with_its_digest_and_size(prepared):
     assert sorted(manifest["files"]) == sorted(str(p.relative_to(prepared)) for p in files)
     for p in files[:4]:
         entry = manifest["files"][str(p.relative_to(prepared))]
-        assert entry["bytes"] == p.stat().st_size and entry["sha256"] == realdata.sha256_of(p)
+        assert entry["bytes"] == p.stat().st_size and entry["sha256"] == sha256_of(p)
     assert manifest["total_bytes"] <= benchdata.MAX_TOTAL_BYTES
     assert "predictions" in manifest["label_note"]
 

@@ -37,8 +37,8 @@ def _fake_metrics(dice_by_case: dict[str, float], hd: float | None = 5.0) -> dic
 
 
 def test_aggregate_mean_and_sample_std_over_seeds_by_hand():
-    runs = [benchreal.RunSpec(f"m_s{s}", "medsegdiff", "MedSegDiff", s) for s in range(3)]
-    runs.append(benchreal.RunSpec("u_s0", "unet", "UNet (supervised)", 0))
+    runs = [benchreal.RunSpec(f"m_s{s}", "medsegdiff", "MedSegDiff", s, benchreal.medsegdiff_network) for s in range(3)]
+    runs.append(benchreal.RunSpec("u_s0", "unet", "UNet (supervised)", 0, benchreal.unet_network))
     metrics = {"m_s0": _fake_metrics({"a": 0.8, "b": 0.6}), "m_s1": _fake_metrics({"a": 0.7, "b": 0.5}),
                "m_s2": _fake_metrics({"a": 0.9, "b": 0.4}, hd=None), "u_s0": _fake_metrics({"a": 0.5, "b": 0.5})}
     agg = benchreal.aggregate(metrics, runs)
@@ -60,7 +60,7 @@ def test_aggregate_mean_and_sample_std_over_seeds_by_hand():
 
 
 def test_aggregate_leaves_out_missing_runs():
-    runs = [benchreal.RunSpec(f"m_s{s}", "medsegdiff", "MedSegDiff", s) for s in range(3)]
+    runs = [benchreal.RunSpec(f"m_s{s}", "medsegdiff", "MedSegDiff", s, benchreal.medsegdiff_network) for s in range(3)]
     agg = benchreal.aggregate({"m_s1": _fake_metrics({"a": 0.7})}, runs)
     assert agg["MedSegDiff"]["seeds"] == [1]
     assert agg["MedSegDiff"]["per_case"]["a"]["liver"]["dice"]["n"] == 1
@@ -137,8 +137,8 @@ def _write_tiny_dataset(root):
 
 
 TINY_BUDGET = benchreal.Budget(steps=2, batch_size=2, patch=32, channels=(4, 8), eval_samples=2, eval_steps=2)
-TINY_RUNS = (benchreal.RunSpec("medsegdiff_s0", "medsegdiff", "MedSegDiff", 0),
-             benchreal.RunSpec("unet_s0", "unet", "UNet (supervised)", 0))
+TINY_RUNS = (benchreal.RunSpec("medsegdiff_s0", "medsegdiff", "MedSegDiff", 0, benchreal.medsegdiff_network),
+             benchreal.RunSpec("unet_s0", "unet", "UNet (supervised)", 0, benchreal.unet_network))
 
 
 def test_suite_runs_writes_results_and_resume_skips_finished_runs(tmp_path, monkeypatch):
@@ -202,7 +202,72 @@ def test_full_suite_shares_one_budget_across_methods():
     assert counts["Vanilla conditional DPM"] == counts["MedSegDiff w/o FF-Parser"] == 1
     assert counts["MedSegDiff w/o dynamic conditioning"] == 1
     nodyn = next(r for r in benchreal.RUNS if r.key == "medsegdiff_nodyn_s0")
-    assert benchreal.network_kwargs(nodyn.method, benchreal.FULL, nodyn.network_overrides)["dynamic_conditioning"] is False
+    assert benchreal.network_kwargs(nodyn, benchreal.FULL)["dynamic_conditioning"] is False
+
+
+# The network kwargs of every run at both budgets, as the suite computed them when it branched on the
+# method name (before each RunSpec carried its own network settings): results stay comparable.
+_MSD_FULL = {"channels": [16, 32, 64, 128], "num_res_blocks": 1, "norm_groups": 8, "ff_reference_size": 64}
+_MSD_QUICK = {"channels": [8, 8, 16, 16], "num_res_blocks": 1, "norm_groups": 8, "ff_reference_size": 64}
+_DPM_FULL = {"channels": [16, 32, 64, 128], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 8}
+_DPM_QUICK = {"channels": [8, 8, 16, 16], "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 8}
+_UNET_FULL = {"channels": [16, 32, 64, 128], "num_res_units": 2}
+_UNET_QUICK = {"channels": [8, 8, 16, 16], "num_res_units": 2}
+_NODYN, _NOFF = {"dynamic_conditioning": False}, {"ff_parser": False}
+EXPECTED_NETWORKS = {
+    "FULL": {"medsegdiff_s0": _MSD_FULL, "medsegdiff_s1": _MSD_FULL, "medsegdiff_s2": _MSD_FULL,
+             "medsegdiff_nodyn_s0": {**_MSD_FULL, **_NODYN}, "medsegdiff_noff_s0": {**_MSD_FULL, **_NOFF},
+             "vanilla_dpm_s0": _DPM_FULL,
+             **{f"unet{lr}_s{s}": _UNET_FULL for lr in ("", "_lr3e-3") for s in range(3)}},
+    "QUICK": {"medsegdiff_s0": _MSD_QUICK, "medsegdiff_s1": _MSD_QUICK, "medsegdiff_s2": _MSD_QUICK,
+              "medsegdiff_nodyn_s0": {**_MSD_QUICK, **_NODYN}, "medsegdiff_noff_s0": {**_MSD_QUICK, **_NOFF},
+              "vanilla_dpm_s0": _DPM_QUICK,
+              **{f"unet{lr}_s{s}": _UNET_QUICK for lr in ("", "_lr3e-3") for s in range(3)}},
+}
+
+
+@pytest.mark.parametrize("budget_name", ["FULL", "QUICK"])
+def test_network_kwargs_of_every_run_are_pinned(budget_name):
+    budget = getattr(benchreal, budget_name)
+    expected = EXPECTED_NETWORKS[budget_name]
+    assert sorted(r.key for r in benchreal.RUNS) == sorted(expected)
+    for task in benchreal.TASKS:
+        for run in benchreal.RUNS:
+            network = benchreal.train_config(task, run, budget).network
+            assert network == expected[run.key], run.key
+            # Same key order too: metrics.json and the model cards write the dict as it is.
+            assert list(network) == list(expected[run.key]), run.key
+    # Each call builds fresh lists: a run cannot change another run's (or the next call's) channels.
+    first = benchreal.network_kwargs(benchreal.RUNS[0], budget)
+    first["channels"].append(1)
+    assert benchreal.network_kwargs(benchreal.RUNS[0], budget) == expected[benchreal.RUNS[0].key]
+
+
+def test_suite_json_names_each_runs_network_settings():
+    record = benchreal.RUNS[3].record()
+    assert record["network"] == "medsegdiff_network" and record["network_overrides"] == _NODYN
+    json.dumps([r.record() for r in benchreal.RUNS])  # JSON-ready
+
+
+def test_measure_step_times_times_the_public_train(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _write_tiny_dataset(data / "tiny")
+    task = benchreal.Task("tiny", "tiny", (3.0, 3.0), {"kind": "zscore"}, "synthetic blobs")
+    import DiffusionSegLib.training.loop as training
+
+    calls, real_train = [], training.train
+
+    def spy(dataset, model_dir, config, progress=True, resume=False):
+        calls.append((config.steps, config.checkpoint_every, resume))
+        return real_train(dataset, model_dir, config, progress=progress, resume=resume)
+
+    monkeypatch.setattr(training, "train", spy)
+    rows = benchreal.measure_step_times(data, TINY_BUDGET, steps=2, tasks=[task], runs=TINY_RUNS)
+    assert [(r["task"], r["run"]) for r in rows] == [("tiny", "medsegdiff_s0"), ("tiny", "unet_s0")]
+    assert all(r["seconds_per_step"] >= 0.0 for r in rows)
+    # One warm-up step, then the timed steps resumed from its checkpoint, with no checkpoint among them.
+    assert calls == [(1, 3, False), (3, 3, True)] * 2
+    assert [p.name for p in data.iterdir()] == ["tiny"]  # nothing written next to the data
 
 
 def test_cli_parses_the_real_suite_flags():

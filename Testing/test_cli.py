@@ -133,7 +133,7 @@ def test_tampered_or_mismatched_model_is_refused(tmp_path, tiny_model, tiny_rgb_
     shutil.copytree(tiny_model, mismatched)
     shutil.copy(tiny_rgb_model / "model.safetensors", mismatched / "model.safetensors")
     card = json.loads((mismatched / "model.json").read_text())
-    from DiffusionSegLib.models.card import sha256_of
+    from DiffusionSegLib.core.files import sha256_of
 
     card["weights_sha256"] = sha256_of(mismatched / "model.safetensors")
     (mismatched / "model.json").write_text(json.dumps(card))
@@ -167,7 +167,7 @@ def test_module_entry_point_runs():
 
 
 def test_progress_json_lines_for_other_programs(tmp_path, tiny_model, capsys):
-    from DiffusionSegLib.cli.main import PROGRESS_PREFIX
+    from DiffusionSegLib.cli.protocol import PROGRESS_PREFIX
 
     img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(16, 20)).astype(np.float32))
     sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
@@ -316,7 +316,7 @@ def test_sigterm_ends_a_run_cleanly_and_keeps_the_earlier_outputs(tmp_path, tiny
     # must unwind (staging folder removed, earlier outputs untouched) rather than die on the spot.
     import signal
 
-    from DiffusionSegLib.cli.main import PROGRESS_PREFIX
+    from DiffusionSegLib.cli.protocol import PROGRESS_PREFIX
 
     src, out = tiny_input(tmp_path), tmp_path / "o"
     assert run_cli("segment", src, "-o", out, "--model", tiny_model, "--samples", "1", "--steps", "1", "-q") == 0
@@ -413,17 +413,17 @@ def test_the_sampling_time_is_announced_before_sampling(tmp_path, tiny_model, ca
 
 
 def test_the_progress_bar_counts_network_evaluations_to_its_total(tmp_path, tiny_model, monkeypatch):
-    from DiffusionSegLib.cli import main as cli
+    from DiffusionSegLib.cli import progress as cli
 
     bars = []
-    real = cli._tqdm_progress
+    real = cli.sampling_bar
 
     def keep(quiet):
         bar = real(quiet)
         bars.append(bar)
         return bar
 
-    monkeypatch.setattr(cli, "_tqdm_progress", keep)
+    monkeypatch.setattr(cli, "sampling_bar", keep)
     img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32))
     sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
     # 5 samples x 10 steps x 3 slices in chunks of 4 items: 4 chunks x 10 steps = 40 network calls,

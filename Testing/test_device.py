@@ -10,7 +10,8 @@ import SimpleITK as sitk
 import torch
 
 from DiffusionSegLib.core.device import auto_batch_size, is_out_of_memory, resolve_device, run_with_oom_backoff
-from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+from DiffusionSegLib.pipeline.segment import segment_image
+from DiffusionSegLib.pipeline.settings import SegmentSettings
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits():
@@ -89,7 +90,7 @@ def test_bf16_autocast_agrees_with_fp32(tiny_model):
     """The reduced-precision path (bf16 autocast; CUDA uses it by default) against fp32 on one case."""
     rng = np.random.default_rng(0)
     image = sitk.GetImageFromArray(rng.normal(size=(2, 32, 32)).astype(np.float32))
-    fp32 = segment_image(image, tiny_model, SegmentOptions(samples=3, steps=3, crf=False, amp=False))
-    bf16 = segment_image(image, tiny_model, SegmentOptions(samples=3, steps=3, crf=False, amp=True))
+    fp32 = segment_image(image, tiny_model, SegmentSettings(samples=3, steps=3, crf=False, amp=False))
+    bf16 = segment_image(image, tiny_model, SegmentSettings(samples=3, steps=3, crf=False, amp=True))
     # Voxels whose sample mean is unchanged by bf16 (a flip needs a logit within bf16 rounding of 0.5).
     assert np.mean(fp32.probability == bf16.probability) > 0.95

@@ -67,7 +67,8 @@ def test_evaluate_a_model_from_the_cli(tmp_path, dataset, tiny_model):
 @pytest.mark.parametrize("fusion,crf", [("mean", False), ("staple", True)])
 def test_evaluate_a_model_scores_the_runs_final_mask(tmp_path, tiny_model, fusion, crf):
     """Model mode: each case is segmented and its final mask (the one the run names) is scored."""
-    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.pipeline.io import read_image
 
     root = tmp_path / "ds"
@@ -80,7 +81,7 @@ def test_evaluate_a_model_scores_the_runs_final_mask(tmp_path, tiny_model, fusio
     _write(image, root / "imagesTs" / "case1.nii.gz")
     _write(label, root / "labelsTs" / "case1.nii.gz")
     (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "lesion"}}))
-    opts = SegmentOptions(samples=4, steps=2, seed=2, fusion=fusion, crf=crf)
+    opts = SegmentSettings(samples=4, steps=2, seed=2, fusion=fusion, crf=crf)
 
     summary = evaluate(tiny_model, root, options=opts, split="test")
 
@@ -111,21 +112,21 @@ def test_evaluate_reports_progress_per_case_and_no_monai_future_warning(tmp_path
 
 
 def test_evaluate_cli_draws_a_case_bar(tmp_path, dataset, monkeypatch):
-    from DiffusionSegLib.cli import main as cli
+    from DiffusionSegLib.cli import progress as cli
 
     root, label = dataset
     preds = tmp_path / "preds"
     preds.mkdir()
     _write(label, preds / "case1.nii.gz")
     bars = []
-    real = cli._Bar
+    real = cli.Bar
 
     class Keep(real):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(cli, "_Bar", Keep)
+    monkeypatch.setattr(cli, "Bar", Keep)
     assert main(["evaluate", str(preds), str(root)]) == 0
     assert bars and bars[0].stage == "cases" and bars[0].last == (1, 1)
 
@@ -133,11 +134,11 @@ def test_evaluate_cli_draws_a_case_bar(tmp_path, dataset, monkeypatch):
 def test_a_model_with_more_labels_than_the_dataset_is_scored_on_the_shared_ones(tmp_path, dataset):
     """An organ model on a dataset that annotates fewer organs: shared labels scored, the rest listed."""
     from conftest import make_model
-    from DiffusionSegLib.pipeline.segment import SegmentOptions
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.models.card import LabelInfo
 
     root, _ = dataset  # labels "a" and "b"
     model = make_model(tmp_path / "abc", labels=[LabelInfo("a"), LabelInfo("kidney"), LabelInfo("b")])
-    summary = evaluate(model, root, options=SegmentOptions(samples=2, steps=1, crf=False), split="test")
+    summary = evaluate(model, root, options=SegmentSettings(samples=2, steps=1, crf=False), split="test")
     assert set(summary["cases"][0]["metrics"]) == {"a", "b"}
     assert summary["model_labels_not_in_dataset"] == ["kidney"]

@@ -34,11 +34,12 @@ def sample_crop():
 
 def test_bf16_autocast_matches_fp32_on_the_default_model(sample_crop):
     """CUDA runs in bf16 by default; its masks must agree with the fp32 run on the same case."""
-    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.models.store import resolve_model
 
     model = resolve_model(None)
-    runs = {amp: segment_image(sample_crop, model, SegmentOptions(device="cuda", amp=amp, crf=False, seed=3))
+    runs = {amp: segment_image(sample_crop, model, SegmentSettings(device="cuda", amp=amp, crf=False, seed=3))
             for amp in (False, True)}
     fp32, bf16 = runs[False], runs[True]
     assert bf16.report["device"].startswith("cuda")
@@ -49,11 +50,12 @@ def test_bf16_autocast_matches_fp32_on_the_default_model(sample_crop):
 
 
 def test_same_seed_same_device_gives_the_same_masks(sample_crop):
-    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.models.store import resolve_model
 
     model = resolve_model(None)
-    a, b = (segment_image(sample_crop, model, SegmentOptions(device="cuda", crf=False, seed=11)) for _ in range(2))
+    a, b = (segment_image(sample_crop, model, SegmentSettings(device="cuda", crf=False, seed=11)) for _ in range(2))
     np.testing.assert_array_equal(a.fused, b.fused)
     np.testing.assert_array_equal(a.probability, b.probability)
 
@@ -88,13 +90,14 @@ def test_real_cuda_out_of_memory_halves_the_batch(caplog):
 
 def test_sampling_recovers_from_out_of_memory(sample_crop, caplog):
     """Inference asked for a batch that does not fit completes with a smaller one and the same masks."""
-    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.models.store import resolve_model
 
     model = resolve_model(None)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    reference = segment_image(sample_crop, model, SegmentOptions(device="cuda", crf=False, seed=5, amp=False,
+    reference = segment_image(sample_crop, model, SegmentSettings(device="cuda", crf=False, seed=5, amp=False,
                                                                  batch_size=8))
     # Room for about two batches of 8: the 50-item batch asked for below cannot fit.
     peak = torch.cuda.max_memory_allocated()
@@ -102,7 +105,7 @@ def test_sampling_recovers_from_out_of_memory(sample_crop, caplog):
     torch.cuda.set_per_process_memory_fraction(2 * peak / torch.cuda.get_device_properties(0).total_memory)
     try:
         with caplog.at_level(logging.WARNING):
-            squeezed = segment_image(sample_crop, model, SegmentOptions(device="cuda", crf=False, seed=5, amp=False,
+            squeezed = segment_image(sample_crop, model, SegmentSettings(device="cuda", crf=False, seed=5, amp=False,
                                                                         batch_size=4096))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

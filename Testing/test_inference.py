@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_model
-from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+from DiffusionSegLib.pipeline.segment import segment_image
+from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.models.card import LabelInfo
 
 
@@ -33,7 +34,7 @@ def resampling_model(tmp_path_factory):
 
 def test_every_output_is_on_the_input_grid_for_an_oblique_anisotropic_volume(resampling_model):
     image = oblique_volume()
-    result = segment_image(image, resampling_model, SegmentOptions(samples=3, steps=2, keep_samples=True))
+    result = segment_image(image, resampling_model, SegmentSettings(samples=3, steps=2, keep_samples=True))
     shape = sitk.GetArrayViewFromImage(image).shape
     for name in ("probability", "fused", "consistency", "ambiguity", "uncertainty", "refined"):
         assert getattr(result, name).shape == (1, *shape), name
@@ -52,10 +53,10 @@ def test_every_output_is_on_the_input_grid_for_an_oblique_anisotropic_volume(res
 
 def test_same_seed_gives_identical_output_and_another_seed_differs(tiny_model):
     image = oblique_volume()
-    opts = SegmentOptions(samples=3, steps=2, seed=11, crf=False)
+    opts = SegmentSettings(samples=3, steps=2, seed=11, crf=False)
     a = segment_image(image, tiny_model, opts)
-    b = segment_image(image, tiny_model, SegmentOptions(samples=3, steps=2, seed=11, crf=False, batch_size=2))
-    c = segment_image(image, tiny_model, SegmentOptions(samples=3, steps=2, seed=12, crf=False))
+    b = segment_image(image, tiny_model, SegmentSettings(samples=3, steps=2, seed=11, crf=False, batch_size=2))
+    c = segment_image(image, tiny_model, SegmentSettings(samples=3, steps=2, seed=12, crf=False))
     assert np.array_equal(a.probability, b.probability)
     assert a.report["sample_diversity"] == b.report["sample_diversity"]
     assert not np.array_equal(a.probability, c.probability)
@@ -66,21 +67,21 @@ def test_rgb_2d_image_keeps_its_geometry(tiny_rgb_model):
     image = sitk.GetImageFromArray(rgb, isVector=True)
     image.SetSpacing((0.05, 0.05))
     image.SetOrigin((3.0, 4.0))
-    result = segment_image(image, tiny_rgb_model, SegmentOptions(samples=2, steps=2))
+    result = segment_image(image, tiny_rgb_model, SegmentSettings(samples=2, steps=2))
     assert result.fused.shape == (2, 37, 45)
     assert "areas_mm2" in result.report and "volumes_ml" not in result.report
 
 
 def test_3d_model_runs_on_a_volume_and_restores_it(tiny_3d_model):
     image = oblique_volume()
-    result = segment_image(image, tiny_3d_model, SegmentOptions(samples=2, steps=2))
+    result = segment_image(image, tiny_3d_model, SegmentSettings(samples=2, steps=2))
     assert result.fused.shape == (1, 9, 30, 26)
     assert result.report["slices_or_patches"] == 1
 
 
 def test_staple_fusion_and_entropy(tiny_model):
     image = oblique_volume()
-    result = segment_image(image, tiny_model, SegmentOptions(samples=3, steps=2, fusion="staple",
+    result = segment_image(image, tiny_model, SegmentSettings(samples=3, steps=2, fusion="staple",
                                                              uncertainty="entropy", crf=False))
     p = result.probability
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -92,7 +93,7 @@ def test_staple_fusion_and_entropy(tiny_model):
 def test_image_smaller_than_the_model_input_is_padded_not_rejected(tmp_path):
     model = make_model(tmp_path / "patch64", patch_size=[64, 64])
     image = sitk.GetImageFromArray(np.random.default_rng(2).normal(size=(5, 7)).astype(np.float32))
-    result = segment_image(image, model, SegmentOptions(samples=2, steps=1))
+    result = segment_image(image, model, SegmentSettings(samples=2, steps=1))
     assert result.fused.shape == (1, 5, 7)
 
 
@@ -110,7 +111,7 @@ def test_out_of_range_settings_are_refused_before_sampling(tiny_model, monkeypat
     monkeypatch.setattr(diffusion, "sample_masks", never)
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
     with pytest.raises(SettingsError, match=field.split("_")[0]):
-        segment_image(image, tiny_model, SegmentOptions(**{field: value}))
+        segment_image(image, tiny_model, SegmentSettings(**{field: value}))
 
 
 def test_torch_crf_runs_on_the_sampling_device(tiny_model, monkeypatch):
@@ -125,7 +126,7 @@ def test_torch_crf_runs_on_the_sampling_device(tiny_model, monkeypatch):
 
     monkeypatch.setattr(crf, "refine", recording_refine)
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
-    result = segment_image(image, tiny_model, SegmentOptions(samples=2, steps=1, device="cpu",
+    result = segment_image(image, tiny_model, SegmentSettings(samples=2, steps=1, device="cpu",
                                                              crf_backend="torch-meanfield"))
     assert seen.get("device") == "cpu" == result.report["device"]
 
@@ -141,7 +142,7 @@ def test_the_crf_refines_the_chosen_fusion(tiny_model, monkeypatch, fusion):
 
     monkeypatch.setattr(crf, "refine", pass_through)
     image = sitk.GetImageFromArray(np.random.default_rng(3).normal(size=(2, 32, 32)).astype(np.float32))
-    opts = SegmentOptions(samples=6, steps=2, seed=1, fusion=fusion, keep_samples=True)
+    opts = SegmentSettings(samples=6, steps=2, seed=1, fusion=fusion, keep_samples=True)
     result = segment_image(image, tiny_model, opts)
     staple, mean = (fused_mask(result.samples, m) for m in ("staple", "mean"))
     assert not np.array_equal(staple, mean)  # the case tells the two fusions apart
@@ -175,7 +176,7 @@ def test_sampling_progress_counts_network_evaluations_to_the_total(tiny_model):
     """5 samples x 4 steps x 3 slices in chunks of 4 items: 60 network evaluations, not 16 chunk calls."""
     events = []
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32))
-    result = segment_image(image, tiny_model, SegmentOptions(samples=5, steps=4, batch_size=4, crf=False),
+    result = segment_image(image, tiny_model, SegmentSettings(samples=5, steps=4, batch_size=4, crf=False),
                            progress=lambda stage, done, total: events.append((stage, done, total)))
     sampling = [(done, total) for stage, done, total in events if stage == "sampling"]
     assert {total for _, total in sampling} == {60} == {result.report["network_evaluations"]}
@@ -200,7 +201,7 @@ def test_report_is_readable_and_keyed_by_label(tiny_ct_model):
     import re
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32))
-    rep = segment_image(image, tiny_ct_model, SegmentOptions(samples=2, steps=1)).report
+    rep = segment_image(image, tiny_ct_model, SegmentSettings(samples=2, steps=1)).report
     assert rep["label_map"] == {"0": "background", "1": "liver", "2": "spleen"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rep["created_utc"])
     assert set(rep["versions"]) == {"diffusionseg", "torch", "monai", "SimpleITK", "python"}
@@ -225,7 +226,7 @@ def test_warnings_and_estimate_come_before_sampling(tiny_ct_model, monkeypatch):
 
     monkeypatch.setattr(diffusion, "sample_masks", recording)
     estimates = []
-    result = segment_image(mr_like_volume(), tiny_ct_model, SegmentOptions(samples=3, steps=2, crf=False),
+    result = segment_image(mr_like_volume(), tiny_ct_model, SegmentSettings(samples=3, steps=2, crf=False),
                            on_warnings=lambda ws: order.append(("warnings", [w.code for w in ws])),
                            on_estimate=lambda e: (order.append("estimate"), estimates.append(e)))
     assert order == [("warnings", ["modality"]), "estimate", "sampling"]
@@ -243,15 +244,15 @@ def test_strict_refuses_before_the_model_is_loaded(tiny_ct_model, monkeypatch):
 
     monkeypatch.setattr(models, "load_model", never)
     with pytest.raises(InputMismatchError) as refused:
-        segment_image(mr_like_volume(), tiny_ct_model, SegmentOptions(samples=1, steps=1, strict=True))
+        segment_image(mr_like_volume(), tiny_ct_model, SegmentSettings(samples=1, steps=1, strict=True))
     assert [w.code for w in refused.value.warnings] == ["modality"]
 
 
 def test_the_card_decides_whether_the_crf_runs_unless_the_run_says(tmp_path):
     no_crf_model = make_model(tmp_path / "no_crf_default", default_crf=False)
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32))
-    default = segment_image(image, no_crf_model, SegmentOptions(samples=2, steps=1))
-    forced = segment_image(image, no_crf_model, SegmentOptions(samples=2, steps=1, crf=True))
+    default = segment_image(image, no_crf_model, SegmentSettings(samples=2, steps=1))
+    forced = segment_image(image, no_crf_model, SegmentSettings(samples=2, steps=1, crf=True))
     assert default.refined is None and default.report["crf_backend"] == "none"
     assert forced.refined is not None and forced.report["crf_backend"] != "none"
 
@@ -264,7 +265,7 @@ def test_context_labels_are_sampled_but_only_shown_labels_are_output(tmp_path):
     both = make_model(tmp_path / "all", labels=labels)
     shown = make_model(tmp_path / "shown", labels=labels, shown_labels=["liver", "spleen"])
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32))
-    opts = SegmentOptions(samples=2, steps=2, crf=False)
+    opts = SegmentSettings(samples=2, steps=2, crf=False)
     full, part = segment_image(image, both, opts), segment_image(image, shown, opts)
     assert [lab.name for lab in part.labels] == ["liver", "spleen"]
     assert part.fused.shape == (2, 2, 16, 16)

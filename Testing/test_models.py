@@ -21,8 +21,18 @@ from DiffusionSegLib.models import store as models
 from DiffusionSegLib.cli.main import main
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.models.card import CARD_NAME, WEIGHTS_NAME
-from DiffusionSegLib.models.store import (clear_installed_models, download_model, install_model, list_models, load_model,
-                                    resolve_model, user_models_dir)
+from DiffusionSegLib.methods.registry import load_model
+from DiffusionSegLib.models.store import clear_installed_models, list_models, resolve_model, user_models_dir
+
+
+def install_model(*args, **kwargs):
+    """install_model as the CLI and the Slicer panel call it: with the full load check."""
+    return models.install_model(*args, load_check=load_model, **kwargs)
+
+
+def download_model(*args, **kwargs):
+    """download_model as the CLI and the Slicer panel call it: with the full load check."""
+    return models.download_model(*args, load_check=load_model, **kwargs)
 
 BUNDLED = REPO / "Resources" / "Models" / "ct_abdomen_organs_2d"
 # The bundled model's card name is taken by the bundled folder (found first), so installs are renamed.

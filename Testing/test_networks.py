@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from DiffusionSegLib.models.card import LabelInfo, ModelCard, save_model
-from DiffusionSegLib.models.store import load_model
+from DiffusionSegLib.methods.registry import load_model
 from DiffusionSegLib.methods.registry import build_network
 from DiffusionSegLib.methods.medsegdiff.network import DynamicConditionalEncoding, FFParser, MedSegDiffUNet
 from DiffusionSegLib.methods.vanilla_dpm.network import VanillaConditionalDPM

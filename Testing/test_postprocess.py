@@ -6,7 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from conftest import make_model
-from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+from DiffusionSegLib.pipeline.segment import segment_image
+from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.pipeline.postprocess import keep_largest_component, largest_component
 
 
@@ -51,8 +52,8 @@ def test_the_card_decides_and_the_report_says_so(tmp_path, monkeypatch):
     model = make_model(tmp_path / "lcc", largest_component=["lesion"])
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32))
     image.SetSpacing((1.0, 1.0, 2.0))
-    on = segment_image(image, model, SegmentOptions(samples=3, steps=2, crf=False))
-    off = segment_image(image, model, SegmentOptions(samples=3, steps=2, crf=False, postprocess=False))
+    on = segment_image(image, model, SegmentSettings(samples=3, steps=2, crf=False))
+    off = segment_image(image, model, SegmentSettings(samples=3, steps=2, crf=False, postprocess=False))
     from scipy import ndimage
 
     n_on = ndimage.label(on.fused[0], structure=np.ones((3, 3, 3)))[1]

@@ -15,6 +15,8 @@ import SimpleITK as sitk
 
 from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.core.files import sha256_of
+from DiffusionSegLib.training.metrics import dice
 
 FAKE_BYTES = b"not really an sdist\n"
 
@@ -114,10 +116,11 @@ def test_label_on_dicom_grid_undoes_a_flipped_y_axis():
 
 
 def test_dice_hand_computed():
+    """The alignment checks score with the library's Dice; they rely on this convention."""
     a = np.array([1, 1, 0, 0], bool)
     b = np.array([1, 0, 1, 0], bool)
-    assert realdata.dice(a, b) == pytest.approx(0.5)  # 2*1 / (2+2)
-    assert realdata.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+    assert dice(a, b) == pytest.approx(0.5)  # 2*1 / (2+2)
+    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0  # both empty
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +139,7 @@ def _geometry(image: sitk.Image) -> tuple:
 
 
 def test_organ_dataset_and_sample_from_real_sdist(totalsegmentator_archive, tmp_path):
-    assert realdata.sha256_of(totalsegmentator_archive) == realdata.ARCHIVES["totalsegmentator"].sha256
+    assert sha256_of(totalsegmentator_archive) == realdata.ARCHIVES["totalsegmentator"].sha256
     with pytest.raises(DatasetError, match="disagrees with TotalSegmentator"):
         realdata.build_organ_dataset(tmp_path / "bad", {"liver": 6})
     out = realdata.build_organ_dataset(tmp_path / "organs")
@@ -171,7 +174,7 @@ def test_organ_dataset_and_sample_from_real_sdist(totalsegmentator_archive, tmp_
     checks = meta["alignment_checks"]["totalseg_example_ct_dicom"]
     assert checks["liver_mean_hu"] == pytest.approx(hu[lab == 1].mean(), abs=0.1)
     assert checks["liver_dice_resampled_vs_naive_array_copy"] == pytest.approx(
-        realdata.dice(lab == 1, np.flip(lab, axis=1) == 1), abs=1e-4)
+        dice(lab == 1, np.flip(lab, axis=1) == 1), abs=1e-4)
 
     # Rebuilding replaces the folder; a folder that is not a dataset is never overwritten.
     (out / "stale.txt").write_text("x")
@@ -193,7 +196,7 @@ def test_organ_dataset_and_sample_from_real_sdist(totalsegmentator_archive, tmp_
     assert sitk.GetArrayViewFromImage(sample)[0, 0, 0] == hu[0, 0, 0]
     readme = realdata.write_sample_readme(sample_path).read_text()
     assert realdata.ARCHIVES["totalsegmentator"].sha256 in readme and "Apache-2.0" in readme
-    assert realdata.sha256_of(sample_path) in readme
+    assert sha256_of(sample_path) in readme
 
 
 def test_lesion_cases_from_real_sdist(pyradiomics_archive, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_model
-from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_file
+from DiffusionSegLib.pipeline.segment import segment_file
+from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.pipeline.io import read_image
 from DiffusionSegLib.outputs.writers import ijk_to_lps, write_outputs
 from test_io import _write_dicom_series
@@ -57,7 +58,7 @@ def _check_outputs(input_path: Path, model: Path, out: Path) -> None:
     """Segment ``input_path``, write every output and check each one against the input's grid."""
     reference = read_image(input_path)
     assert reference.GetDimension() == 3 and reference.GetSize() == SIZE
-    result = segment_file(input_path, model, SegmentOptions(samples=2, steps=2, keep_samples=True))
+    result = segment_file(input_path, model, SegmentSettings(samples=2, steps=2, keep_samples=True))
     for name in ("probability", "fused", "consistency", "ambiguity", "uncertainty", "refined"):
         assert getattr(result, name).shape == (1, 1, SIZE[1], SIZE[0]), name
     written = write_outputs(result, out, keep_samples=True)
@@ -108,4 +109,4 @@ def test_3d_model_refuses_a_single_slice_file_with_a_clear_error(tmp_path, tiny_
     path = tmp_path / "slice.nii.gz"
     sitk.WriteImage(_single_slice(), str(path))
     with pytest.raises(InputImageError, match="single slice"):
-        segment_file(path, tiny_3d_model, SegmentOptions(samples=1, steps=1))
+        segment_file(path, tiny_3d_model, SegmentSettings(samples=1, steps=1))

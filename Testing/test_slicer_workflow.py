@@ -19,8 +19,9 @@ slicer = pytest.importorskip("slicer")
 from conftest import new_mrml_scene  # noqa: E402
 from DiffusionSegLib.slicer import scene as mrml_bridge  # noqa: E402
 from DiffusionSegLib.core.errors import DiffusionSegError  # noqa: E402
-from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image  # noqa: E402
-from DiffusionSegLib.slicer.workflow import RunSettings, SegmentationWorkflow  # noqa: E402
+from DiffusionSegLib.pipeline.segment import segment_image
+from DiffusionSegLib.pipeline.settings import SegmentSettings  # noqa: E402
+from DiffusionSegLib.slicer.workflow import SegmentationWorkflow  # noqa: E402
 from test_writers import rotation  # noqa: E402
 
 
@@ -82,13 +83,13 @@ def segment_array(seg_node, volume_node, segment_id: str) -> np.ndarray:
     return array > 0
 
 
-def settings_for(model, **kw) -> RunSettings:
-    return RunSettings(**{"model": str(model), "samples": 3, "steps": 2, "seed": 5, "device": "cpu", "crf": False, **kw})
+def settings_for(model, **kw) -> SegmentSettings:
+    return SegmentSettings(**{"model": str(model), "samples": 3, "steps": 2, "seed": 5, "device": "cpu", "crf": False, **kw})
 
 
-def in_process(image: sitk.Image, model, settings: RunSettings):
+def in_process(image: sitk.Image, model, settings: SegmentSettings):
     """The library run in this process with the same options: what the child must reproduce."""
-    return segment_image(image, model, SegmentOptions(samples=settings.samples, steps=settings.steps,
+    return segment_image(image, model, SegmentSettings(samples=settings.samples, steps=settings.steps,
                                                       seed=settings.seed, device="cpu", crf=settings.crf))
 
 
@@ -233,7 +234,7 @@ def test_cancel_leaves_the_scene_unchanged(scene, tiny_model):
     volume = add_volume(scene, blob_volume((12, 64, 64)), oblique_matrix())
     count = node_count(scene)
     workflow = SegmentationWorkflow(scene)
-    workflow.start(volume, RunSettings(model=str(tiny_model), samples=5, steps=400, device="cpu"))
+    workflow.start(volume, SegmentSettings(model=str(tiny_model), samples=5, steps=400, device="cpu"))
     assert workflow.running
     deadline = time.monotonic() + 120
     while workflow.poll().stage != "sampling":
@@ -340,14 +341,6 @@ def test_run_messages_carry_the_childs_warnings_and_estimate(scene, tiny_ct_mode
         workflow.finish()
     assert len(messages.warnings) == 1 and "does not look like CT" in messages.warnings[0]
     assert messages.estimate is not None and "2 samples x 1 steps x 4 slices" in messages.estimate
-
-
-def test_the_workflow_reads_the_prefixes_the_cli_prints():
-    from DiffusionSegLib.cli import main as cli
-    from DiffusionSegLib.slicer import workflow as slicer_workflow
-
-    assert slicer_workflow.WARNING_PREFIX == cli.WARNING_PREFIX
-    assert slicer_workflow.ESTIMATE_PREFIX == cli.ESTIMATE_PREFIX
 
 
 def test_single_scalar_slice_is_segmented_as_a_3d_volume_like_the_cli(scene, tiny_model):

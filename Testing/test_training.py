@@ -12,7 +12,7 @@ import torch
 from DiffusionSegLib.training.data import Case
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.models.card import LabelInfo, ModelCard
-from DiffusionSegLib.models.store import load_model
+from DiffusionSegLib.methods.registry import load_model
 from DiffusionSegLib.training.loop import TrainConfig, config_from_cli, dice_score, train, validation_dice
 
 TINY_NET = {"channels": [8, 16, 32], "norm_groups": 4}  # size_divisor 4
@@ -122,7 +122,8 @@ def test_validation_dice_of_an_exact_and_of_a_wrong_denoiser(spatial_dims):
 
 
 def test_tiny_medsegdiff_learns_shapes_and_the_saved_model_segments_new_ones(tmp_path):
-    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
 
     _write_shapes(tmp_path / "data", 40, seed=0)
     config = _config(steps=150, batch_size=8, val_every=150, checkpoint_every=150, val_cases=8, val_samples=3,
@@ -142,7 +143,7 @@ def test_tiny_medsegdiff_learns_shapes_and_the_saved_model_segments_new_ones(tmp
     assert loaded.weights_sha256 == card.weights_sha256
     rng = np.random.default_rng(123)
     scores, threshold_scores = [], []
-    options = SegmentOptions(crf=False, device="cpu")  # the card's defaults: 3 samples x 5 DDIM steps
+    options = SegmentSettings(crf=False, device="cpu")  # the card's defaults: 3 samples x 5 DDIM steps
     for _ in range(8):
         image, mask = _shape(rng)
         result = segment_image(sitk.GetImageFromArray(image), tmp_path / "model", options)

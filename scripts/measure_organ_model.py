@@ -21,10 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.training.data import default_labels, discover_cases  # noqa: E402
-from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image  # noqa: E402
+from DiffusionSegLib.pipeline.segment import segment_image
+from DiffusionSegLib.pipeline.settings import SegmentSettings  # noqa: E402
 from DiffusionSegLib.pipeline.io import read_image, read_label  # noqa: E402
 from DiffusionSegLib.training.metrics import dice, false_positive_components  # noqa: E402
-from DiffusionSegLib.models.card import atomic_write_bytes  # noqa: E402
+from DiffusionSegLib.core.files import atomic_write_bytes  # noqa: E402
 
 
 def measure(model: Path, dataset: Path, split: str, largest_component: list[str] | None) -> dict:
@@ -51,7 +52,7 @@ def measure(model: Path, dataset: Path, split: str, largest_component: list[str]
         ref_map = sitk.GetArrayFromImage(read_label(case.label))
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         row = {"case": case.name, "labels": {}}
-        results = {pp: segment_image(image, model, SegmentOptions(seed=0, postprocess=pp)) for pp in (False, True)}
+        results = {pp: segment_image(image, model, SegmentSettings(seed=0, postprocess=pp)) for pp in (False, True)}
         for i, lab in enumerate(results[True].labels):  # the labels the model outputs (card.shown_labels)
             if lab.name not in label_values:
                 continue

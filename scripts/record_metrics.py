@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from DiffusionSegLib.models.card import CARD_NAME, atomic_write_bytes  # noqa: E402
+from DiffusionSegLib.core.files import atomic_write_bytes  # noqa: E402
+from DiffusionSegLib.models.card import CARD_NAME  # noqa: E402
 
 
 def main() -> None:

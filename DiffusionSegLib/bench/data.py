@@ -41,6 +41,7 @@ from scipy import ndimage
 
 from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.core.files import atomic_write_json, sha256_of
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions
 
 ORGANS, LUNG, LUNG_CHECK = "organs", "lung_lesions", "lung_synthetic_check"
@@ -228,7 +229,7 @@ def _lesion_test_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, s
 
 
 def _file_table(root: Path) -> dict[str, dict[str, Any]]:
-    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": realdata.sha256_of(p)}
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
@@ -319,7 +320,7 @@ def prepare(data_dir: str | os.PathLike, rebuild: bool = False) -> Path:
         manifest["lung_provenance"] = provenance
     elif (data_dir / MANIFEST).is_file():
         manifest["lung_provenance"] = json.loads((data_dir / MANIFEST).read_text()).get("lung_provenance", {})
-    (data_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write_json(data_dir / MANIFEST, manifest)  # prepare() reads it back: never half-written
     if total > MAX_TOTAL_BYTES:
         raise DatasetError(f"{data_dir}: {total / 2**20:.1f} MiB of benchmark data, over {MAX_TOTAL_BYTES / 2**20:.0f} MiB")
     return data_dir

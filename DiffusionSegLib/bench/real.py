@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from DiffusionSegLib.core.errors import DiffusionSegError
-from DiffusionSegLib.models.card import atomic_write_bytes
+from DiffusionSegLib.core.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,21 @@ class Task:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: method, network kwargs overrides, seed."""
+    """One training run: method, its network settings, seed."""
 
     key: str  # e.g. "medsegdiff_s0"
     method: str  # medsegdiff | vanilla_dpm | unet
     variant: str  # row name in the tables
     seed: int
-    network_overrides: dict[str, Any] = field(default_factory=dict)
+    # The network kwargs at a budget (e.g. ``medsegdiff_network``): each run carries its own, so the
+    # benchmark never has to branch on the method to know what its network takes.
+    network: Callable[[Budget], dict[str, Any]]
+    network_overrides: dict[str, Any] = field(default_factory=dict)  # applied on top of ``network(budget)``
     lr: float | None = None  # None: the budget's lr (a per-method learning rate, stated in the tables)
+
+    def record(self) -> dict[str, Any]:
+        """The run as JSON (suite.json): the network settings by their function's name."""
+        return {**dataclasses.asdict(self), "network": self.network.__name__}
 
 
 @dataclass(frozen=True)
@@ -102,45 +109,57 @@ TASKS = (
     Task("lesions", "lung_lesions", (3.0, 3.0), {"kind": "ct_window", "center": -600, "width": 1500}, LESION_NOTE),
 )
 
+
+# Network settings per method family at a budget's widths: the same depth (one channel list) for every method.
+
+
+def medsegdiff_network(budget: Budget) -> dict[str, Any]:
+    """MedSegDiff kwargs; the FF-Parser's reference size is the training patch."""
+    channels = list(budget.channels)
+    return {"channels": channels, "num_res_blocks": 1, "norm_groups": min(8, channels[0]),
+            "ff_reference_size": budget.patch}
+
+
+def vanilla_dpm_network(budget: Budget) -> dict[str, Any]:
+    """Vanilla conditional DPM kwargs (MONAI DiffusionModelUNet)."""
+    channels = list(budget.channels)
+    return {"channels": channels, "num_res_blocks": 1, "num_head_channels": min(8, channels[-1]),
+            "norm_num_groups": min(8, channels[0])}
+
+
+def unet_network(budget: Budget) -> dict[str, Any]:
+    """Supervised UNet kwargs (MONAI UNet)."""
+    return {"channels": list(budget.channels), "num_res_units": 2}
+
+
 # Interleaved so that an interrupted suite still has seed 0 of every method first.
 RUNS = (
-    RunSpec("medsegdiff_s0", "medsegdiff", "MedSegDiff", 0),
-    RunSpec("unet_s0", "unet", "UNet (supervised)", 0),
-    RunSpec("vanilla_dpm_s0", "vanilla_dpm", "Vanilla conditional DPM", 0),
-    RunSpec("medsegdiff_nodyn_s0", "medsegdiff", "MedSegDiff w/o dynamic conditioning", 0,
+    RunSpec("medsegdiff_s0", "medsegdiff", "MedSegDiff", 0, medsegdiff_network),
+    RunSpec("unet_s0", "unet", "UNet (supervised)", 0, unet_network),
+    RunSpec("vanilla_dpm_s0", "vanilla_dpm", "Vanilla conditional DPM", 0, vanilla_dpm_network),
+    RunSpec("medsegdiff_nodyn_s0", "medsegdiff", "MedSegDiff w/o dynamic conditioning", 0, medsegdiff_network,
             {"dynamic_conditioning": False}),
-    RunSpec("medsegdiff_noff_s0", "medsegdiff", "MedSegDiff w/o FF-Parser", 0, {"ff_parser": False}),
-    RunSpec("medsegdiff_s1", "medsegdiff", "MedSegDiff", 1),
-    RunSpec("unet_s1", "unet", "UNet (supervised)", 1),
-    RunSpec("medsegdiff_s2", "medsegdiff", "MedSegDiff", 2),
-    RunSpec("unet_s2", "unet", "UNet (supervised)", 2),
+    RunSpec("medsegdiff_noff_s0", "medsegdiff", "MedSegDiff w/o FF-Parser", 0, medsegdiff_network,
+            {"ff_parser": False}),
+    RunSpec("medsegdiff_s1", "medsegdiff", "MedSegDiff", 1, medsegdiff_network),
+    RunSpec("unet_s1", "unet", "UNet (supervised)", 1, unet_network),
+    RunSpec("medsegdiff_s2", "medsegdiff", "MedSegDiff", 2, medsegdiff_network),
+    RunSpec("unet_s2", "unet", "UNet (supervised)", 2, unet_network),
     # The supervised UNet at its own learning rate: at the shared lr 1e-3 its Dice + BCE loss was still
     # falling steeply after 400 steps (0.84 organs, 1.04 lesions) and it predicted nothing on the test
     # cases. 3e-3 is this project's measured better UNet rate (Testing/test_baselines.py: validation Dice
     # 0.854 at 3e-3 vs 0.74 at 1e-3 after 300 steps). Same data, steps, batch, crops and augmentation.
-    RunSpec("unet_lr3e-3_s0", "unet", "UNet (supervised), lr 3e-3", 0, lr=3e-3),
-    RunSpec("unet_lr3e-3_s1", "unet", "UNet (supervised), lr 3e-3", 1, lr=3e-3),
-    RunSpec("unet_lr3e-3_s2", "unet", "UNet (supervised), lr 3e-3", 2, lr=3e-3),
+    RunSpec("unet_lr3e-3_s0", "unet", "UNet (supervised), lr 3e-3", 0, unet_network, lr=3e-3),
+    RunSpec("unet_lr3e-3_s1", "unet", "UNet (supervised), lr 3e-3", 1, unet_network, lr=3e-3),
+    RunSpec("unet_lr3e-3_s2", "unet", "UNet (supervised), lr 3e-3", 2, unet_network, lr=3e-3),
 )
 VARIANT_ORDER = ("UNet (supervised)", "UNet (supervised), lr 3e-3", "Vanilla conditional DPM", "MedSegDiff", "MedSegDiff w/o dynamic conditioning",
                  "MedSegDiff w/o FF-Parser")
 
 
-def network_kwargs(method: str, budget: Budget, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Network kwargs of a method at the budget's widths (same depth for every method)."""
-    channels = list(budget.channels)
-    groups = min(8, channels[0])
-    if method == "medsegdiff":
-        net = {"channels": channels, "num_res_blocks": 1, "norm_groups": groups, "ff_reference_size": budget.patch}
-    elif method == "vanilla_dpm":
-        net = {"channels": channels, "num_res_blocks": 1, "num_head_channels": min(8, channels[-1]),
-               "norm_num_groups": groups}
-    elif method == "unet":
-        net = {"channels": channels, "num_res_units": 2}
-    else:
-        raise DiffusionSegError(f"unknown method {method!r}")
-    net.update(overrides or {})
-    return net
+def network_kwargs(run: RunSpec, budget: Budget) -> dict[str, Any]:
+    """Network kwargs of a run at the budget: its network settings, then its overrides."""
+    return {**run.network(budget), **run.network_overrides}
 
 
 def train_config(task: Task, run: RunSpec, budget: Budget) -> Any:
@@ -149,7 +168,7 @@ def train_config(task: Task, run: RunSpec, budget: Budget) -> Any:
 
     return TrainConfig(
         name=f"{task.name}_{run.key}", method=run.method, spatial_dims=2,
-        network=network_kwargs(run.method, budget, run.network_overrides),
+        network=network_kwargs(run, budget),
         patch_size=[budget.patch, budget.patch], spacing=list(task.spacing), normalization=dict(task.normalization),
         modality="CT", slice_axis=0, prediction_type="sample", steps=budget.steps, batch_size=budget.batch_size,
         lr=run.lr if run.lr is not None else budget.lr, augment=True, flips=False, foreground_fraction=0.67,
@@ -167,7 +186,7 @@ def train_config(task: Task, run: RunSpec, budget: Budget) -> Any:
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+    atomic_write_json(path, data)
 
 
 def uncertainty_stats(samples: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
@@ -230,8 +249,9 @@ def evaluate_model(model_dir: Path, dataset_dir: Path, samples: int, steps: int,
     import SimpleITK as sitk
 
     from DiffusionSegLib.training.data import default_labels, discover_cases
-    from DiffusionSegLib.training.evaluate import _label_array, score_case
-    from DiffusionSegLib.pipeline.segment import SegmentOptions, segment_image
+    from DiffusionSegLib.training.evaluate import label_array, score_case
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.pipeline.io import read_image
 
     cases = [c for c in discover_cases(dataset_dir, "test") if c.label is not None]
@@ -241,12 +261,12 @@ def evaluate_model(model_dir: Path, dataset_dir: Path, samples: int, steps: int,
     out: list[dict[str, Any]] = []
     for case in cases:
         image = read_image(case.image)
-        ref_map = _label_array(case, case.label, image)
+        ref_map = label_array(case, case.label, image)
         if slab is not None:
             image = image[:, :, slab[0]:slab[1]]
             ref_map = ref_map[slab[0]:slab[1]]
-        options = SegmentOptions(samples=samples, steps=steps, sampler=sampler, seed=seed, crf=crf,
-                                 device=device, keep_samples=True)
+        options = SegmentSettings(samples=samples, steps=steps, sampler=sampler, seed=seed, crf=crf,
+                                  device=device, keep_samples=True)
         start = time.perf_counter()
         result = segment_image(image, model_dir, options)
         seconds = time.perf_counter() - start
@@ -329,7 +349,7 @@ def _fmt(cell: Mapping[str, Any], digits: int = 3, seeds: bool = True) -> str:
 
 def accuracy_table(task: str, agg: Mapping[str, Any]) -> str:
     """Markdown: one row per (variant, case, label), Dice / IoU / HD95 as mean ± std over seeds."""
-    lines = [f"| method | seeds | case | label | Dice | IoU | HD95 (mm) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | case | label | Dice | IoU | HD95 (mm) |", "|---|---|---|---|---|---|---|"]
     for variant in VARIANT_ORDER:
         if variant not in agg:
             continue
@@ -428,7 +448,7 @@ def run_one(task: Task, run: RunSpec, budget: Budget, data_dir: Path, out_dir: P
             device: str = "cpu") -> dict[str, Any]:
     """Train (or resume) and evaluate one run; writes and returns its metrics.json content."""
     from DiffusionSegLib.models.card import CARD_NAME
-    from DiffusionSegLib.training.loop import _checkpoint_folder, train
+    from DiffusionSegLib.training.loop import checkpoint_folder, train
 
     run_dir = out_dir / "runs" / task.name / run.key
     metrics_path = run_dir / METRICS_NAME
@@ -439,7 +459,7 @@ def run_one(task: Task, run: RunSpec, budget: Budget, data_dir: Path, out_dir: P
     config = train_config(task, run, budget)
     config.device = device
     start = time.perf_counter()
-    checkpoint = _checkpoint_folder(model_dir)
+    checkpoint = checkpoint_folder(model_dir)
     if not ((model_dir / CARD_NAME).is_file() and checkpoint is not None
             and json.loads((checkpoint / "state.json").read_text())["step"] >= budget.steps):
         say(f"{task.name}/{run.key}: training {budget.steps} steps" + (" (resuming)" if checkpoint else ""))
@@ -492,11 +512,11 @@ def _best_seed(run_metrics: Mapping[str, Any], task: str, variant: str = "MedSeg
 def _ref_slab(dataset_dir: Path, n: int) -> tuple[int, int]:
     """n consecutive axial slices of the (first) test case centred on the most reference foreground."""
     from DiffusionSegLib.training.data import discover_cases
-    from DiffusionSegLib.training.evaluate import _label_array
+    from DiffusionSegLib.training.evaluate import label_array
     from DiffusionSegLib.pipeline.io import read_image
 
     case = [c for c in discover_cases(dataset_dir, "test") if c.label is not None][0]
-    ref = _label_array(case, case.label, read_image(case.image)) > 0
+    ref = label_array(case, case.label, read_image(case.image)) > 0
     area = ref.reshape(ref.shape[0], -1).sum(axis=1)
     centre = int(np.argmax(np.convolve(area, np.ones(n), mode="valid"))) if len(area) >= n else 0
     return centre, min(len(area), centre + n)
@@ -591,7 +611,7 @@ def run_suite(data_dir: str | os.PathLike, out_dir: str | os.PathLike, quick: bo
     say = Logger(out_dir / "log.txt")
     suite_file = out_dir / "suite.json"
     settings = {"quick": quick, "budget": dataclasses.asdict(budget), "tasks": [dataclasses.asdict(t) for t in tasks],
-                "runs": [dataclasses.asdict(r) for r in runs], "data": str(data_dir), "device": device}
+                "runs": [r.record() for r in runs], "data": str(data_dir), "device": device}
     if suite_file.is_file():
         old = json.loads(suite_file.read_text())
         if old.get("budget") != json.loads(json.dumps(settings["budget"])):
@@ -749,26 +769,37 @@ def bundled_table(bundled: Mapping[str, Any], organ_metrics: Mapping[str, Any]) 
 
 
 def measure_step_times(data_dir: str | os.PathLike, budget: Budget = FULL, steps: int = 6,
-                       tasks: Sequence[Task] = TASKS) -> list[dict[str, Any]]:
+                       tasks: Sequence[Task] = TASKS, runs: Sequence[RunSpec] = RUNS) -> list[dict[str, Any]]:
     """Seconds per training step of each method (seed-0 run of every variant) on each task, after one
     warm-up step, data sampling and augmentation included: what the suite's budget is sized from.
-    Nothing is written (the models live in a temporary folder)."""
+
+    Timed through the public ``train``: one warm-up step, then ``steps`` more resumed from its checkpoint;
+    the difference of the two cards' ``training.duration_s`` (loop time only: data loading, network
+    set-up and the final model write are not in it) over ``steps``. The card rounds to 0.1 s, so the
+    resolution is 0.1 s / ``steps``. Nothing is written (the models live in a temporary folder).
+    """
     import tempfile
 
-    from DiffusionSegLib.training.loop import _Run
+    from DiffusionSegLib.training.loop import train
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffusionseg-steptime-") as tmp:
         for task in tasks:
-            for run in RUNS:
+            for run in runs:
                 if run.seed != 0:
                     continue
-                r = _Run(Path(data_dir) / task.dataset, Path(tmp) / task.name / run.key, train_config(task, run, budget))
-                r.train_step()
-                start = time.perf_counter()
-                for _ in range(steps):
-                    r.train_step()
-                rows.append({"task": task.name, "run": run.key, "seconds_per_step": (time.perf_counter() - start) / steps})
+                dataset, model_dir = Path(data_dir) / task.dataset, Path(tmp) / task.name / run.key
+                config = train_config(task, run, budget)
+                # No checkpoint among the timed steps: each duration then ends with one checkpoint write
+                # of the same size, and those cancel in the difference.
+                config.checkpoint_every = steps + 1
+                config.steps = 1
+                warm = train(dataset, model_dir, config, progress=False)
+                config.steps = 1 + steps
+                timed = train(dataset, model_dir, config, progress=False, resume=True)
+                seconds = timed.training["duration_s"] - warm.training["duration_s"]
+                # max: the cards' rounding could make a near-zero difference negative.
+                rows.append({"task": task.name, "run": run.key, "seconds_per_step": max(0.0, seconds) / steps})
     return rows
 
 

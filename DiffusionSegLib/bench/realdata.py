@@ -13,7 +13,6 @@ only the members needed are extracted, with path checks (no traversal, no links)
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.core.files import atomic_write_bytes, sha256_of
+from DiffusionSegLib.training.metrics import dice
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,6 @@ def cache_dir() -> Path:
     """Folder holding downloaded archives: ``$DIFFUSIONSEG_DATA`` or ``~/.cache/diffusionseg/data``."""
     env = os.environ.get("DIFFUSIONSEG_DATA")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "diffusionseg" / "data"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _pip_download(archive: Archive, dest: Path) -> None:
@@ -281,12 +273,6 @@ def _check_alignment(means: dict[str, float], case: str) -> None:
         if not lo <= hu <= hi:
             raise DatasetError(f"{case}: mean HU under {organ} is {hu:.1f}, outside {lo:.0f}..{hi:.0f}; "
                                "label and image are not aligned")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _remap(label: np.ndarray, labels: Mapping[str, LabelIds]) -> np.ndarray:
@@ -523,9 +509,7 @@ def write_sample_readme(sample_path: str | Path) -> Path:
     """Write ``README.md`` with the sample's provenance next to it; returns its path."""
     sample_path = Path(sample_path)
     readme = sample_path.parent / "README.md"
-    tmp = readme.with_name(f".README.md.tmp-{os.getpid()}")
-    tmp.write_text(sample_readme(sample_path), encoding="utf-8")
-    os.replace(tmp, readme)
+    atomic_write_bytes(readme, sample_readme(sample_path).encode("utf-8"))
     return readme
 
 
@@ -558,9 +542,7 @@ def build_lesion_cases(out_dir: str | Path) -> list[tuple[Path, Path]]:
             pair = []
             for path in (image_src, label_src):
                 target = out_dir / path.name
-                tmp = target.with_name(f".{path.name}.tmp-{os.getpid()}")
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, target)
+                atomic_write_bytes(target, path.read_bytes())  # a few MB each
                 pair.append(target)
             pairs.append((pair[0], pair[1]))
     return pairs

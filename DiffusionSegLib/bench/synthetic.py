@@ -84,7 +84,7 @@ def run_benchmark(args: Any) -> list[dict[str, Any]]:
     """Run the benchmark described by the CLI arguments; print a Markdown table; return the rows."""
     import torch
 
-    from DiffusionSegLib.pipeline.segment import SegmentOptions
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.pipeline.io import read_image
     from DiffusionSegLib.models.card import read_card
     from DiffusionSegLib.models.store import resolve_model
@@ -97,10 +97,10 @@ def run_benchmark(args: Any) -> list[dict[str, Any]]:
     volume = read_image(volume_path) if volume_path.exists() else None
     rows: list[dict[str, Any]] = []
 
-    def options(n: int, k: int, batch_size: int | None = None, crf: bool | None = None) -> SegmentOptions:
+    def options(n: int, k: int, batch_size: int | None = None, crf: bool | None = None) -> SegmentSettings:
         """crf None: the model card's default, so the rows measure what a user's run costs."""
-        return SegmentOptions(samples=n, steps=k, sampler=args.sampler or "ddim", seed=args.seed,
-                              device=args.device, crf=crf, batch_size=batch_size)
+        return SegmentSettings(samples=n, steps=k, sampler=args.sampler or "ddim", seed=args.seed,
+                               device=args.device, crf=crf, batch_size=batch_size)
 
     def add(kind: str, n: int, k: int, res: dict[str, Any], note: str = "") -> None:
         rep = res["report"]

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from DiffusionSegLib.core.device import auto_batch_size, autocast, keep_freed_memory_for_reuse, run_with_oom_backoff
+from DiffusionSegLib.core.enums import PredictionType, Sampler
 from DiffusionSegLib.models.card import ModelCard
 
 log = logging.getLogger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-SAMPLERS = ("ddim", "ddpm")
+PREDICTION_TYPES = PredictionType.values()
+SAMPLERS = (Sampler.DDIM.value, Sampler.DDPM.value)  # the chains this module walks
 ProgressFn = Callable[[int, int], None]
 
 

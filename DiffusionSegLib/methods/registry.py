@@ -1,66 +1,84 @@
-"""Denoising networks for segmentation diffusion (no files, no Slicer here).
+"""The registry of segmentation methods: the only place that lists them.
 
-Every network has the same call signature, so the sampler does not care which one it runs::
+A model card's ``method`` names one entry; ``get_method`` returns its ``SegmentationMethod``
+(``methods.base``), and everything else (training, inference, evaluation, the CLI, the benchmark,
+the Slicer module) goes through it. Adding a method: a new folder under ``methods/`` whose
+``__init__`` defines ``METHOD``, a member of ``Method`` and an entry in ``_METHODS`` below, and a test.
 
-    net(x_t, image, timesteps) -> prediction
-      x_t:       (B, L, *spatial)  noisy mask, labels scaled to [-1, 1], L = number of labels
-      image:     (B, C, *spatial)  normalized image (the condition), C = input channels
-      timesteps: (B,) long         diffusion step of each item
-      returns    (B, L, *spatial)  the target of the card's prediction_type (epsilon, x0, v)
-
-and an attribute ``size_divisor`` (int): spatial sizes must be multiples of it (the
-preprocessing pads to it). ``spatial`` is (H, W) for spatial_dims=2 and (D, H, W) for 3.
-
-Supervised methods (``SUPERVISED_METHODS``, network attribute ``is_diffusion = False``) are not
-denoisers: ``net(image) -> logits`` (B, L, *spatial); inference and validation run them once with a
-sigmoid (``networks.unet.predict_supervised``), and training uses their own loss (see ``networks.unet``).
+Every network has the call signature its method's ``sample`` and ``training_loss`` use; diffusion
+networks are ``net(x_t, image, timesteps)`` (see ``methods.dpm``), the supervised UNet ``net(image)``.
+Each has an attribute ``size_divisor`` (int): spatial sizes must be multiples of it (the
+preprocessing pads to it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from DiffusionSegLib.core.enums import Choice
+from DiffusionSegLib.core.errors import ModelLoadError
+from DiffusionSegLib.methods import medsegdiff, unet, vanilla_dpm
+from DiffusionSegLib.methods.base import SegmentationMethod
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from DiffusionSegLib.models.card import ModelCard
 
-METHODS = ("medsegdiff", "vanilla_dpm", "unet")
-SUPERVISED_METHODS = ("unet",)
+
+class Method(Choice):
+    """The card's ``method`` values."""
+
+    MEDSEGDIFF = "medsegdiff"
+    VANILLA_DPM = "vanilla_dpm"
+    UNET = "unet"
 
 
-def is_diffusion_method(method: str) -> bool:
-    """True for the diffusion methods (sampled masks), False for supervised ones (one forward pass)."""
-    return method not in SUPERVISED_METHODS
+_METHODS: dict[Method, SegmentationMethod] = {
+    Method.MEDSEGDIFF: medsegdiff.METHOD,
+    Method.VANILLA_DPM: vanilla_dpm.METHOD,
+    Method.UNET: unet.METHOD,
+}
+
+
+def get_method(name: str) -> SegmentationMethod:
+    """The method a card's ``method`` names; ValueError listing the known ones otherwise."""
+    return _METHODS[Method.parse(name, "method")]
 
 
 def build_network(card: "ModelCard") -> "torch.nn.Module":
     """Build the network the card describes (``card.method``; kwargs in ``card.network``)."""
-    if card.method == "medsegdiff":
-        from DiffusionSegLib.methods.medsegdiff.network import MedSegDiffUNet
+    return get_method(card.method).build_network(card)
 
-        return MedSegDiffUNet(
-            spatial_dims=card.spatial_dims,
-            in_channels=card.in_channels,
-            out_channels=card.out_channels,
-            **card.network,
-        )
-    if card.method == "vanilla_dpm":
-        from DiffusionSegLib.methods.vanilla_dpm.network import VanillaConditionalDPM
 
-        return VanillaConditionalDPM(
-            spatial_dims=card.spatial_dims,
-            in_channels=card.in_channels,
-            out_channels=card.out_channels,
-            **card.network,
-        )
-    if card.method == "unet":
-        from DiffusionSegLib.methods.unet.network import SupervisedUNet
+def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torch.nn.Module", "ModelCard"]:
+    """Rebuild the network of a model folder and load its weights (safetensors; never pickle).
 
-        return SupervisedUNet(
-            spatial_dims=card.spatial_dims,
-            in_channels=card.in_channels,
-            out_channels=card.out_channels,
-            **card.network,
-        )
-    raise ValueError(f"unknown method '{card.method}' (known: {', '.join(METHODS)})")
+    Returns ``(network, card)``; the network is in eval mode on ``device``.
+    Raises ModelLoadError when the sha256 differs from the card (corrupt or truncated file),
+    when the card names an unknown method or an invalid network, or when the weights do not fit it.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from DiffusionSegLib.models.card import read_card
+    from DiffusionSegLib.models.store import verify_weights
+
+    card = read_card(model_dir)
+    weights = verify_weights(Path(model_dir), card)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"corrupt weights file {weights}: {err}") from err
+    try:
+        net = build_network(card)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"model card {model_dir} describes an invalid network: {err}") from err
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelLoadError(f"weights do not match the architecture in the model card: {first}") from err
+    return net.to(device).eval(), card

@@ -20,12 +20,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from DiffusionSegLib.core.errors import ModelLoadError
+from DiffusionSegLib.core.files import atomic_write_bytes
 
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -120,30 +120,6 @@ class ModelCard:
         if not data["labels"]:
             raise ModelLoadError("model card lists no labels")
         return cls(**data)
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename (never a half-written file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(model_dir: str | os.PathLike, state_dict: dict[str, Any], card: ModelCard) -> Path:

@@ -64,7 +64,8 @@ def entry_for(name: str, path: str | os.PathLike | None = None) -> dict[str, Any
 
 def check_bundled(path: str | os.PathLike | None = None, resources: str | os.PathLike | None = None) -> list[str]:
     """Problems of the bundled entries: weights missing, or sha256/size differing from the files ([] = fine)."""
-    from DiffusionSegLib.models.card import WEIGHTS_NAME, sha256_of
+    from DiffusionSegLib.core.files import sha256_of
+    from DiffusionSegLib.models.card import WEIGHTS_NAME
 
     root = Path(resources) if resources is not None else RESOURCES
     problems = []

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from DiffusionSegLib.core.errors import ModelLoadError
-from DiffusionSegLib.models.card import CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, ModelCard, read_card, sha256_of
+from DiffusionSegLib.core.files import sha256_of
+from DiffusionSegLib.models.card import CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, ModelCard, read_card
 
 log = logging.getLogger("diffusionseg")
 
@@ -85,19 +86,12 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
     raise ModelLoadError(f"model '{name_or_path}' not found (see 'diffusionseg models')")
 
 
-def load_model(model_dir: str | os.PathLike, device: Any = "cpu"):
-    """Rebuild the network of a model folder and load its weights.
+def verify_weights(model_dir: Path, card: ModelCard) -> Path:
+    """The weights file of a model folder, after checking it exists and has the card's sha256.
 
-    Returns ``(network, card)``; the network is in eval mode on ``device``.
-    Raises ModelLoadError when the sha256 differs from the card (corrupt or truncated file)
-    or when the weights do not fit the architecture in the card.
+    Raises ModelLoadError for a missing, modified or truncated file. Loading the weights into the
+    network is the methods' job (``methods.registry.load_model``).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from DiffusionSegLib.methods.registry import build_network
-
-    card = read_card(model_dir)
     weights = Path(model_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelLoadError(f"model weights missing: {weights}")
@@ -107,20 +101,13 @@ def load_model(model_dir: str | os.PathLike, device: Any = "cpu"):
             f"sha256 of {weights} is {actual[:12]}..., the model card says {card.weights_sha256[:12]}...: "
             "the weights were modified or truncated"
         )
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelLoadError(f"corrupt weights file {weights}: {err}") from err
-    try:
-        net = build_network(card)
-    except (TypeError, ValueError) as err:
-        raise ModelLoadError(f"model card {model_dir} describes an invalid network: {err}") from err
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ModelLoadError(f"weights do not match the architecture in the model card: {first}") from err
-    return net.to(device).eval(), card
+    return weights
+
+
+# A check that a staged model really loads (``methods.registry.load_model``: the network the card
+# describes accepts the weights). Passed in by the caller, because building networks is the layer
+# above this one; without it an install checks the card and the weights' sha256 only.
+LoadCheck = Callable[[Path], Any]
 
 
 # --- Installing, downloading and clearing user models -----------------------------------------
@@ -159,7 +146,7 @@ def _shadowing_folder(name: str) -> Path | None:
     return None
 
 
-def _validate_staged(staged: Path) -> ModelCard:
+def _validate_staged(staged: Path, load_check: LoadCheck | None) -> ModelCard:
     """Every check a load does (card, sha256, safetensors, architecture), on the files to be installed.
 
     Runs on the copy, not on the source, so what is checked is exactly what gets installed.
@@ -177,9 +164,11 @@ def _validate_staged(staged: Path) -> ModelCard:
     if actual != card.weights_sha256:
         raise ModelLoadError(f"sha256 of {WEIGHTS_NAME} of '{card.name}' is {actual[:12]}..., its model card says "
                              f"{card.weights_sha256[:12]}...: the weights were modified or truncated; not installed")
+    if load_check is None:
+        return card
     try:
         # load_model reads safetensors only (never pickle) and builds the network the card describes.
-        load_model(staged)
+        load_check(staged)
     except ModelLoadError:
         raise
     except (KeyError, IndexError, AttributeError, RuntimeError, TypeError, ValueError) as err:
@@ -274,11 +263,13 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def install_model(source: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> Path:
+def install_model(source: str | os.PathLike, name: str | None = None, overwrite: bool = False,
+                  load_check: LoadCheck | None = None) -> Path:
     """Install a model folder or ``.zip`` archive into ``user_models_dir()/<name or card name>``.
 
     The files are copied (or unpacked) into a temporary folder next to the destination and fully
-    checked there (card, weights sha256, safetensors, architecture) before one rename puts them in
+    checked there (card, weights sha256, and with ``load_check`` = ``methods.registry.load_model``
+    the safetensors and the architecture) before one rename puts them in
     place, so a failed install leaves nothing. An existing model is replaced only with
     ``overwrite=True``. ``name`` changes the folder name only; the card is kept as it is.
     Returns the installed folder. Raises ModelLoadError with the reason.
@@ -311,7 +302,7 @@ def install_model(source: str | os.PathLike, name: str | None = None, overwrite:
                 _copy_folder(source, staged)
         except OSError as err:
             raise ModelLoadError(f"could not copy the model from {source}: {err}") from err
-        card = _validate_staged(staged)
+        card = _validate_staged(staged, load_check)
         final_name = _check_name(name if name is not None else card.name)
         shadow = _shadowing_folder(final_name)
         if shadow is not None:
@@ -358,7 +349,7 @@ def _move_into_place(staged: Path, final: Path, overwrite: bool) -> Path:
 
 
 def download_model(url: str, sha256: str, name: str | None = None, overwrite: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> Path:
+                   progress: Callable[[int, int], None] | None = None, load_check: LoadCheck | None = None) -> Path:
     """Download a model ``.zip`` (http, https or file URL), check its sha256, then ``install_model`` it.
 
     ``sha256`` (64 hex digits) is the checksum of the archive as published with the model; a
@@ -387,7 +378,7 @@ def download_model(url: str, sha256: str, name: str | None = None, overwrite: bo
         if actual != digest_expected:
             raise ModelLoadError(f"sha256 of the download from {url} is {actual}, expected {digest_expected}: "
                                  "wrong file or corrupted transfer; nothing installed")
-        return install_model(tmp, name=name, overwrite=overwrite)
+        return install_model(tmp, name=name, overwrite=overwrite, load_check=load_check)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
+from DiffusionSegLib.cli.protocol import ERROR_PREFIX, PROGRESS_PREFIX
+from DiffusionSegLib.core.enums import Stage
+from DiffusionSegLib.pipeline.settings import SegmentSettings
 
-# Prefix of the progress lines the CLI prints with ``segment --progress json`` (cli imports it from here).
-PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS "
-_ERROR_PREFIX = "diffusionseg: error: "
 # The folder that holds the DiffusionSegLib package: the child's PYTHONPATH. Inside Slicer the
 # library sits next to the module file, not in site-packages, so the child would not find it.
 LIBRARY_PARENT = Path(__file__).resolve().parents[2]
@@ -41,25 +41,6 @@ _KILL_WAIT_S = 5.0
 _POLL_S = 0.02
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunSettings:
-    """Options of one run, as the Slicer module's controls set them (None = model card default).
-
-    The one settings object from the panel to the child process: ``build_argv`` turns it into the
-    CLI command line.
-    """
-
-    python: str = sys.executable  # child interpreter; inside Slicer: PythonSlicer
-    model: str | None = None  # model name or folder; None = the bundled default model
-    samples: int | None = None
-    steps: int | None = None
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    crf: bool | None = None  # None: the model card's default_crf
-    keep_samples: bool = True  # the agreement slider needs the per-sample masks
-    show_samples: bool = False  # also show each sample as a (hidden) segment
 
 
 @dataclass
@@ -90,15 +71,16 @@ class SegmentJob:
     """One ``python -m DiffusionSegLib segment`` child process writing into ``output_dir``.
 
     ``argv`` (built at construction, public so callers can log it) is
-    ``[settings.python, "-m", "DiffusionSegLib", "segment", input, "-o", output_dir, "--progress",
-    "json", "--keep-samples", ...]`` with the run options of ``settings``.
+    ``[python, "-m", "DiffusionSegLib", "segment", input, "-o", output_dir, "--progress", "json",
+    *settings.to_argv()]``. ``python`` is the child's interpreter (inside Slicer: PythonSlicer).
     """
 
-    def __init__(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, settings: "RunSettings"):
+    def __init__(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, settings: SegmentSettings,
+                 python: str = sys.executable):
         self.input_path = Path(input_path)
         self.output_dir = Path(output_dir)
         self.settings = settings
-        self.argv = build_argv(self.input_path, self.output_dir, settings)
+        self.argv = build_argv(self.input_path, self.output_dir, settings, python)
         self.process: subprocess.Popen[str] | None = None
         self.stdout_lines: list[str] = []  # non-progress stdout (the CLI's summary), for logs
         self.stderr_lines: list[str] = []
@@ -106,7 +88,7 @@ class SegmentJob:
         # Held from "has the child exited?" to the signal sent on that answer, and around every
         # reaping call: once reaped, the child's pid (= its process group id) may be reused.
         self._process_lock = threading.Lock()
-        self._status = JobStatus("starting", 0, 0, False, None, None)
+        self._status = JobStatus(Stage.STARTING.value, 0, 0, False, None, None)
         self._readers: list[threading.Thread] = []
         self._existing: set[str] | None = None  # output_dir entries before start; None: folder absent
         self._cancelled = False
@@ -258,22 +240,10 @@ class SegmentJob:
                 path.unlink(missing_ok=True)
 
 
-def build_argv(input_path: Path, output_dir: Path, settings: "RunSettings") -> list[str]:
-    """Command line of the child for ``settings`` (see SegmentJob)."""
-    argv = [settings.python, "-m", "DiffusionSegLib", "segment", os.fspath(input_path),
-            "-o", os.fspath(output_dir), "--progress", "json"]
-    if settings.keep_samples:
-        argv.append("--keep-samples")
-    if settings.model is not None:
-        argv += ["--model", os.fspath(settings.model)]
-    if settings.samples is not None:
-        argv += ["--samples", str(int(settings.samples))]
-    if settings.steps is not None:
-        argv += ["--steps", str(int(settings.steps))]
-    argv += ["--seed", str(int(settings.seed)), "--device", settings.device]
-    if settings.crf is not None:  # None: the model card's default
-        argv.append("--crf" if settings.crf else "--no-crf")
-    return argv
+def build_argv(input_path: Path, output_dir: Path, settings: SegmentSettings, python: str = sys.executable) -> list[str]:
+    """Command line of the child for ``settings`` (see SegmentJob); the settings spell their own options."""
+    return [python, "-m", "DiffusionSegLib", "segment", os.fspath(input_path), "-o", os.fspath(output_dir),
+            "--progress", "json", *settings.to_argv()]
 
 
 def child_env() -> dict[str, str]:
@@ -298,7 +268,7 @@ def _pump(stream: IO[str] | None, handler) -> None:
 def _error_line(stderr_lines: list[str], returncode: int | None) -> str:
     """The CLI's one-line error, else the last stderr line (a crash's exception), else the exit status."""
     for line in reversed(stderr_lines):
-        if line.startswith(_ERROR_PREFIX):
+        if line.startswith(ERROR_PREFIX):
             return line
     for line in reversed(stderr_lines):
         if line.strip():

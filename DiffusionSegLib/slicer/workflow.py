@@ -40,14 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from DiffusionSegLib.slicer.job import JobStatus, RunSettings, SegmentJob  # RunSettings: re-exported
+from DiffusionSegLib.cli.protocol import ESTIMATE_PREFIX, WARNING_PREFIX
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.pipeline.inputcheck import MODALITY_TAG, InputWarning, RunEstimate
-
-# Prefixes of the child's stderr lines the panel shows (the CLI prints them; cli imports torch, so
-# they are spelled here too and a test keeps both in step).
-WARNING_PREFIX = "diffusionseg: warning: "
-ESTIMATE_PREFIX = "diffusionseg: estimate: "
+from DiffusionSegLib.pipeline.settings import SegmentSettings
+from DiffusionSegLib.slicer.job import JobStatus, SegmentJob
 
 # Box in IJK of the input volume, half-open: ((i0, j0, k0), (i1, j1, k1)).
 IJKBox = tuple[tuple[int, int, int], tuple[int, int, int]]
@@ -80,7 +77,8 @@ class _Run:
     """State of the run in progress (between start and finish/cancel)."""
 
     volume_node: Any
-    settings: RunSettings
+    settings: SegmentSettings
+    show_samples: bool
     box: IJKBox | None
     workdir: Path
     job: SegmentJob
@@ -89,8 +87,12 @@ class _Run:
 class SegmentationWorkflow:
     """Runs DiffusionSeg on volume nodes of one MRML scene; see the module docstring."""
 
-    def __init__(self, scene: Any):
+    def __init__(self, scene: Any, python: str | None = None):
+        """``python``: the interpreter of the segmentation child (inside Slicer: PythonSlicer)."""
+        import sys
+
         self.scene = scene
+        self.python = python or sys.executable
         self._run: _Run | None = None
         # Kept from the last finished run, for the agreement slider and the results panel.
         self._volume_node: Any = None
@@ -108,12 +110,15 @@ class SegmentationWorkflow:
         """True between :meth:`start` and :meth:`finish` / :meth:`cancel`."""
         return self._run is not None
 
-    def start(self, volume_node: Any, settings: RunSettings, roi_node: Any = None) -> None:
+    def start(self, volume_node: Any, settings: SegmentSettings, roi_node: Any = None,
+              show_samples: bool = False) -> None:
         """Export ``volume_node`` (cropped to ``roi_node``) and start the segmentation child process.
 
-        Raises ValueError for an unusable node or ROI, DiffusionSegError when the child cannot start.
-        The scene is not modified.
+        The samples are always kept (the agreement slider needs them); ``show_samples`` also shows
+        each as a hidden segment. Raises ValueError for an unusable node or ROI, DiffusionSegError
+        when the child cannot start. The scene is not modified.
         """
+        settings = dataclasses.replace(settings, keep_samples=True)
         if self._run is not None:
             raise RuntimeError("a DiffusionSeg run is already in progress; cancel or finish it first")
         box, image = self._export(volume_node, roi_node)
@@ -123,12 +128,12 @@ class SegmentationWorkflow:
             import SimpleITK as sitk
 
             sitk.WriteImage(image, str(input_path))
-            job = SegmentJob(input_path, workdir / "out", settings)
+            job = SegmentJob(input_path, workdir / "out", settings, self.python)
             job.start()
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        self._run = _Run(volume_node, settings, box, workdir, job)
+        self._run = _Run(volume_node, settings, show_samples, box, workdir, job)
 
     def _export(self, volume_node: Any, roi_node: Any = None) -> tuple[IJKBox | None, Any]:
         """The image the child will segment: the node's voxels (ROI-cropped) with its geometry and, when
@@ -163,7 +168,7 @@ class SegmentationWorkflow:
         _, image = self._export(volume_node, roi_node)
         return check_input(image, read_card(resolve_model(model)))
 
-    def estimate(self, volume_node: Any, settings: RunSettings, roi_node: Any = None,
+    def estimate(self, volume_node: Any, settings: SegmentSettings, roi_node: Any = None,
                  speed: MeasuredSpeed | None = None) -> RunEstimate | None:
         """Sampling time of a run with ``settings`` on ``volume_node``, before it starts; None when no
         speed was measured for this model and device setting (``speed`` or the last run's).
@@ -171,9 +176,10 @@ class SegmentationWorkflow:
         Network evaluations are counted as the CLI counts them (samples x steps x slices on the model
         grid); seconds per evaluation scale with the slice's pixels on the model grid.
         """
-        from DiffusionSegLib.pipeline.inputcheck import model_grid_items
+        from DiffusionSegLib.methods.registry import get_method
         from DiffusionSegLib.models.card import read_card
         from DiffusionSegLib.models.store import resolve_model
+        from DiffusionSegLib.pipeline.inputcheck import model_grid_items
 
         card = read_card(resolve_model(settings.model))
         speed = speed or self._speed
@@ -181,8 +187,8 @@ class SegmentationWorkflow:
             return None
         _, image = self._export(volume_node, roi_node)
         items, pixels = model_grid_items(image, card)
-        steps = settings.steps or card.default_steps
-        return RunEstimate(settings.samples or card.default_samples, steps, items,
+        plan = get_method(card.method).plan(card, settings.samples, settings.steps, settings.sampler)
+        return RunEstimate(plan.samples, plan.steps, items,
                            speed.seconds_per_pixel_evaluation * pixels, settings.device,
                            "slices" if card.spatial_dims == 2 else "volumes",
                            source="measured by the last run on this computer")
@@ -243,7 +249,7 @@ class SegmentationWorkflow:
                 # grid. Put them on the node's grid (the bridge takes the geometry from the node).
                 result = _paste_into_volume(result, shape, run.box)
             outputs = mrml_bridge.show_result(self.scene, run.volume_node, result,
-                                              show_samples=run.settings.show_samples,
+                                              show_samples=run.show_samples,
                                               segmentation_node=segmentation_node)
         finally:
             shutil.rmtree(run.workdir, ignore_errors=True)
@@ -251,13 +257,13 @@ class SegmentationWorkflow:
         self._speed = _speed_of(result.report, run.settings.device) or self._speed
         return outputs
 
-    def process(self, volume_node: Any, settings: RunSettings | None = None, roi_node: Any = None,
-                segmentation_node: Any = None, timeout: float | None = None) -> Any:
+    def process(self, volume_node: Any, settings: SegmentSettings | None = None, roi_node: Any = None,
+                segmentation_node: Any = None, timeout: float | None = None, show_samples: bool = False) -> Any:
         """Blocking run (scripts, tests): start, wait, finish. Returns the BridgeOutputs.
 
         On timeout the child is cancelled and TimeoutError raised (scene unchanged).
         """
-        self.start(volume_node, settings or RunSettings(), roi_node)
+        self.start(volume_node, settings or SegmentSettings(), roi_node, show_samples)
         assert self._run is not None
         status = self._run.job.wait(timeout)
         if not status.finished:
@@ -386,4 +392,4 @@ def _paste_into_volume(result: Any, shape: tuple[int, int, int], box: IJKBox | N
         uncertainty=full(result.uncertainty, 1), refined=full(result.refined, 1), samples=full(result.samples, 2))
 
 
-__all__ = ["MeasuredSpeed", "RunMessages", "RunSettings", "SegmentationWorkflow"]
+__all__ = ["MeasuredSpeed", "RunMessages", "SegmentationWorkflow"]

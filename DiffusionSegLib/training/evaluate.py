@@ -17,10 +17,10 @@ import numpy as np
 
 from DiffusionSegLib.core.errors import DatasetError, ModelLoadError
 from DiffusionSegLib.training.metrics import dice, hd95, iou
-from DiffusionSegLib.models.card import atomic_write_bytes
+from DiffusionSegLib.core.files import atomic_write_bytes
 
 
-def _label_array(case: Any, label_path: Path, image: Any) -> np.ndarray:
+def label_array(case: Any, label_path: Path, image: Any) -> np.ndarray:
     """A label map (reference or prediction) as an integer array, checked to lie on the image's grid."""
     import SimpleITK as sitk
 
@@ -101,14 +101,14 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
     report("cases", 0, len(cases))
     for index, case in enumerate(cases):
         image = read_image(case.image)
-        ref_map = _label_array(case, case.label, image)
+        ref_map = label_array(case, case.label, image)
         if model_dir is not None:
             from DiffusionSegLib.pipeline.segment import segment_image
 
             result = segment_image(image, model_dir, options, progress)
             pred = {lab.name: result.final_mask[i] for i, lab in enumerate(result.labels) if lab.name in label_values}
         else:
-            pred_map = _label_array(case, _find_prediction(source, case.name), image)
+            pred_map = label_array(case, _find_prediction(source, case.name), image)
             pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
         ref = {name: np.isin(ref_map, label_values[name]) for name in pred}
         results.append({"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))})

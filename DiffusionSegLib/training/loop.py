@@ -1,8 +1,8 @@
 """Training loop for diffusion segmentation models.
 
 ``train(dataset_dir, model_dir, config)`` reads a dataset folder (see ``data``), trains the
-network the config describes with the plain MSE diffusion loss (``diffusion.diffusion_loss``; the
-supervised ``unet`` method: Dice + BCE, ``networks.unet.supervised_loss``),
+network the config describes with its method's objective (``methods.registry``: the diffusion
+methods' MSE to the prediction target, the supervised UNet's Dice + BCE),
 keeps an exponential moving average (EMA) of the weights, measures the Dice of the EMA weights
 on held-out CASES every ``val_every`` steps (few-step DDIM ensembles, as inference runs), and
 writes the best EMA weights with ``modelcard.save_model``.
@@ -37,7 +37,8 @@ import numpy as np
 
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.training.metrics import dice as dice_score  # public here: dice_score(pred, ref), both empty = 1.0
-from DiffusionSegLib.models.card import LabelInfo, ModelCard, atomic_write_bytes
+from DiffusionSegLib.core.files import atomic_write_bytes
+from DiffusionSegLib.models.card import LabelInfo, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +110,20 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise DiffusionSegError for settings that cannot work (before any data is read)."""
-        from DiffusionSegLib.methods.diffusion import PREDICTION_TYPES
-        from DiffusionSegLib.methods.registry import METHODS
+        from DiffusionSegLib.core.enums import PredictionType
+        from DiffusionSegLib.methods.registry import Method
 
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"method '{self.method}' (use {', '.join(METHODS)})")
+        if self.method not in Method.values():
+            problems.append(f"method '{self.method}' (use {', '.join(Method.values())})")
         if self.spatial_dims not in (2, 3):
             problems.append(f"spatial_dims {self.spatial_dims} (use 2 or 3)")
         if len(self.patch_size) != self.spatial_dims or min(self.patch_size) < 1:
             problems.append(f"patch_size {self.patch_size} for a {self.spatial_dims}D model")
         if self.spacing is not None and len(self.spacing) not in (2, 3):
             problems.append(f"spacing {self.spacing}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            problems.append(f"prediction_type '{self.prediction_type}' (use {', '.join(PREDICTION_TYPES)})")
+        if self.prediction_type not in PredictionType.values():
+            problems.append(f"prediction_type '{self.prediction_type}' (use {', '.join(PredictionType.values())})")
         if self.slice_axis not in (0, 1, 2):
             problems.append(f"slice_axis {self.slice_axis} (use 0, 1 or 2)")
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_samples", "val_steps"):
@@ -173,17 +174,20 @@ def validation_dice(net: Any, card: ModelCard, cases: Sequence[Any], n_samples: 
 
     Each case (``data.Case``, image (C, S, H, W) for 2D models or (C, D, H, W) for 3D) is padded
     as inference pads (per-channel minimum, to at least the patch size and a multiple of the
-    network's size divisor), sampled ``n_samples`` times with ``steps`` DDIM steps
-    (``diffusion.sample_masks``), each sample thresholded at 0.5, fused by mean > 0.5, and compared
+    network's size divisor), sampled ``n_samples`` times with ``steps`` DDIM steps by the card's
+    method (one pass for a deterministic one), each sample thresholded at 0.5, fused by mean > 0.5, and compared
     with the reference over the whole volume (both empty = 1.0). Returns
     ``{"dice": {label: mean over cases}, "mean_dice": mean over labels, "per_case": {case: {label: dice}}}``.
     """
     import torch
 
+    from DiffusionSegLib.core.enums import Sampler
+    from DiffusionSegLib.methods.registry import get_method
     from DiffusionSegLib.training.data import array_patch_size, pad_to
-    from DiffusionSegLib.methods.diffusion import sample_masks
 
     divisor = int(getattr(net, "size_divisor", 1))
+    method = get_method(card.method)
+    plan = method.plan(card, n_samples, steps, Sampler.DDIM)
     n_spatial = card.spatial_dims
     minimum = array_patch_size(card.patch_size, n_spatial) if card.patch_size else (1,) * n_spatial
     per_case: dict[str, dict[str, float]] = {}
@@ -194,13 +198,7 @@ def validation_dice(net: Any, card: ModelCard, cases: Sequence[Any], n_samples: 
         # 2D models: slices are the batch, (S, C, H, W); 3D: one item (1, C, D, H, W).
         batch = np.moveaxis(image, 1, 0) if n_spatial == 2 else image[None]
         batch_t = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-        if getattr(net, "is_diffusion", True):
-            soft = sample_masks(net, card, batch_t, n_samples, steps, sampler="ddim", seed=seed,
-                                amp=amp).numpy()  # (N, B, L, *spatial)
-        else:
-            from DiffusionSegLib.methods.unet.network import predict_supervised
-
-            soft = predict_supervised(net, batch_t, amp=amp).numpy()  # (1, B, L, *spatial)
+        soft = method.sample(net, card, batch_t, plan, seed=seed, amp=amp).numpy()  # (N, B, L, *spatial)
         fused = (soft > 0.5).mean(axis=0) > 0.5  # (B, L, *spatial)
         fused = np.moveaxis(fused, 1, 0) if n_spatial == 2 else fused[0]  # (L, S|D, H, W) like case.mask
         crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(spatial, padded_size))
@@ -263,10 +261,9 @@ def _label_offsets(config: TrainConfig, label_names: list[str]) -> tuple[tuple[f
 
 
 def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mapping[str, Any]) -> ModelCard:
-    from DiffusionSegLib.methods.registry import is_diffusion_method
+    from DiffusionSegLib.methods.registry import get_method
 
-    # A supervised model has one deterministic "sample" of one "step"; more would repeat the same mask.
-    diffusion = is_diffusion_method(config.method)
+    defaults = get_method(config.method).card_defaults(config.default_samples, config.default_steps)
     label_infos = [LabelInfo(n, tuple(config.label_colors.get(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])))
                    for i, n in enumerate(labels)]
     return ModelCard(
@@ -276,8 +273,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         normalization=dict(config.normalization), orientation=config.orientation, slice_axis=config.slice_axis,
         patch_size=list(config.patch_size), prediction_type=config.prediction_type,
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-        default_sampler="ddim", default_steps=config.default_steps if diffusion else 1,
-        default_samples=config.default_samples if diffusion else 1,
+        **defaults,
         largest_component=[n for n in config.largest_component if n in labels], default_crf=config.default_crf,
         shown_labels=[n for n in config.shown_labels if n in labels],
         description=config.description, limits=config.limits,
@@ -312,8 +308,7 @@ class _Run:
 
         from DiffusionSegLib.training import data
         from DiffusionSegLib.core.device import resolve_device, use_deterministic_kernels
-        from DiffusionSegLib.methods.diffusion import make_scheduler
-        from DiffusionSegLib.methods.registry import build_network
+        from DiffusionSegLib.methods.registry import get_method
 
         self.dataset_dir, self.model_dir, self.config = dataset_dir, model_dir, config
         all_cases = data.discover_cases(dataset_dir, "training")
@@ -335,13 +330,14 @@ class _Run:
         use_deterministic_kernels(self.device)  # same seed, same run, on CUDA as well as on CPU
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if config.amp is None else config.amp
         torch.manual_seed(config.seed)  # network initialisation
-        self.net = build_network(self.card).to(self.device)
+        self.method = get_method(config.method)
+        self.net = self.method.build_network(self.card).to(self.device)
         divisor = int(getattr(self.net, "size_divisor", 1))
         if any(p % divisor for p in config.patch_size):
             raise DiffusionSegError(f"patch_size {config.patch_size} must be a multiple of {divisor} for this network")
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = make_scheduler(self.card)
+        self.objective = self.method.prepare_training(self.card)  # e.g. the noise schedule
         self.loss_generator = torch.Generator("cpu").manual_seed(config.seed + 1)
         self.step = 0
         self.losses: list[float] = []
@@ -354,19 +350,12 @@ class _Run:
     def train_step(self) -> float:
         import torch
 
-        from DiffusionSegLib.methods.diffusion import diffusion_loss
-
         images, masks = self.sampler.batch(self.config.batch_size)
         image = torch.from_numpy(images).to(self.device)
         mask = torch.from_numpy(masks).to(self.device)
         self.net.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if getattr(self.net, "is_diffusion", True):
-                loss = diffusion_loss(self.net, self.scheduler, image, mask, generator=self.loss_generator)
-            else:
-                from DiffusionSegLib.methods.unet.network import supervised_loss
-
-                loss = supervised_loss(self.net, image, mask)
+            loss = self.method.training_loss(self.net, self.objective, image, mask, self.loss_generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -457,7 +446,7 @@ class _Run:
             self.best = {**state["best"], "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
 
 
-def _checkpoint_folder(model_dir: Path) -> Path | None:
+def checkpoint_folder(model_dir: Path) -> Path | None:
     """The checkpoint to resume from; ``.checkpoint.old`` survives a crash between the two renames."""
     for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
         if (model_dir / name / "state.json").is_file():
@@ -481,7 +470,7 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
     config = config or TrainConfig()
     config.check()
     dataset_dir, model_dir = Path(dataset_dir).resolve(), Path(model_dir).resolve()
-    existing = _checkpoint_folder(model_dir)
+    existing = checkpoint_folder(model_dir)
     if resume and existing is None:
         raise DiffusionSegError(f"cannot resume: no checkpoint in {model_dir}")
     if not resume and existing is not None:

@@ -7,8 +7,8 @@ Not a diffusion model. The network maps the image straight to one logit map per 
       logits: (B, L, *spatial)  one independent sigmoid channel per label (labels may overlap,
                                 as the diffusion models' channels may)
 
-Inference is one forward pass, sigmoid > 0.5 (``diffusion.sample_masks`` runs it as a single
-"sample"), so the ensemble outputs of a UNet model are trivial: consistency = the mask,
+Inference is one forward pass, sigmoid > 0.5 (``predict_supervised``, a single "sample"), so the
+ensemble outputs of a UNet model are trivial: consistency = the mask,
 ambiguity empty, sample diversity 0, probability map binary (its sigmoid map exists, see
 ``predict_probability``).
 """
@@ -28,11 +28,8 @@ from torch import nn
 class SupervisedUNet(nn.Module):
     """net(image (B,C,*S)) -> logits (B,L,*S): MONAI UNet, stride 2 between levels, residual units.
 
-    ``is_diffusion = False`` tells the sampler and the training loop to run it as a supervised
-    network. ``size_divisor`` = 2 ** (levels - 1), like the diffusion networks of the same depth.
+    ``size_divisor`` = 2 ** (levels - 1), like the diffusion networks of the same depth.
     """
-
-    is_diffusion = False
 
     def __init__(
         self,

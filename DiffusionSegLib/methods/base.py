@@ -1,0 +1,132 @@
+"""The method interface: what every segmentation method provides to training and inference.
+
+A method is one folder under ``methods/`` whose ``__init__`` exposes ``METHOD``, an instance of a
+``SegmentationMethod`` subclass, listed once in ``methods.registry``. Training, inference,
+evaluation, the CLI, the benchmark and the Slicer module ask the registry for the card's method
+and call these operations; none of them branches on a method's name.
+
+Shapes: ``spatial`` is (H, W) for 2D models (slices are the batch) and (D, H, W) for 3D models.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from DiffusionSegLib.core.enums import Sampler
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from DiffusionSegLib.models.card import ModelCard
+
+# progress(done, total): network calls of the current attempt (restarts after an out-of-memory halving).
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How many masks a run draws and how: ``samples`` x ``steps`` network evaluations per item."""
+
+    samples: int
+    steps: int
+    sampler: Sampler
+    note: str = ""  # why the plan differs from what was asked (e.g. a deterministic method), "" when it does not
+
+
+class SegmentationMethod(ABC):
+    """One segmentation method: its network, its training objective and how it draws N masks."""
+
+    #: the card's ``method`` value (the registry key)
+    name: str = ""
+    #: how the method is called in papers and in the UI
+    title: str = ""
+    #: True when masks are drawn from noise (several differ); False: one deterministic pass
+    draws_samples: bool = True
+
+    # -- the network ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def build_network(self, card: "ModelCard") -> "torch.nn.Module":
+        """The network the card describes (``card.network`` holds its keyword arguments)."""
+
+    # -- training -------------------------------------------------------------------------------
+
+    def prepare_training(self, card: "ModelCard") -> Any:
+        """State the objective needs across steps (e.g. the noise schedule); None when it needs none."""
+        return None
+
+    @abstractmethod
+    def training_loss(self, net: "torch.nn.Module", state: Any, image: "torch.Tensor", mask: "torch.Tensor",
+                      generator: "torch.Generator") -> "torch.Tensor":
+        """Scalar loss of one batch: image (B, C, *spatial) normalized, mask (B, L, *spatial) in {0, 1}.
+
+        ``state`` is what ``prepare_training`` returned; ``generator`` (CPU) draws every random number,
+        so a resumed run continues bit-identically.
+        """
+
+    def card_defaults(self, default_samples: int, default_steps: int) -> dict[str, Any]:
+        """Inference defaults written to a new model card (samples, steps, sampler)."""
+        return {"default_samples": default_samples, "default_steps": default_steps,
+                "default_sampler": Sampler.DDIM.value}
+
+    # -- inference ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def plan(self, card: "ModelCard", samples: int | None, steps: int | None,
+             sampler: Sampler | None) -> SamplingPlan:
+        """The run's samples, steps and sampler from the settings (None: the card's default)."""
+
+    @abstractmethod
+    def sample(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor", plan: SamplingPlan,
+               seed: int = 0, batch_size: int | None = None, amp: bool = False,
+               progress: ProgressFn | None = None) -> "torch.Tensor":
+        """Draw ``plan.samples`` masks per image, batched, under ``torch.inference_mode``.
+
+        images: (B, C, *spatial) normalized, on the network's device. The same seed gives the same
+        masks whatever the batch size. Returns (N, B, L, *spatial) float32 soft masks in [0, 1] on
+        the CPU (threshold at 0.5 for binary samples).
+        """
+
+    @abstractmethod
+    def item_bytes(self, card: "ModelCard", spatial: tuple[int, ...]) -> int:
+        """Rough activation memory of one item through the network (sizes batches to free memory)."""
+
+    @abstractmethod
+    def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
+        """One network evaluation on ``images`` (k, C, *spatial), as ``sample`` makes them (for timing)."""
+
+    def seconds_per_evaluation(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor",
+                               plan: SamplingPlan, batch_size: int | None, amp: bool) -> float:
+        """Seconds per network evaluation on this device and input size, from one timed call.
+
+        The timed call has the size of the sampler's chunks (``batch_size``, or what the sampler picks
+        from free memory): a CPU call has a cost that does not shrink with the batch, so a smaller
+        probe would overstate the time several times. One item goes first, untimed, to pay the
+        one-time start-up (thread pool, allocator, kernel selection).
+        """
+        import torch
+
+        from DiffusionSegLib.core.device import auto_batch_size, autocast, keep_freed_memory_for_reuse
+
+        device = images.device
+        if device.type == "cpu":
+            keep_freed_memory_for_reuse()  # as the sampler does, so the probe runs under the same allocator
+        chunk = batch_size or auto_batch_size(device, self.item_bytes(card, tuple(images.shape[2:])),
+                                              cap=64 if device.type != "cpu" else 32)
+        k = max(1, min(plan.samples * images.shape[0], chunk))
+        items = images[torch.arange(k, device=device) % images.shape[0]]
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        with torch.inference_mode(), autocast(device, amp):
+            self.example_call(net, card, items[:1])
+            sync()
+            start = time.perf_counter()
+            self.example_call(net, card, items)
+            sync()
+        return (time.perf_counter() - start) / k

@@ -1,0 +1,64 @@
+"""Conditional denoising diffusion on masks, shared by the diffusion methods (MedSegDiff, vanilla DPM).
+
+The objective is the plain MSE to the card's prediction target at a uniformly drawn timestep; N masks
+are drawn by N chains of the owned DDIM / DDPM sampler (``methods.diffusion``). A method of this
+family differs only in its network, so a subclass only says how to build it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from DiffusionSegLib.core.enums import Sampler
+from DiffusionSegLib.methods.base import ProgressFn, SamplingPlan, SegmentationMethod
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from DiffusionSegLib.models.card import ModelCard
+
+
+class ConditionalDPM(SegmentationMethod):
+    """net(x_t (B,L,*S), image (B,C,*S), t (B,)) -> prediction (B,L,*S) of the card's prediction_type."""
+
+    draws_samples = True
+
+    def prepare_training(self, card: "ModelCard") -> Any:
+        from DiffusionSegLib.methods.diffusion import make_scheduler
+
+        return make_scheduler(card)
+
+    def training_loss(self, net: "torch.nn.Module", state: Any, image: "torch.Tensor", mask: "torch.Tensor",
+                      generator: "torch.Generator") -> "torch.Tensor":
+        from DiffusionSegLib.methods.diffusion import diffusion_loss
+
+        return diffusion_loss(net, state, image, mask, generator=generator)
+
+    def plan(self, card: "ModelCard", samples: int | None, steps: int | None,
+             sampler: Sampler | None) -> SamplingPlan:
+        chosen = Sampler(sampler or card.default_sampler)
+        if steps is None:  # DDPM's reference is its full chain; DDIM's default is the card's short chain
+            steps = card.num_train_timesteps if chosen == Sampler.DDPM else card.default_steps
+        return SamplingPlan(card.default_samples if samples is None else samples, steps, chosen)
+
+    def sample(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor", plan: SamplingPlan,
+               seed: int = 0, batch_size: int | None = None, amp: bool = False,
+               progress: ProgressFn | None = None) -> "torch.Tensor":
+        from DiffusionSegLib.methods.diffusion import sample_masks
+
+        return sample_masks(net, card, images, n_samples=plan.samples, steps=plan.steps, sampler=plan.sampler.value,
+                            seed=seed, batch_size=batch_size, amp=amp, progress=progress)
+
+    def item_bytes(self, card: "ModelCard", spatial: tuple[int, ...]) -> int:
+        from DiffusionSegLib.methods.diffusion import bytes_per_item
+
+        return bytes_per_item(card, spatial)
+
+    def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
+        """One denoiser call at the noisiest step, on noise from a fixed generator."""
+        import torch
+
+        noise = torch.randn((images.shape[0], card.out_channels, *images.shape[2:]),
+                            generator=torch.Generator("cpu").manual_seed(0)).to(images.device)
+        t = torch.full((images.shape[0],), card.num_train_timesteps - 1, device=images.device, dtype=torch.long)
+        return net(noise, images, t)

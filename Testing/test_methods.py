@@ -1,0 +1,84 @@
+"""The method interface: the registry, and every method's network, objective and sampling through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from DiffusionSegLib.core.enums import Sampler
+from DiffusionSegLib.methods.base import SegmentationMethod
+from DiffusionSegLib.methods.registry import Method, get_method
+from DiffusionSegLib.models.card import LabelInfo, ModelCard
+
+NETWORKS = {"medsegdiff": {"channels": [8, 16], "norm_groups": 4},
+            "vanilla_dpm": {"channels": [8, 16], "norm_num_groups": 4},
+            "unet": {"channels": [8, 16], "num_res_units": 1}}
+
+
+def tiny_card(method: str, spatial_dims: int = 2) -> ModelCard:
+    return ModelCard(name=f"tiny_{method}", method=method, spatial_dims=spatial_dims, in_channels=2,
+                     labels=[LabelInfo("a"), LabelInfo("b")], network=NETWORKS[method],
+                     default_samples=3, default_steps=4)
+
+
+def test_the_registry_lists_each_method_once_under_its_own_name():
+    assert set(Method.values()) == {"medsegdiff", "vanilla_dpm", "unet"}
+    for name in Method.values():
+        method = get_method(name)
+        assert isinstance(method, SegmentationMethod) and method.name == name and method.title
+
+
+def test_an_unknown_method_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown method 'unisegdiff3000' \\(use medsegdiff, vanilla_dpm, unet\\)"):
+        get_method("unisegdiff3000")
+
+
+@pytest.mark.parametrize("name", ["medsegdiff", "vanilla_dpm", "unet"])
+@pytest.mark.parametrize("spatial_dims, size", [(2, (16, 12)), (3, (8, 8, 12))])
+def test_every_method_trains_and_samples_through_the_interface(name, spatial_dims, size):
+    method = get_method(name)
+    card = tiny_card(name, spatial_dims)
+    torch.manual_seed(0)
+    net = method.build_network(card)
+    image = torch.randn(2, 2, *size)
+    mask = (torch.rand(2, 2, *size) > 0.5).float()
+    loss = method.training_loss(net, method.prepare_training(card), image, mask, torch.Generator().manual_seed(1))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+    with torch.no_grad():  # MONAI zero-initialises some output layers: perturb so the output depends on x_t
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.eval()
+    plan = method.plan(card, None, None, None)
+    out = method.sample(net, card, image, plan, seed=3)
+    assert out.shape == (plan.samples, 2, 2, *size) and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    again = method.sample(net, card, image, plan, seed=3, batch_size=1)
+    # Same seed, same masks whatever the batch size (up to float rounding of batched kernels).
+    assert torch.allclose(out, again, atol=1e-5)
+    other_seed = method.sample(net, card, image, plan, seed=4)
+    assert method.draws_samples == (not torch.allclose(out, other_seed, atol=1e-3))
+    assert method.seconds_per_evaluation(net, card, image, plan, None, False) > 0
+
+
+def test_diffusion_methods_take_the_cards_defaults_and_ddpm_walks_the_full_chain():
+    card = tiny_card("medsegdiff")
+    method = get_method("medsegdiff")
+    assert method.draws_samples
+    plan = method.plan(card, None, None, None)
+    assert (plan.samples, plan.steps, plan.sampler) == (3, 4, Sampler.DDIM) and not plan.note
+    full = method.plan(card, 2, None, Sampler.DDPM)
+    assert (full.samples, full.steps, full.sampler) == (2, card.num_train_timesteps, Sampler.DDPM)
+
+
+def test_a_deterministic_method_draws_one_mask_and_says_why_when_more_were_asked():
+    card = tiny_card("unet")
+    method = get_method("unet")
+    assert not method.draws_samples
+    assert method.plan(card, None, None, None).note == ""
+    plan = method.plan(card, 5, 10, Sampler.DDIM)
+    assert (plan.samples, plan.steps, plan.sampler) == (1, 1, Sampler.NONE)
+    assert "deterministic" in plan.note
+    assert method.card_defaults(5, 10)["default_samples"] == 1
