@@ -94,3 +94,21 @@ def test_bf16_autocast_agrees_with_fp32(tiny_model):
     bf16 = segment_image(image, tiny_model, SegmentSettings(samples=3, steps=3, crf=False, amp=True))
     # Voxels whose sample mean is unchanged by bf16 (a flip needs a logit within bf16 rounding of 0.5).
     assert np.mean(fp32.probability == bf16.probability) > 0.95
+
+
+def test_the_chunk_loop_halves_on_out_of_memory_and_never_redoes_a_finished_chunk():
+    from DiffusionSegLib.core.device import for_each_chunk
+
+    calls: list[tuple[int, int, int, int]] = []
+    done: list[int] = []
+
+    def process(start: int, stop: int, chunk: int, n_chunks: int) -> None:
+        calls.append((start, stop, chunk, n_chunks))
+        if stop - start > 2 and start >= 8:  # chunks of 4 run out of memory from item 8 on
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        done.extend(range(start, stop))
+
+    for_each_chunk(13, 4, process)
+    assert done == list(range(13))  # every item once, in order
+    assert calls[:3] == [(0, 4, 0, 4), (4, 8, 1, 4), (8, 12, 2, 4)]
+    assert calls[3:] == [(8, 10, 0, 3), (10, 12, 1, 3), (12, 13, 2, 3)]  # resumed at 8 with chunks of 2

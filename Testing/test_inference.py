@@ -236,13 +236,13 @@ def test_warnings_and_estimate_come_before_sampling(tiny_ct_model, monkeypatch):
 
 
 def test_strict_refuses_before_the_model_is_loaded(tiny_ct_model, monkeypatch):
-    from DiffusionSegLib.models import store as models
+    from DiffusionSegLib.methods import registry
     from DiffusionSegLib.pipeline.inputcheck import InputMismatchError
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded although the input is refused")
 
-    monkeypatch.setattr(models, "load_model", never)
+    monkeypatch.setattr(registry, "load_model", never)
     with pytest.raises(InputMismatchError) as refused:
         segment_image(mr_like_volume(), tiny_ct_model, SegmentSettings(samples=1, steps=1, strict=True))
     assert [w.code for w in refused.value.warnings] == ["modality"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, TypeVar
 
 import torch
@@ -126,3 +127,24 @@ def run_with_oom_backoff(fn: Callable[[int], T], batch_size: int) -> T:
             log.warning("Out of memory; retrying with batch size %d.", batch_size)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def for_each_chunk(n_items: int, batch_size: int, process: Callable[[int, int, int, int], None]) -> None:
+    """The one batched, out-of-memory-safe loop: ``process(start, stop, chunk, n_chunks)`` over [0, n_items).
+
+    Items go in chunks of ``batch_size``. On out-of-memory the batch is halved and the loop resumes
+    after the last finished chunk, so no finished item is computed twice (``chunk`` / ``n_chunks``
+    count the chunks of the current attempt). ``process`` must leave no partial result behind when it
+    raises: it stores a chunk's output only after the chunk is done.
+    """
+    done = 0
+
+    def run(size: int) -> None:
+        nonlocal done
+        n_chunks = math.ceil((n_items - done) / size)
+        for chunk, start in enumerate(range(done, n_items, size)):
+            stop = min(start + size, n_items)
+            process(start, stop, chunk, n_chunks)
+            done = stop
+
+    run_with_oom_backoff(run, batch_size)

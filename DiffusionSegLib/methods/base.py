@@ -49,8 +49,13 @@ class SegmentationMethod(ABC):
     # -- the network ----------------------------------------------------------------------------
 
     @abstractmethod
+    def network_class(self) -> type:
+        """The network's class (imported here, so the registry stays free of torch)."""
+
     def build_network(self, card: "ModelCard") -> "torch.nn.Module":
-        """The network the card describes (``card.network`` holds its keyword arguments)."""
+        """The network the card describes: ``network_class()(spatial_dims, in_channels, out_channels, **card.network)``."""
+        return self.network_class()(spatial_dims=card.spatial_dims, in_channels=card.in_channels,
+                                    out_channels=card.out_channels, **card.network)
 
     # -- training -------------------------------------------------------------------------------
 

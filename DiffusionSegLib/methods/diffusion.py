@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DiffusionSegLib.core.device import auto_batch_size, autocast, keep_freed_memory_for_reuse, run_with_oom_backoff
+from DiffusionSegLib.core.device import auto_batch_size, autocast, for_each_chunk, keep_freed_memory_for_reuse
 from DiffusionSegLib.core.enums import PredictionType, Sampler
 from DiffusionSegLib.models.card import ModelCard
 
@@ -211,31 +211,25 @@ def sample_masks(
     out = torch.empty(shape, dtype=torch.float32, device="cpu")
     if batch_size is None:
         batch_size = auto_batch_size(device, bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
-    done = 0
 
-    def run(bs: int) -> None:
-        nonlocal done
-        total = math.ceil((n_items - done) / bs) * steps
-        for ci, start in enumerate(range(done, n_items, bs)):
-            stop = min(start + bs, n_items)
-            idx = torch.arange(start, stop) % b
-            cond = images[idx.to(device)]
-            x = x_T[start:stop].to(device)
-            # Re-seeded at every chunk start, so an out-of-memory retry replays the same noise.
-            gens = [torch.Generator("cpu").manual_seed(_item_seed(seed, i)) for i in range(start, stop)] if eta else []
-            for k, t in enumerate(timesteps):
-                t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
-                with autocast(device, amp):
-                    pred = net(x, cond, t_batch)
-                noise = None
-                if eta:
-                    noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
-                x = denoise_step(pred.float(), x, a_now[k], a_next[k], card.prediction_type, eta, noise)
-                if progress is not None:
-                    progress(ci * steps + k + 1, total)
-            out[start:stop] = signal_to_probability(x).cpu()
-            done = stop  # an OOM retry resumes after the last finished chunk
+    def denoise_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
+        idx = torch.arange(start, stop) % b
+        cond = images[idx.to(device)]
+        x = x_T[start:stop].to(device)
+        # Re-seeded at every chunk start, so an out-of-memory retry replays the same noise.
+        gens = [torch.Generator("cpu").manual_seed(_item_seed(seed, i)) for i in range(start, stop)] if eta else []
+        for k, t in enumerate(timesteps):
+            t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
+            with autocast(device, amp):
+                pred = net(x, cond, t_batch)
+            noise = None
+            if eta:
+                noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+            x = denoise_step(pred.float(), x, a_now[k], a_next[k], card.prediction_type, eta, noise)
+            if progress is not None:
+                progress(chunk * steps + k + 1, n_chunks * steps)
+        out[start:stop] = signal_to_probability(x).cpu()
 
     with torch.inference_mode():
-        run_with_oom_backoff(run, batch_size)
+        for_each_chunk(n_items, batch_size, denoise_chunk)
     return out.reshape(n_samples, b, *shape[1:])

@@ -22,11 +22,10 @@ class SupervisedUNetMethod(SegmentationMethod):
     title = "UNet (supervised)"
     draws_samples = False
 
-    def build_network(self, card: "ModelCard") -> "torch.nn.Module":
+    def network_class(self) -> type:
         from DiffusionSegLib.methods.unet.network import SupervisedUNet
 
-        return SupervisedUNet(spatial_dims=card.spatial_dims, in_channels=card.in_channels,
-                              out_channels=card.out_channels, **card.network)
+        return SupervisedUNet
 
     def training_loss(self, net: "torch.nn.Module", state: Any, image: "torch.Tensor", mask: "torch.Tensor",
                       generator: "torch.Generator") -> "torch.Tensor":

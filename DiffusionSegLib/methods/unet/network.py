@@ -86,8 +86,7 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     ``sample_masks`` with a single "sample" (threshold at 0.5 for the mask). Chunks of
     ``batch_size`` images (from free memory when None), halved on out-of-memory.
     """
-    from DiffusionSegLib.core.device import auto_batch_size, keep_freed_memory_for_reuse, run_with_oom_backoff
-    from DiffusionSegLib.core.device import autocast
+    from DiffusionSegLib.core.device import auto_batch_size, autocast, for_each_chunk, keep_freed_memory_for_reuse
 
     device = images.device
     if device.type == "cpu":
@@ -99,18 +98,14 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
         batch_size = auto_batch_size(device, int(math.prod(images.shape[2:]) * width * 4 * 24),
                                      cap=64 if device.type != "cpu" else 32)
     chunks: list[torch.Tensor] = []
-    done = 0
 
-    def run(bs: int) -> None:
-        nonlocal done
-        for start in range(done, b, bs):
-            with autocast(device, amp):
-                logits = net(images[start:start + bs])
-            chunks.append(torch.sigmoid(logits.float()).cpu())
-            done = min(start + bs, b)  # an OOM retry resumes after the last finished chunk
-            if progress is not None:
-                progress(done, b)
+    def predict_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
+        with autocast(device, amp):
+            logits = net(images[start:stop])
+        chunks.append(torch.sigmoid(logits.float()).cpu())
+        if progress is not None:
+            progress(stop, b)
 
     with torch.inference_mode():
-        run_with_oom_backoff(run, batch_size)
+        for_each_chunk(b, batch_size, predict_chunk)
     return torch.cat(chunks)[None]
