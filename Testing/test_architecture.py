@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO  # noqa: E402
+
+ROOT = REPO
 LIBRARY = ROOT / "DiffusionSegLib"
 RANKS = {"core": 0, "": 0, "models": 1, "methods": 2, "pipeline": 3, "outputs": 4, "training": 4,
          "bench": 5, "cli": 6, "slicer": 7, "__main__": 8}
@@ -154,3 +156,19 @@ def test_no_code_outside_the_methods_branches_on_a_method_name():
                     if isinstance(side, ast.Constant) and side.value in names:
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, f"comparisons with a method name outside methods/: {offenders}"
+
+
+def test_tests_mirror_the_layers_and_never_import_each_other():
+    """Testing/<layer>/test_*.py for each library layer; shared code in helpers.py, fixtures in conftest.py."""
+    tests = ROOT / "Testing"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("data", "__pycache__")}
+    layers = {p.name for p in LIBRARY.iterdir() if (p / "__init__.py").is_file()}
+    assert folders == layers, f"test folders {sorted(folders)} do not mirror the layers {sorted(layers)}"
+    offenders = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(tests)}:{node.lineno} imports {n}" for n in names
+                          if n.split(".")[0].startswith("test_") or n == "conftest"]
+    assert not offenders, "tests importing other test modules (use helpers.py):\n" + "\n".join(offenders)

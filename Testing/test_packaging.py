@@ -17,12 +17,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO  # noqa: E402
+
+ROOT = REPO
 TOP_CMAKE = ROOT / "CMakeLists.txt"
 MODULE_DIR = ROOT / "DiffusionSeg"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 MODULE_FILE = MODULE_DIR / "DiffusionSeg.py"
 LIBRARY_DIR = ROOT / "DiffusionSegLib"
+# The library's Slicer layer the module file hands off to: the panel, the non-Qt logic, the self-test.
+SLICER_LAYER = {name: LIBRARY_DIR / "slicer" / f"{name}.py" for name in ("widget", "logic", "selftest")}
 
 # The variables SLICER.md requires in the top-level CMakeLists.txt.
 EXTENSION_VARIABLES = ["EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
@@ -356,7 +360,24 @@ def test_every_resource_the_module_loads_is_packaged(module):
 # -- module file --------------------------------------------------------------------------------
 
 def test_module_file_compiles():
-    compile(MODULE_FILE.read_text(encoding="utf-8"), str(MODULE_FILE), "exec")
+    for path in [MODULE_FILE, *SLICER_LAYER.values()]:
+        compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+def test_module_file_is_a_thin_shell():
+    """The classes Slicer needs by name and the two path helpers; the code lives in DiffusionSegLib.slicer."""
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert classes == {"DiffusionSeg", "DiffusionSegParameterNode", "DiffusionSegWidget", "DiffusionSegLogic",
+                       "DiffusionSegTest"}
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert {"ensureLibraryImportable", "sampleVolumePath"} <= functions <= {"ensureLibraryImportable",
+                                                                             "sampleVolumePath"}
+    assert len(source.splitlines()) <= 180, "the module file grew: put the code in DiffusionSegLib/slicer/"
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    for name in SLICER_LAYER:
+        assert f"DiffusionSegLib.slicer.{name}" in imported, f"the module file does not hand off to {name}.py"
 
 
 def _file_scope_imports(tree: ast.Module) -> list[str]:
@@ -391,6 +412,19 @@ def test_module_file_scope_imports_are_allowed():
     assert not any(name.startswith("DiffusionSegLib") for name in imports)
 
 
+@pytest.mark.parametrize("name", sorted(SLICER_LAYER))
+def test_slicer_layer_file_scope_imports_are_allowed(name):
+    """The panel is imported when the module opens, logic and self-test with it: no third-party packages
+    other than Slicer's own at file scope (torch & co. may not be installed yet; the library's own modules
+    are checked for that by test_slicer_logic)."""
+    imports = _file_scope_imports(ast.parse(SLICER_LAYER[name].read_text(encoding="utf-8")))
+    stdlib = set(sys.stdlib_module_names)
+    for imported in imports:
+        top_name = imported.split(".")[0]
+        assert top_name in stdlib or top_name in ALLOWED_THIRD_PARTY_TOP or top_name == "DiffusionSegLib", \
+            f"{name}.py: file-scope import of {imported!r}: import it inside the function that needs it"
+
+
 def test_module_classes_follow_the_template():
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     bases = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
@@ -401,25 +435,22 @@ def test_module_classes_follow_the_template():
 
 
 def test_torch_is_never_pip_installed_by_the_module():
-    source = MODULE_FILE.read_text(encoding="utf-8")
-    assert "PyTorchUtils" in source and "installTorch" in source
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            assert not re.search(r"pip\S*\s+install\s+torch\b", node.value), node.value
+    # The module's dependency install lives in the Slicer layer's logic: torch through PyTorchUtils.
+    installer = ast.unparse(next(node for node in ast.parse(SLICER_LAYER["logic"].read_text(encoding="utf-8")).body
+                                 if isinstance(node, ast.FunctionDef) and node.name == "install_torch_with_extension"))
+    assert "import PyTorchUtils" in installer and ".installTorch(" in installer
+    for path in [MODULE_FILE, *SLICER_LAYER.values()]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not re.search(r"pip\S*\s+install\s+torch\b", node.value), f"{path.name}: {node.value}"
 
 
 def test_module_shows_the_catalogue_figures_of_a_model():
-    """catalogueFigures (pure Python, so it is run here without Qt) turns a Models.json entry into the
-    line the model panel shows."""
+    """catalogue_figures (the module's non-Qt logic) turns a Models.json entry into the line the model
+    panel shows."""
     from DiffusionSegLib.models.catalogue import entry_for
+    from DiffusionSegLib.slicer.logic import catalogue_figures as figures
 
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "catalogueFigures")
-    # The library is importable here; in Slicer ensureLibraryImportable puts it on sys.path.
-    namespace = {"_": lambda text: text, "ensureLibraryImportable": lambda: None}
-    exec(compile(ast.Module([function], []), str(MODULE_FILE), "exec"), namespace)
-    figures = namespace["catalogueFigures"]
     entry = entry_for("ct_abdomen_organs_2d")
     line = figures(entry)
     assert f"liver {entry['dice']['liver']:.2f}" in line

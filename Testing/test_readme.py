@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 import pytest
 
 from DiffusionSegLib.cli.main import build_parser
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from helpers import REPO  # noqa: E402
+
+README = REPO / "README.md"
 OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 
 

@@ -147,7 +147,7 @@ RUNS = (
     RunSpec("unet_s2", "unet", "UNet (supervised)", 2, unet_network),
     # The supervised UNet at its own learning rate: at the shared lr 1e-3 its Dice + BCE loss was still
     # falling steeply after 400 steps (0.84 organs, 1.04 lesions) and it predicted nothing on the test
-    # cases. 3e-3 is this project's measured better UNet rate (Testing/test_baselines.py: validation Dice
+    # cases. 3e-3 is this project's measured better UNet rate (Testing/methods/test_unet.py: validation Dice
     # 0.854 at 3e-3 vs 0.74 at 1e-3 after 300 steps). Same data, steps, batch, crops and augmentation.
     RunSpec("unet_lr3e-3_s0", "unet", "UNet (supervised), lr 3e-3", 0, unet_network, lr=3e-3),
     RunSpec("unet_lr3e-3_s1", "unet", "UNet (supervised), lr 3e-3", 1, unet_network, lr=3e-3),

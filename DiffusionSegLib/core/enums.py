@@ -83,6 +83,14 @@ UNCERTAINTY_DEFINITIONS = {
 }
 
 
+class CrfBackend(Choice):
+    """The DenseCRF implementation (``AUTO``: pydensecrf when installed, else the torch mean field)."""
+
+    AUTO = "auto"
+    PYDENSECRF = "pydensecrf"  # Kraehenbuehl & Koltun's permutohedral lattice (a C++ build)
+    TORCH_MEANFIELD = "torch-meanfield"  # the fallback without a compiler; runs on the GPU too
+
+
 class Stage(Choice):
     """The stages of a segmentation run, in order, as progress reports name them.
 

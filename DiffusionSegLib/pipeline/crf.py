@@ -48,12 +48,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from DiffusionSegLib.core.enums import CrfBackend
 from DiffusionSegLib.core.errors import DiffusionSegError
 
 if TYPE_CHECKING:  # torch is imported where used, so importing this module stays light
     import torch
 
-BACKENDS = ("pydensecrf", "torch-meanfield")
+BACKENDS = (CrfBackend.PYDENSECRF.value, CrfBackend.TORCH_MEANFIELD.value)  # the implementations ("auto" picks one)
 
 # pydensecrf's unary_from_softmax clips probabilities at 1e-5 before the log; the same clip keeps
 # both backends on the same energy (a certain voxel costs -log(1e-5) = 11.5 to flip).
@@ -119,10 +120,9 @@ def refine(
     n_spatial = probability.ndim - 1
     if spatial_dims not in (2, 3) or n_spatial not in (2, 3) or n_spatial < spatial_dims:
         raise ValueError(f"cannot refine a {n_spatial}D array with a {spatial_dims}D CRF")
-    if backend == "auto":
-        backend = "pydensecrf" if pydensecrf_available() else "torch-meanfield"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown CRF backend {backend!r}; use 'auto' or one of {BACKENDS}")
+    backend = CrfBackend.parse(backend, "CRF backend")
+    if backend == CrfBackend.AUTO:
+        backend = CrfBackend.PYDENSECRF if pydensecrf_available() else CrfBackend.TORCH_MEANFIELD
 
     # Items of one CRF each: (B, L, *item) and (B, C, *item); B = slices for a 2D model on a volume.
     if spatial_dims == 2 and n_spatial == 3:
@@ -132,7 +132,7 @@ def refine(
     # One channel stays one channel in 2D too, so the appearance distance matches 3D's.
     intensity = np.ascontiguousarray(crf_intensity(image_items, normalization))
 
-    if backend == "pydensecrf":
+    if backend == CrfBackend.PYDENSECRF:
         if not pydensecrf_available():
             raise DiffusionSegError("CRF backend 'pydensecrf' is not installed (pip install pydensecrf2)")
         mask_items = _refine_pydensecrf(prob_items, intensity, settings)
@@ -142,7 +142,7 @@ def refine(
         mask_items = _refine_torch(torch.from_numpy(np.ascontiguousarray(prob_items)),
                                    torch.from_numpy(intensity), settings, device).numpy()
     mask = np.moveaxis(mask_items, 0, 1) if spatial_dims == 2 and n_spatial == 3 else mask_items[0]
-    return np.ascontiguousarray(mask, dtype=np.uint8), backend
+    return np.ascontiguousarray(mask, dtype=np.uint8), backend.value
 
 
 def refine_from_samples(

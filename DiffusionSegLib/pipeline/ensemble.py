@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from DiffusionSegLib.core.enums import Fusion, Uncertainty
+
 # Voxels per chunk of the pairwise-intersection product: float32 counts are exact below 2**24, and
 # the chunk bounds the temporary float copy of the masks for volumes with ~25 samples.
 _CHUNK_VOXELS = 1 << 22
@@ -34,7 +36,7 @@ def probability(samples: np.ndarray) -> np.ndarray:
     return _check_samples(samples).mean(axis=0, dtype=np.float32)
 
 
-def fused_probability(samples: np.ndarray, method: str = "mean") -> np.ndarray:
+def fused_probability(samples: np.ndarray, method: Fusion | str = Fusion.MEAN) -> np.ndarray:
     """The soft map a fusion thresholds: (N, L, *S) -> (L, *S) float32 in [0, 1].
 
     ``"mean"``: the fraction of samples marking the voxel. ``"staple"``: SimpleITK STAPLE per label
@@ -43,10 +45,8 @@ def fused_probability(samples: np.ndarray, method: str = "mean") -> np.ndarray:
     the user chose. Any N >= 1 works.
     """
     samples = _check_samples(samples)
-    if method == "mean":
+    if Fusion.parse(method, "fusion method") == Fusion.MEAN:
         return probability(samples)
-    if method != "staple":
-        raise ValueError(f"unknown fusion method {method!r}; use 'mean' or 'staple'")
     import SimpleITK as sitk
 
     mean = probability(samples)
@@ -63,7 +63,7 @@ def fused_probability(samples: np.ndarray, method: str = "mean") -> np.ndarray:
     return fused
 
 
-def fused_mask(samples: np.ndarray, method: str = "mean", threshold: float = 0.5) -> np.ndarray:
+def fused_mask(samples: np.ndarray, method: Fusion | str = Fusion.MEAN, threshold: float = 0.5) -> np.ndarray:
     """One mask from the samples: (N, L, *S) -> (L, *S) uint8, ``fused_probability`` > threshold."""
     return (fused_probability(samples, method) > threshold).astype(np.uint8)
 
@@ -93,17 +93,16 @@ def agreement_mask(samples: np.ndarray, k: int) -> np.ndarray:
     return (samples.sum(axis=0, dtype=np.uint16) >= int(k)).astype(np.uint8)
 
 
-def uncertainty(samples: np.ndarray, kind: str = "variance") -> np.ndarray:
+def uncertainty(samples: np.ndarray, kind: Uncertainty | str = Uncertainty.VARIANCE) -> np.ndarray:
     """Per-voxel uncertainty of the mean p: (N, L, *S) -> (L, *S) float32.
 
     ``"variance"``: p (1 - p), the variance of the binary samples (max 0.25).
     ``"entropy"``: binary entropy of p in bits (max 1), with 0 log 0 = 0.
     """
+    kind = Uncertainty.parse(kind, "uncertainty kind")
     p = probability(samples).astype(np.float64)
-    if kind == "variance":
+    if kind == Uncertainty.VARIANCE:
         return (p * (1.0 - p)).astype(np.float32)
-    if kind != "entropy":
-        raise ValueError(f"unknown uncertainty kind {kind!r}; use 'variance' or 'entropy'")
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
     return np.nan_to_num(terms, nan=0.0).astype(np.float32)

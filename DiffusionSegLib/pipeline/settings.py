@@ -15,10 +15,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from DiffusionSegLib.core.enums import Fusion, Sampler, Uncertainty
+from DiffusionSegLib.core.enums import CrfBackend, Fusion, Sampler, Uncertainty
 from DiffusionSegLib.core.errors import SettingsError
 
-CRF_BACKENDS = ("auto", "pydensecrf", "torch-meanfield")  # crf.BACKENDS and "auto"
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -61,8 +60,9 @@ class SegmentSettings:
                                      "memory)", "value", type=int_at_least(1))
     crf: bool | None = _option(None, "--crf", "refine the fused mask with DenseCRF (default: as the model card "
                                "says)", "tristate", off_help="skip DenseCRF refinement")
-    crf_backend: str = _option("auto", "--crf-backend", "DenseCRF implementation: auto (pydensecrf when "
-                               "installed, else torch-meanfield), pydensecrf or torch-meanfield", "value", choices=CRF_BACKENDS)
+    crf_backend: CrfBackend = _option(CrfBackend.AUTO, "--crf-backend", "DenseCRF implementation: auto (pydensecrf when "
+                               "installed, else torch-meanfield), pydensecrf or torch-meanfield", "enum",
+                                      enum=CrfBackend, choices=CrfBackend.values())
     fusion: Fusion = _option(Fusion.MEAN, "--fusion", "how the samples are fused: mean > 0.5 (default) or "
                              "SimpleITK STAPLE", "enum", enum=Fusion, choices=Fusion.values())
     uncertainty: Uncertainty = _option(Uncertainty.VARIANCE, "--uncertainty", "uncertainty map: variance "
@@ -109,8 +109,6 @@ class SegmentSettings:
         whole("seed", self.seed, 0)
         if self.sampler == Sampler.NONE:
             raise SettingsError(f"unknown sampler {self.sampler.value!r} (use ddim, ddpm)")
-        if self.crf_backend not in CRF_BACKENDS:
-            raise SettingsError(f"unknown crf backend {self.crf_backend!r} (use {', '.join(CRF_BACKENDS)})")
         if num_train_timesteps is not None and self.steps is not None and self.steps > num_train_timesteps:
             raise SettingsError(f"steps ({self.steps}) cannot exceed the model's {num_train_timesteps} training "
                                 "timesteps")

@@ -9,7 +9,7 @@ import pytest
 
 from DiffusionSegLib.outputs import writers
 from DiffusionSegLib.outputs.readers import OutputFolderError, read_outputs
-from test_writers import make_result, oblique_3d, rgb_2d  # noqa: F401  (fixtures)
+from helpers import make_result
 
 
 def test_round_trip_of_a_3d_oblique_result_with_overlapping_labels(tmp_path, oblique_3d):

@@ -13,7 +13,7 @@ import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from conftest import new_mrml_scene  # noqa: E402
+from helpers import new_mrml_scene  # noqa: E402
 from DiffusionSegLib.slicer import scene as mb  # noqa: E402
 from DiffusionSegLib.models.card import LabelInfo  # noqa: E402
 from DiffusionSegLib.pipeline.result import SegmentationResult  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import make_model
+from helpers import make_model
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.pipeline.postprocess import keep_largest_component, largest_component

@@ -1,7 +1,7 @@
 """CUDA-only checks: reduced precision against fp32, real out-of-memory back-off, same-seed determinism.
 
 Skipped where no CUDA device exists (CI has none); run on a GPU machine with
-``python3 -m pytest -q Testing/test_gpu.py``.
+``python3 -m pytest -q Testing/pipeline/test_gpu.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -11,69 +10,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import new_mrml_scene
+from helpers import LABELS, LIVER_TERMS, make_result, new_mrml_scene
 from DiffusionSegLib.outputs import writers
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.models.card import LabelInfo
 from DiffusionSegLib.pipeline.result import SegmentationResult
 
-LIVER_TERMS = "SCT^123037004^Anatomical Structure;SCT^10200004^Liver"
 LIVER_ENTRY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
                "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
-LABELS = [LabelInfo("liver", (0.8, 0.4, 0.2), LIVER_TERMS), LabelInfo("left kidney/cortex", (0.2, 0.4, 1.0))]
-
-
-def rotation(axis: tuple[float, float, float], angle: float) -> np.ndarray:
-    """3x3 rotation about ``axis`` (Rodrigues)."""
-    k = np.asarray(axis, float) / np.linalg.norm(axis)
-    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
-
-
-def make_result(reference: sitk.Image, n_samples: int = 3, refined: bool = True) -> SegmentationResult:
-    """A result for two overlapping blobs, with statistics computed from random samples around them."""
-    shape = tuple(reversed(reference.GetSize()))
-    grid = np.indices(shape, dtype=np.float32)
-    centre = np.array(shape, np.float32).reshape(-1, *[1] * len(shape))
-    radius = np.sqrt((((grid - centre * 0.45) / (centre * 0.6)) ** 2).sum(0))
-    radius2 = np.sqrt((((grid - centre * 0.6) / (centre * 0.4)) ** 2).sum(0))
-    rng = np.random.default_rng(0)
-    samples = np.stack([np.stack([radius < 0.7 + 0.1 * rng.random(shape), radius2 < 0.7 + 0.1 * rng.random(shape)])
-                        for _ in range(n_samples)]).astype(np.uint8)
-    samples[:, 1] = samples[0, 1]  # label 1 has no disagreement: an empty ambiguity segment
-    probability = samples.mean(0, dtype=np.float32)
-    fused = (probability > 0.5).astype(np.uint8)
-    consistency = samples.all(0).astype(np.uint8)
-    ambiguity = (samples.any(0) & ~samples.all(0)).astype(np.uint8)
-    crf = fused.copy()
-    crf[0].flat[np.flatnonzero(fused[0])[:3]] = 0  # the refined mask differs from the fused one
-    return SegmentationResult(
-        reference=reference, labels=LABELS, probability=probability, fused=fused, consistency=consistency,
-        ambiguity=ambiguity, uncertainty=(probability * (1 - probability)).astype(np.float32),
-        refined=crf if refined else None, samples=samples, sample_diversity=[0.125, 0.0],
-        report={"model": {"name": "tiny"}, "samples": n_samples, "seconds": np.float32(0.5)})
-
-
-@pytest.fixture()
-def oblique_3d() -> sitk.Image:
-    """Anisotropic volume, direction rotated about an oblique axis: no axis of it is a world axis."""
-    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(6, 10, 13)).astype(np.float32))
-    image.SetSpacing((0.7, 1.3, 2.9))
-    image.SetOrigin((12.5, -40.0, 7.25))
-    image.SetDirection(rotation((1.0, 2.0, 0.5), 0.6).ravel().tolist())
-    return image
-
-
-@pytest.fixture()
-def rgb_2d() -> sitk.Image:
-    """8-bit RGB picture with a rotated 2D direction and non-square pixels."""
-    pixels = np.random.default_rng(2).integers(0, 256, (14, 18, 3), dtype=np.uint8)
-    image = sitk.GetImageFromArray(pixels, isVector=True)
-    image.SetSpacing((0.5, 0.8))
-    image.SetOrigin((5.0, -3.0))
-    c, s = math.cos(0.5), math.sin(0.5)
-    image.SetDirection((c, -s, s, c))
-    return image
 
 
 def assert_reference_grid(image: sitk.Image, reference: sitk.Image) -> None:

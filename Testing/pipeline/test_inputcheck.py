@@ -87,7 +87,7 @@ def test_the_bundled_sample_fits_the_default_model():
     from DiffusionSegLib.models.card import read_card
     from DiffusionSegLib.models.store import resolve_model
 
-    from conftest import REPO
+    from helpers import REPO
 
     card = read_card(resolve_model(None))
     if card.modality != "CT":

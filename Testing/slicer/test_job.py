@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
-from DiffusionSegLib.cli.protocol import PROGRESS_PREFIX
+from helpers import REPO
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.slicer.job import SegmentJob, build_argv
 

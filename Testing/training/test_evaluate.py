@@ -133,7 +133,7 @@ def test_evaluate_cli_draws_a_case_bar(tmp_path, dataset, monkeypatch):
 
 def test_a_model_with_more_labels_than_the_dataset_is_scored_on_the_shared_ones(tmp_path, dataset):
     """An organ model on a dataset that annotates fewer organs: shared labels scored, the rest listed."""
-    from conftest import make_model
+    from helpers import make_model
     from DiffusionSegLib.pipeline.settings import SegmentSettings
     from DiffusionSegLib.models.card import LabelInfo
 

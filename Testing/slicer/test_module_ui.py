@@ -1,21 +1,28 @@
 """The module's Qt Designer file against the Python code that uses it (no Slicer or Qt needed).
 
-Every ``self.ui.<name>`` in DiffusionSeg.py must exist in DiffusionSeg.ui with the expected class
-(a typo or a renamed widget would only fail when a user opens the module), every widget bound to
-the parameter node must name a field of the ``@parameterNodeWrapper`` class with a type its
-widget can show, and every MRML node selector must receive the scene.
+The UI code is the module file DiffusionSeg.py (the ``@parameterNodeWrapper`` class, the Widget that
+loads the .ui) and the panel it hands off to, DiffusionSegLib/slicer/widget.py. Every ``self.ui.<name>``
+in them must exist in DiffusionSeg.ui with the expected class (a typo or a renamed widget would only
+fail when a user opens the module), every widget bound to the parameter node must name a field of
+the ``@parameterNodeWrapper`` class with a type its widget can show, and every MRML node selector
+must receive the scene. What the module file and the panel call on each other, on the Logic, on the
+workflow and on the non-Qt logic must exist there (Slicer would only say so at run time).
 """
 
 from __future__ import annotations
 
 import ast
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO  # noqa: E402
+
+ROOT = REPO
 MODULE_FILE = ROOT / "DiffusionSeg" / "DiffusionSeg.py"
+WIDGET_FILE = ROOT / "DiffusionSegLib" / "slicer" / "widget.py"
+UI_CODE_FILES = (MODULE_FILE, WIDGET_FILE)
+PANEL_CLASS = "DiffusionSegPanel"
 UI_FILE = ROOT / "DiffusionSeg" / "Resources" / "UI" / "DiffusionSeg.ui"
 
 # name -> accepted classes, for every widget the code uses.
@@ -105,6 +112,17 @@ def module_tree():
     return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module")
+def widget_tree():
+    return ast.parse(WIDGET_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def ui_code_trees():
+    """(file name, tree) of every Python file that uses the .ui widgets."""
+    return [(path.name, ast.parse(path.read_text(encoding="utf-8"))) for path in UI_CODE_FILES]
+
+
 def _ui_names_used(tree: ast.Module) -> set[str]:
     names = set()
     for node in ast.walk(tree):
@@ -121,12 +139,14 @@ def test_root_widget_is_a_mrml_widget(ui):
     assert tree.getroot().find("class").text == top_widget.get("name")
 
 
-def test_every_widget_the_code_uses_exists_with_the_expected_class(ui, module_tree):
+def test_every_widget_the_code_uses_exists_with_the_expected_class(ui, ui_code_trees, widget_tree):
     _, widgets = ui
-    used = _ui_names_used(module_tree)
-    assert used, "DiffusionSeg.py uses no self.ui widgets?"
-    not_in_ui = sorted(used - set(widgets))
-    assert not not_in_ui, f"used in DiffusionSeg.py but missing in DiffusionSeg.ui: {not_in_ui}"
+    assert _ui_names_used(widget_tree), "widget.py uses no self.ui widgets?"
+    used = set()
+    for name, tree in ui_code_trees:
+        not_in_ui = sorted(_ui_names_used(tree) - set(widgets))
+        assert not not_in_ui, f"used in {name} but missing in DiffusionSeg.ui: {not_in_ui}"
+        used |= _ui_names_used(tree)
     unexpected = sorted(used - set(EXPECTED_CLASSES))
     assert not unexpected, f"add the expected class of these widgets to EXPECTED_CLASSES: {unexpected}"
     for name, classes in EXPECTED_CLASSES.items():
@@ -165,10 +185,15 @@ def test_custom_widgets_are_declared(ui):
     assert used <= declared, f"declare in <customwidgets>: {sorted(used - declared)}"
 
 
-def test_connected_signals_exist_on_the_widget_class(ui, module_tree):
+def _all_nodes(trees):
+    for _, tree in trees:
+        yield from ast.walk(tree)
+
+
+def test_connected_signals_exist_on_the_widget_class(ui, ui_code_trees):
     _, widgets = ui
     checked = 0
-    for node in ast.walk(module_tree):
+    for node in _all_nodes(ui_code_trees):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"):
             continue
         target = node.func.value
@@ -280,12 +305,112 @@ def _calls(function: ast.FunctionDef) -> set[str]:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
 
 
-def test_the_input_check_runs_when_the_selection_changes_not_only_on_apply(module_tree):
+def test_the_input_check_runs_when_the_selection_changes_not_only_on_apply(widget_tree):
     # The parameter node's ModifiedEvent (volume, model, ROI, samples... changed) calls _updateGuiState.
-    assert "_updateInputCheck" in _calls(_method(module_tree, "DiffusionSegWidget", "_updateGuiState"))
-    check = _method(module_tree, "DiffusionSegWidget", "_updateInputCheck")
-    assert {"checkInput", "estimate", "_showInputWarnings"} <= _calls(check)
-    show = ast.unparse(_method(module_tree, "DiffusionSegWidget", "_showInputWarnings"))
+    setter = ast.unparse(_method(widget_tree, PANEL_CLASS, "setParameterNode"))
+    assert "ModifiedEvent" in setter and "self._updateGuiState" in setter
+    assert "_updateInputCheck" in _calls(_method(widget_tree, PANEL_CLASS, "_updateGuiState"))
+    check = _method(widget_tree, PANEL_CLASS, "_updateInputCheck")
+    assert {"check_input", "estimate", "_showInputWarnings"} <= _calls(check)
+    show = ast.unparse(_method(widget_tree, PANEL_CLASS, "_showInputWarnings"))
     assert "inputWarningLabel" in show and "setVisible(True)" in show
     # While the run goes, the child's own warnings and measured estimate replace the pre-run ones.
-    assert "runMessages" in _calls(_method(module_tree, "DiffusionSegWidget", "onPollTimer"))
+    assert "run_messages" in _calls(_method(widget_tree, PANEL_CLASS, "onPollTimer"))
+
+
+# -- the module file and the panel: who calls whom ---------------------------------------------------
+
+def _class(tree: ast.Module, name: str) -> ast.ClassDef:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node
+    raise AssertionError(f"class {name} not found")
+
+
+def _class_attributes(cls: ast.ClassDef) -> set[str]:
+    """Methods, properties and ``self.<name> = ...`` attributes a class defines."""
+    names = {item.name for item in cls.body if isinstance(item, ast.FunctionDef)}
+    for node in ast.walk(cls):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            for element in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                if (isinstance(element, ast.Attribute) and isinstance(element.value, ast.Name)
+                        and element.value.id == "self"):
+                    names.add(element.attr)
+    return names
+
+
+def _used_on(tree: ast.AST, owner: str) -> set[str]:
+    """Names X of every ``self.<owner>.X`` in ``tree``."""
+    return {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == owner and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+
+
+def test_the_module_widget_hands_off_to_the_panel(module_tree, widget_tree):
+    widget = _class(module_tree, "DiffusionSegWidget")
+    setup = ast.unparse(_method(module_tree, "DiffusionSegWidget", "setup"))
+    assert f"import {PANEL_CLASS}" in setup and f"self.panel = {PANEL_CLASS}(" in setup
+    assert "self.resourcePath('UI/DiffusionSeg.ui')" in setup
+    # Slicer calls these on the module widget; each one reaches the panel.
+    for name, panel_call in [("cleanup", "cleanup"), ("enter", "enter"), ("exit", "exit"),
+                             ("onSceneStartClose", "onSceneStartClose"), ("onSceneEndClose", "onSceneEndClose")]:
+        assert panel_call in _used_on(_method(module_tree, "DiffusionSegWidget", name), "panel"), name
+    called = _used_on(widget, "panel")
+    defined = _class_attributes(_class(widget_tree, PANEL_CLASS))
+    assert called and called <= defined, f"the module widget calls what the panel lacks: {sorted(called - defined)}"
+    for event in ("StartCloseEvent", "EndCloseEvent"):
+        assert f"slicer.mrmlScene.{event}" in setup
+
+
+def test_what_the_panel_uses_of_the_logic_exists(module_tree, widget_tree):
+    used = _used_on(_class(widget_tree, PANEL_CLASS), "logic")
+    defined = _class_attributes(_class(module_tree, "DiffusionSegLogic"))
+    assert {"getParameterNode", "workflow", "resetWorkflow"} <= used
+    assert used <= defined, f"DiffusionSegLogic has no {sorted(used - defined)}"
+
+
+def test_what_the_panel_calls_on_the_workflow_and_the_logic_module_exists(widget_tree):
+    from DiffusionSegLib.slicer import logic as modulelogic
+    from DiffusionSegLib.slicer.workflow import SegmentationWorkflow
+
+    on_workflow = _used_on(_class(widget_tree, PANEL_CLASS), "workflow")
+    assert {"start", "poll", "cancel", "finish", "check_input", "estimate", "set_agreement"} <= on_workflow
+    missing = sorted(name for name in on_workflow if not hasattr(SegmentationWorkflow, name))
+    assert not missing, f"SegmentationWorkflow has no {missing}"
+    on_module = {node.attr for node in ast.walk(widget_tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id == "modulelogic"}
+    assert {"settings_from_parameters", "ensure_dependencies", "install_model", "progress_percent"} <= on_module
+    missing = sorted(name for name in on_module if not hasattr(modulelogic, name))
+    assert not missing, f"DiffusionSegLib.slicer.logic has no {missing}"
+
+
+def _file_scope_imports(tree: ast.Module) -> list[str]:
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+            names.extend(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_only_the_panel_imports_qt_and_nothing_in_the_library_imports_the_panel():
+    """widget.py needs Slicer's Qt; any other library module must import under pytest and the CLI."""
+    library = ROOT / "DiffusionSegLib"
+    for path in sorted(library.rglob("*.py")):
+        if path == WIDGET_FILE or "__pycache__" in path.parts:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {name.split(".")[0] for name in _file_scope_imports(tree)}
+        assert not top & {"qt", "ctk"}, f"{path.relative_to(ROOT)} imports Qt at file scope"
+        if path.parent.name == "slicer" and path.stem in ("logic", "selftest"):
+            assert "slicer" not in top, f"{path.relative_to(ROOT)} imports slicer at file scope"
+        for node in ast.walk(tree):
+            imported = []
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+            assert "DiffusionSegLib.slicer.widget" not in imported, f"{path.relative_to(ROOT)} imports the panel"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from helpers import REPO
 from DiffusionSegLib.cli.main import main
 from DiffusionSegLib.models.store import DEFAULT_MODEL, resolve_model
 
@@ -343,7 +343,7 @@ def test_sigterm_ends_a_run_cleanly_and_keeps_the_earlier_outputs(tmp_path, tiny
 @pytest.fixture(scope="module")
 def tiny_ct_model(tmp_path_factory):
     """A tiny 2D CT model that states what the bundled one states: CT, HU window, 3 mm, 96 px crops."""
-    from conftest import make_model
+    from helpers import make_model
 
     return make_model(tmp_path_factory.mktemp("m") / "tiny_ct", modality="CT", spacing=[3.0, 3.0],
                       patch_size=[96, 96], normalization={"kind": "ct_window", "center": 50, "width": 400})

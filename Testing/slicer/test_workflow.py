@@ -16,13 +16,13 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from conftest import new_mrml_scene  # noqa: E402
+from helpers import new_mrml_scene  # noqa: E402
 from DiffusionSegLib.slicer import scene as mrml_bridge  # noqa: E402
 from DiffusionSegLib.core.errors import DiffusionSegError  # noqa: E402
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings  # noqa: E402
 from DiffusionSegLib.slicer.workflow import SegmentationWorkflow  # noqa: E402
-from test_writers import rotation  # noqa: E402
+from helpers import rotation  # noqa: E402
 
 
 @pytest.fixture()
@@ -264,7 +264,7 @@ def test_bad_inputs_are_refused_before_anything_starts(scene, tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_ct_model(tmp_path_factory):
-    from conftest import make_model
+    from helpers import make_model
 
     return make_model(tmp_path_factory.mktemp("m") / "tiny_ct", modality="CT", spacing=[3.0, 3.0],
                       patch_size=[96, 96], normalization={"kind": "ct_window", "center": 50, "width": 400})

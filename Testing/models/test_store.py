@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from DiffusionSegLib.models import store as models
 from DiffusionSegLib.cli.main import main
 from DiffusionSegLib.core.errors import ModelLoadError

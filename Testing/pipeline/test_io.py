@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from helpers import write_dicom_series
+
 from DiffusionSegLib.core.errors import DiffusionSegError, InputImageError
 from DiffusionSegLib.pipeline.io import (
     array_with_channels,
@@ -115,44 +117,12 @@ def test_a_trailing_length_1_fourth_axis_is_dropped_but_a_single_slice_kept(tmp_
         assert read_label(tmp_path / f"four_label{suffix}").GetSize() == (5, 6, depth)
 
 
-def _write_dicom_series(folder: Path, volume: sitk.Image, series_uid: str, first_instance: int = 1) -> None:
-    """One file per z slice with the tags a series reader needs (position, orientation, UIDs)."""
-    folder.mkdir(exist_ok=True)
-    direction = np.reshape(volume.GetDirection(), (3, 3))
-    origin = np.array(volume.GetOrigin())
-    spacing = volume.GetSpacing()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    array = sitk.GetArrayFromImage(volume)
-    for k in range(array.shape[0]):
-        slice_image = sitk.GetImageFromArray(array[k])
-        slice_image.SetSpacing(spacing[:2])
-        position = origin + k * spacing[2] * direction[:, 2]
-        tags = {
-            "0008|0060": "CT",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-            "0008|0018": f"{series_uid}.{first_instance + k}",
-            "0010|0010": "Phantom^Test",
-            "0020|000d": "1.2.826.0.1.3680043.9.7.1",
-            "0020|000e": series_uid,
-            "0020|0013": str(first_instance + k),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]]),
-            "0018|0050": f"{spacing[2]:g}",
-            "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}",
-        }
-        for key, value in tags.items():
-            slice_image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"{series_uid}_{k:03d}.dcm"))
-        writer.Execute(slice_image)
-
-
 def test_dicom_folder_reads_the_largest_series_as_3d(tmp_path):
     volume = _volume(shape_zyx=(4, 6, 5))
     folder = tmp_path / "dicom"
-    _write_dicom_series(folder, volume, "1.2.826.0.1.3680043.9.7.2")
+    write_dicom_series(folder, volume, "1.2.826.0.1.3680043.9.7.2")
     # A second, smaller series (e.g. a localizer) in the same folder must not be picked.
-    _write_dicom_series(folder, _volume(shape_zyx=(2, 6, 5)), "1.2.826.0.1.3680043.9.7.3", first_instance=50)
+    write_dicom_series(folder, _volume(shape_zyx=(2, 6, 5)), "1.2.826.0.1.3680043.9.7.3", first_instance=50)
     loaded = read_image(folder)
     assert loaded.GetDimension() == 3
     assert _same_geometry(loaded, volume)
@@ -162,7 +132,7 @@ def test_dicom_folder_reads_the_largest_series_as_3d(tmp_path):
 def test_single_slice_dicom_folder_reads_as_a_3d_volume_with_its_geometry(tmp_path):
     volume = _oblique_single_slice()
     folder = tmp_path / "dicom1"
-    _write_dicom_series(folder, volume, "1.2.826.0.1.3680043.9.7.4")
+    write_dicom_series(folder, volume, "1.2.826.0.1.3680043.9.7.4")
     loaded = read_image(folder)
     assert loaded.GetDimension() == 3 and loaded.GetSize() == (5, 6, 1)
     assert np.allclose(loaded.GetOrigin(), volume.GetOrigin(), atol=1e-5)
@@ -294,6 +264,6 @@ def test_array_with_channels_and_image_from_array():
 def test_dicom_folder_keeps_its_modality_tag(tmp_path):
     """The input check names the modality from (0008,0060); a series read must carry it."""
     volume = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.int16))
-    _write_dicom_series(tmp_path / "series", volume, "1.2.826.0.1.3680043.9.7.2")
+    write_dicom_series(tmp_path / "series", volume, "1.2.826.0.1.3680043.9.7.2")
     image = read_image(tmp_path / "series")
     assert image.GetMetaData("0008|0060") == "CT"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_model
+from helpers import make_model
 from DiffusionSegLib.pipeline.segment import segment_file
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.pipeline.io import read_image
 from DiffusionSegLib.outputs.writers import ijk_to_lps, write_outputs
-from test_io import _write_dicom_series
+from helpers import write_dicom_series
 
 SIZE = (26, 30, 1)  # SimpleITK (x, y, z): one slice
 SPACING = (0.9, 1.4, 3.5)
@@ -94,7 +94,7 @@ def test_single_slice_nifti_outputs_keep_the_3d_input_grid(tmp_path, model_2mm):
 def test_single_slice_dicom_folder_outputs_keep_the_3d_input_grid(tmp_path, model_2mm):
     image = _single_slice()
     folder = tmp_path / "dicom"
-    _write_dicom_series(folder, image, "1.2.826.0.1.3680043.9.7.21")
+    write_dicom_series(folder, image, "1.2.826.0.1.3680043.9.7.21")
     assert len(list(folder.iterdir())) == 1
     _check_outputs(folder, model_2mm, tmp_path / "out")
     written = sitk.ReadImage(str(tmp_path / "out" / "fused.nii.gz"))

@@ -11,7 +11,11 @@ from DiffusionSegLib.models.card import ModelCard
 from DiffusionSegLib.methods.registry import build_network, get_method
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions
 from DiffusionSegLib.training.loop import dice_score, train
-from test_training import _config, _shape, _write_shapes, one_thread  # noqa: F401  (fixture)
+from helpers import shape_image, train_config, write_shapes
+
+# One torch thread: on the shared 2-core machine, 2 threads under load made 6 tiny steps take 44 s
+# instead of 8 s (OpenMP threads wait on each other).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNET_NET = {"channels": [16, 32, 64], "num_res_units": 1}
 
@@ -30,9 +34,9 @@ def test_unet_baseline_learns_shapes_and_segments_deterministically(tmp_path):
     from DiffusionSegLib.pipeline.segment import segment_image
     from DiffusionSegLib.pipeline.settings import SegmentSettings
 
-    _write_shapes(tmp_path / "data", 40, seed=0)
+    write_shapes(tmp_path / "data", 40, seed=0)
     # Measured: validation Dice 0.854 after 300 steps at lr 3e-3 (0.74 at lr 1e-3), about 5 s.
-    config = _config(method="unet", network=UNET_NET, steps=300, lr=3e-3, batch_size=8, val_every=300,
+    config = train_config(method="unet", network=UNET_NET, steps=300, lr=3e-3, batch_size=8, val_every=300,
                      checkpoint_every=300, val_cases=8, augment=False)
     card = train(tmp_path / "data", tmp_path / "model", config, progress=False)
     assert card.method == "unet" and card.default_samples == 1 and card.default_steps == 1
@@ -41,7 +45,7 @@ def test_unet_baseline_learns_shapes_and_segments_deterministically(tmp_path):
     rng = np.random.default_rng(123)
     scores = []
     for _ in range(4):
-        image, mask = _shape(rng)
+        image, mask = shape_image(rng)
         # Asking for samples/steps is harmless: a supervised model runs once.
         result = segment_image(sitk.GetImageFromArray(image), tmp_path / "model",
                                SegmentSettings(crf=False, device="cpu", samples=4, steps=5, seed=1))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -15,7 +14,9 @@ from DiffusionSegLib.core import dependencies
 from DiffusionSegLib.core.dependencies import (OPTIONAL_REQUIREMENTS, REQUIREMENTS, TORCH, describe, is_importable,
                                           missing_requirements, pip_requirements)
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO  # noqa: E402
+
+ROOT = REPO
 # Packages Slicer itself ships, so the module never needs to install them.
 SHIPPED_WITH_SLICER = {"numpy"}
 
@@ -87,8 +88,9 @@ def test_checking_imports_nothing_heavy():
 
 
 def test_module_uses_the_library_lists():
-    """The Slicer module installs what this module lists, torch through PyTorchUtils."""
-    source = (ROOT / "DiffusionSeg" / "DiffusionSeg.py").read_text(encoding="utf-8")
+    """The Slicer module (its logic in the library's Slicer layer) installs what this module lists, torch
+    through PyTorchUtils."""
+    source = (ROOT / "DiffusionSegLib" / "slicer" / "logic.py").read_text(encoding="utf-8")
     assert "from DiffusionSegLib.core.dependencies import" in source
     assert "installTorch" in source
     assert dependencies.__all__

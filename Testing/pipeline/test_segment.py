@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_model
+from helpers import make_model
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.models.card import LabelInfo

@@ -9,58 +9,21 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from helpers import shape_image, train_config, write_shapes
 from DiffusionSegLib.training.data import Case
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.models.card import LabelInfo, ModelCard
 from DiffusionSegLib.methods.registry import load_model
 from DiffusionSegLib.training.loop import TrainConfig, config_from_cli, dice_score, train, validation_dice
 
-TINY_NET = {"channels": [8, 16, 32], "norm_groups": 4}  # size_divisor 4
-
-
-def _shape(rng: np.random.Generator, size: int = 32, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """A noisy image (unit-variance gaussian noise) with an ellipse ``contrast`` brighter, and its mask.
-
-    At contrast 1 one pixel says little (best global threshold: Dice < 0.5): a model must pool
-    over the neighbourhood to find the shape.
-    """
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx = rng.uniform(10, size - 10, 2)
-    ry, rx = rng.uniform(4, 8, 2)
-    mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
-    return (rng.normal(0.0, 1.0, (size, size)) + contrast * mask).astype(np.float32), mask
-
-
-def _write_shapes(root, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        image, mask = _shape(rng)
-        sitk.WriteImage(sitk.GetImageFromArray(image), str(root / "imagesTr" / f"s{i:03d}.nrrd"))
-        sitk.WriteImage(sitk.GetImageFromArray(mask), str(root / "labelsTr" / f"s{i:03d}.nrrd"))
-
-
-def _config(**kwargs) -> TrainConfig:
-    base = dict(network=TINY_NET, patch_size=[32, 32], batch_size=4, lr=1e-3, steps=6, val_every=3,
-                checkpoint_every=3, val_cases=2, val_samples=1, val_steps=2, seed=0)
-    return TrainConfig(**{**base, **kwargs})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads under load made 6 tiny steps take
-    44 s instead of 8 s (OpenMP threads wait on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+# One torch thread: on the shared 2-core machine, 2 threads under load made 6 tiny steps take 44 s
+# instead of 8 s (OpenMP threads wait on each other).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes_small")
-    _write_shapes(root, 6, seed=0)
+    write_shapes(root, 6, seed=0)
     return root
 
 
@@ -125,8 +88,8 @@ def test_tiny_medsegdiff_learns_shapes_and_the_saved_model_segments_new_ones(tmp
     from DiffusionSegLib.pipeline.segment import segment_image
     from DiffusionSegLib.pipeline.settings import SegmentSettings
 
-    _write_shapes(tmp_path / "data", 40, seed=0)
-    config = _config(steps=150, batch_size=8, val_every=150, checkpoint_every=150, val_cases=8, val_samples=3,
+    write_shapes(tmp_path / "data", 40, seed=0)
+    config = train_config(steps=150, batch_size=8, val_every=150, checkpoint_every=150, val_cases=8, val_samples=3,
                      val_steps=5, augment=False, default_steps=5, default_samples=3)
     card = train(tmp_path / "data", tmp_path / "model", config, progress=False)
 
@@ -145,7 +108,7 @@ def test_tiny_medsegdiff_learns_shapes_and_the_saved_model_segments_new_ones(tmp
     scores, threshold_scores = [], []
     options = SegmentSettings(crf=False, device="cpu")  # the card's defaults: 3 samples x 5 DDIM steps
     for _ in range(8):
-        image, mask = _shape(rng)
+        image, mask = shape_image(rng)
         result = segment_image(sitk.GetImageFromArray(image), tmp_path / "model", options)
         scores.append(dice_score(result.fused[0], mask))
         threshold_scores.append(dice_score(image > 0.5, mask))
@@ -159,10 +122,10 @@ def test_tiny_medsegdiff_learns_shapes_and_the_saved_model_segments_new_ones(tmp
 
 
 def test_same_seed_same_losses_other_seed_other_losses(small_dataset, tmp_path):
-    cfg = _config(steps=5, val_every=5, checkpoint_every=5)
+    cfg = train_config(steps=5, val_every=5, checkpoint_every=5)
     train(small_dataset, tmp_path / "a", cfg, progress=False)
     train(small_dataset, tmp_path / "b", cfg, progress=False)
-    train(small_dataset, tmp_path / "c", _config(steps=5, val_every=5, checkpoint_every=5, seed=1), progress=False)
+    train(small_dataset, tmp_path / "c", train_config(steps=5, val_every=5, checkpoint_every=5, seed=1), progress=False)
     a, b, c = (_log(tmp_path / m)["losses"] for m in "abc")
     assert len(a) == 5 and a == b
     assert a != c
@@ -171,15 +134,15 @@ def test_same_seed_same_losses_other_seed_other_losses(small_dataset, tmp_path):
 def test_resume_continues_bit_identically_from_the_checkpoint(small_dataset, tmp_path):
     from safetensors.torch import load_file
 
-    train(small_dataset, tmp_path / "straight", _config(steps=6), progress=False)
-    first = train(small_dataset, tmp_path / "resumed", _config(steps=3), progress=False)
+    train(small_dataset, tmp_path / "straight", train_config(steps=6), progress=False)
+    first = train(small_dataset, tmp_path / "resumed", train_config(steps=3), progress=False)
     checkpoint = tmp_path / "resumed" / "checkpoint"
     assert {p.name for p in checkpoint.iterdir()} == {"weights.safetensors", "optimizer.pt", "state.json"}
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 3
     assert first.training["steps"] == 3
     assert torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]  # loads without pickle code
 
-    card = train(small_dataset, tmp_path / "resumed", _config(steps=6), progress=False, resume=True)
+    card = train(small_dataset, tmp_path / "resumed", train_config(steps=6), progress=False, resume=True)
     assert card.training["steps"] == 6
     straight, resumed = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
     assert len(resumed["losses"]) == 6 and resumed["losses"] == straight["losses"]
@@ -193,21 +156,21 @@ def test_resume_continues_bit_identically_from_the_checkpoint(small_dataset, tmp
 
 def test_checkpoint_misuse_is_refused(small_dataset, tmp_path):
     with pytest.raises(DiffusionSegError, match="no checkpoint"):
-        train(small_dataset, tmp_path / "m", _config(steps=3), progress=False, resume=True)
-    train(small_dataset, tmp_path / "m", _config(steps=3), progress=False)
+        train(small_dataset, tmp_path / "m", train_config(steps=3), progress=False, resume=True)
+    train(small_dataset, tmp_path / "m", train_config(steps=3), progress=False)
     with pytest.raises(DiffusionSegError, match="already holds a training checkpoint"):
-        train(small_dataset, tmp_path / "m", _config(steps=3), progress=False)
+        train(small_dataset, tmp_path / "m", train_config(steps=3), progress=False)
     with pytest.raises(DiffusionSegError, match="different lr"):
-        train(small_dataset, tmp_path / "m", _config(steps=6, lr=5e-4), progress=False, resume=True)
+        train(small_dataset, tmp_path / "m", train_config(steps=6, lr=5e-4), progress=False, resume=True)
 
 
 def test_bad_settings_fail_before_training(small_dataset, tmp_path):
     with pytest.raises(DiffusionSegError, match="patch_size"):
-        train(small_dataset, tmp_path / "m", _config(patch_size=[32]), progress=False)
+        train(small_dataset, tmp_path / "m", train_config(patch_size=[32]), progress=False)
     with pytest.raises(DiffusionSegError, match="multiple of 4"):
-        train(small_dataset, tmp_path / "m", _config(patch_size=[30, 30]), progress=False)
+        train(small_dataset, tmp_path / "m", train_config(patch_size=[30, 30]), progress=False)
     with pytest.raises(DiffusionSegError, match="val_cases not in the training split: nope"):
-        train(small_dataset, tmp_path / "m", _config(val_cases=["nope"]), progress=False)
+        train(small_dataset, tmp_path / "m", train_config(val_cases=["nope"]), progress=False)
     with pytest.raises(DiffusionSegError, match="unknown training setting"):
         TrainConfig.from_dict({"stepz": 3})
 
@@ -220,8 +183,8 @@ def test_config_from_cli_overrides_and_resume_base(small_dataset, tmp_path):
     cfg = config_from_cli(args)
     assert (cfg.steps, cfg.patch_size, cfg.method, cfg.batch_size) == (20, [64, 64], "medsegdiff", 8)
     # --resume without --config starts from the checkpoint's own settings.
-    train(small_dataset, tmp_path / "m", _config(steps=3), progress=False)
+    train(small_dataset, tmp_path / "m", train_config(steps=3), progress=False)
     resumed = config_from_cli(Namespace(output=str(tmp_path / "m"), config=None, resume=True, set=["steps=4"]))
-    assert resumed == _config(steps=4)
+    assert resumed == train_config(steps=4)
     with pytest.raises(DiffusionSegError, match="KEY=VALUE"):
         config_from_cli(Namespace(output=str(tmp_path / "x"), config=None, resume=False, set=["steps"]))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from helpers import REPO
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 

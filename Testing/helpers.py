@@ -1,0 +1,159 @@
+"""Helpers shared by the tests (no test module imports another): the repository, tiny models written
+in the real format, a real slicer-core MRML scene, synthetic images, results and datasets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DiffusionSegLib.methods.registry import build_network
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, save_model
+from DiffusionSegLib.pipeline.result import SegmentationResult
+from DiffusionSegLib.training.loop import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz"
+
+def make_model(folder: Path, **card_fields) -> Path:
+    """Write a randomly initialised (seeded) tiny model; card_fields override the card."""
+    fields = dict(name=folder.name, method="medsegdiff", spatial_dims=2, in_channels=1,
+                  labels=[LabelInfo("lesion", (1.0, 0.2, 0.2))],
+                  network={"channels": [8, 16], "norm_groups": 4},
+                  normalization={"kind": "zscore"}, default_steps=3, default_samples=3)
+    fields.update(card_fields)
+    card = ModelCard(**fields)
+    torch.manual_seed(0)
+    net = build_network(card)
+    save_model(folder, net.state_dict(), card)
+    return folder
+
+
+def new_mrml_scene():
+    """A real slicer-core MRML scene set up as SLICER.md describes: application logic, default
+    color nodes and the segmentations logic (which also registers the representation converters).
+
+    The logics are kept on the scene (``scene.segmentations_logic``, ``scene.application_logic``):
+    they must outlive the test. Skips the test when slicer-core is not installed.
+    """
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    app.GetColorLogic().SetMRMLScene(scene)
+    app.GetColorLogic().AddDefaultColorNodes()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene)
+    seg_logic.SetMRMLApplicationLogic(app)
+    app.SetModuleLogic("Segmentations", seg_logic)
+    scene.application_logic, scene.segmentations_logic = app, seg_logic
+    return scene
+
+
+# -- results and images (writers, readers, the Slicer workflow) --
+
+LIVER_TERMS = "SCT^123037004^Anatomical Structure;SCT^10200004^Liver"
+
+
+LABELS = [LabelInfo("liver", (0.8, 0.4, 0.2), LIVER_TERMS), LabelInfo("left kidney/cortex", (0.2, 0.4, 1.0))]
+
+
+def rotation(axis: tuple[float, float, float], angle: float) -> np.ndarray:
+    """3x3 rotation about ``axis`` (Rodrigues)."""
+    k = np.asarray(axis, float) / np.linalg.norm(axis)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+
+def make_result(reference: sitk.Image, n_samples: int = 3, refined: bool = True) -> SegmentationResult:
+    """A result for two overlapping blobs, with statistics computed from random samples around them."""
+    shape = tuple(reversed(reference.GetSize()))
+    grid = np.indices(shape, dtype=np.float32)
+    centre = np.array(shape, np.float32).reshape(-1, *[1] * len(shape))
+    radius = np.sqrt((((grid - centre * 0.45) / (centre * 0.6)) ** 2).sum(0))
+    radius2 = np.sqrt((((grid - centre * 0.6) / (centre * 0.4)) ** 2).sum(0))
+    rng = np.random.default_rng(0)
+    samples = np.stack([np.stack([radius < 0.7 + 0.1 * rng.random(shape), radius2 < 0.7 + 0.1 * rng.random(shape)])
+                        for _ in range(n_samples)]).astype(np.uint8)
+    samples[:, 1] = samples[0, 1]  # label 1 has no disagreement: an empty ambiguity segment
+    probability = samples.mean(0, dtype=np.float32)
+    fused = (probability > 0.5).astype(np.uint8)
+    consistency = samples.all(0).astype(np.uint8)
+    ambiguity = (samples.any(0) & ~samples.all(0)).astype(np.uint8)
+    crf = fused.copy()
+    crf[0].flat[np.flatnonzero(fused[0])[:3]] = 0  # the refined mask differs from the fused one
+    return SegmentationResult(
+        reference=reference, labels=LABELS, probability=probability, fused=fused, consistency=consistency,
+        ambiguity=ambiguity, uncertainty=(probability * (1 - probability)).astype(np.float32),
+        refined=crf if refined else None, samples=samples, sample_diversity=[0.125, 0.0],
+        report={"model": {"name": "tiny"}, "samples": n_samples, "seconds": np.float32(0.5)})
+
+
+def write_dicom_series(folder: Path, volume: sitk.Image, series_uid: str, first_instance: int = 1) -> None:
+    """One file per z slice with the tags a series reader needs (position, orientation, UIDs)."""
+    folder.mkdir(exist_ok=True)
+    direction = np.reshape(volume.GetDirection(), (3, 3))
+    origin = np.array(volume.GetOrigin())
+    spacing = volume.GetSpacing()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    array = sitk.GetArrayFromImage(volume)
+    for k in range(array.shape[0]):
+        slice_image = sitk.GetImageFromArray(array[k])
+        slice_image.SetSpacing(spacing[:2])
+        position = origin + k * spacing[2] * direction[:, 2]
+        tags = {
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+            "0008|0018": f"{series_uid}.{first_instance + k}",
+            "0010|0010": "Phantom^Test",
+            "0020|000d": "1.2.826.0.1.3680043.9.7.1",
+            "0020|000e": series_uid,
+            "0020|0013": str(first_instance + k),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]]),
+            "0018|0050": f"{spacing[2]:g}",
+            "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}",
+        }
+        for key, value in tags.items():
+            slice_image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{series_uid}_{k:03d}.dcm"))
+        writer.Execute(slice_image)
+
+
+# -- a tiny learnable dataset (training, baselines) --
+
+TINY_NET = {"channels": [8, 16, 32], "norm_groups": 4}  # size_divisor 4
+
+
+def shape_image(rng: np.random.Generator, size: int = 32, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy image (unit-variance gaussian noise) with an ellipse ``contrast`` brighter, and its mask.
+
+    At contrast 1 one pixel says little (best global threshold: Dice < 0.5): a model must pool
+    over the neighbourhood to find the shape.
+    """
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.uniform(10, size - 10, 2)
+    ry, rx = rng.uniform(4, 8, 2)
+    mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+    return (rng.normal(0.0, 1.0, (size, size)) + contrast * mask).astype(np.float32), mask
+
+
+def write_shapes(root, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, mask = shape_image(rng)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(root / "imagesTr" / f"s{i:03d}.nrrd"))
+        sitk.WriteImage(sitk.GetImageFromArray(mask), str(root / "labelsTr" / f"s{i:03d}.nrrd"))
+
+
+def train_config(**kwargs) -> TrainConfig:
+    base = dict(network=TINY_NET, patch_size=[32, 32], batch_size=4, lr=1e-3, steps=6, val_every=3,
+                checkpoint_every=3, val_cases=2, val_samples=1, val_steps=2, seed=0)
+    return TrainConfig(**{**base, **kwargs})
