@@ -17,7 +17,10 @@ diffusionseg train "$data" -o "$work/$name" --config "Resources/Models/$name/tra
 python3 scripts/measure_organ_model.py "$work/$name" "$data" --split validation \
   --largest-component liver spleen kidney_right kidney_left stomach gallbladder aorta inferior_vena_cava \
   -o "$work/validation.json"
+# The default (samples x steps) is chosen on validation too; the card says 5 x 5 (train_config default_steps).
+python3 scripts/choose_default_setting.py "$work/$name" "$data" --split validation \
+  --settings 5x10,5x5,5x3,3x5 --seeds 0,1 > "$work/setting_choice.json"
 diffusionseg evaluate "$work/$name" "$data" --split test -o "$work/heldout_metrics.json"
 python3 scripts/record_metrics.py "$work/$name" "$work/heldout_metrics.json" \
-  --command "diffusionseg evaluate $name $data --split test (card defaults: 5 samples x 10 DDIM steps, no DenseCRF, largest-component post-processing, seed 0)"
+  --command "diffusionseg evaluate $name $data --split test (card defaults: 5 samples x 5 DDIM steps, no DenseCRF, largest-component post-processing, seed 0)"
 echo "model in $work/$name; copy it to Resources/Models/$name to bundle it"

@@ -91,8 +91,9 @@ class SegmentationMethod(ABC):
         """Draw ``plan.samples`` masks per image, batched, under ``torch.inference_mode``.
 
         images: (B, C, *spatial) normalized, on the network's device. The same seed gives the same
-        masks whatever the batch size. Returns (N, B, L, *spatial) float32 soft masks in [0, 1] on
-        the CPU (threshold at 0.5 for binary samples).
+        masks whatever the batch size. Returns (N, B, L, *spatial) uint8 masks in {0, 1} on the CPU,
+        thresholded by the method's own rule as each chunk finishes (a soft map of a whole volume
+        would take four times the memory).
         """
 
     @abstractmethod

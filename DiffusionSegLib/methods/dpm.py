@@ -47,7 +47,7 @@ class ConditionalDPM(SegmentationMethod):
         from DiffusionSegLib.methods.diffusion import sample_masks
 
         return sample_masks(net, card, images, n_samples=plan.samples, steps=plan.steps, sampler=plan.sampler.value,
-                            seed=seed, batch_size=batch_size, amp=amp, progress=progress)
+                            seed=seed, batch_size=batch_size, amp=amp, progress=progress, binary=True)
 
     def item_bytes(self, card: "ModelCard", spatial: tuple[int, ...]) -> int:
         from DiffusionSegLib.methods.diffusion import bytes_per_item

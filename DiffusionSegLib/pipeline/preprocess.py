@@ -234,8 +234,12 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
     )
 
 
-def restore(prepared: PreparedInput, maps: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+def restore(prepared: PreparedInput, maps: np.ndarray, interpolation: str = "linear",
+            threshold: float | None = None) -> np.ndarray:
     """Network outputs on the padded model grid -> float32 (L, *input spatial) on the input grid.
+
+    With ``threshold``, each label map is thresholded (> threshold) as soon as it is resampled and
+    the result is uint8: a whole volume then never holds more than one label's float map.
 
     ``maps`` has the shape of ``prepared.batch`` with L channels instead of C: (S, L, H, W) or
     (1, L, D, H, W). The result lies on exactly the input's size, origin, spacing and direction,
@@ -254,17 +258,21 @@ def restore(prepared: PreparedInput, maps: np.ndarray, interpolation: str = "lin
     else:
         volume = np.moveaxis(np.moveaxis(items, 0, 1), 1, 1 + prepared.slice_axis)  # (L, z, y, x)
     volume = np.asarray(volume, dtype=np.float32)
+
+    def finish(label_map: np.ndarray) -> np.ndarray:
+        return label_map if threshold is None else (label_map > threshold).astype(np.uint8)
+
     if not prepared.resampled:
-        return np.ascontiguousarray(volume)
+        return np.stack([finish(label_map) for label_map in volume])
     reference = prepared.reference
     restored = [
-        sitk.GetArrayFromImage(
+        finish(sitk.GetArrayFromImage(
             sitk.Resample(prepared.model_grid.scalar_image(label_map), reference, sitk.Transform(),
                           _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32, True)
-        )
+        ))
         for label_map in volume
     ]
-    return np.stack(restored).astype(np.float32, copy=False)
+    return np.stack(restored)
 
 
 def _resample_in_index_frame(image: sitk.Image, spacing: tuple[float, ...], interpolator: int) -> sitk.Image:

@@ -47,8 +47,7 @@ def _restore_binary(prepared: Any, maps: np.ndarray, spatial_dims: int) -> np.nd
     """
     from DiffusionSegLib.pipeline.preprocess import restore
 
-    soft = restore(prepared, _model_grid_to_batch(maps.astype(np.float32), spatial_dims), "linear")
-    return (soft > 0.5).astype(np.uint8)
+    return restore(prepared, _model_grid_to_batch(maps.astype(np.float32), spatial_dims), "linear", threshold=0.5)
 
 
 def _evaluation_progress(report_progress: StageProgress, total_evaluations: int) -> Callable[[int, int], None]:
@@ -152,8 +151,8 @@ def segment_image(
         on_estimate(estimate)
 
     sampling_progress = _evaluation_progress(report_progress, plan.samples * plan.steps * int(batch.shape[0]))
-    soft = method.sample(net, card, batch, plan, seed=opts.seed, batch_size=opts.batch_size, amp=amp,
-                         progress=sampling_progress).numpy()  # (N, B, L, *spatial)
+    masks = method.sample(net, card, batch, plan, seed=opts.seed, batch_size=opts.batch_size, amp=amp,
+                          progress=sampling_progress).numpy()  # (N, B, L, *spatial) uint8
     if device.type == "cuda":
         torch.cuda.synchronize()
     lap("sampling")
@@ -162,9 +161,9 @@ def segment_image(
     # Context classes (card.shown_labels) were sampled with the rest and are dropped here.
     shown = card.output_label_indices()
     labels = [card.labels[i] for i in shown]
-    soft = soft[:, :, shown]
+    masks = masks[:, :, shown]
     # Model grid, label-first: (N, L, *vol) with vol = (S, H, W) for 2D models, (D, H, W) for 3D.
-    samples_model = np.moveaxis(soft > 0.5, 2, 1).astype(np.uint8)
+    samples_model = np.ascontiguousarray(np.moveaxis(masks, 2, 1))
     if card.spatial_dims == 3:
         samples_model = samples_model[:, :, 0]
     refined = None

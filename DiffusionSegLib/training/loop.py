@@ -198,8 +198,8 @@ def validation_dice(net: Any, card: ModelCard, cases: Sequence[Any], n_samples: 
         # 2D models: slices are the batch, (S, C, H, W); 3D: one item (1, C, D, H, W).
         batch = np.moveaxis(image, 1, 0) if n_spatial == 2 else image[None]
         batch_t = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-        soft = method.sample(net, card, batch_t, plan, seed=seed, amp=amp).numpy()  # (N, B, L, *spatial)
-        fused = (soft > 0.5).mean(axis=0) > 0.5  # (B, L, *spatial)
+        masks = method.sample(net, card, batch_t, plan, seed=seed, amp=amp).numpy()  # (N, B, L, *spatial)
+        fused = masks.mean(axis=0) > 0.5  # (B, L, *spatial)
         fused = np.moveaxis(fused, 1, 0) if n_spatial == 2 else fused[0]  # (L, S|D, H, W) like case.mask
         crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(spatial, padded_size))
         fused = fused[(slice(None), slice(None)) + crop] if n_spatial == 2 else fused[(slice(None),) + crop]

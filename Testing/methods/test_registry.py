@@ -53,13 +53,14 @@ def test_every_method_trains_and_samples_through_the_interface(name, spatial_dim
     net.eval()
     plan = method.plan(card, None, None, None)
     out = method.sample(net, card, image, plan, seed=3)
-    assert out.shape == (plan.samples, 2, 2, *size) and out.dtype == torch.float32
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert out.shape == (plan.samples, 2, 2, *size) and out.dtype == torch.uint8
+    assert set(out.unique().tolist()) <= {0, 1}
     again = method.sample(net, card, image, plan, seed=3, batch_size=1)
-    # Same seed, same masks whatever the batch size (up to float rounding of batched kernels).
-    assert torch.allclose(out, again, atol=1e-5)
+    # Same seed, same masks whatever the batch size (a voxel at exactly 0.5 may round either way
+    # in another batch's kernels: allow one in a thousand).
+    assert (out != again).float().mean() <= 1e-3
     other_seed = method.sample(net, card, image, plan, seed=4)
-    assert method.draws_samples == (not torch.allclose(out, other_seed, atol=1e-3))
+    assert method.draws_samples == bool((out != other_seed).any())
     assert method.seconds_per_evaluation(net, card, image, plan, None, False) > 0
 
 

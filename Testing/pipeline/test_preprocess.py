@@ -319,6 +319,18 @@ def test_restore_nearest_keeps_label_values_and_checks_shape():
         restore(prepared, labels, "cubic")
 
 
+@pytest.mark.parametrize("spacing", [[1.1, 0.9, 2.5], None])  # resampled, and on the input grid
+def test_restore_with_a_threshold_equals_thresholding_the_restored_maps(spacing):
+    """The thresholded restore holds one label's float map at a time; the masks must not change."""
+    image = _oblique_volume()
+    prepared = prepare(image, _card(spatial_dims=3, spacing=spacing, normalization=WINDOW), size_divisor=4)
+    rng = np.random.default_rng(3)
+    maps = (rng.random((1, 3, *prepared.batch.shape[2:])) > 0.6).astype(np.float32)
+    binary = restore(prepared, maps, "linear", threshold=0.5)
+    assert binary.dtype == np.uint8 and binary.shape == (3, *reversed(image.GetSize()))
+    np.testing.assert_array_equal(binary, (restore(prepared, maps, "linear") > 0.5).astype(np.uint8))
+
+
 def test_labels_follow_the_image_onto_the_model_grid():
     image = _oblique_volume()
     card = _card(spatial_dims=3, spacing=[1.1, 0.9, 2.5])

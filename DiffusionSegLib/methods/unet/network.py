@@ -78,7 +78,7 @@ def supervised_loss(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | None = None, amp: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                       progress: Callable[[int, int], None] | None = None, binary: bool = False) -> torch.Tensor:
     """One forward pass per image, sigmoid: the supervised counterpart of ``diffusion.sample_masks``.
 
     images: (B, C, *spatial) on the network's device. Deterministic (no noise, no seed).
@@ -102,7 +102,8 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     def predict_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
         with autocast(device, amp):
             logits = net(images[start:stop])
-        chunks.append(torch.sigmoid(logits.float()).cpu())
+        probability = torch.sigmoid(logits.float()).cpu()
+        chunks.append((probability > 0.5).to(torch.uint8) if binary else probability)
         if progress is not None:
             progress(stop, b)
 
