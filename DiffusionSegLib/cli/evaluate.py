@@ -35,4 +35,9 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(json.dumps(summary["mean"], indent=2))
+    if "ged_mean" in summary:  # a model's run: the spread of its samples against the references
+        print("generalized energy distance (2 E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')], d = 1 - IoU):")
+        for name, terms in summary["ged_mean"].items():
+            print(f"  {name}: GED {terms['ged']:.4f} = 2 x {terms['cross']:.4f} - {terms['sample_diversity']:.4f} "
+                  f"- {terms['reference_diversity']:.4f}")
     return 0

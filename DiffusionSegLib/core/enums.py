@@ -83,6 +83,25 @@ UNCERTAINTY_DEFINITIONS = {
 }
 
 
+class CrfMode(Choice):
+    """How DenseCRF refines the samples.
+
+    ``MEAN``: one DenseCRF of the fusion's soft map (the mean of the samples, or STAPLE's posterior
+    with the STAPLE fusion). ``PUBLISHED``: DiffSeg's protocol, K = 3 rounds each on the average of
+    H = 4 randomly chosen samples, the K refined masks averaged (> 0.5).
+    """
+
+    OFF = "off"
+    MEAN = "mean"
+    PUBLISHED = "published"
+
+
+CRF_DESCRIPTIONS = {
+    CrfMode.MEAN: "DenseCRF of the {fusion} fusion",
+    CrfMode.PUBLISHED: "DenseCRF, DiffSeg protocol: 3 rounds on the mean of 4 random samples, averaged",
+}
+
+
 class CrfBackend(Choice):
     """The DenseCRF implementation (``AUTO``: pydensecrf when installed, else the torch mean field)."""
 

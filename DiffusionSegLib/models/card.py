@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from DiffusionSegLib.core.enums import CrfMode
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.core.files import atomic_write_bytes
 
@@ -79,9 +80,10 @@ class ModelCard:
     # Labels whose fused / final mask keeps only its largest connected component (solid organs;
     # see postprocess.py). Empty: no post-processing.
     largest_component: list[str] = field(default_factory=list)
-    # Whether a run refines the fused mask with DenseCRF unless told otherwise (decided on
-    # validation data: the CRF's long-range appearance kernel can erase thin structures).
-    default_crf: bool = True
+    # How a run refines with DenseCRF unless told otherwise (decided on validation data: the CRF's
+    # long-range appearance kernel can erase thin structures): a core.enums.CrfMode spelling
+    # ("off", "mean", "published"), or true (= "mean") / false (= "off") as older cards say.
+    default_crf: bool | str = True
     # Labels a run outputs; empty = all. The others are context classes: trained so the model tells
     # neighbouring structures apart (a kidney is not liver), sampled, and then dropped.
     shown_labels: list[str] = field(default_factory=list)
@@ -105,6 +107,15 @@ class ModelCard:
         if unknown:
             raise ModelLoadError(f"model card '{self.name}': shown_labels {unknown} are not labels of the model")
         return [i for i, n in enumerate(names) if n in self.shown_labels]
+
+    def crf_mode(self) -> CrfMode:
+        """The card's DenseCRF default as a CrfMode (ModelLoadError for an unknown spelling)."""
+        if isinstance(self.default_crf, bool):
+            return CrfMode.MEAN if self.default_crf else CrfMode.OFF
+        try:
+            return CrfMode.parse(self.default_crf, "default_crf")
+        except ValueError as err:
+            raise ModelLoadError(f"model card '{self.name}': {err}") from None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -13,6 +13,7 @@ do; they are 0 for a set of one mask.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -152,23 +153,45 @@ def sample_diversity(samples: np.ndarray) -> list[float]:
     return [_mean_distinct_pairs(_pairwise_distances(samples[:, label])) for label in range(samples.shape[1])]
 
 
+@dataclass(frozen=True)
+class GEDTerms:
+    """D2_GED = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')] with its three terms, d = 1 - IoU."""
+
+    ged: float
+    cross: float  # E[d(S, Y)]: samples against references, all N x M pairs
+    sample_diversity: float  # E[d(S, S')]: distinct sample pairs (0 for one sample)
+    reference_diversity: float  # E[d(Y, Y')]: distinct reference pairs (0 for one reference)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"ged": round(self.ged, 6), "cross": round(self.cross, 6),
+                "sample_diversity": round(self.sample_diversity, 6),
+                "reference_diversity": round(self.reference_diversity, 6)}
+
+
+def ged_terms(samples: np.ndarray, references: np.ndarray) -> list[GEDTerms]:
+    """The GED and its three terms per label: samples (N, L, *S), references (M, L, *S), M >= 1."""
+    samples = _check_samples(samples)
+    references = _check_samples(references, "references")
+    if samples.shape[1:] != references.shape[1:]:
+        raise ValueError(f"samples {samples.shape} and references {references.shape} differ in (L, *spatial)")
+    n = samples.shape[0]
+    terms = []
+    for label in range(samples.shape[1]):
+        distance = _pairwise_distances(np.concatenate([samples[:, label], references[:, label]]))
+        cross = float(distance[:n, n:].mean())
+        within_samples, within_references = _mean_distinct_pairs(distance[:n, :n]), _mean_distinct_pairs(distance[n:, n:])
+        terms.append(GEDTerms(2.0 * cross - within_samples - within_references, cross, within_samples,
+                              within_references))
+    return terms
+
+
 def generalized_energy_distance(samples: np.ndarray, references: np.ndarray) -> list[float]:
     """D2_GED = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')] per label, d = 1 - IoU.
 
     samples (N, L, *S), references (M, L, *S). E[d(S, Y)] averages all N x M pairs; the within-set
     terms average distinct pairs (0 for a set of one).
     """
-    samples = _check_samples(samples)
-    references = _check_samples(references, "references")
-    if samples.shape[1:] != references.shape[1:]:
-        raise ValueError(f"samples {samples.shape} and references {references.shape} differ in (L, *spatial)")
-    n = samples.shape[0]
-    ged = []
-    for label in range(samples.shape[1]):
-        distance = _pairwise_distances(np.concatenate([samples[:, label], references[:, label]]))
-        cross = float(distance[:n, n:].mean())
-        ged.append(2.0 * cross - _mean_distinct_pairs(distance[:n, :n]) - _mean_distinct_pairs(distance[n:, n:]))
-    return ged
+    return [t.ged for t in ged_terms(samples, references)]
 
 
 def volumes_ml(mask: np.ndarray, spacing: Sequence[float]) -> list[float]:

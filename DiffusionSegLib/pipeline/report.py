@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from DiffusionSegLib import __version__
-from DiffusionSegLib.core.enums import PREDICTION_TARGETS, SAMPLER_DESCRIPTIONS, UNCERTAINTY_DEFINITIONS
+from DiffusionSegLib.core.enums import (CRF_DESCRIPTIONS, PREDICTION_TARGETS, SAMPLER_DESCRIPTIONS,
+                                        UNCERTAINTY_DEFINITIONS, CrfMode)
 from DiffusionSegLib.methods.base import SamplingPlan
 from DiffusionSegLib.pipeline.result import SegmentationResult
 from DiffusionSegLib.pipeline.settings import SegmentSettings
@@ -31,7 +32,7 @@ def _versions() -> dict[str, str]:
 
 
 def build_report(result: SegmentationResult, card: Any, device: Any, opts: SegmentSettings, plan: SamplingPlan,
-                 crf_backend: str, n_items: int, timings: dict[str, float], *,
+                 crf_mode: CrfMode, crf_backend: str, n_items: int, timings: dict[str, float], *,
                  warnings: list | tuple = (), estimate: Any = None, item_shape: list[int] | None = None,
                  input_modality: dict[str, str] | None = None) -> dict:
     """JSON-able report of a run: settings, cost (NFE), timings, diversity, region sizes, input fit.
@@ -85,8 +86,9 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
         "seconds_per_network_evaluation": round(sampling_s / evaluations, 6) if sampling_s and evaluations else None,
         "estimate": estimate.to_dict() if estimate is not None else None,
         "fusion": opts.fusion.value,
-        "final_mask": (f"crf: DenseCRF of the {opts.fusion} fusion") if result.refined is not None
+        "final_mask": ("crf: " + CRF_DESCRIPTIONS[crf_mode].format(fusion=opts.fusion)) if result.refined is not None
                       else (f"fused: {opts.fusion} fusion"),
+        "crf_mode": crf_mode.value,
         "uncertainty_kind": opts.uncertainty.value,
         "uncertainty_definition": UNCERTAINTY_DEFINITIONS[opts.uncertainty],
         "crf_backend": crf_backend,

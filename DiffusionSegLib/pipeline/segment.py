@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from DiffusionSegLib.core.enums import Stage
+from DiffusionSegLib.core.enums import CrfMode, Stage
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.pipeline.result import SegmentationResult
 from DiffusionSegLib.pipeline.settings import SegmentSettings
@@ -120,6 +120,7 @@ def segment_image(
         method = get_method(card.method)
     except ValueError as err:
         raise ModelLoadError(f"model '{card.name}': {err}") from None
+    crf_mode = card.crf_mode() if opts.crf is None else opts.crf  # a bad card default fails here, not after sampling
     warnings = check_input(image, card)
     if warnings and opts.strict:
         raise InputMismatchError(warnings)
@@ -168,17 +169,20 @@ def segment_image(
         samples_model = samples_model[:, :, 0]
     refined = None
     crf_backend = "none"
-    use_crf = card.default_crf if opts.crf is None else opts.crf
-    if use_crf:
+    if crf_mode != CrfMode.OFF:
         report_progress(Stage.CRF, 0, 1)
         image_model = np.moveaxis(prepared.batch, 1, 0) if card.spatial_dims == 2 else prepared.batch[0]
         # The torch backend runs where the samples were drawn (the GPU when there is one).
-        # DenseCRF refines the chosen fusion's soft map (mean or STAPLE posterior), so the final mask
-        # follows --fusion; the torch backend runs where the samples were drawn.
-        refined_model, crf_backend = crf.refine(
-            ensemble.fused_probability(samples_model, opts.fusion), image_model, card.spatial_dims,
-            backend=opts.crf_backend, device=str(device), normalization=card.normalization,
-        )
+        common = dict(backend=opts.crf_backend, device=str(device), normalization=card.normalization)
+        if crf_mode == CrfMode.PUBLISHED:
+            # DiffSeg: K = 3 rounds, each on the mean of H = 4 random samples (drawn with the run's
+            # seed, so the same seed gives the same mask), the refined masks averaged.
+            refined_model, crf_backend = crf.refine_from_samples(samples_model, image_model, card.spatial_dims,
+                                                                 repeats=3, subset=4, seed=opts.seed, **common)
+        else:
+            # The chosen fusion's soft map (mean or STAPLE posterior), so the final mask follows --fusion.
+            refined_model, crf_backend = crf.refine(ensemble.fused_probability(samples_model, opts.fusion),
+                                                    image_model, card.spatial_dims, **common)
         lap("crf")
         refined = _restore_binary(prepared, refined_model, card.spatial_dims)
         report_progress(Stage.CRF, 1, 1)
@@ -212,7 +216,7 @@ def segment_image(
         sample_diversity=[float(d) for d in ensemble.sample_diversity(samples)],
     )
     lap("ensemble")
-    result.report = build_report(result, card, device, opts, plan, crf_backend,
+    result.report = build_report(result, card, device, opts, plan, crf_mode, crf_backend,
                                  prepared.batch.shape[0], timings, warnings=warnings, estimate=estimate,
                                  item_shape=list(prepared.batch.shape[2:]), input_modality=input_modality(image))
     result.report["postprocessing"] = {

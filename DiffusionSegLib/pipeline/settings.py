@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from DiffusionSegLib.core.enums import CrfBackend, Fusion, Sampler, Uncertainty
+from DiffusionSegLib.core.enums import CrfBackend, CrfMode, Fusion, Sampler, Uncertainty
 from DiffusionSegLib.core.errors import SettingsError
 
 
@@ -37,7 +37,7 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _option(default: Any, flag: str, help: str, kind: str, **extra: Any) -> Any:
-    """A settings field with its command-line spelling. kind: value | enum | switch | tristate | keep."""
+    """A settings field with its command-line spelling. kind: value | enum | switch | tristate | keep | mode."""
     return field(default=default, metadata={"flag": flag, "help": help, "kind": kind, **extra})
 
 
@@ -58,8 +58,11 @@ class SegmentSettings:
     device: str = _option("auto", "--device", "auto|cpu|cuda|mps (unavailable -> CPU with a warning)", "value")
     batch_size: int | None = _option(None, "--batch-size", "items per network call >= 1 (default: from free "
                                      "memory)", "value", type=int_at_least(1))
-    crf: bool | None = _option(None, "--crf", "refine the fused mask with DenseCRF (default: as the model card "
-                               "says)", "tristate", off_help="skip DenseCRF refinement")
+    crf: CrfMode | None = _option(None, "--crf", "refine with DenseCRF: mean (one CRF of the fused map; the "
+                                  "value when --crf is given alone), published (DiffSeg: 3 rounds on the mean of 4 "
+                                  "random samples) or off (default: as the model card says)", "mode",
+                                  enum=CrfMode, choices=CrfMode.values(), const=CrfMode.MEAN.value,
+                                  off_flag="--no-crf", off_help="skip DenseCRF refinement (= --crf off)")
     crf_backend: CrfBackend = _option(CrfBackend.AUTO, "--crf-backend", "DenseCRF implementation: auto (pydensecrf when "
                                "installed, else torch-meanfield), pydensecrf or torch-meanfield", "enum",
                                       enum=CrfBackend, choices=CrfBackend.values())
@@ -77,6 +80,8 @@ class SegmentSettings:
                            "per reason) instead of warning and running", "switch")
 
     def __post_init__(self) -> None:
+        if isinstance(self.crf, bool):  # crf=True / False, as older scripts say: the plain CRF / none
+            self.crf = CrfMode.MEAN if self.crf else CrfMode.OFF
         # Plain strings (a parameter node, a JSON file, an old script) become the enum members.
         for f in dataclasses.fields(self):
             enum = f.metadata.get("enum")
@@ -128,6 +133,8 @@ class SegmentSettings:
                 argv.append(flag)
             elif kind == "tristate":
                 argv.append(flag if value else "--no-" + flag[2:])
+            elif kind == "mode" and value == CrfMode.OFF:
+                argv.append(f.metadata["off_flag"])
             else:
                 argv += [flag, str(value)]
         return argv
@@ -157,6 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
             parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
         elif kind == "keep":
             parser.add_argument(flag, dest=f.name, action="store_false", help=meta["help"])
+        elif kind == "mode":  # --crf [MODE] / --no-crf
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(flag, dest=f.name, nargs="?", const=meta["const"], default=None,
+                               choices=meta["choices"], help=meta["help"])
+            group.add_argument(meta["off_flag"], dest=f.name, action="store_const", const=CrfMode.OFF.value,
+                               help=meta["off_help"])
         elif kind == "tristate":
             group = parser.add_mutually_exclusive_group()
             group.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=meta["help"])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from DiffusionSegLib.core.enums import Stage
+from DiffusionSegLib.core.enums import CrfMode, Stage
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 from DiffusionSegLib.slicer.job import JobStatus
 from DiffusionSegLib.slicer.workflow import MeasuredSpeed, SegmentationWorkflow
@@ -82,10 +82,29 @@ class PanelParameters(Protocol):
 
 
 def settings_from_parameters(parameters: PanelParameters) -> SegmentSettings:
-    """The run settings of the panel's values; the samples are kept (the agreement slider needs them)."""
+    """The run settings of the panel's values; the samples are kept (the agreement slider needs them).
+
+    The DenseCRF checkbox says on or off; which CRF runs when it is on is the model card's choice
+    (``default_crf``: the plain CRF of the fused map, or DiffSeg's published protocol).
+    """
     return SegmentSettings(model=parameters.model or None, samples=parameters.samples or None,
                            steps=parameters.steps or None, seed=int(parameters.seed), device=parameters.device,
-                           crf=bool(parameters.crf), keep_samples=True)
+                           crf=_panel_crf(parameters.model or None, bool(parameters.crf)), keep_samples=True)
+
+
+def _panel_crf(model: str | None, checked: bool) -> CrfMode | None:
+    """The checkbox as a CrfMode: off; or on = the card's own CRF (None) when it has one, else the plain one."""
+    if not checked:
+        return CrfMode.OFF
+    from DiffusionSegLib.core.errors import DiffusionSegError
+    from DiffusionSegLib.models.card import read_card
+    from DiffusionSegLib.models.store import resolve_model
+
+    try:
+        mode = read_card(resolve_model(model)).crf_mode()
+    except DiffusionSegError:  # the run itself will say what is wrong with the model
+        return CrfMode.MEAN
+    return None if mode != CrfMode.OFF else CrfMode.MEAN
 
 
 # -- dependencies -------------------------------------------------------------------------------
@@ -257,7 +276,7 @@ def available_models() -> list[ModelEntry]:
             is_default=origin == "bundled" and card.name == store.DEFAULT_MODEL,
             summary=summary + (f"\n{card.description}" if card.description else ""),
             tooltip=(card.description or card.name) + "\n" + summary,
-            default_crf=bool(card.default_crf)))
+            default_crf=card.crf_mode() != CrfMode.OFF))
     return entries
 
 

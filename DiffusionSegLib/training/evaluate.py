@@ -2,7 +2,9 @@
 
 Two modes: a model (folder or name) is run on every case of the split; or a folder of predicted
 label maps named like the cases (``<case>.nii.gz``, values as in the dataset's label files) is
-scored as it is.
+scored as it is. A model's run also gives the Generalized Energy Distance of its sampled masks
+against the case's reference (D2_GED = 2 E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')], d = 1 - IoU, with
+its three terms; a dataset has one reference per case, so E[d(Y,Y')] is 0).
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]
     return out
 
 
+def summarize_ged(cases: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean over cases of the GED and each of its terms, per label."""
+    names = list(dict.fromkeys(name for c in cases for name in c.get("ged", {})))
+    return {name: {term: round(statistics.fmean(c["ged"][name][term] for c in cases if name in c.get("ged", {})), 6)
+                   for term in ("ged", "cross", "sample_diversity", "reference_diversity")} for name in names}
+
+
 def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None, split: str = "test",
              out_json: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Score a model or a prediction folder on a dataset split. Returns {"cases": [...], "mean": {...}}.
@@ -96,6 +105,13 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
         if len(not_scored) == len(shown):
             raise ModelLoadError(f"none of the model labels {shown} is a label of dataset {dataset} "
                                  f"({', '.join(label_values)})")
+    if model_dir is not None:
+        import dataclasses
+
+        from DiffusionSegLib.pipeline.settings import SegmentSettings
+
+        # The samples are needed for the GED (not written anywhere).
+        options = dataclasses.replace(options or SegmentSettings(), keep_samples=True)
     results = []
     report = progress or (lambda stage, done, total: None)
     report("cases", 0, len(cases))
@@ -111,11 +127,21 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
             pred_map = label_array(case, _find_prediction(source, case.name), image)
             pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
         ref = {name: np.isin(ref_map, label_values[name]) for name in pred}
-        results.append({"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))})
+        row = {"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))}
+        if model_dir is not None:
+            from DiffusionSegLib.pipeline.ensemble import ged_terms
+
+            row["ged"] = {lab.name: ged_terms(result.samples[:, i:i + 1], ref[lab.name][None, None])[0].to_dict()
+                          for i, lab in enumerate(result.labels) if lab.name in ref}
+        results.append(row)
         report("cases", index + 1, len(cases))
     summary = {"dataset": str(dataset), "split": split, "source": str(pred_or_model),
                "mode": "model" if model_dir is not None else "predictions", "cases": results,
                "mean": summarize(results), "model_labels_not_in_dataset": not_scored}
+    if model_dir is not None:
+        summary["ged_mean"] = summarize_ged(results)
+        summary["ged_definition"] = ("D2_GED = 2 E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')], d = 1 - IoU; S: the run's sampled "
+                                     "masks, Y: the case's reference (one per case, so E[d(Y,Y')] = 0)")
     if out_json:
         atomic_write_bytes(out_json, json.dumps(summary, indent=2).encode())
     return summary

@@ -86,7 +86,7 @@ class TrainConfig:
     # organ's voxels, e.g. {"liver": [0, 80]} lets a model trained on non-contrast CT see enhanced livers.
     contrast_augment: dict[str, list[float]] = field(default_factory=dict)
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
-    default_crf: bool = True  # written to the card: DenseCRF on by default at inference
+    default_crf: bool | str = True  # written to the card: "off" | "mean" | "published" (true = "mean", false = "off")
     shown_labels: list[str] = field(default_factory=list)  # written to the card; empty = output every label
     val_every: int = 500
     val_cases: int | list[str] | None = None  # held-out CASES: names, a count, or None = 20% (at least 1)
@@ -110,7 +110,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise DiffusionSegError for settings that cannot work (before any data is read)."""
-        from DiffusionSegLib.core.enums import PredictionType
+        from DiffusionSegLib.core.enums import CrfMode, PredictionType
         from DiffusionSegLib.methods.registry import Method
 
         problems = []
@@ -122,6 +122,8 @@ class TrainConfig:
             problems.append(f"patch_size {self.patch_size} for a {self.spatial_dims}D model")
         if self.spacing is not None and len(self.spacing) not in (2, 3):
             problems.append(f"spacing {self.spacing}")
+        if not isinstance(self.default_crf, bool) and self.default_crf not in CrfMode.values():
+            problems.append(f"default_crf {self.default_crf!r} (use {', '.join(CrfMode.values())}, true or false)")
         if self.prediction_type not in PredictionType.values():
             problems.append(f"prediction_type '{self.prediction_type}' (use {', '.join(PredictionType.values())})")
         if self.slice_axis not in (0, 1, 2):

@@ -504,7 +504,11 @@ def test_crf_and_no_crf_exclude_each_other_and_default_to_the_card():
 
     parser = build_parser()
     assert parser.parse_args(["segment", "x", "-o", "y"]).crf is None
-    assert parser.parse_args(["segment", "x", "-o", "y", "--crf"]).crf is True
-    assert parser.parse_args(["segment", "x", "-o", "y", "--no-crf"]).crf is False
+    assert parser.parse_args(["segment", "x", "-o", "y", "--crf"]).crf == "mean"  # alone: the plain CRF
+    assert parser.parse_args(["segment", "x", "-o", "y", "--crf", "published"]).crf == "published"
+    assert parser.parse_args(["segment", "x", "-o", "y", "--crf", "off"]).crf == "off"
+    assert parser.parse_args(["segment", "x", "-o", "y", "--no-crf"]).crf == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["segment", "x", "-o", "y", "--crf", "--no-crf"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["segment", "x", "-o", "y", "--crf", "median"])

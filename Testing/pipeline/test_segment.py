@@ -257,6 +257,44 @@ def test_the_card_decides_whether_the_crf_runs_unless_the_run_says(tmp_path):
     assert forced.refined is not None and forced.report["crf_backend"] != "none"
 
 
+def test_the_published_crf_protocol_runs_when_the_card_or_the_run_asks(tmp_path, monkeypatch):
+    """DiffSeg's protocol: 3 rounds on the mean of 4 random samples, drawn with the run's seed."""
+    from DiffusionSegLib.pipeline import crf
+
+    calls = []
+    real = crf.refine_from_samples
+
+    def recording(samples, image, spatial_dims, **kwargs):
+        calls.append((samples.shape, kwargs))
+        return real(samples, image, spatial_dims, **kwargs)
+
+    monkeypatch.setattr(crf, "refine_from_samples", recording)
+    model = make_model(tmp_path / "published_default", default_crf="published")
+    image = sitk.GetImageFromArray(np.random.default_rng(4).normal(size=(2, 24, 24)).astype(np.float32))
+    by_card = segment_image(image, model, SegmentSettings(samples=6, steps=2, seed=3))
+    assert calls and calls[0][0][0] == 6  # all 6 samples offered, on the model grid
+    assert {k: calls[0][1][k] for k in ("repeats", "subset", "seed")} == {"repeats": 3, "subset": 4, "seed": 3}
+    assert by_card.report["crf_mode"] == "published" and by_card.refined is not None
+    assert "DiffSeg protocol" in by_card.report["final_mask"]
+    asked = segment_image(image, model, SegmentSettings(samples=6, steps=2, seed=3, crf="published"))
+    np.testing.assert_array_equal(asked.refined, by_card.refined)  # same seed, same subsets, same mask
+    plain = segment_image(image, model, SegmentSettings(samples=6, steps=2, seed=3, crf="mean"))
+    assert plain.report["crf_mode"] == "mean" and len(calls) == 2
+    off = segment_image(image, model, SegmentSettings(samples=6, steps=2, seed=3, crf="off"))
+    assert off.refined is None and off.report["crf_mode"] == "off"
+
+
+def test_a_card_with_an_unknown_crf_default_is_refused_before_sampling(tmp_path, monkeypatch):
+    from DiffusionSegLib.core.errors import ModelLoadError
+    from DiffusionSegLib.methods import registry
+
+    monkeypatch.setattr(registry, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    model = make_model(tmp_path / "odd_crf", default_crf="bilateral")
+    image = sitk.GetImageFromArray(np.zeros((1, 16, 16), np.float32) + np.arange(16, dtype=np.float32))
+    with pytest.raises(ModelLoadError, match="unknown default_crf 'bilateral'"):
+        segment_image(image, model, SegmentSettings(samples=1, steps=1))
+
+
 def test_context_labels_are_sampled_but_only_shown_labels_are_output(tmp_path):
     from DiffusionSegLib.core.errors import ModelLoadError
     from DiffusionSegLib.models.card import LabelInfo

@@ -57,14 +57,15 @@ def test_settings_from_the_panel_defaults_leave_the_model_card_in_charge():
     assert settings == SegmentSettings(model=None, samples=None, steps=None, seed=0, device="auto", crf=True,
                                        keep_samples=True)
     # Only what differs from the CLI's defaults reaches the child's command line.
-    assert settings.to_argv() == ["--crf", "--keep-samples"]
+    # The bundled card's CRF default is off, so the checked box asks for the plain CRF by name.
+    assert settings.to_argv() == ["--crf", "mean", "--keep-samples"]
 
 
 def test_settings_from_panel_values(tiny_model):
     settings = logic.settings_from_parameters(panel(model=str(tiny_model), samples=5, steps=12, seed=7,
                                                     device="cpu", crf=False))
     assert (settings.model, settings.samples, settings.steps, settings.seed) == (str(tiny_model), 5, 12, 7)
-    assert settings.device == "cpu" and settings.crf is False and settings.keep_samples is True
+    assert settings.device == "cpu" and settings.crf == "off" and settings.keep_samples is True
     argv = settings.to_argv()
     for flag, value in [("--model", str(tiny_model)), ("--samples", "5"), ("--steps", "12"), ("--seed", "7"),
                         ("--device", "cpu")]:

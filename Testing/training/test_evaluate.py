@@ -92,6 +92,23 @@ def test_evaluate_a_model_scores_the_runs_final_mask(tmp_path, tiny_model, fusio
     assert summary["cases"][0]["metrics"]["lesion"]["dice"] == pytest.approx(expected)
     assert summary["cases"][0]["metrics"]["lesion"]["iou"] == pytest.approx((pred & ref).sum() / (pred | ref).sum())
 
+    # The GED of the run's samples against the one reference, by hand: d = 1 - IoU.
+    kept = segment_image(read_image(root / "imagesTs" / "case1.nii.gz"), tiny_model,
+                         SegmentSettings(samples=4, steps=2, seed=2, fusion=fusion, crf=crf, keep_samples=True))
+    samples = kept.samples[:, 0].astype(bool)
+
+    def d(a, b):
+        union = (a | b).sum()
+        return 0.0 if union == 0 else 1.0 - (a & b).sum() / union
+
+    cross = np.mean([d(s_, ref) for s_ in samples])
+    within = np.mean([d(samples[i], samples[j]) for i in range(4) for j in range(i + 1, 4)])
+    ged = summary["cases"][0]["ged"]["lesion"]
+    assert ged["cross"] == pytest.approx(cross, abs=1e-6)
+    assert ged["sample_diversity"] == pytest.approx(within, abs=1e-6) and ged["reference_diversity"] == 0.0
+    assert ged["ged"] == pytest.approx(2 * cross - within, abs=1e-6)
+    assert summary["ged_mean"]["lesion"]["ged"] == pytest.approx(ged["ged"])
+
 
 def test_evaluate_reports_progress_per_case_and_no_monai_future_warning(tmp_path, dataset):
     import warnings

@@ -188,3 +188,10 @@ def test_config_from_cli_overrides_and_resume_base(small_dataset, tmp_path):
     assert resumed == train_config(steps=4)
     with pytest.raises(DiffusionSegError, match="KEY=VALUE"):
         config_from_cli(Namespace(output=str(tmp_path / "x"), config=None, resume=False, set=["steps"]))
+
+
+def test_the_crf_default_written_to_the_card_is_checked_before_training():
+    TrainConfig(default_crf="published").check()
+    TrainConfig(default_crf=False).check()
+    with pytest.raises(DiffusionSegError, match="default_crf 'bilateral'"):
+        TrainConfig(default_crf="bilateral").check()
