@@ -50,6 +50,48 @@ def _restore_binary(prepared: Any, maps: np.ndarray, spatial_dims: int) -> np.nd
     return restore(prepared, _model_grid_to_batch(maps.astype(np.float32), spatial_dims), "linear", threshold=0.5)
 
 
+def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims: int,
+                          opts: SegmentSettings) -> tuple[dict[str, Any], dict[str, float]]:
+    """Every sample on the input grid and the ensemble statistics, one label at a time.
+
+    samples_model: (N, L, *vol) uint8 on the model grid. Returns the maps of ``SegmentationResult``
+    on the input grid (probability, fused, consistency, ambiguity, uncertainty: (L, *input); the
+    samples (N, L, *input) only with ``keep_samples``) and ``sample_diversity``, plus the seconds
+    spent restoring and computing statistics. One label's N restored samples are held at a time,
+    not all labels' (a 512 x 512 x 100 CT with 9 labels and 5 samples: 131 MB instead of 1.2 GB);
+    every statistic is per label, so the numbers are those of the whole-array computation.
+    """
+    from DiffusionSegLib.pipeline import ensemble
+
+    n, n_labels = samples_model.shape[:2]
+    maps: dict[str, Any] = {"sample_diversity": []}
+    seconds = {"restore": 0.0, "ensemble": 0.0}
+    for label in range(n_labels):
+        start = time.perf_counter()
+        restored = np.stack([_restore_binary(prepared, samples_model[k, label:label + 1], spatial_dims)
+                             for k in range(n)])  # (N, 1, *input)
+        middle = time.perf_counter()
+        per_label = {"probability": ensemble.probability(restored),
+                     "fused": ensemble.fused_mask(restored, method=opts.fusion),
+                     "consistency": ensemble.consistency(restored),
+                     "ambiguity": ensemble.ambiguity(restored),
+                     "uncertainty": ensemble.uncertainty(restored, kind=opts.uncertainty)}
+        if opts.keep_samples:
+            per_label["samples"] = restored
+        for name, array in per_label.items():
+            if name not in maps:  # allocated once the input grid's shape and the dtype are known
+                lead = (n, n_labels) if name == "samples" else (n_labels,)
+                maps[name] = np.empty(lead + array.shape[(2 if name == "samples" else 1):], dtype=array.dtype)
+            if name == "samples":
+                maps[name][:, label] = array[:, 0]
+            else:
+                maps[name][label] = array[0]
+        maps["sample_diversity"].append(float(ensemble.sample_diversity(restored)[0]))
+        seconds["restore"] += middle - start
+        seconds["ensemble"] += time.perf_counter() - middle
+    return maps, {k: round(v, 4) for k, v in seconds.items()}
+
+
 def _evaluation_progress(report_progress: StageProgress, total_evaluations: int) -> Callable[[int, int], None]:
     """Sampler progress (network calls of the current attempt) -> ("sampling", evaluations done, total).
 
@@ -190,10 +232,12 @@ def segment_image(
     # Each sample is brought to the input grid, so every ensemble statistic (and every volume in
     # mL) is computed where the radiologist reads it, not on the padded model grid.
     report_progress(Stage.RESTORE, 0, n_samples)
-    samples = np.stack([_restore_binary(prepared, s, card.spatial_dims) for s in samples_model])
-    lap("restore")
+    maps, stage_seconds = _restore_and_ensemble(prepared, samples_model, card.spatial_dims, opts)
+    timings.update(stage_seconds)
+    clock = time.perf_counter()
+    report_progress(Stage.RESTORE, n_samples, n_samples)
 
-    fused = ensemble.fused_mask(samples, method=opts.fusion)
+    fused = maps["fused"]
     removed: dict[str, dict[str, float]] = {}
     if opts.postprocess and card.largest_component:
         from DiffusionSegLib.pipeline.postprocess import keep_largest_component
@@ -206,16 +250,16 @@ def segment_image(
     result = SegmentationResult(
         reference=image,
         labels=labels,
-        probability=ensemble.probability(samples),
+        probability=maps["probability"],
         fused=fused,
-        consistency=ensemble.consistency(samples),
-        ambiguity=ensemble.ambiguity(samples),
-        uncertainty=ensemble.uncertainty(samples, kind=opts.uncertainty),
+        consistency=maps["consistency"],
+        ambiguity=maps["ambiguity"],
+        uncertainty=maps["uncertainty"],
         refined=refined,
-        samples=samples if opts.keep_samples else None,
-        sample_diversity=[float(d) for d in ensemble.sample_diversity(samples)],
+        samples=maps.get("samples"),
+        sample_diversity=maps["sample_diversity"],
     )
-    lap("ensemble")
+    timings["ensemble"] = round(timings["ensemble"] + time.perf_counter() - clock, 4)  # + post-processing
     result.report = build_report(result, card, device, opts, plan, crf_mode, crf_backend,
                                  prepared.batch.shape[0], timings, warnings=warnings, estimate=estimate,
                                  item_shape=list(prepared.batch.shape[2:]), input_modality=input_modality(image))

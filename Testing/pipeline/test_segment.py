@@ -312,3 +312,22 @@ def test_context_labels_are_sampled_but_only_shown_labels_are_output(tmp_path):
     bad = make_model(tmp_path / "bad", labels=labels, shown_labels=["pancreas"])
     with pytest.raises(ModelLoadError, match="pancreas"):
         segment_image(image, bad, opts)
+
+
+@pytest.mark.parametrize("fusion, kind", [("mean", "variance"), ("staple", "entropy")])
+def test_label_by_label_statistics_equal_those_of_all_samples_at_once(tiny_rgb_model, fusion, kind):
+    """The pipeline restores and summarizes one label at a time (memory); the numbers must not change."""
+    from DiffusionSegLib.pipeline import ensemble
+
+    pixels = np.random.default_rng(6).integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    image = sitk.GetImageFromArray(pixels, isVector=True)
+    result = segment_image(image, tiny_rgb_model, SegmentSettings(samples=4, steps=2, seed=1, fusion=fusion,
+                                                                 uncertainty=kind, keep_samples=True))
+    samples = result.samples
+    assert samples.shape[:2] == (4, 2)
+    np.testing.assert_array_equal(result.probability, ensemble.probability(samples))
+    np.testing.assert_array_equal(result.fused, ensemble.fused_mask(samples, fusion))
+    np.testing.assert_array_equal(result.consistency, ensemble.consistency(samples))
+    np.testing.assert_array_equal(result.ambiguity, ensemble.ambiguity(samples))
+    np.testing.assert_array_equal(result.uncertainty, ensemble.uncertainty(samples, kind))
+    assert result.sample_diversity == [float(d) for d in ensemble.sample_diversity(samples)]
