@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from DiffusionSegLib.core.device import auto_batch_size, autocast, for_each_chunk, keep_freed_memory_for_reuse
 from DiffusionSegLib.core.enums import PredictionType, Sampler
+from DiffusionSegLib.methods.windows import in_windows, needs_windows
 from DiffusionSegLib.models.card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,11 @@ def sample_masks(
     if batch_size is None:
         batch_size = auto_batch_size(device, bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
 
+    window = card.patch_shape() if card.spatial_dims == 3 else None
+    windowed, labels = needs_windows(spatial, window), card.out_channels
+    if windowed:  # memory is one window per item, not the whole volume
+        batch_size = min(batch_size, 4)
+
     def denoise_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
         idx = torch.arange(start, stop) % b
         cond = images[idx.to(device)]
@@ -223,7 +229,12 @@ def sample_masks(
         for k, t in enumerate(timesteps):
             t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
             with autocast(device, amp):
-                pred = net(x, cond, t_batch)
+                if windowed:  # a 3D volume larger than the training crop: crop-sized windows, one step
+                    pred = in_windows(lambda patch: net(patch[:, :labels], patch[:, labels:],
+                                                        t_batch[:1].expand(patch.shape[0])),
+                                      torch.cat([x, cond], dim=1), window, x.shape[0])
+                else:
+                    pred = net(x, cond, t_batch)
             noise = None
             if eta:
                 noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)

@@ -108,6 +108,21 @@ class ModelCard:
             raise ModelLoadError(f"model card '{self.name}': shown_labels {unknown} are not labels of the model")
         return [i for i, n in enumerate(names) if n in self.shown_labels]
 
+    def patch_shape(self) -> tuple[int, ...] | None:
+        """The training crop in the network's axis order, (H, W) or (D, H, W); None when unknown.
+
+        ``patch_size`` is written (H, W[, D]); batches are (N, C, H, W) or (N, C, D, H, W).
+        """
+        if self.patch_size is None:
+            return None
+        if len(self.patch_size) != self.spatial_dims:
+            raise ModelLoadError(f"model card '{self.name}': patch_size {self.patch_size} must have "
+                                 f"{self.spatial_dims} entries")
+        if self.spatial_dims == 3:
+            height, width, depth = self.patch_size
+            return int(depth), int(height), int(width)
+        return tuple(int(n) for n in self.patch_size)
+
     def crf_mode(self) -> CrfMode:
         """The card's DenseCRF default as a CrfMode (ModelLoadError for an unknown spelling)."""
         if isinstance(self.default_crf, bool):

@@ -330,17 +330,9 @@ def _in_plane_numpy_axes(slice_axis: int) -> tuple[int, int]:
 
 
 def _minimum_sizes(card: ModelCard) -> list[int]:
-    """Minimum padded spatial sizes in batch order: (H, W) or (D, H, W); card.patch_size is (H, W[, D])."""
-    if card.patch_size is None:
-        return [1] * card.spatial_dims
-    if len(card.patch_size) != card.spatial_dims:
-        raise ModelLoadError(
-            f"model card '{card.name}': patch_size {card.patch_size} must have {card.spatial_dims} entries"
-        )
-    if card.spatial_dims == 3:
-        height, width, depth = card.patch_size
-        return [int(depth), int(height), int(width)]
-    return [int(n) for n in card.patch_size]
+    """Minimum padded spatial sizes in batch order: (H, W) or (D, H, W) (the card's training crop)."""
+    shape = card.patch_shape()
+    return [1] * card.spatial_dims if shape is None else list(shape)
 
 
 def _padded_length(length: int, minimum: int, divisor: int) -> int:

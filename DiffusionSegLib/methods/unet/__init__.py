@@ -48,7 +48,8 @@ class SupervisedUNetMethod(SegmentationMethod):
                progress: ProgressFn | None = None) -> "torch.Tensor":
         from DiffusionSegLib.methods.unet.network import predict_supervised
 
-        return predict_supervised(net, images, batch_size, amp, progress, binary=True)
+        window = card.patch_shape() if card.spatial_dims == 3 else None
+        return predict_supervised(net, images, batch_size, amp, progress, binary=True, window=window)
 
     def item_bytes(self, card: "ModelCard", spatial: tuple[int, ...]) -> int:
         # pixels x widest level x 4 bytes x safety factor, like the diffusion sampler's estimate

@@ -78,7 +78,8 @@ def supervised_loss(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | None = None, amp: bool = False,
-                       progress: Callable[[int, int], None] | None = None, binary: bool = False) -> torch.Tensor:
+                       progress: Callable[[int, int], None] | None = None, binary: bool = False,
+                       window: tuple[int, ...] | None = None) -> torch.Tensor:
     """One forward pass per image, sigmoid: the supervised counterpart of ``diffusion.sample_masks``.
 
     images: (B, C, *spatial) on the network's device. Deterministic (no noise, no seed).
@@ -87,6 +88,7 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     ``batch_size`` images (from free memory when None), halved on out-of-memory.
     """
     from DiffusionSegLib.core.device import auto_batch_size, autocast, for_each_chunk, keep_freed_memory_for_reuse
+    from DiffusionSegLib.methods.windows import in_windows
 
     device = images.device
     if device.type == "cpu":
@@ -101,7 +103,8 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
 
     def predict_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
         with autocast(device, amp):
-            logits = net(images[start:stop])
+            # A volume larger than ``window`` (the 3D training crop) goes through in crop-sized windows.
+            logits = in_windows(net, images[start:stop], window, stop - start)
         probability = torch.sigmoid(logits.float()).cpu()
         chunks.append((probability > 0.5).to(torch.uint8) if binary else probability)
         if progress is not None:
