@@ -1,7 +1,5 @@
-"""DiffusionSeg (3D Slicer module): a shell over the bundled library's Slicer layer, DiffusionSegLib.slicer:
-widget.DiffusionSegPanel (the panel), workflow.SegmentationWorkflow (the run, in a child process), logic
-(settings, dependencies, models), selftest. DiffusionSegLib is imported inside methods (fast Slicer start).
-"""
+"""DiffusionSeg (3D Slicer module): a shell over DiffusionSegLib.slicer (widget, workflow, logic, selftest),
+imported inside methods so Slicer starts fast."""
 
 import importlib.util
 import os
@@ -53,16 +51,13 @@ class DiffusionSeg(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["DiffusionSeg contributors"]
         self.parent.helpText = _(
-            "Segments a volume with a conditional diffusion model that draws several masks, and shows how sure it "
-            "is: the fused mask (optionally CRF-refined), the consistency region (all samples agree), the ambiguity "
-            "region (samples disagree), probability and uncertainty maps as overlays, the sample diversity and "
-            "region volumes. An agreement slider re-derives the fused mask from the kept samples (k of N). Runs in "
-            "the background; Apply becomes Cancel while it runs. Not a clinical tool: the bundled model was trained "
-            "on a single CT. See the <a href=\"https://github.com/diffusionseg/SlicerDiffusionSeg\">project page</a>.")
+            "Segments a volume with a diffusion model that draws several masks and shows how sure it is: fused "
+            "(optionally CRF-refined) mask, consistency and ambiguity regions, probability and uncertainty overlays, "
+            "sample diversity, volumes, and an agreement slider (k of N samples). Runs in the background. Not a "
+            "clinical tool. <a href=\"https://github.com/diffusionseg/SlicerDiffusionSeg\">Project page</a>.")
         self.parent.acknowledgementText = _(
-            "Methods: MedSegDiff (Wu et al., MIDL 2023), diffusion segmentation ensembles (Wolleb et al., "
-            "MIDL 2022), GED (Kohl et al., NeurIPS 2018), DenseCRF (Kraehenbuehl and Koltun, NeurIPS 2011). "
-            "Built on MONAI, PyTorch, SimpleITK, pydensecrf and slicerio.")
+            "MedSegDiff (Wu et al. 2023), Wolleb et al. 2022, GED (Kohl et al. 2018), DenseCRF (Kraehenbuehl and "
+            "Koltun 2011). Built on MONAI, PyTorch, SimpleITK, pydensecrf and slicerio.")
 
 
 @parameterNodeWrapper

@@ -374,7 +374,7 @@ def test_module_file_is_a_thin_shell():
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert {"ensureLibraryImportable", "sampleVolumePath"} <= functions <= {"ensureLibraryImportable",
                                                                              "sampleVolumePath"}
-    assert len(source.splitlines()) <= 180, "the module file grew: put the code in DiffusionSegLib/slicer/"
+    assert len(source.splitlines()) <= 160, "the module file grew: put the code in DiffusionSegLib/slicer/"
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     for name in SLICER_LAYER:
         assert f"DiffusionSegLib.slicer.{name}" in imported, f"the module file does not hand off to {name}.py"
