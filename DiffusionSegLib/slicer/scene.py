@@ -313,6 +313,31 @@ def set_segment_mask(segmentation_node: Any, volume_node: Any, segment_id: str, 
     _write_segment(segmentation_node, volume_node, segment_id, mask_kji)
 
 
+def segment_mask(segmentation_node: Any, segment_id: str, volume_node: Any) -> np.ndarray:
+    """One segment as a (K, J, I) uint8 0/1 mask on ``volume_node``'s voxel grid.
+
+    Uses Slicer's own export onto the volume's geometry, so a segment drawn on another grid, in
+    another representation (closed surface) or under a linear transform lands where Slicer shows it.
+    """
+    import slicer
+
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segment '{segment_id}'")
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, volume_node):
+            raise RuntimeError(f"Slicer could not export segment '{segment_id}' onto '{volume_node.GetName()}'")
+        if labelmap.GetImageData() is None or volume_shape_kji(labelmap) != volume_shape_kji(volume_node):
+            raise RuntimeError(f"segment '{segment_id}' was not exported on the grid of '{volume_node.GetName()}'")
+        return (_voxels(labelmap) > 0).astype(np.uint8)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
 # --------------------------------------------------------------------------------------------
 # Finding and removing outputs
 

@@ -304,6 +304,32 @@ class SegmentationWorkflow:
             self._summary["volumes_ml"][label]["fused"] = ml
         self._agreement = int(k)
 
+    def ged_against(self, references: dict[str, list[tuple[Any, str]]]) -> dict[str, dict[str, float]]:
+        """Generalized Energy Distance of the last run's samples against reference segments in the scene.
+
+        ``references``: label -> [(segmentation node, segment id), ...], e.g. the reader's own contour
+        and a second reader's. Per label: ``{"ged", "cross", "sample_diversity", "reference_diversity"}``
+        (D2_GED = 2 E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')], d = 1 - IoU; with one reference the last
+        term is 0). Kept in ``summary()["ged"]``. The samples are the run's, on the volume's grid.
+        """
+        from DiffusionSegLib.pipeline.ensemble import ged_terms
+        from DiffusionSegLib.slicer import scene as mrml_bridge
+
+        if self._samples is None or self._volume_node is None:
+            raise RuntimeError("no samples kept from a finished run; run first")
+        out = {}
+        for label, segments in references.items():
+            if label not in self._labels:
+                raise ValueError(f"'{label}' is not a label of the last run ({', '.join(self._labels)})")
+            if not segments:
+                raise ValueError(f"no reference segment given for '{label}'")
+            index = self._labels.index(label)
+            masks = np.stack([mrml_bridge.segment_mask(node, segment_id, self._volume_node)
+                              for node, segment_id in segments])  # (M, K, J, I)
+            out[label] = ged_terms(self._samples[:, index:index + 1], masks[:, None])[0].to_dict()
+        self._summary.setdefault("ged", {}).update(out)
+        return out
+
     def summary(self) -> dict[str, Any]:
         """Figures of the last run for the results panel.
 

@@ -145,6 +145,39 @@ def test_agreement_slider_moves_from_union_to_consistency(scene, tiny_model):
         workflow.set_agreement(4)
 
 
+def test_ged_against_reference_segments_drawn_in_the_scene(scene, tiny_model):
+    """A reader's contour and a second reader's, as segments of another node: GED and its terms by hand."""
+    from DiffusionSegLib.pipeline.ensemble import ged_terms
+
+    volume = add_volume(scene, blob_volume(), oblique_matrix())
+    workflow = SegmentationWorkflow(scene)
+    workflow.process(volume, settings_for(tiny_model), timeout=300)
+    readers = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "readers")
+    readers.CreateDefaultDisplayNodes()
+    readers.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    first, second = np.zeros((6, 28, 32), np.uint8), np.zeros((6, 28, 32), np.uint8)
+    first[1:5, 8:20, 10:24] = 1
+    second[2:5, 9:21, 11:22] = 1
+    ids = []
+    for name, mask in (("reader 1", first), ("reader 2", second)):
+        segment_id = readers.GetSegmentation().AddEmptySegment(name)
+        mrml_bridge.set_segment_mask(readers, volume, segment_id, mask)
+        ids.append(segment_id)
+    assert np.array_equal(mrml_bridge.segment_mask(readers, ids[0], volume), first)  # read back on the grid
+
+    one = workflow.ged_against({"lesion": [(readers, ids[0])]})["lesion"]
+    both = workflow.ged_against({"lesion": [(readers, ids[0]), (readers, ids[1])]})["lesion"]
+    # The same run in this process: the child's samples are these (same settings, same seed).
+    kept = segment_image(mrml_bridge.volume_to_image(volume), tiny_model, settings_for(tiny_model, keep_samples=True))
+    expected_one = ged_terms(kept.samples, first[None, None])[0].to_dict()
+    expected_both = ged_terms(kept.samples, np.stack([first, second])[:, None])[0].to_dict()
+    assert one == pytest.approx(expected_one, abs=1e-6) and one["reference_diversity"] == 0.0
+    assert both == pytest.approx(expected_both, abs=1e-6) and both["reference_diversity"] > 0.0
+    assert workflow.summary()["ged"]["lesion"] == both
+    with pytest.raises(ValueError, match="not a label"):
+        workflow.ged_against({"spleen": [(readers, ids[0])]})
+
+
 def test_roi_runs_only_inside_and_lands_in_the_full_volume(scene, tiny_model):
     volume = add_volume(scene, blob_volume(), oblique_matrix())
     box = ((4, 3, 1), (28, 25, 5))  # (i, j, k) half-open
