@@ -385,3 +385,31 @@ __all__ = ["SPEED_SETTINGS_GROUP", "STAGE_PERCENT", "ModelEntry", "PanelParamete
            "install_torch_with_extension", "missing_dependencies", "new_workflow", "pip_install_in_slicer",
            "progress_percent", "settings_from_parameters", "speed_key", "speed_setting", "stage_text",
            "stored_speed"]
+
+
+# -- references for the Generalized Energy Distance -------------------------------------------
+
+
+def match_reference_segments(segmentation_node: Any, labels: list[str]) -> dict[str, list[tuple[Any, str]]]:
+    """Segments of ``segmentation_node`` named like a label: label -> [(node, segment id), ...].
+
+    A segment is a reference of label "liver" when its name is "liver" or starts with "liver " (e.g.
+    "liver 2", "liver reader B"), case-insensitive, so several readers' contours can sit in one node.
+    DiffusionSeg's own output segments ("liver fused", "liver ambiguity", ...) are never references.
+    """
+    from DiffusionSegLib.slicer.scene import REGION_TAG
+
+    segmentation = segmentation_node.GetSegmentation()
+    matched: dict[str, list[tuple[Any, str]]] = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        if segment.HasTag(REGION_TAG):  # a segment a run made (fused, consistency, ...), not a reader's
+            continue
+        name = segment.GetName().strip().lower()
+        for label in labels:
+            key = label.lower()
+            if name == key or name.startswith(key + " "):
+                matched.setdefault(label, []).append((segmentation_node, segment_id))
+                break
+    return matched

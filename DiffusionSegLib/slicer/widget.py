@@ -64,6 +64,8 @@ class DiffusionSegPanel(VTKObservationMixin):
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.clearModelsButton.connect("clicked(bool)", self.onClearModels)
         self.ui.agreementSlider.connect("valueChanged(double)", self.onAgreementChanged)
+        self.ui.gedButton.connect("clicked(bool)", self.onCompareWithReference)
+        self.ui.referenceSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateGuiState)
         self.ui.loadSampleButton.enabled = samplePath is not None
 
         self.ui.progressBar.setVisible(False)
@@ -157,6 +159,8 @@ class DiffusionSegPanel(VTKObservationMixin):
             self.ui.loadSampleButton.enabled = self.samplePath is not None
             self._updateInputCheck()
         self.ui.agreementSlider.enabled = (not running) and self.workflow.n_samples > 0
+        self.ui.gedButton.enabled = ((not running) and self.workflow.n_samples > 0
+                                     and self.ui.referenceSegmentationSelector.currentNode() is not None)
 
     # -- does the input fit, how long will it take (before Apply) --------------------------------
 
@@ -509,8 +513,11 @@ class DiffusionSegPanel(VTKObservationMixin):
             for region in (volumes.get(label) or {}):
                 if region not in regions:
                     regions.append(region)
+        ged = summary.get("ged", {}) or {}
         table = self.ui.resultsTable
         headers = [_("Label"), _("Sample diversity")] + [_("{region} (mL)").format(region=r) for r in regions]
+        if ged:  # after "Compare (GED)": the distance to the reference and its two other terms
+            headers += [_("GED"), _("E[d(S,Y)]"), _("E[d(Y,Y')]")]
         table.clear()
         table.setColumnCount(len(headers))
         table.setHorizontalHeaderLabels(headers)
@@ -522,7 +529,32 @@ class DiffusionSegPanel(VTKObservationMixin):
             for column, region in enumerate(regions, start=2):
                 ml = (volumes.get(label) or {}).get(region)
                 table.setItem(row, column, qt.QTableWidgetItem("" if ml is None else f"{ml:.1f}"))
+            if ged:
+                terms = ged.get(label) or {}
+                for column, term in enumerate(("ged", "cross", "reference_diversity"), start=2 + len(regions)):
+                    value = terms.get(term)
+                    table.setItem(row, column, qt.QTableWidgetItem("" if value is None else f"{value:.3f}"))
         table.resizeColumnsToContents()
+
+    def onCompareWithReference(self) -> None:
+        """GED of the last run's samples against the chosen segmentation's segments named like its labels."""
+        reference = self.ui.referenceSegmentationSelector.currentNode()
+        if reference is None or self.workflow.n_samples <= 0:
+            return
+        labels = list((self.workflow.summary().get("sample_diversity") or {}).keys())
+        matched = modulelogic.match_reference_segments(reference, labels)
+        if not matched:
+            self.ui.statusLabel.text = _("No segment of '{node}' is named like a label ({labels}).").format(
+                node=reference.GetName(), labels=", ".join(labels))
+            return
+        try:
+            self.workflow.ged_against(matched)
+        except (ValueError, RuntimeError) as err:
+            slicer.util.errorDisplay(_("Could not compare with the reference: {error}").format(error=err))
+            return
+        self.ui.statusLabel.text = _("Compared with {n} reference segment(s) of '{node}'.").format(
+            n=sum(len(v) for v in matched.values()), node=reference.GetName())
+        self._fillResultsTable(self.workflow.summary())
 
     def onAgreementChanged(self, value: float) -> None:
         if self._updatingAgreement or self._isRunning() or self.workflow.n_samples <= 0:

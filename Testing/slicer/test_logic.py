@@ -365,3 +365,29 @@ def test_the_self_test_skips_naming_the_missing_packages(self_test, monkeypatch)
     assert shown == ["Skipped: missing Python packages (press Apply once in the module to install them): "
                      "monai>=1.4"] * 2
 
+
+
+def test_the_crf_checkbox_lets_a_cards_own_protocol_run(tmp_path):
+    from helpers import make_model
+
+    published = make_model(tmp_path / "published_model", default_crf="published")
+    plain = make_model(tmp_path / "plain_model", default_crf=False)
+    assert logic.settings_from_parameters(panel(model=str(published), crf=True)).crf is None  # the card decides
+    assert logic.settings_from_parameters(panel(model=str(plain), crf=True)).crf == "mean"
+    assert logic.settings_from_parameters(panel(model=str(published), crf=False)).crf == "off"
+
+
+def test_reference_segments_are_found_by_label_name_and_the_runs_own_segments_are_not():
+    from helpers import new_mrml_scene
+
+    from DiffusionSegLib.slicer.scene import REGION_TAG
+
+    scene = new_mrml_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "readers")
+    ids = {name: node.GetSegmentation().AddEmptySegment(name, name)  # (id, name)
+           for name in ("Liver", "liver 2", "liver fused", "spleen reader B", "livers", "kidney")}
+    node.GetSegmentation().GetSegment(ids["liver fused"]).SetTag(REGION_TAG, "fused")  # made by a run
+    matched = logic.match_reference_segments(node, ["liver", "spleen", "aorta"])
+    assert {label: [segment_id for _, segment_id in refs] for label, refs in matched.items()} == {
+        "liver": [ids["Liver"], ids["liver 2"]], "spleen": [ids["spleen reader B"]]}
+    assert all(n is node for refs in matched.values() for n, _ in refs)

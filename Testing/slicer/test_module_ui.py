@@ -45,6 +45,8 @@ EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
     "applyButton": ("QPushButton",),
     "estimateLabel": ("QLabel",),
     "inputWarningLabel": ("QLabel",),
+    "referenceSegmentationSelector": ("qMRMLNodeComboBox",),
+    "gedButton": ("QPushButton",),
     "progressBar": ("QProgressBar",),
     "statusLabel": ("QLabel",),
     "agreementSlider": ("ctkSliderWidget", "QSlider"),
