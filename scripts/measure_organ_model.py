@@ -34,7 +34,7 @@ def measure(model: Path, dataset: Path, split: str, largest_component: list[str]
 
     from DiffusionSegLib.models.card import read_card
 
-    card = read_card(model)
+    read_card(model)  # a folder that is not a model fails here, before any case is read
     if largest_component is not None:  # try a post-processing choice on a copy of the card only
         staged = Path(tempfile.mkdtemp(prefix=f"measure-{model.name}-"))
         for f in model.iterdir():
