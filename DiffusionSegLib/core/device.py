@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -94,6 +94,15 @@ def keep_freed_memory_for_reuse() -> None:
         libc.mallopt(m_trim_threshold, 1 << 30)
     except (OSError, AttributeError):
         log.debug("glibc mallopt not available; CPU allocator left as it is")
+
+
+def activation_bytes(spatial: Sequence[int], channels: Sequence[int] | None) -> int:
+    """Rough activation memory of one item through a network: pixels x widest level x 4 bytes x 24.
+
+    ``channels`` are the network's level widths (None or empty: 64). Sizes batches to free memory.
+    """
+    width = max((int(c) for c in channels or ()), default=64)
+    return int(math.prod(spatial) * width * 4 * 24)
 
 
 def auto_batch_size(device: torch.device, bytes_per_item: int, cap: int = 64) -> int:

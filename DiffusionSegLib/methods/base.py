@@ -96,9 +96,11 @@ class SegmentationMethod(ABC):
         would take four times the memory).
         """
 
-    @abstractmethod
     def item_bytes(self, card: "ModelCard", spatial: tuple[int, ...]) -> int:
         """Rough activation memory of one item through the network (sizes batches to free memory)."""
+        from DiffusionSegLib.core.device import activation_bytes
+
+        return activation_bytes(spatial, card.network.get("channels"))
 
     @abstractmethod
     def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":

@@ -10,14 +10,14 @@ sample is really at, whatever the MONAI version.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DiffusionSegLib.core.device import auto_batch_size, autocast, for_each_chunk, keep_freed_memory_for_reuse
+from DiffusionSegLib.core.device import (activation_bytes, auto_batch_size, autocast, for_each_chunk,
+                                         keep_freed_memory_for_reuse)
 from DiffusionSegLib.core.enums import PredictionType, Sampler
 from DiffusionSegLib.methods.windows import in_windows, needs_windows
 from DiffusionSegLib.models.card import ModelCard
@@ -94,9 +94,8 @@ def diffusion_loss(
 
 
 def bytes_per_item(card: ModelCard, spatial: tuple[int, ...]) -> int:
-    """Rough activation memory of one item: widest feature map x a safety factor."""
-    width = max(card.network.get("channels", [64]) or [64])
-    return int(math.prod(spatial) * width * 4 * 24)
+    """Rough activation memory of one item (``core.device.activation_bytes`` of the card's widths)."""
+    return activation_bytes(spatial, card.network.get("channels"))
 
 
 def sampling_timesteps(num_train_timesteps: int, steps: int) -> list[int]:

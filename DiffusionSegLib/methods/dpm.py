@@ -49,11 +49,6 @@ class ConditionalDPM(SegmentationMethod):
         return sample_masks(net, card, images, n_samples=plan.samples, steps=plan.steps, sampler=plan.sampler.value,
                             seed=seed, batch_size=batch_size, amp=amp, progress=progress, binary=True)
 
-    def item_bytes(self, card: "ModelCard", spatial: tuple[int, ...]) -> int:
-        from DiffusionSegLib.methods.diffusion import bytes_per_item
-
-        return bytes_per_item(card, spatial)
-
     def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
         """One denoiser call at the noisiest step, on noise from a fixed generator."""
         import torch

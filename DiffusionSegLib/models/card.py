@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from DiffusionSegLib.core.enums import CrfMode
 from DiffusionSegLib.core.errors import ModelLoadError
@@ -41,6 +41,15 @@ class LabelInfo:
     color: tuple[float, float, float] = (1.0, 0.0, 0.0)  # RGB in [0, 1]
     # Terminology as "category;type" codes (SNOMED CT), used by the Slicer bridge when known.
     terminology: str = ""
+
+
+def array_patch_size(patch_size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """A ``patch_size`` as cards and training configs write it ((H, W) or (H, W, D)) in array order:
+    (H, W) or (D, H, W)."""
+    if spatial_dims == 3:
+        height, width, depth = patch_size
+        return int(depth), int(height), int(width)
+    return tuple(int(p) for p in patch_size)
 
 
 @dataclass
@@ -118,10 +127,7 @@ class ModelCard:
         if len(self.patch_size) != self.spatial_dims:
             raise ModelLoadError(f"model card '{self.name}': patch_size {self.patch_size} must have "
                                  f"{self.spatial_dims} entries")
-        if self.spatial_dims == 3:
-            height, width, depth = self.patch_size
-            return int(depth), int(height), int(width)
-        return tuple(int(n) for n in self.patch_size)
+        return array_patch_size(self.patch_size, self.spatial_dims)
 
     def crf_mode(self) -> CrfMode:
         """The card's DenseCRF default as a CrfMode (ModelLoadError for an unknown spelling)."""

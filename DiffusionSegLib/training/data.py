@@ -283,14 +283,6 @@ def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
     return Case(files.name, to_model_layout(array.astype(np.float32, copy=False), card), to_model_layout(mask, card))
 
 
-def array_patch_size(patch_size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    """A card's ``patch_size`` ((H, W) or (H, W, D)) in array order: (H, W) or (D, H, W)."""
-    if spatial_dims == 3:
-        height, width, depth = patch_size
-        return int(depth), int(height), int(width)
-    return tuple(int(p) for p in patch_size)
-
-
 def load_cases(cases: Sequence[CaseFiles], card: ModelCard, labels: LabelValues) -> list[Case]:
     """``load_case`` for each case; raises DatasetError when a selected label occurs in no case."""
     loaded = [load_case(c, card, labels) for c in cases]
@@ -357,7 +349,7 @@ class PatchSampler:
     """Draws (image, mask) training items from in-memory cases.
 
     2D models (``spatial_dims=2``): an item is a slice along the card's slice axis cropped to
-    ``patch_size`` (H, W); 3D models: a (D, H, W) patch (array order: see ``array_patch_size``). With probability
+    ``patch_size`` (H, W); 3D models: a (D, H, W) patch (array order: see ``models.card.array_patch_size``). With probability
     ``foreground_fraction`` the item is centred on a foreground voxel: a label present in a
     random foreground case, then (2D) a slice containing that label and a pixel of it, or (3D) a
     voxel of it. Otherwise the location is uniform (2D: uniform over all slices of all cases).

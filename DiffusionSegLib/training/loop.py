@@ -38,7 +38,7 @@ import numpy as np
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.training.metrics import dice as dice_score  # public here: dice_score(pred, ref), both empty = 1.0
 from DiffusionSegLib.core.files import atomic_write_bytes
-from DiffusionSegLib.models.card import LabelInfo, ModelCard
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,13 @@ def validation_dice(net: Any, card: ModelCard, cases: Sequence[Any], n_samples: 
 
     from DiffusionSegLib.core.enums import Sampler
     from DiffusionSegLib.methods.registry import get_method
-    from DiffusionSegLib.training.data import array_patch_size, pad_to
+    from DiffusionSegLib.training.data import pad_to
 
     divisor = int(getattr(net, "size_divisor", 1))
     method = get_method(card.method)
     plan = method.plan(card, n_samples, steps, Sampler.DDIM)
     n_spatial = card.spatial_dims
-    minimum = array_patch_size(card.patch_size, n_spatial) if card.patch_size else (1,) * n_spatial
+    minimum = card.patch_shape() or (1,) * n_spatial
     per_case: dict[str, dict[str, float]] = {}
     for case in cases:
         spatial = case.image.shape[-n_spatial:]
@@ -323,7 +323,7 @@ class _Run:
         # Held-out cases need not contain every label: an absent label predicted absent scores 1.0.
         self.val_cases = [data.load_case(f, self.card, labels) for f in val_files]
         self.sampler = data.PatchSampler(
-            self.train_cases, config.spatial_dims, data.array_patch_size(config.patch_size, config.spatial_dims),
+            self.train_cases, config.spatial_dims, array_patch_size(config.patch_size, config.spatial_dims),
             config.foreground_fraction,
             data.Augmentation(enabled=config.augment, flips=config.flips,
                               label_offsets=_label_offsets(config, list(labels))), seed=config.seed)

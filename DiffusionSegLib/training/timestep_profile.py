@@ -27,7 +27,8 @@ def timestep_profile(net: Any, card: Any, cases: Sequence[Any], bins: int = 10, 
     """
     import torch
 
-    from DiffusionSegLib.methods.diffusion import make_scheduler, mask_to_signal, predicted_x0_and_noise
+    from DiffusionSegLib.methods.diffusion import (make_scheduler, mask_to_signal, predicted_x0_and_noise,
+                                                   training_target)
     from DiffusionSegLib.methods.registry import get_method
     from DiffusionSegLib.training.data import pad_to
 
@@ -59,9 +60,7 @@ def timestep_profile(net: Any, card: Any, cases: Sequence[Any], bins: int = 10, 
                 x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t.to(device))
                 net.zero_grad(set_to_none=True)
                 prediction = net(x_t, cond, t.to(device))
-                target = {"epsilon": noise, "sample": x0}.get(card.prediction_type)
-                if target is None:
-                    target = scheduler.get_velocity(x0, noise, t.to(device))
+                target = training_target(scheduler, x0, noise, t.to(device))
                 loss = torch.nn.functional.mse_loss(prediction.float(), target)
                 loss.backward()
                 norms.append(float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in net.parameters()

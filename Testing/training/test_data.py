@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from DiffusionSegLib.training import data
 from DiffusionSegLib.core.errors import DatasetError
-from DiffusionSegLib.models.card import LabelInfo, ModelCard
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size
 
 
 def _write(array: np.ndarray, path, spacing=None, origin=None, is_vector=False) -> None:
@@ -226,8 +226,8 @@ def test_3d_patches_are_centred_on_foreground():
 
 
 def test_array_patch_size_follows_the_card_convention():
-    assert data.array_patch_size([64, 48, 16], 3) == (16, 64, 48)  # card (H, W, D) -> array (D, H, W)
-    assert data.array_patch_size([64, 48], 2) == (64, 48)
+    assert array_patch_size([64, 48, 16], 3) == (16, 64, 48)  # card (H, W, D) -> array (D, H, W)
+    assert array_patch_size([64, 48], 2) == (64, 48)
 
 
 def test_augmentation_moves_image_and_mask_together_and_is_seeded():

@@ -5,7 +5,6 @@ Its "samples" are one mask: consistency equals the mask, ambiguity is empty, sam
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from DiffusionSegLib.core.enums import Sampler
@@ -50,11 +49,6 @@ class SupervisedUNetMethod(SegmentationMethod):
 
         window = card.patch_shape() if card.spatial_dims == 3 else None
         return predict_supervised(net, images, batch_size, amp, progress, binary=True, window=window)
-
-    def item_bytes(self, card: "ModelCard", spatial: tuple[int, ...]) -> int:
-        # pixels x widest level x 4 bytes x safety factor, like the diffusion sampler's estimate
-        width = max(int(c) for c in card.network.get("channels", (64,)) or (64,))
-        return int(math.prod(spatial) * width * 4 * 24)
 
     def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
         return net(images)

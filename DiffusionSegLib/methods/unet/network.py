@@ -15,7 +15,6 @@ ambiguity empty, sample diversity 0, probability map binary (its sigmoid map exi
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -87,7 +86,8 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     ``sample_masks`` with a single "sample" (threshold at 0.5 for the mask). Chunks of
     ``batch_size`` images (from free memory when None), halved on out-of-memory.
     """
-    from DiffusionSegLib.core.device import auto_batch_size, autocast, for_each_chunk, keep_freed_memory_for_reuse
+    from DiffusionSegLib.core.device import (activation_bytes, auto_batch_size, autocast, for_each_chunk,
+                                             keep_freed_memory_for_reuse)
     from DiffusionSegLib.methods.windows import in_windows
 
     device = images.device
@@ -96,8 +96,7 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     b = images.shape[0]
     if batch_size is None:
         # Activation estimate like the diffusion sampler's: pixels x widest level x 4 bytes x safety factor.
-        width = max(int(c) for c in getattr(net.unet, "channels", (64,)))
-        batch_size = auto_batch_size(device, int(math.prod(images.shape[2:]) * width * 4 * 24),
+        batch_size = auto_batch_size(device, activation_bytes(images.shape[2:], getattr(net.unet, "channels", None)),
                                      cap=64 if device.type != "cpu" else 32)
     chunks: list[torch.Tensor] = []
 
