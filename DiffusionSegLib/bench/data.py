@@ -146,7 +146,7 @@ def _to_int16(array: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _chest_anatomy(path: Path) -> tuple[sitk.Image, np.ndarray, str]:
+def chest_anatomy(path: Path) -> tuple[sitk.Image, np.ndarray, str]:
     """The chest CT at 3 mm slices, cropped to its lungs + margin, and its threshold lung mask."""
     ct = sitk.ReadImage(str(path))
     sx, sy, sz = ct.GetSpacing()
@@ -162,7 +162,7 @@ def _chest_anatomy(path: Path) -> tuple[sitk.Image, np.ndarray, str]:
     return ct, lung[tuple(box)], "HU threshold (< -400 HU, inner air > 100 mL, holes filled per slice)"
 
 
-def _base_anatomy(ct_path: Path, seg_path: Path, class_map: dict[int, str]) -> tuple[sitk.Image, np.ndarray, str]:
+def base_anatomy(ct_path: Path, seg_path: Path, class_map: dict[int, str]) -> tuple[sitk.Image, np.ndarray, str]:
     """example_ct cropped to its lung slices plus 8 slices below (negatives), TotalSegmentator lung lobes."""
     ct, seg = sitk.ReadImage(str(ct_path)), sitk.ReadImage(str(seg_path))
     lobes = [i for i, name in class_map.items() if name.startswith("lung_") and "lobe" in name]
@@ -243,8 +243,8 @@ def build_lung_datasets(out_dir: Path, design: LesionDesign = LesionDesign()) ->
                                        (CHEST_CT, BASE_CT, BASE_SEG, SMALL_CT, CLASS_MAP), tmp / "ts")
         small_start = _check_small_ct_is_a_crop(src)
         class_map = realdata.total_class_map(src / CLASS_MAP)
-        anatomy = {"chest": _chest_anatomy(src / CHEST_CT),
-                   "base": _base_anatomy(src / BASE_CT, src / BASE_SEG, class_map)}
+        anatomy = {"chest": chest_anatomy(src / CHEST_CT),
+                   "base": base_anatomy(src / BASE_CT, src / BASE_SEG, class_map)}
         pairs = realdata.build_lesion_cases(tmp / "pyradiomics")
         by_case = {p[0].name.split("_image")[0]: p for p in pairs}
 

@@ -8,8 +8,15 @@ from pathlib import Path
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser("train", help="train a model on a dataset folder (dataset.json or imagesTr/labelsTr)")
-    p.add_argument("dataset", help="dataset folder: dataset.json, or imagesTr/ and labelsTr/ (nnU-Net layout)")
+    from DiffusionSegLib.methods.registry import Method
+
+    p = sub.add_parser("train", help="train a model on a dataset folder (dataset.json or imagesTr/labelsTr; "
+                                     "image_labels.csv for image-level labels)")
+    p.add_argument("dataset", help="dataset folder: dataset.json, or imagesTr/ and labelsTr/ (nnU-Net layout); "
+                                   "for diffseg image_labels.csv, or lesion/ and healthy/ folders (no masks)")
+    p.add_argument("--method", choices=Method.values(), default=None,
+                   help="the method to train (default: the config's, else medsegdiff); diffseg learns from "
+                        "image-level labels only")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("--config", default=None, help="JSON file with TrainConfig fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",

@@ -110,6 +110,27 @@ class CrfBackend(Choice):
     TORCH_MEANFIELD = "torch-meanfield"  # the fallback without a compiler; runs on the GPU too
 
 
+class Supervision(Choice):
+    """What a method learns from: pixel masks, or image-level labels only (weakly supervised)."""
+
+    MASKS = "masks"  # image + label map pairs (data.PatchSampler)
+    IMAGE_LABELS = "image_labels"  # lesion / healthy per image or slice, never a mask (weak_labels)
+
+
+class DifferenceThreshold(Choice):
+    """How DiffSeg turns one difference map (of a whole input) into a mask.
+
+    ``HEALTHY``: above the quantile of the differences on healthy validation slices at that noise
+    level (calibrated after training; a healthy input then comes out nearly empty). ``OTSU``: Otsu's
+    threshold of the map (always splits it, so a lesion-free input still gets a "lesion").
+    ``OTSU_OVER_HEALTHY``: the larger of the two.
+    """
+
+    HEALTHY = "healthy"
+    OTSU = "otsu"
+    OTSU_OVER_HEALTHY = "otsu_over_healthy"
+
+
 class Stage(Choice):
     """The stages of a segmentation run, in order, as progress reports name them.
 

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from DiffusionSegLib.core.enums import Sampler
+from DiffusionSegLib.core.enums import CrfMode, Sampler, Supervision
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,6 +45,8 @@ class SegmentationMethod(ABC):
     title: str = ""
     #: True when masks are drawn from noise (several differ); False: one deterministic pass
     draws_samples: bool = True
+    #: what training reads: image + mask pairs, or image-level labels only (``training.weak_labels``)
+    supervision: Supervision = Supervision.MASKS
 
     # -- the network ----------------------------------------------------------------------------
 
@@ -64,18 +66,23 @@ class SegmentationMethod(ABC):
         return None
 
     @abstractmethod
-    def training_loss(self, net: "torch.nn.Module", state: Any, image: "torch.Tensor", mask: "torch.Tensor",
+    def training_loss(self, net: "torch.nn.Module", state: Any, image: "torch.Tensor", target: "torch.Tensor",
                       generator: "torch.Generator") -> "torch.Tensor":
-        """Scalar loss of one batch: image (B, C, *spatial) normalized, mask (B, L, *spatial) in {0, 1}.
+        """Scalar loss of one batch: image (B, C, *spatial) normalized; target: the masks (B, L, *spatial)
+        in {0, 1}, or for an image-label method the class labels (B,) (1 lesion, 0 healthy).
 
         ``state`` is what ``prepare_training`` returned; ``generator`` (CPU) draws every random number,
         so a resumed run continues bit-identically.
         """
 
     def card_defaults(self, default_samples: int, default_steps: int) -> dict[str, Any]:
-        """Inference defaults written to a new model card (samples, steps, sampler)."""
+        """Inference defaults written to a new model card (samples, steps, sampler, DenseCRF mode)."""
         return {"default_samples": default_samples, "default_steps": default_steps,
-                "default_sampler": Sampler.DDIM.value}
+                "default_sampler": Sampler.DDIM.value, "default_crf": CrfMode.MEAN.value}
+
+    def calibrate(self, net: "torch.nn.Module", card: "ModelCard", healthy_images: "torch.Tensor") -> None:
+        """After training an image-label method: measure on held-out healthy slices (B, C, *spatial)
+        what inference needs (written into ``card.method_settings``). Mask-supervised methods need nothing."""
 
     # -- inference ------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from DiffusionSegLib.core.enums import Choice
 from DiffusionSegLib.core.errors import ModelLoadError
-from DiffusionSegLib.methods import medsegdiff, unet, vanilla_dpm
+from DiffusionSegLib.methods import diffseg, medsegdiff, unet, vanilla_dpm
 from DiffusionSegLib.methods.base import SegmentationMethod
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,12 +34,14 @@ class Method(Choice):
     MEDSEGDIFF = "medsegdiff"
     VANILLA_DPM = "vanilla_dpm"
     UNET = "unet"
+    DIFFSEG = "diffseg"
 
 
 _METHODS: dict[Method, SegmentationMethod] = {
     Method.MEDSEGDIFF: medsegdiff.METHOD,
     Method.VANILLA_DPM: vanilla_dpm.METHOD,
     Method.UNET: unet.METHOD,
+    Method.DIFFSEG: diffseg.METHOD,
 }
 
 

@@ -96,6 +96,9 @@ class ModelCard:
     # Labels a run outputs; empty = all. The others are context classes: trained so the model tells
     # neighbouring structures apart (a kidney is not liver), sampled, and then dropped.
     shown_labels: list[str] = field(default_factory=list)
+    # Settings only one method reads (e.g. DiffSeg's noise levels and calibrated thresholds); the
+    # method documents and checks its own keys.
+    method_settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)  # data, steps, hardware, duration
     metrics: dict[str, Any] = field(default_factory=dict)  # measured validation/held-out figures

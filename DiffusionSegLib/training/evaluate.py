@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from DiffusionSegLib.core.errors import DatasetError, ModelLoadError
-from DiffusionSegLib.training.metrics import dice, hd95, iou
+from DiffusionSegLib.training.metrics import dice, hd95, iou, precision, recall
 from DiffusionSegLib.core.files import atomic_write_bytes
 
 
@@ -46,12 +46,14 @@ def _find_prediction(folder: Path, case: str) -> Path:
 # progress(stage, done, total): stage "cases" counts scored cases; "sampling" (model mode) is the
 # current case's sampling, as inference.segment_image reports it.
 Progress = Callable[[str, int, int], None]
+METRICS = ("dice", "iou", "precision", "recall", "hd95_mm")
 
 
 def score_case(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], spacing_xyz: list[float]) -> dict[str, Any]:
-    """Per-label Dice, IoU, HD95 (mm) of binary masks keyed by label name."""
+    """Per-label Dice, IoU, precision, recall and HD95 (mm) of binary masks keyed by label name."""
     spacing = list(reversed(spacing_xyz))  # numpy axis order
     return {name: {"dice": dice(pred[name], ref[name]), "iou": iou(pred[name], ref[name]),
+                   "precision": precision(pred[name], ref[name]), "recall": recall(pred[name], ref[name]),
                    "hd95_mm": hd95(pred[name], ref[name], spacing)} for name in ref}
 
 
@@ -60,7 +62,7 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]
     out: dict[str, dict[str, float | None]] = {}
     for name in cases[0]["metrics"]:
         row: dict[str, float | None] = {}
-        for metric in ("dice", "iou", "hd95_mm"):
+        for metric in METRICS:
             values = [c["metrics"][name][metric] for c in cases if c["metrics"][name][metric] is not None]
             row[f"{metric}_mean"] = statistics.fmean(values) if values else None
             row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else (0.0 if values else None)

@@ -35,7 +35,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from DiffusionSegLib.core.errors import DiffusionSegError
+from DiffusionSegLib.core.enums import Supervision
+from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError
 from DiffusionSegLib.training.metrics import dice as dice_score  # public here: dice_score(pred, ref), both empty = 1.0
 from DiffusionSegLib.core.files import atomic_write_bytes
 from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 __all__ = ["TrainConfig", "train", "config_from_cli", "validation_dice", "dice_score"]
 
 CHECKPOINT_DIR = "checkpoint"
+VAL_ITEMS = 64  # held-out items of an image-label method's validation loss
+CALIBRATION_ITEMS = 64  # held-out healthy crops an image-label method calibrates on
 LOG_NAME = "training_log.json"
 # Fields that may change when a run is resumed: they schedule the run, they do not define the model or data.
 RESUMABLE_CHANGES = ("steps", "val_every", "checkpoint_every", "device", "description", "limits")
@@ -57,7 +60,7 @@ class TrainConfig:
     """Every setting of a training run (JSON-serializable with ``dataclasses.asdict``)."""
 
     name: str = ""  # model name; "" = the model folder's name
-    method: str = "medsegdiff"  # network family: medsegdiff | vanilla_dpm | unet (supervised baseline)
+    method: str = "medsegdiff"  # methods.registry.Method: medsegdiff | vanilla_dpm | unet | diffseg
     spatial_dims: int = 2
     network: dict[str, Any] = field(default_factory=dict)  # kwargs of networks.build_network
     patch_size: list[int] = field(default_factory=lambda: [128, 128])  # (H, W) or (H, W, D) as in ModelCard
@@ -86,7 +89,9 @@ class TrainConfig:
     # organ's voxels, e.g. {"liver": [0, 80]} lets a model trained on non-contrast CT see enhanced livers.
     contrast_augment: dict[str, list[float]] = field(default_factory=dict)
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
-    default_crf: bool | str = True  # written to the card: "off" | "mean" | "published" (true = "mean", false = "off")
+    method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
+    # written to the card: "off" | "mean" | "published" (true = "mean", false = "off"); None = the method's default
+    default_crf: bool | str | None = None
     shown_labels: list[str] = field(default_factory=list)  # written to the card; empty = output every label
     val_every: int = 500
     val_cases: int | list[str] | None = None  # held-out CASES: names, a count, or None = 20% (at least 1)
@@ -122,7 +127,8 @@ class TrainConfig:
             problems.append(f"patch_size {self.patch_size} for a {self.spatial_dims}D model")
         if self.spacing is not None and len(self.spacing) not in (2, 3):
             problems.append(f"spacing {self.spacing}")
-        if not isinstance(self.default_crf, bool) and self.default_crf not in CrfMode.values():
+        if self.default_crf is not None and not isinstance(self.default_crf, bool) \
+                and self.default_crf not in CrfMode.values():
             problems.append(f"default_crf {self.default_crf!r} (use {', '.join(CrfMode.values())}, true or false)")
         if self.prediction_type not in PredictionType.values():
             problems.append(f"prediction_type '{self.prediction_type}' (use {', '.join(PredictionType.values())})")
@@ -141,7 +147,7 @@ def config_from_cli(args: Any) -> TrainConfig:
     """TrainConfig from the ``train`` subcommand: base, then ``--set KEY=JSON`` overrides.
 
     Base: the checkpoint's own config when ``--resume`` finds one in ``--output``, else the
-    ``--config`` JSON file, else the defaults. A value that is not JSON is taken as a string
+    ``--config`` JSON file, else the defaults; then ``--method``. A value that is not JSON is taken as a string
     (``--set method=vanilla_dpm``).
     """
     state_path = Path(args.output) / CHECKPOINT_DIR / "state.json"
@@ -154,6 +160,8 @@ def config_from_cli(args: Any) -> TrainConfig:
             raise DiffusionSegError(f"unreadable training config {args.config}: {err}") from err
     else:
         base = {}
+    if getattr(args, "method", None):
+        base["method"] = args.method
     for item in getattr(args, "set", None) or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -266,6 +274,8 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
     from DiffusionSegLib.methods.registry import get_method
 
     defaults = get_method(config.method).card_defaults(config.default_samples, config.default_steps)
+    if config.default_crf is not None:
+        defaults["default_crf"] = config.default_crf
     label_infos = [LabelInfo(n, tuple(config.label_colors.get(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])))
                    for i, n in enumerate(labels)]
     return ModelCard(
@@ -276,7 +286,8 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         patch_size=list(config.patch_size), prediction_type=config.prediction_type,
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
         **defaults,
-        largest_component=[n for n in config.largest_component if n in labels], default_crf=config.default_crf,
+        largest_component=[n for n in config.largest_component if n in labels],
+        method_settings=dict(config.method_settings),
         shown_labels=[n for n in config.shown_labels if n in labels],
         description=config.description, limits=config.limits,
     )
@@ -308,31 +319,21 @@ class _Run:
     def __init__(self, dataset_dir: Path, model_dir: Path, config: TrainConfig):
         import torch
 
-        from DiffusionSegLib.training import data
         from DiffusionSegLib.core.device import resolve_device, use_deterministic_kernels
         from DiffusionSegLib.methods.registry import get_method
 
         self.dataset_dir, self.model_dir, self.config = dataset_dir, model_dir, config
-        all_cases = data.discover_cases(dataset_dir, "training")
-        train_files, val_files = _split_validation(dataset_dir, all_cases, config)
-        labels = (data.check_label_selection(config.labels) if config.labels
-                  else data.default_labels(dataset_dir, all_cases))
-        self.label_values = labels
-        self.card = _build_card(config.name or model_dir.name, config, data.image_channels(train_files[0]), labels)
-        self.train_cases = data.load_cases(train_files, self.card, labels)
-        # Held-out cases need not contain every label: an absent label predicted absent scores 1.0.
-        self.val_cases = [data.load_case(f, self.card, labels) for f in val_files]
-        self.sampler = data.PatchSampler(
-            self.train_cases, config.spatial_dims, array_patch_size(config.patch_size, config.spatial_dims),
-            config.foreground_fraction,
-            data.Augmentation(enabled=config.augment, flips=config.flips,
-                              label_offsets=_label_offsets(config, list(labels))), seed=config.seed)
+        self.method = get_method(config.method)
+        self.val_batch: tuple[Any, Any] | None = None  # image-label methods: fixed held-out items
+        if self.method.supervision == Supervision.IMAGE_LABELS:
+            self._load_image_label_data()
+        else:
+            self._load_mask_data()
 
         self.device = resolve_device(config.device)
         use_deterministic_kernels(self.device)  # same seed, same run, on CUDA as well as on CPU
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if config.amp is None else config.amp
         torch.manual_seed(config.seed)  # network initialisation
-        self.method = get_method(config.method)
         self.net = self.method.build_network(self.card).to(self.device)
         divisor = int(getattr(self.net, "size_divisor", 1))
         if any(p % divisor for p in config.patch_size):
@@ -344,8 +345,70 @@ class _Run:
         self.step = 0
         self.losses: list[float] = []
         self.validations: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None  # {"step", "mean_dice", "dice", "state"}
+        # {"step", "mean_dice", "dice", "state"}; image-label methods: {"step", "validation_loss", "state"}
+        self.best: dict[str, Any] | None = None
         self.elapsed_s = 0.0
+
+    def _load_mask_data(self) -> None:
+        """Cases with label maps, the validation split and the patch sampler (mask-supervised methods)."""
+        from DiffusionSegLib.training import data
+
+        dataset_dir, config = self.dataset_dir, self.config
+        all_cases = data.discover_cases(dataset_dir, "training")
+        train_files, val_files = _split_validation(dataset_dir, all_cases, config)
+        labels = (data.check_label_selection(config.labels) if config.labels
+                  else data.default_labels(dataset_dir, all_cases))
+        self.label_values = labels
+        self.card = _build_card(config.name or self.model_dir.name, config, data.image_channels(train_files[0]), labels)
+        self.train_cases = data.load_cases(train_files, self.card, labels)
+        # Held-out cases need not contain every label: an absent label predicted absent scores 1.0.
+        self.val_cases = [data.load_case(f, self.card, labels) for f in val_files]
+        self.sampler = data.PatchSampler(
+            self.train_cases, config.spatial_dims, array_patch_size(config.patch_size, config.spatial_dims),
+            config.foreground_fraction,
+            data.Augmentation(enabled=config.augment, flips=config.flips,
+                              label_offsets=_label_offsets(config, list(labels))), seed=config.seed)
+
+    def _load_image_label_data(self) -> None:
+        """Images with lesion / healthy labels only (never a mask), the split and the item sampler."""
+        from DiffusionSegLib.training import weak_labels as weak
+        from DiffusionSegLib.training.data import Augmentation, image_channels
+
+        dataset_dir, config = self.dataset_dir, self.config
+        if not weak.is_weak_dataset(dataset_dir):
+            raise DatasetError(f"method '{config.method}' trains from image-level labels: {dataset_dir} needs "
+                               f"{weak.CSV_NAME} or the folders lesion/ and healthy/")
+        if config.spatial_dims != 2:
+            raise DatasetError("image-level labels train 2D models (an item is a slice): set spatial_dims 2")
+        all_files = weak.discover_weak_cases(dataset_dir, "training")
+        own = weak.discover_weak_cases(dataset_dir, "validation")
+        train_files, val_files = ((all_files, own) if own
+                                  else weak.split_weak_validation(all_files, config.val_cases, config.seed))
+        self.label_values = {"lesion": (weak.LESION,)}
+        self.card = _build_card(config.name or self.model_dir.name, config, image_channels(train_files[0]),
+                                self.label_values)
+        self.train_cases = weak.load_weak_cases(train_files, self.card)
+        self.val_cases = [weak.load_weak_case(f, self.card) for f in val_files]
+        patch = array_patch_size(config.patch_size, 2)
+        self.sampler = weak.ImageLabelSampler(self.train_cases, patch,
+                                              Augmentation(enabled=config.augment, flips=config.flips), seed=config.seed)
+        if self.val_cases:
+            try:  # the same held-out items at every validation, so the losses compare
+                self.val_batch = weak.ImageLabelSampler(self.val_cases, patch, None, seed=config.seed + 2).batch(VAL_ITEMS)
+            except DatasetError as err:
+                log.warning("no validation loss: %s", err)
+
+    def healthy_crops(self, count: int) -> Any:
+        """(count, C, *patch) held-out healthy crops (training ones when nothing is held out), for calibration."""
+        import torch
+
+        from DiffusionSegLib.training.weak_labels import ImageLabelSampler
+
+        patch = array_patch_size(self.config.patch_size, 2)
+        source = [c for c in self.val_cases if not c.slice_labels.all()] or [
+            c for c in self.train_cases if not c.slice_labels.all()]
+        images, _ = ImageLabelSampler(source, patch, None, seed=self.config.seed + 4, lesion_fraction=0.0).batch(count)
+        return torch.from_numpy(images).to(self.device)
 
     # -- one optimizer step ------------------------------------------------------------------
 
@@ -373,6 +436,8 @@ class _Run:
         return value
 
     def validate(self) -> dict[str, Any] | None:
+        if self.method.supervision == Supervision.IMAGE_LABELS:
+            return self._validate_loss()
         if not self.val_cases:
             return None
         result = validation_dice(self.ema, self.card, self.val_cases, self.config.val_samples,
@@ -382,6 +447,26 @@ class _Run:
         if self.best is None or result["mean_dice"] > self.best["mean_dice"]:
             self.best = {"step": self.step, "mean_dice": result["mean_dice"], "dice": result["dice"],
                          "state": _cpu_state(self.ema)}
+        return record
+
+    def _validate_loss(self) -> dict[str, Any] | None:
+        """Image-label methods have no mask to score: the EMA's loss on fixed held-out items, same noise each time."""
+        import torch
+
+        if self.val_batch is None:
+            return None
+        images, targets = self.val_batch
+        generator = torch.Generator("cpu").manual_seed(self.config.seed + 3)
+        losses = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.config.batch_size):
+                image = torch.from_numpy(images[start:start + self.config.batch_size]).to(self.device)
+                target = torch.from_numpy(targets[start:start + self.config.batch_size]).to(self.device)
+                losses.append(float(self.method.training_loss(self.ema, self.objective, image, target, generator)))
+        record = {"step": self.step, "validation_loss": float(np.mean(losses))}
+        self.validations.append(record)
+        if self.best is None or record["validation_loss"] < self.best["validation_loss"]:
+            self.best = {**record, "state": _cpu_state(self.ema)}
         return record
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -448,6 +533,23 @@ class _Run:
             self.best = {**state["best"], "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
 
 
+def _finish_image_label_run(run: _Run, final_state: dict[str, Any]) -> None:
+    """Card metrics of an image-label run, and the method's calibration on held-out healthy crops."""
+    card, config = run.card, run.config
+    card.training["validation_cases"] = [c.name for c in run.val_cases]
+    card.metrics = {"validation": "none: no held-out items"} if run.best is None else {
+        "validation_loss": round(run.best["validation_loss"], 6),
+        "validation": {"cases": [c.name for c in run.val_cases], "step": run.best["step"], "items": VAL_ITEMS,
+                       "criterion": "loss of the method's objective on fixed held-out items (no mask is read)"}}
+    net = run.method.build_network(card).to(run.device).eval()
+    net.load_state_dict(final_state)
+    held_out = any(not c.slice_labels.all() for c in run.val_cases)
+    run.method.calibrate(net, card, run.healthy_crops(CALIBRATION_ITEMS))
+    card.metrics["calibration"] = {"items": CALIBRATION_ITEMS, "patch": list(config.patch_size),
+                                   "source": "held-out healthy slices" if held_out else "training healthy slices "
+                                   "(nothing held out: thresholds are optimistic)"}
+
+
 def checkpoint_folder(model_dir: Path) -> Path | None:
     """The checkpoint to resume from; ``.checkpoint.old`` survives a crash between the two renames."""
     for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
@@ -494,7 +596,9 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
                 run.validate()
             postfix = {"loss": f"{np.mean(run.losses[-50:]):.4f}"}  # running mean: one batch is noisy
             if run.validations:
-                postfix["val_dice"] = f"{run.validations[-1]['mean_dice']:.3f}"
+                last_val = run.validations[-1]
+                postfix.update({"val_dice": f"{last_val['mean_dice']:.3f}"} if "mean_dice" in last_val
+                               else {"val_loss": f"{last_val['validation_loss']:.4f}"})
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if run.step % config.checkpoint_every == 0 or last:
@@ -518,7 +622,9 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
         "selected_step": run.best["step"] if run.best is not None else run.step,
         "config": dataclasses.asdict(config),
     }
-    if run.best is not None:
+    if run.method.supervision == Supervision.IMAGE_LABELS:
+        _finish_image_label_run(run, final_state)
+    elif run.best is not None:
         card.metrics = {
             "validation_dice": {k: round(v, 4) for k, v in run.best["dice"].items()},
             "validation_mean_dice": round(run.best["mean_dice"], 4),

@@ -23,6 +23,20 @@ def iou(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(p, r).sum() / union)
 
 
+def precision(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Precision = |P∩R| / |P|; with nothing predicted: 1.0 when the reference is empty too, else 0.0."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    n = p.sum()
+    return float(not r.any()) if n == 0 else float(np.logical_and(p, r).sum() / n)
+
+
+def recall(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Recall (sensitivity) = |P∩R| / |R|; with an empty reference: 1.0 when nothing is predicted, else 0.0."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    n = r.sum()
+    return float(not p.any()) if n == 0 else float(np.logical_and(p, r).sum() / n)
+
+
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float | None:
     """95th-percentile symmetric Hausdorff distance in mm (MONAI), None if either mask is empty.
 

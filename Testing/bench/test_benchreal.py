@@ -153,7 +153,7 @@ def test_suite_runs_writes_results_and_resume_skips_finished_runs(tmp_path, monk
     m = json.loads((out / "runs" / "tiny" / "medsegdiff_s0" / "metrics.json").read_text())
     assert m["samples"] == 2 and m["steps"] == 2 and m["training"]["steps"] == 2
     assert [c["case"] for c in m["cases"]] == ["test0"]  # only the test split is scored
-    assert set(m["cases"][0]["metrics"]["blob"]) == {"dice", "iou", "hd95_mm"}
+    assert set(m["cases"][0]["metrics"]["blob"]) == {"dice", "iou", "precision", "recall", "hd95_mm"}
     agg = results["tasks"]["tiny"]["aggregate"]
     assert agg["MedSegDiff"]["per_case"]["test0"]["blob"]["dice"]["mean"] == pytest.approx(
         m["cases"][0]["metrics"]["blob"]["dice"])

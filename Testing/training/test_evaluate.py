@@ -45,6 +45,7 @@ def test_prediction_folder_scores_match_hand_computed_values(tmp_path, dataset):
     summary = evaluate(preds, root, split="test", out_json=tmp_path / "m.json")
     a, b = summary["cases"][0]["metrics"]["a"], summary["cases"][0]["metrics"]["b"]
     assert a["dice"] == pytest.approx(6 / 7) and a["iou"] == pytest.approx(3 / 4)
+    assert a["precision"] == 1.0 and a["recall"] == pytest.approx(3 / 4)  # nothing extra, one of 4 missed
     assert b["dice"] == 1.0 and b["hd95_mm"] == pytest.approx(0.0)
     assert json.loads((tmp_path / "m.json").read_text())["mean"]["a"]["dice_mean"] == pytest.approx(6 / 7)
 

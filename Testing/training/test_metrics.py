@@ -43,3 +43,17 @@ def test_false_positive_components_hand_computed():
     pred[3, 0, 9] = True  # 1 voxel, separate
     assert false_positive_components(pred, ref, voxel_ml=0.5) == [2.0, 0.5]
     assert false_positive_components(np.zeros_like(ref), ref, 1.0) == []
+
+
+def test_precision_and_recall_against_hand_counts():
+    from DiffusionSegLib.training.metrics import precision, recall
+
+    ref = np.zeros((4, 4), bool)
+    ref[:2, :2] = True  # 4 voxels
+    pred = np.zeros((4, 4), bool)
+    pred[:2, :3] = True  # 6 voxels, 4 of them right
+    assert precision(pred, ref) == pytest.approx(4 / 6) and recall(pred, ref) == pytest.approx(1.0)
+    empty = np.zeros((4, 4), bool)
+    assert precision(empty, ref) == 0.0 and recall(empty, ref) == 0.0  # a missed lesion
+    assert precision(empty, empty) == 1.0 and recall(empty, empty) == 1.0  # a correct "nothing"
+    assert precision(pred, empty) == 0.0 and recall(pred, empty) == 0.0  # a false alarm

@@ -34,7 +34,7 @@ class SupervisedUNetMethod(SegmentationMethod):
 
     def card_defaults(self, default_samples: int, default_steps: int) -> dict[str, Any]:
         # One deterministic "sample" of one "step": more would repeat the same mask.
-        return {"default_samples": 1, "default_steps": 1, "default_sampler": Sampler.DDIM.value}
+        return {**super().card_defaults(1, 1), "default_sampler": Sampler.DDIM.value}
 
     def plan(self, card: "ModelCard", samples: int | None, steps: int | None,
              sampler: Sampler | None) -> SamplingPlan:
