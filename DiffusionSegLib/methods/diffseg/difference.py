@@ -220,23 +220,35 @@ def threshold_maps(differences: torch.Tensor, timesteps: Sequence[int], settings
     return masks
 
 
-def calibrate(net: torch.nn.Module, card: ModelCard, healthy_images: torch.Tensor, quantile: float,
-              levels: int = 7, seed: int = 0, batch_size: int | None = None) -> dict[str, list[float]]:
-    """Healthy threshold table: the ``quantile`` of the difference on healthy slices at ``levels`` noise levels.
+def healthy_differences(net: torch.nn.Module, card: ModelCard, healthy_images: torch.Tensor,
+                        levels: int = 7, seed: int = 0, batch_size: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """Difference maps of healthy slices at calibration noise levels: (timesteps, (T, B, 1, *S)).
 
     healthy_images: (B, C, *S) normalized slices without lesion (held-out ones: the training slices
-    were fitted, so their differences are optimistic). Spans ``noise_levels`` and up to the trained
-    maximum, so a run may choose other levels without recalibrating. Returns {"t": [...], "value": [...]}.
+    were fitted, so their differences are optimistic). The levels span ``noise_levels`` and the
+    trained range, so a run may choose other levels without recalibrating.
     """
     settings = DiffSegSettings.from_card(card)
     ts = sorted({int(t) for t in np.linspace(settings.noise_levels[0] // 2 or 1, settings.train_t_max - 1, levels)}
                 | {int(t) for t in settings.noise_levels})
-    d = difference_maps(net, card, healthy_images, ts, seed=seed, batch_size=batch_size)
+    return ts, difference_maps(net, card, healthy_images, ts, seed=seed, batch_size=batch_size)
+
+
+def quantile_table(timesteps: Sequence[int], differences: torch.Tensor, quantile: float,
+                   seed: int = 0) -> dict[str, list[float]]:
+    """{"t": [...], "value": [...]}: the ``quantile`` of each level's healthy differences (T, B, 1, *S)."""
     rng = np.random.default_rng(seed)
     values = []
-    for k in range(len(ts)):
-        flat = d[k].reshape(-1).numpy()
+    for k in range(len(timesteps)):
+        flat = differences[k].reshape(-1).numpy()
         if flat.size > 4_000_000:  # a quantile of 4 M pixels is exact to far below the noise here
             flat = rng.choice(flat, 4_000_000, replace=False)
         values.append(float(np.quantile(flat, quantile)))
-    return {"t": [float(t) for t in ts], "value": values}
+    return {"t": [float(t) for t in timesteps], "value": values}
+
+
+def calibrate(net: torch.nn.Module, card: ModelCard, healthy_images: torch.Tensor, quantile: float,
+              seed: int = 0, batch_size: int | None = None) -> dict[str, list[float]]:
+    """Healthy threshold table: the ``quantile`` of the difference on healthy slices (B, C, *S) per noise level."""
+    ts, d = healthy_differences(net, card, healthy_images, seed=seed, batch_size=batch_size)
+    return quantile_table(ts, d, quantile, seed)
