@@ -35,7 +35,7 @@ from DiffusionSegLib.training.data import CaseFiles, load_case, pad_to  # noqa: 
 from DiffusionSegLib.training.metrics import dice  # noqa: E402
 from DiffusionSegLib.training.weak_labels import ImageLabelSampler, discover_weak_cases, load_weak_case  # noqa: E402
 
-RANGES = ([60, 150], [150, 300], [250, 450])
+RANGES = ([60, 150], [150, 300], [250, 450], [350, 490])
 RULES = ("healthy", "otsu", "otsu_over_healthy")
 QUANTILES = (0.99, 0.999, 0.9999)
 
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--crops", type=int, default=64, help="held-out healthy crops for each calibration")
+    parser.add_argument("--masks", type=Path, default=None,
+                        help="folder of the validation masks (same file name, or <case>.nii.gz); default DATASET/validation_masks")
     parser.add_argument("--write", action="store_true", help="store the best setting in the model card")
     args = parser.parse_args()
     import torch
@@ -53,10 +55,11 @@ def main() -> None:
     torch.set_grad_enabled(False)
     net, card = load_model(args.model)
     divisor = int(net.size_divisor)
-    files = discover_weak_cases(args.dataset, "validation")
+    files = [f for f in discover_weak_cases(args.dataset, "validation") if f.label == 1]  # lesion cases score
     volumes = []
     for f in files:
-        mask_path = args.dataset / "validation_masks" / f.image.name
+        masks = args.masks or args.dataset / "validation_masks"
+        mask_path = masks / f.image.name if (masks / f.image.name).is_file() else masks / f"{f.name}.nii.gz"
         case = load_case(CaseFiles(f.name, f.image, mask_path), card, {"lesion": (1,)})
         spatial = case.image.shape[-2:]
         padded = [math.ceil(n / divisor) * divisor for n in spatial]
@@ -64,7 +67,7 @@ def main() -> None:
         crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(spatial, padded))
         volumes.append((f.name, torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, 1, 0))), crop,
                         case.mask[0].astype(bool)))
-    weak_cases = [load_weak_case(f, card) for f in files]
+    weak_cases = [load_weak_case(f, card) for f in discover_weak_cases(args.dataset, "validation")]
     healthy = torch.from_numpy(ImageLabelSampler(weak_cases, card.patch_shape(), None, seed=4,
                                                  lesion_fraction=0.0).batch(args.crops)[0])
     base = DiffSegSettings.from_card(card)

@@ -100,8 +100,8 @@ def test_the_healthy_level_is_interpolated_between_calibrated_noise_levels():
 
 def test_one_threshold_per_output_over_the_whole_input_so_a_lesion_free_slice_stays_empty():
     d = torch.zeros((1, 2, 1, 4, 4))
-    d[0, 0, 0, :2, :2] = 1.0  # slice 0 has a lesion-like difference, slice 1 is flat noise-free 0
-    d[0, 1] = 0.01
+    d[0, 0, 0, :2, :2] = 1.0  # slice 0 has a lesion-like difference, slice 1 only small noise
+    d[0, 1, 0] = torch.linspace(0.0, 0.02, 16).reshape(4, 4)  # Otsu of this slice alone would split it
     masks = threshold_maps(d, [100], DiffSegSettings(threshold="otsu"))
     assert masks[0, 0, 0, :2, :2].all() and masks[0, 0].sum() == 4 and masks[0, 1].sum() == 0
 

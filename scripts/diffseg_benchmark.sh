@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# DiffSeg lung-lesion benchmark, as run for docs/BENCHMARKS.md ("DiffSeg: weakly supervised lung lesions").
+#   bash scripts/diffseg_benchmark.sh MODEL_DIR [OUT_DIR]
+# MODEL_DIR: a trained DiffSeg model (diffusionseg train data/lung_weak --config ...).
+# 1. chooses noise levels and threshold rule on the VALIDATION volumes (writes them into the card);
+# 2. on validation: the CRF protocol (off / mean / published) at 5 outputs, and 1, 3, 10 outputs;
+# 3. on the TEST volumes (the two real pyradiomics lung tumours), once, at the card's defaults.
+set -euo pipefail
+MODEL=${1:?model folder}
+OUT=${2:-runs/diffseg/eval}
+DATA=data/lung_weak
+EVAL=data/lung_weak_eval
+mkdir -p "$OUT"
+[ -d "$DATA" ] || python3 scripts/make_weak_lesion_dataset.py --out "$DATA"
+# An nnU-Net style view of the same files for `evaluate` (validation and test masks; training has none).
+mkdir -p "$EVAL"/{imagesVal,labelsVal,imagesTs,labelsTs}
+for c in check_chest check_base; do
+  ln -sf "$(realpath $DATA/images/$c.nii.gz)" "$EVAL/imagesVal/$c.nii.gz"
+  ln -sf "$(realpath $DATA/validation_masks/$c.nii.gz)" "$EVAL/labelsVal/$c.nii.gz"
+done
+for c in lung1 lung2; do
+  ln -sf "$(realpath $DATA/images/$c.nii.gz)" "$EVAL/imagesTs/$c.nii.gz"
+  ln -sf "$(realpath $DATA/test_masks/$c.nii.gz)" "$EVAL/labelsTs/$c.nii.gz"
+done
+echo '{"labels": {"0": "background", "1": "lesion"}}' > "$EVAL/dataset.json"
+
+python3 scripts/choose_diffseg_setting.py "$MODEL" "$DATA" --write | tee "$OUT/choose.log"
+for crf in off mean published; do
+  diffusionseg evaluate "$MODEL" "$EVAL" --split validation --samples 5 --crf "$crf" -q -o "$OUT/val_n5_crf_$crf.json"
+done
+for n in 1 3 10; do
+  diffusionseg evaluate "$MODEL" "$EVAL" --split validation --samples "$n" --crf published -q -o "$OUT/val_n${n}_crf_published.json"
+done
+diffusionseg evaluate "$MODEL" "$EVAL" --split test -q -o "$OUT/test_defaults.json"
