@@ -391,3 +391,18 @@ def test_reference_segments_are_found_by_label_name_and_the_runs_own_segments_ar
     assert {label: [segment_id for _, segment_id in refs] for label, refs in matched.items()} == {
         "liver": [ids["Liver"], ids["liver 2"]], "spleen": [ids["spleen reader B"]]}
     assert all(n is node for refs in matched.values() for n, _ in refs)
+
+
+def test_the_bundled_diffseg_model_is_selectable_with_its_figures_and_crf_default(models_home):
+    entry = next(e for e in logic.available_models() if e.name == "rgb_skin_lesion_diffseg_2d")
+    card = read_card(Path(entry.folder))
+    assert (entry.origin, entry.is_default, card.method) == ("bundled", False, "diffseg")
+    assert entry.default_crf and card.default_crf == "published"  # the checkbox starts on: the card's protocol
+    figures = summary_line(entry_for(card.name))
+    assert figures and figures in entry.summary
+    # the checked box runs the card's own (published) CRF: the setting leaves it to the card (None)
+    from types import SimpleNamespace
+
+    panel = SimpleNamespace(model=entry.name, samples=0, steps=0, seed=0, device="cpu", crf=True)
+    assert logic.settings_from_parameters(panel).crf is None
+    assert logic.settings_from_parameters(SimpleNamespace(**{**vars(panel), "crf": False})).crf == "off"
