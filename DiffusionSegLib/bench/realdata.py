@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffusionSegLib.core.errors import DatasetError
-from DiffusionSegLib.core.files import atomic_write_bytes, sha256_of
+from DiffusionSegLib.core.files import atomic_write_bytes, replace_folder, sha256_of
 from DiffusionSegLib.training.metrics import dice
 
 
@@ -308,17 +308,6 @@ def _label_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a completed folder into place, replacing a previous build (only one we wrote)."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def build_organ_dataset(out_dir: str | Path, labels: Mapping[str, LabelIds] = ORGAN_LABELS,
                         validation_slab: tuple[int, int] | None = None, slab_gap: int = 2) -> Path:
     """Write an MSD-style organ dataset from the TotalSegmentator sdist; returns ``out_dir``.
@@ -426,7 +415,7 @@ def build_organ_dataset(out_dir: str | Path, labels: Mapping[str, LabelIds] = OR
                 **entries,
             }
             (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
-            _replace_dir(tmp, out_dir)
+            replace_folder(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

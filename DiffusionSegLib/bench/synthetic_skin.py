@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.core.files import replace_folder
 
 WIDTH_FRACTION = (0.15, 0.45)  # lesion mask bounding-box width / image width
 _DRAWN_FRACTION = (0.17, 0.43)  # drawn inside WIDTH_FRACTION: the pixel grid moves the extent by ~1 px
@@ -182,13 +183,7 @@ def write_skin_dataset(out_dir: str | os.PathLike, n_lesion: int, n_healthy: int
             f"{n_lesion} lesion and {n_healthy} healthy RGB pictures. SYNTHETIC, not real dermoscopy: they test that "
             "the pipeline runs on 2D RGB images, not accuracy on skin lesions. `masks/` (0/255) exist for the lesion "
             f"pictures only; training uses the image-level labels of `{CSV_NAME}`.\n", encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

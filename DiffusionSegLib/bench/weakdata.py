@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +34,7 @@ from scipy import ndimage
 from DiffusionSegLib.bench import data as benchdata
 from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.core.files import replace_folder
 
 CSV_NAME = "image_labels.csv"
 MANIFEST = "weakdata.json"
@@ -202,17 +202,6 @@ def _readme(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Move a finished folder into place; a previous build is moved aside first, then removed."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out_dir)
-
-
 def build_weak_lung_dataset(bench_dir: Path, out_dir: Path, rebuild: bool = False,
                             anatomy: dict[str, sitk.Image] | None = None) -> dict[str, Any]:
     """Write the weak lung-lesion dataset into ``out_dir``; returns the manifest (also ``weakdata.json``).
@@ -279,7 +268,7 @@ def build_weak_lung_dataset(bench_dir: Path, out_dir: Path, rebuild: bool = Fals
                                "anatomy": realdata.ARCHIVES["totalsegmentator"].requirement}}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(_readme(manifest), encoding="utf-8")
-        _replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

@@ -37,3 +37,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> None:
     """``data`` as JSON (UTF-8, trailing newline), written atomically."""
     atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode("utf-8"))
+
+
+def replace_folder(staging: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Move a finished folder into place; a previous ``out_dir`` is moved aside first, then removed.
+
+    Readers never see a half-written folder: ``out_dir`` is either the old one or the new one.
+    """
+    import shutil
+
+    staging, out_dir = Path(staging), Path(out_dir)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out_dir)
+

@@ -345,7 +345,39 @@ def pad_to(array: np.ndarray, size: Sequence[int], value: np.ndarray | float) ->
     return np.stack([np.pad(a, widths[1:], constant_values=v) for a, v in zip(array, values)])
 
 
-class PatchSampler:
+class SeededSampler:
+    """Endless seeded training batches whose state can be saved with a checkpoint and restored.
+
+    Two generators drive a subclass: ``rng`` (numpy Generator) for locations and classes, and
+    ``random_state`` (a RandomState shared by the MONAI transforms) for augmentation.
+    """
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.random_state = np.random.RandomState(seed)
+
+    def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Endless batches, drawn in the calling process (no DataLoader workers)."""
+        while True:
+            yield self.batch(batch_size)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serializable state of both random generators."""
+        kind, key, pos, has_gauss, cached = self.random_state.get_state()
+        return {"locations": self.rng.bit_generator.state,
+                "augmentation": [kind, key.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restore ``get_state`` output (the transforms share ``random_state``, so they follow)."""
+        self.rng.bit_generator.state = state["locations"]
+        kind, key, pos, has_gauss, cached = state["augmentation"]
+        self.random_state.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class PatchSampler(SeededSampler):
     """Draws (image, mask) training items from in-memory cases.
 
     2D models (``spatial_dims=2``): an item is a slice along the card's slice axis cropped to
@@ -380,8 +412,7 @@ class PatchSampler:
         self.fg_cases = [i for i, per_label in enumerate(self.fg) if any(len(c) for c in per_label)]
         slices = np.array([img.shape[1] for img in self.images])
         self.slice_weights = slices / slices.sum()
-        self.rng = np.random.default_rng(seed)
-        self.random_state = np.random.RandomState(seed)
+        super().__init__(seed)
         self.transform = self._build_transform()
 
     def _build_transform(self):
@@ -473,19 +504,3 @@ class PatchSampler:
         items = [self.sample() for _ in range(batch_size)]
         return np.stack([i for i, _ in items]), np.stack([m for _, m in items])
 
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Endless batches, drawn in the calling process (no DataLoader workers)."""
-        while True:
-            yield self.batch(batch_size)
-
-    def get_state(self) -> dict[str, Any]:
-        """JSON-serializable state of both random generators."""
-        kind, key, pos, has_gauss, cached = self.random_state.get_state()
-        return {"locations": self.rng.bit_generator.state,
-                "augmentation": [kind, key.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restore ``get_state`` output (the transforms share ``random_state``, so they follow)."""
-        self.rng.bit_generator.state = state["locations"]
-        kind, key, pos, has_gauss, cached = state["augmentation"]
-        self.random_state.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))

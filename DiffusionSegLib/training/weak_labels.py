@@ -35,7 +35,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,8 @@ import numpy as np
 
 from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError, SettingsError
 from DiffusionSegLib.models.card import ModelCard
-from DiffusionSegLib.training.data import (IMAGE_EXTENSIONS, SPLITS, Augmentation, case_name, pad_to,
-                                           to_model_layout)
+from DiffusionSegLib.training.data import (IMAGE_EXTENSIONS, SPLITS, Augmentation, SeededSampler, case_name,
+                                           pad_to, to_model_layout)
 
 CSV_NAME = "image_labels.csv"
 LESION, HEALTHY = 1, 0
@@ -359,7 +359,7 @@ def split_weak_validation(cases: list[WeakCaseFiles], val_cases: int | list[str]
 # ---------------------------------------------------------------------------------------------
 
 
-class ImageLabelSampler:
+class ImageLabelSampler(SeededSampler):
     """Draws (image crop, class label) items from in-memory weak cases of a 2D model.
 
     With probability ``lesion_fraction`` an item is of the lesion class, else healthy; then a slice
@@ -392,8 +392,7 @@ class ImageLabelSampler:
                 raise DatasetError(f"no {word} slice among the {len(cases)} training image(s): "
                                    "both classes are needed to sample from")
             self.pools[label] = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        self.rng = np.random.default_rng(seed)
-        self.random_state = np.random.RandomState(seed)
+        super().__init__(seed)
         self.transform = self._build_transform()
 
     def _build_transform(self):
@@ -438,19 +437,3 @@ class ImageLabelSampler:
         items = [self.sample() for _ in range(batch_size)]
         return np.stack([i for i, _ in items]), np.array([c for _, c in items], dtype=np.int64)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Endless batches, drawn in the calling process."""
-        while True:
-            yield self.batch(batch_size)
-
-    def get_state(self) -> dict[str, Any]:
-        """JSON-serializable state of both random generators."""
-        kind, key, pos, has_gauss, cached = self.random_state.get_state()
-        return {"locations": self.rng.bit_generator.state,
-                "augmentation": [kind, key.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restore ``get_state`` output (the transforms share ``random_state``, so they follow)."""
-        self.rng.bit_generator.state = state["locations"]
-        kind, key, pos, has_gauss, cached = state["augmentation"]
-        self.random_state.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
