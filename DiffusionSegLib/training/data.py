@@ -345,6 +345,38 @@ def pad_to(array: np.ndarray, size: Sequence[int], value: np.ndarray | float) ->
     return np.stack([np.pad(a, widths[1:], constant_values=v) for a, v in zip(array, values)])
 
 
+def augmentation_transform(aug: Augmentation, spatial_dims: int, keys: Sequence[str],
+                           random_state: np.random.RandomState) -> Any:
+    """The MONAI transforms of ``aug`` on dict items with ``keys`` ("image" first, then an optional
+    "mask"), all drawing from ``random_state`` (one state to save for resuming); None when disabled.
+
+    The affine moves every key together (bilinear for the image, nearest for a mask); intensity
+    scale/shift and noise act on the image only.
+    """
+    if not aug.enabled:
+        return None
+    from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised,
+                                  RandScaleIntensityd, RandShiftIntensityd)
+
+    keys = tuple(keys)
+    angle = math.radians(aug.rotate_deg)
+    rotate = (angle,) if spatial_dims == 2 else (angle, angle, angle)
+    modes = ("bilinear", "nearest", "nearest")[: len(keys)]
+    transforms = [
+        RandAffined(keys=keys, prob=aug.prob, rotate_range=rotate, scale_range=(aug.scale,) * spatial_dims,
+                    mode=modes, padding_mode="border"),  # border on both keeps image and mask consistent at edges
+        RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.prob),
+        RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.prob),
+        RandGaussianNoised(keys="image", std=aug.noise_std, prob=aug.prob),
+    ]
+    if aug.flips:
+        transforms.append(RandFlipd(keys=keys, prob=0.5, spatial_axis=spatial_dims - 1))
+    compose = Compose(transforms)  # Compose re-seeds its members: share the state after it
+    for t in transforms:
+        t.set_random_state(state=random_state)
+    return compose
+
+
 class SeededSampler:
     """Endless seeded training batches whose state can be saved with a checkpoint and restored.
 
@@ -416,28 +448,7 @@ class PatchSampler(SeededSampler):
         self.transform = self._build_transform()
 
     def _build_transform(self):
-        aug = self.augmentation
-        if not aug.enabled:
-            return None
-        from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised,
-                                      RandScaleIntensityd, RandShiftIntensityd)
-
-        angle = math.radians(aug.rotate_deg)
-        rotate = (angle,) if self.spatial_dims == 2 else (angle, angle, angle)
-        transforms = [
-            RandAffined(keys=("image", "mask"), prob=aug.prob, rotate_range=rotate,
-                        scale_range=(aug.scale,) * self.spatial_dims, mode=("bilinear", "nearest"),
-                        padding_mode="border"),  # border on both keeps image and mask consistent at edges
-            RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.prob),
-            RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.prob),
-            RandGaussianNoised(keys="image", std=aug.noise_std, prob=aug.prob),
-        ]
-        if aug.flips:
-            transforms.append(RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=self.spatial_dims - 1))
-        compose = Compose(transforms)  # Compose re-seeds its members: share our state after it
-        for t in transforms:  # one shared RandomState: a single state to save for resuming
-            t.set_random_state(state=self.random_state)
-        return compose
+        return augmentation_transform(self.augmentation, self.spatial_dims, ("image", "mask"), self.random_state)
 
     def _location(self) -> tuple[int, np.ndarray | None]:
         """(case index, centre voxel or None for a uniform location); 2D centre is (slice, y, x)."""

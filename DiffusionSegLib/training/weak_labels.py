@@ -33,7 +33,6 @@ state can be saved for resuming.
 from __future__ import annotations
 
 import csv
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +43,8 @@ import numpy as np
 
 from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError, SettingsError
 from DiffusionSegLib.models.card import ModelCard
-from DiffusionSegLib.training.data import (IMAGE_EXTENSIONS, SPLITS, Augmentation, SeededSampler, case_name,
-                                           pad_to, to_model_layout)
+from DiffusionSegLib.training.data import (IMAGE_EXTENSIONS, SPLITS, Augmentation, SeededSampler,
+                                           augmentation_transform, case_name, pad_to, to_model_layout)
 
 CSV_NAME = "image_labels.csv"
 LESION, HEALTHY = 1, 0
@@ -396,25 +395,7 @@ class ImageLabelSampler(SeededSampler):
         self.transform = self._build_transform()
 
     def _build_transform(self):
-        aug = self.augmentation
-        if not aug.enabled:
-            return None
-        from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised,
-                                      RandScaleIntensityd, RandShiftIntensityd)
-
-        transforms = [
-            RandAffined(keys="image", prob=aug.prob, rotate_range=(math.radians(aug.rotate_deg),),
-                        scale_range=(aug.scale, aug.scale), mode="bilinear", padding_mode="border"),
-            RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.prob),
-            RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.prob),
-            RandGaussianNoised(keys="image", std=aug.noise_std, prob=aug.prob),
-        ]
-        if aug.flips:
-            transforms.append(RandFlipd(keys="image", prob=0.5, spatial_axis=1))
-        compose = Compose(transforms)  # Compose re-seeds its members: share our state after it
-        for t in transforms:  # one shared RandomState: a single state to save for resuming
-            t.set_random_state(state=self.random_state)
-        return compose
+        return augmentation_transform(self.augmentation, 2, ("image",), self.random_state)
 
     def sample(self) -> tuple[np.ndarray, int]:
         """One item: image (C, H, W) float32 cropped to patch_size, and its class (LESION or HEALTHY)."""
