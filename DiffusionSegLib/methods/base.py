@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from DiffusionSegLib.core.enums import CrfMode, Sampler, Supervision
 
@@ -34,6 +34,13 @@ class SamplingPlan:
     steps: int
     sampler: Sampler
     note: str = ""  # why the plan differs from what was asked (e.g. a deterministic method), "" when it does not
+    # network evaluations per sample when they are not ``steps`` (e.g. a coarse jump shared by the samples)
+    evaluations_per_sample: float | None = None
+
+    @property
+    def nfe_per_sample(self) -> float:
+        """Network evaluations per sample and item (the cost figure of reports and benchmarks)."""
+        return float(self.steps) if self.evaluations_per_sample is None else self.evaluations_per_sample
 
 
 class SegmentationMethod(ABC):
@@ -74,6 +81,30 @@ class SegmentationMethod(ABC):
         ``state`` is what ``prepare_training`` returned; ``generator`` (CPU) draws every random number,
         so a resumed run continues bit-identically.
         """
+
+    def target_description(self, card: "ModelCard") -> str:
+        """What the network predicts, in words (report.json)."""
+        from DiffusionSegLib.core.enums import PREDICTION_TARGETS
+
+        return PREDICTION_TARGETS.get(card.prediction_type, card.prediction_type)
+
+    def parameter_groups(self, net: "torch.nn.Module") -> list[list["torch.nn.Parameter"]]:
+        """The optimizer's parameter groups (one learning rate each, see ``start_step``); one group by default."""
+        return [list(net.parameters())]
+
+    def start_step(self, state: Any, step: int) -> Sequence[float] | None:
+        """Called before optimizer step ``step`` (0-based): a method whose objective changes over a run
+        (e.g. an encoder pretrained first) records the step in ``state`` and returns one learning-rate
+        factor per parameter group (0 = the group rests). None: every group at the configured rate."""
+        return None
+
+    def timestep_loss(self, net: "torch.nn.Module", state: Any, image: "torch.Tensor", mask: "torch.Tensor",
+                      timesteps: "torch.Tensor", noise: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Diffusion methods: (the training loss at the given timesteps (B,) and noise (B, L, *S), the one-step
+        x0 estimate (B, L, *S) in [-1, 1]), for the timestep profile (``training.timestep_profile``)."""
+        from DiffusionSegLib.core.errors import DiffusionSegError
+
+        raise DiffusionSegError(f"{self.title} is not a diffusion model: it has no timesteps")
 
     def card_defaults(self, default_samples: int, default_steps: int) -> dict[str, Any]:
         """Inference defaults written to a new model card (samples, steps, sampler, DenseCRF mode)."""

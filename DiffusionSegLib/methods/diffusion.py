@@ -157,7 +157,7 @@ def denoise_step(
     return x_prev
 
 
-def _item_seed(seed: int, item: int) -> int:
+def item_seed(seed: int, item: int) -> int:
     """Seed of item ``item``'s per-step noise stream: a function of (seed, item) only."""
     return int(np.random.SeedSequence([seed, item]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -224,7 +224,7 @@ def sample_masks(
         cond = images[idx.to(device)]
         x = x_T[start:stop].to(device)
         # Re-seeded at every chunk start, so an out-of-memory retry replays the same noise.
-        gens = [torch.Generator("cpu").manual_seed(_item_seed(seed, i)) for i in range(start, stop)] if eta else []
+        gens = [torch.Generator("cpu").manual_seed(item_seed(seed, i)) for i in range(start, stop)] if eta else []
         for k, t in enumerate(timesteps):
             t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
             with autocast(device, amp):

@@ -34,6 +34,20 @@ class ConditionalDPM(SegmentationMethod):
 
         return diffusion_loss(net, state, image, mask, generator=generator)
 
+    def timestep_loss(self, net: "torch.nn.Module", state: Any, image: "torch.Tensor", mask: "torch.Tensor",
+                      timesteps: "torch.Tensor", noise: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch.nn.functional as F
+
+        from DiffusionSegLib.methods.diffusion import mask_to_signal, predicted_x0_and_noise, training_target
+
+        x0 = mask_to_signal(mask)
+        x_t = state.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+        prediction = net(x_t, image, timesteps)
+        loss = F.mse_loss(prediction.float(), training_target(state, x0, noise, timesteps))
+        alpha = state.alphas_cumprod.to(x0.device)[timesteps].view((-1,) + (1,) * (x0.dim() - 1)).float()
+        estimate, _ = predicted_x0_and_noise(prediction.detach().float(), x_t, alpha, state.prediction_type)
+        return loss, estimate
+
     def plan(self, card: "ModelCard", samples: int | None, steps: int | None,
              sampler: Sampler | None) -> SamplingPlan:
         chosen = Sampler(sampler or card.default_sampler)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from DiffusionSegLib.core.enums import Choice
 from DiffusionSegLib.core.errors import ModelLoadError
-from DiffusionSegLib.methods import diffseg, medsegdiff, unet, vanilla_dpm
+from DiffusionSegLib.methods import diffseg, medsegdiff, unet, unisegdiff, vanilla_dpm
 from DiffusionSegLib.methods.base import SegmentationMethod
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,6 +35,7 @@ class Method(Choice):
     VANILLA_DPM = "vanilla_dpm"
     UNET = "unet"
     DIFFSEG = "diffseg"
+    UNISEGDIFF = "unisegdiff"
 
 
 _METHODS: dict[Method, SegmentationMethod] = {
@@ -42,6 +43,7 @@ _METHODS: dict[Method, SegmentationMethod] = {
     Method.VANILLA_DPM: vanilla_dpm.METHOD,
     Method.UNET: unet.METHOD,
     Method.DIFFSEG: diffseg.METHOD,
+    Method.UNISEGDIFF: unisegdiff.METHOD,
 }
 
 

@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from DiffusionSegLib import __version__
-from DiffusionSegLib.core.enums import (CRF_DESCRIPTIONS, PREDICTION_TARGETS, SAMPLER_DESCRIPTIONS,
+from DiffusionSegLib.core.enums import (CRF_DESCRIPTIONS, SAMPLER_DESCRIPTIONS,
                                         UNCERTAINTY_DEFINITIONS, CrfMode)
 from DiffusionSegLib.methods.base import SamplingPlan
+from DiffusionSegLib.methods.registry import get_method
 from DiffusionSegLib.pipeline.result import SegmentationResult
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 
@@ -57,7 +58,8 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
         per_region[region] = values
     sizes = {lab.name: {region: round(float(values[i]), 4) for region, values in per_region.items()}
              for i, lab in enumerate(result.labels)}
-    evaluations = n_samples * steps * n_items
+    nfe_per_image = plan.samples * plan.nfe_per_sample
+    evaluations = nfe_per_image * n_items
     sampling_s = timings.get("sampling")
     modality = {"model": card.modality, "input": (input_modality or {}).get("modality", "unknown"),
                 "input_determined_from": (input_modality or {}).get("source", "")}
@@ -68,7 +70,7 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
         "model": {"name": card.name, "method": card.method, "modality": card.modality,
                   "spatial_dims": card.spatial_dims, "in_channels": card.in_channels, "spacing_mm": card.spacing,
                   "normalization": card.normalization, "prediction_type": card.prediction_type,
-                  "prediction_target": PREDICTION_TARGETS.get(card.prediction_type, card.prediction_type),
+                  "prediction_target": get_method(card.method).target_description(card),
                   "weights_sha256": card.weights_sha256},
         "modality": modality,
         "warnings": [w.to_dict() for w in warnings],
@@ -79,8 +81,8 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
         "sampler": sampler.value,
         "sampler_description": SAMPLER_DESCRIPTIONS[sampler],
         "seed": opts.seed,
-        "nfe_per_image": n_samples * steps,
-        "network_evaluations": evaluations,
+        "nfe_per_image": round(nfe_per_image, 4),
+        "network_evaluations": round(evaluations, 4),
         "slices_or_patches": n_items,
         "model_grid_item_shape": item_shape,
         "seconds_per_network_evaluation": round(sampling_s / evaluations, 6) if sampling_s and evaluations else None,

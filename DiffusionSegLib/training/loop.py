@@ -60,7 +60,7 @@ class TrainConfig:
     """Every setting of a training run (JSON-serializable with ``dataclasses.asdict``)."""
 
     name: str = ""  # model name; "" = the model folder's name
-    method: str = "medsegdiff"  # methods.registry.Method: medsegdiff | vanilla_dpm | unet | diffseg
+    method: str = "medsegdiff"  # methods.registry.Method: medsegdiff | vanilla_dpm | unet | diffseg | unisegdiff
     spatial_dims: int = 2
     network: dict[str, Any] = field(default_factory=dict)  # kwargs of networks.build_network
     patch_size: list[int] = field(default_factory=lambda: [128, 128])  # (H, W) or (H, W, D) as in ModelCard
@@ -339,7 +339,9 @@ class _Run:
         if any(p % divisor for p in config.patch_size):
             raise DiffusionSegError(f"patch_size {config.patch_size} must be a multiple of {divisor} for this network")
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # One group per part the method trains at its own rate (``start_step`` sets each group's factor).
+        self.optimizer = torch.optim.AdamW([{"params": group} for group in self.method.parameter_groups(self.net)],
+                                           lr=config.lr, weight_decay=config.weight_decay)
         self.objective = self.method.prepare_training(self.card)  # e.g. the noise schedule
         self.loss_generator = torch.Generator("cpu").manual_seed(config.seed + 1)
         self.step = 0
@@ -418,6 +420,10 @@ class _Run:
         images, masks = self.sampler.batch(self.config.batch_size)
         image = torch.from_numpy(images).to(self.device)
         mask = torch.from_numpy(masks).to(self.device)
+        factors = self.method.start_step(self.objective, self.step)
+        if factors is not None:
+            for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
+                group["lr"] = self.config.lr * factor
         self.net.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss = self.method.training_loss(self.net, self.objective, image, mask, self.loss_generator)

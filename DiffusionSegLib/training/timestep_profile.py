@@ -27,17 +27,16 @@ def timestep_profile(net: Any, card: Any, cases: Sequence[Any], bins: int = 10, 
     """
     import torch
 
-    from DiffusionSegLib.methods.diffusion import (make_scheduler, mask_to_signal, predicted_x0_and_noise,
-                                                   training_target)
+    from DiffusionSegLib.methods.diffusion import mask_to_signal
     from DiffusionSegLib.methods.registry import get_method
     from DiffusionSegLib.training.data import pad_to
 
-    if not get_method(card.method).draws_samples:
+    method = get_method(card.method)
+    if not method.draws_samples:
         raise DiffusionSegError(f"model '{card.name}' ({card.method}) is not a diffusion model: no timesteps")
     if card.spatial_dims != 2:
         raise DiffusionSegError("the timestep profile takes 2D models (slices as the batch)")
-    scheduler = make_scheduler(card)
-    alphas = scheduler.alphas_cumprod.float()
+    state = method.prepare_training(card)
     divisor = int(getattr(net, "size_divisor", 1))
     images, masks = [], []
     for case in cases:
@@ -57,19 +56,14 @@ def timestep_profile(net: Any, card: Any, cases: Sequence[Any], bins: int = 10, 
             for _ in range(repeats):
                 t = torch.randint(int(low), int(high), (x0.shape[0],), generator=generator)
                 noise = torch.randn(x0.shape, generator=generator).to(device)
-                x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t.to(device))
                 net.zero_grad(set_to_none=True)
-                prediction = net(x_t, cond, t.to(device))
-                target = training_target(scheduler, x0, noise, t.to(device))
-                loss = torch.nn.functional.mse_loss(prediction.float(), target)
+                loss, estimate = method.timestep_loss(net, state, cond, torch.from_numpy(np.ascontiguousarray(mask))
+                                                      .to(device), t.to(device), noise)
                 loss.backward()
                 norms.append(float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in net.parameters()
                                                   if p.grad is not None))))
                 losses.append(float(loss.detach()))
                 with torch.no_grad():
-                    view = (-1,) + (1,) * (x_t.dim() - 1)
-                    alpha = alphas[t].to(device).view(view)
-                    estimate, _ = predicted_x0_and_noise(prediction.detach().float(), x_t, alpha, card.prediction_type)
                     predicted, truth = estimate > 0, x0 > 0
                     hits += 2 * int((predicted & truth).sum())
                     totals += int(predicted.sum()) + int(truth.sum())

@@ -22,14 +22,14 @@ def tiny_card(method: str, spatial_dims: int = 2) -> ModelCard:
 
 
 def test_the_registry_lists_each_method_once_under_its_own_name():
-    assert set(Method.values()) == {"medsegdiff", "vanilla_dpm", "unet", "diffseg"}
+    assert set(Method.values()) == {"medsegdiff", "vanilla_dpm", "unet", "diffseg", "unisegdiff"}
     for name in Method.values():
         method = get_method(name)
         assert isinstance(method, SegmentationMethod) and method.name == name and method.title
 
 
 def test_an_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown method 'unisegdiff3000' \\(use medsegdiff, vanilla_dpm, unet, diffseg\\)"):
+    with pytest.raises(ValueError, match="unknown method 'unisegdiff3000' \\(use medsegdiff, vanilla_dpm, unet, diffseg, unisegdiff\\)"):
         get_method("unisegdiff3000")
 
 

@@ -17,51 +17,7 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-
-def _groups(channels: int, wanted: int) -> int:
-    """Largest group count <= wanted that divides channels (GroupNorm needs a divisor)."""
-    g = min(wanted, channels)
-    while channels % g:
-        g -= 1
-    return g
-
-
-class TimeResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, time embedding added per channel in between, residual skip."""
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, time_dim: int, norm_groups: int):
-        super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
-        self.norm1 = nn.GroupNorm(_groups(in_channels, norm_groups), in_channels)
-        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_channels))
-        self.norm2 = nn.GroupNorm(_groups(out_channels, norm_groups), out_channels)
-        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
-        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: (B, Cin, *S), temb: (B, T) -> (B, Cout, *S)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(temb).view(*h.shape[:2], *([1] * (h.dim() - 2)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + self.skip(x)
-
-
-class Stage(nn.Module):
-    """``num_blocks`` TimeResBlocks at one resolution."""
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, num_blocks: int, time_dim: int,
-                 norm_groups: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            TimeResBlock(spatial_dims, in_channels if i == 0 else out_channels, out_channels, time_dim, norm_groups)
-            for i in range(num_blocks)
-        )
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, temb)
-        return x
+from DiffusionSegLib.methods.blocks import Stage, norm_groups_for
 
 
 class DynamicConditionalEncoding(nn.Module):
@@ -260,7 +216,7 @@ class MedSegDiffUNet(nn.Module):
             Stage(spatial_dims, 2 * channels[i], channels[i], num_res_blocks, time_dim, norm_groups)
             for i in range(levels - 1)
         )
-        self.out = nn.Sequential(nn.GroupNorm(_groups(channels[0], norm_groups), channels[0]), nn.SiLU(),
+        self.out = nn.Sequential(nn.GroupNorm(norm_groups_for(channels[0], norm_groups), channels[0]), nn.SiLU(),
                                  conv(channels[0], out_channels, 3, padding=1))
 
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""Network blocks shared by the diffusion methods' networks (MedSegDiff, UniSegDiff).
+
+``TimeResBlock`` is a residual block whose features are shifted per channel by the timestep
+embedding; ``ResBlock`` is the same block without time (image encoders that see no noise level).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+
+def norm_groups_for(channels: int, wanted: int) -> int:
+    """Largest group count <= wanted that divides channels (GroupNorm needs a divisor)."""
+    g = min(wanted, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class TimeResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added per channel in between, residual skip."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, time_dim: int, norm_groups: int):
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.norm1 = nn.GroupNorm(norm_groups_for(in_channels, norm_groups), in_channels)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_channels))
+        self.norm2 = nn.GroupNorm(norm_groups_for(out_channels, norm_groups), out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x: (B, Cin, *S), temb: (B, T) -> (B, Cout, *S)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(temb).view(*h.shape[:2], *([1] * (h.dim() - 2)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class Stage(nn.Module):
+    """``num_blocks`` TimeResBlocks at one resolution."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, num_blocks: int, time_dim: int,
+                 norm_groups: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            TimeResBlock(spatial_dims, in_channels if i == 0 else out_channels, out_channels, time_dim, norm_groups)
+            for i in range(num_blocks)
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, temb)
+        return x
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual skip, no time input (for image encoders)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm_groups: int):
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.norm1 = nn.GroupNorm(norm_groups_for(in_channels, norm_groups), in_channels)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(norm_groups_for(out_channels, norm_groups), out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, Cin, *S) -> (B, Cout, *S)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)

@@ -1,0 +1,106 @@
+"""UniSegDiff's staged sampler: encoder once per image, a shared coarse jump, then per-sample steps.
+
+Items are ordered image-major (item j = sample j % N of image j // N), so a chunk holds whole groups
+of one image's samples and the encoder runs once per image of the chunk. Every random number comes
+from a stream keyed by (seed, image, sample) (``stages.stream_seed``): the masks depend on the seed
+only, whatever the batch size, the out-of-memory halving or the device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from DiffusionSegLib.core.device import (activation_bytes, auto_batch_size, autocast, for_each_chunk,
+                                         keep_freed_memory_for_reuse)
+from DiffusionSegLib.methods.diffusion import denoise_step, make_scheduler
+from DiffusionSegLib.methods.unisegdiff.network import prior_signal
+from DiffusionSegLib.methods.unisegdiff.stages import UniSegDiffSettings, chain_timesteps, stage_x0, stream_seed
+from DiffusionSegLib.models.card import ModelCard
+
+
+def network_evaluations(settings: UniSegDiffSettings, card: ModelCard, samples: int, steps: int) -> float:
+    """Denoiser calls per sample: ``steps``, plus the coarse jump (shared by the N samples or not)."""
+    if settings.default_branch_t() >= card.num_train_timesteps - 1:
+        return float(steps)
+    return steps + (1.0 / samples if settings.coarse_shared else 1.0)
+
+
+def sample_staged(net: torch.nn.Module, card: ModelCard, images: torch.Tensor, n_samples: int, steps: int,
+                  seed: int = 0, batch_size: int | None = None, amp: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Draw ``n_samples`` masks per image: images (B, C, *S) on the network's device.
+
+    Returns (N, B, L, *S) uint8 masks in {0, 1} on the CPU.
+    """
+    if n_samples < 1 or steps < 1:
+        raise ValueError("samples and steps must be >= 1")
+    settings = UniSegDiffSettings.of(card)
+    top = card.num_train_timesteps - 1
+    branch = settings.default_branch_t()
+    coarse = branch < top  # a branch below the top: one jump to the coarse estimate first
+    timesteps = chain_timesteps(branch if coarse else top, steps)
+    stages = [settings.stage_of(t) for t in timesteps]
+    device = images.device
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
+    alphas = make_scheduler(card).alphas_cumprod.to(device=device, dtype=torch.float32)
+    b, spatial, labels = images.shape[0], tuple(images.shape[2:]), card.out_channels
+    n_items = n_samples * b
+    out = torch.empty((n_items, labels, *spatial), dtype=torch.uint8)
+    if batch_size is None:
+        batch_size = auto_batch_size(device, activation_bytes(spatial, card.network.get("channels")),
+                                     cap=64 if device.type != "cpu" else 32)
+    calls = len(timesteps) + int(coarse)
+
+    def one_item_noise(generator: torch.Generator) -> torch.Tensor:
+        return torch.randn((labels, *spatial), generator=generator)
+
+    def denoise_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
+        n = stop - start
+        first = start // n_samples
+        image_ids = torch.arange(first, (stop - 1) // n_samples + 1)
+        local = (torch.arange(start, stop) // n_samples - first).to(device)
+        gens = [torch.Generator("cpu").manual_seed(stream_seed(seed, j // n_samples, j % n_samples + 1))
+                for j in range(start, stop)]
+        with autocast(device, amp):
+            per_image = net.encode(images[image_ids.to(device)])
+        condition = per_image.select(local)
+        prior = prior_signal(condition.prior_logits)
+        if coarse:
+            target = [settings.stage_of(top).target]
+            if settings.coarse_shared:  # one jump per image, from the image's own noise
+                x_top = torch.stack([one_item_noise(torch.Generator("cpu").manual_seed(stream_seed(seed, int(i), 0)))
+                                     for i in image_ids]).to(device)
+                cond_top, prior_top = per_image, prior_signal(per_image.prior_logits)
+            else:
+                x_top = torch.stack([one_item_noise(g) for g in gens]).to(device)
+                cond_top, prior_top = condition, prior
+            t_top = torch.full((x_top.shape[0],), top, device=device, dtype=torch.long)
+            with autocast(device, amp):
+                prediction = net.denoise(x_top, cond_top, t_top).float()
+            x0 = stage_x0(target * x_top.shape[0], prediction, x_top, alphas[t_top], prior_top)
+            if settings.coarse_shared:
+                x0 = x0.index_select(0, local)
+            if progress is not None:
+                progress(chunk * calls + 1, n_chunks * calls)
+            a = alphas[branch]
+            x = a.sqrt() * x0 + (1 - a).sqrt() * torch.stack([one_item_noise(g) for g in gens]).to(device)
+        else:
+            x = torch.stack([one_item_noise(g) for g in gens]).to(device)
+        for k, (t, stage) in enumerate(zip(timesteps, stages)):
+            t_batch = torch.full((n,), t, device=device, dtype=torch.long)
+            with autocast(device, amp):
+                prediction = net.denoise(x, condition, t_batch).float()
+            x0 = stage_x0([stage.target] * n, prediction, x, alphas[t_batch], prior)
+            a_next = alphas[timesteps[k + 1]] if k + 1 < len(timesteps) else torch.ones((), device=device)
+            noise = torch.stack([one_item_noise(g) for g in gens]).to(device) if stage.eta > 0 else None
+            x = denoise_step(x0, x, alphas[t], a_next, "sample", stage.eta, noise)
+            if progress is not None:
+                progress(chunk * calls + int(coarse) + k + 1, n_chunks * calls)
+        out[start:stop] = (x > 0).to(torch.uint8).cpu()
+
+    with torch.inference_mode():
+        for_each_chunk(n_items, batch_size, denoise_chunk)
+    return out.view(b, n_samples, labels, *spatial).transpose(0, 1).contiguous()
