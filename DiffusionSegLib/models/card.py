@@ -72,6 +72,11 @@ class ModelCard:
     spacing: list[float] | None = None
     # Normalization: {"kind": "ct_window", "center": 40, "width": 400} | {"kind": "zscore"}
     #                | {"kind": "rgb"} (8-bit channels to [-1, 1]) | {"kind": "minmax"}
+    #                | {"kind": "by_modality", "CT": {"kind": "ct_window", "center": -300, "width": 1800},
+    #                   "MR": {"kind": "zscore"}, "default": "MR"}: one model of several modalities
+    #                   (modality "CT+MR"); each image gets the entry of its modality (DICOM Modality tag,
+    #                   else CT or not from its HU statistics) or the default one; entries are plain
+    #                   kinds, default is required with more than one (pipeline.preprocess.normalize).
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
     # DICOM orientation code 3D inputs are brought to (axes permuted/flipped, no interpolation)
     # before anything else, so a model always sees anatomy the same way up whatever the file's

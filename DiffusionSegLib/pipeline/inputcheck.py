@@ -7,7 +7,10 @@ Slicer panel (which imports this module in its UI process: numpy and SimpleITK o
 
 The modality comes from the DICOM Modality tag when the image carries it (SimpleITK metadata key
 ``0008|0060``); otherwise from intensity statistics: a CT in Hounsfield units has air near -1000 HU
-and nearly every voxel within -1024..3071, which MR volumes and PNG/JPEG pictures do not have.
+and nearly every voxel within -1024..3071, which MR volumes and PNG/JPEG pictures do not have
+(``pipeline.modality``, which preprocessing uses too; its names are re-exported here). A model of
+several modalities (a ``by_modality`` normalization, ``card.modality`` written ``"CT+MR"``) takes
+every modality it has a normalization entry for.
 
 :class:`RunEstimate` turns a measured cost of one network evaluation into the announced run time.
 """
@@ -21,19 +24,14 @@ from typing import Any
 import numpy as np
 
 from DiffusionSegLib.core.errors import DiffusionSegError
+from DiffusionSegLib.pipeline.modality import (AIR_HU, MODALITY_TAG, IntensityStats, dicom_modality,
+                                            input_modality, intensity_stats, not_ct_reason)
 
-MODALITY_TAG = "0008|0060"  # DICOM (0008,0060) Modality, as SimpleITK names it in the metadata
 # Readable names of the DICOM Modality codes a user is likely to feed in.
 _MODALITY_NAMES = {"CT": "CT", "MR": "MR", "PT": "PET", "US": "ultrasound", "CR": "radiograph",
                    "DX": "radiograph", "MG": "mammogram", "XA": "angiogram", "NM": "nuclear medicine",
                    "OT": "other", "SC": "secondary capture (screenshot)", "XC": "photograph",
                    "SM": "microscopy slide", "ES": "endoscopy"}
-# The HU scale of CT: air -1000, bone up to ~3000; 12-bit scanners store -1024..3071. The margin
-# absorbs reconstruction noise; voxels at a lower constant value are padding outside the scan circle.
-_HU_LOW, _HU_HIGH, _HU_MARGIN = -1024.0, 3071.0, 80.0
-_AIR_HU = -900.0  # anything at or below this is air (or lung): MR and pictures have none
-_CT_IN_RANGE = 0.95  # share of voxels that must lie on the HU scale
-_STAT_VOXELS = 2_000_000  # statistics on an even subsample: a second for any volume, in the Slicer UI too
 _FOV_MAX_MM = 1000.0  # no body cross-section is wider: larger means a spacing in the wrong unit
 _FOV_MIN_MM = 64.0  # smallest sensible view when the card states no training crop
 _FOV_CROP_SHARE = 0.5  # an input under half the training crop's width leaves the model without context
@@ -62,17 +60,6 @@ class InputMismatchError(DiffusionSegError):
         super().__init__("; ".join(w.message for w in self.warnings) or "the input does not fit the model")
 
 
-def dicom_modality(image: Any) -> str | None:
-    """The DICOM Modality code the image carries (``"CT"``, ``"MR"``...), or None."""
-    try:
-        if image.HasMetaDataKey(MODALITY_TAG):
-            value = image.GetMetaData(MODALITY_TAG).strip().upper()
-            return value or None
-    except (AttributeError, RuntimeError):
-        pass
-    return None
-
-
 def spacing_is_unknown(image: Any) -> bool:
     """True when the image carries no geometry: spacing 1, origin 0, identity direction.
 
@@ -85,83 +72,46 @@ def spacing_is_unknown(image: Any) -> bool:
             and tuple(image.GetDirection()) == tuple(np.eye(dim).ravel()))
 
 
-@dataclass(frozen=True)
-class IntensityStats:
-    """What the intensity check looked at (on an even subsample of at most 2 M voxels)."""
-
-    low: float
-    high: float
-    on_hu_scale: float  # share of non-padding voxels within -1024..3071 (+- margin)
-    air: float  # share of voxels at or below -900
-    eight_bit: bool  # unsigned 8-bit pixels: a picture, not a scan
-
-
-def intensity_stats(image: Any) -> IntensityStats:
-    """Statistics of a scalar image that tell CT in Hounsfield units from everything else."""
-    import SimpleITK as sitk
-
-    view = sitk.GetArrayViewFromImage(image).reshape(-1)
-    sample = np.asarray(view[:: max(1, view.size // _STAT_VOXELS)], dtype=np.float64)
-    low, high = float(sample.min()), float(sample.max())
-    body = sample[sample > low] if low < _HU_LOW - _HU_MARGIN else sample  # drop scan-circle padding
-    body = body if body.size else sample
-    on_scale = float(np.mean((body >= _HU_LOW - _HU_MARGIN) & (body <= _HU_HIGH + _HU_MARGIN)))
-    return IntensityStats(low=low, high=high, on_hu_scale=on_scale, air=float(np.mean(sample <= _AIR_HU)),
-                          eight_bit=image.GetPixelID() == sitk.sitkUInt8)
-
-
-def _not_ct_reason(stats: IntensityStats) -> str | None:
-    """Why these intensities are not CT Hounsfield units, or None when they look like CT."""
-    if stats.eight_bit:
-        return (f"8-bit values {stats.low:g}..{stats.high:g}, as in a PNG/JPEG picture, where CT has "
-                f"Hounsfield units (air -1000, water 0)")
-    if stats.on_hu_scale < _CT_IN_RANGE:
-        return (f"{100 * (1 - stats.on_hu_scale):.0f}% of the voxels lie outside the CT range "
-                f"{_HU_LOW:g}..{_HU_HIGH:g} HU (values {stats.low:g}..{stats.high:g}): MR, or rescaled intensities?")
-    if stats.air == 0.0 and stats.low > -200.0:
-        return (f"no air: the lowest value is {stats.low:g}, where a CT has air near -1000 HU (MR, or CT "
-                f"values without their rescale intercept?)")
-    return None
-
-
-def input_modality(image: Any) -> dict[str, str]:
-    """The input's modality as far as it can be told, and from what: for report.json."""
-    tag = dicom_modality(image)
-    if tag:
-        return {"modality": tag, "source": "DICOM Modality tag (0008,0060)"}
-    if image.GetNumberOfComponentsPerPixel() == 3:
-        return {"modality": "RGB", "source": "3 colour channels"}
-    reason = _not_ct_reason(intensity_stats(image))
-    why = reason or "air near -1000 HU, values on the HU scale"
-    return {"modality": "not CT" if reason else "CT", "source": f"intensity statistics: {why}"}
-
-
 def _modality_name(code: str) -> str:
     name = _MODALITY_NAMES.get(code, code)
     return code if name == code else f"{code} ({name})"
 
 
+def _model_modalities(card: Any) -> set[str]:
+    """The modalities the model takes: the entries of a ``by_modality`` normalization (``{"CT", "MR"}``),
+    else ``card.modality`` (``"CT+MR"`` read as both)."""
+    normalization = card.normalization or {}
+    if normalization.get("kind") == "by_modality":
+        entries = {str(name).upper() for name, value in normalization.items() if isinstance(value, dict)}
+        if entries:
+            return entries
+    return {code.strip() for code in (card.modality or "").upper().split("+") if code.strip()}
+
+
 def _check_modality(image: Any, card: Any) -> list[InputWarning]:
-    model = (card.modality or "").upper()
+    models = _model_modalities(card)
+    model = "+".join(sorted(models))
     tag = dicom_modality(image)
     scalar = image.GetNumberOfComponentsPerPixel() == 1
-    if tag and model in ("CT", "MR") and tag != model:
+    if tag and models & set(_BODY_MODALITIES) and tag not in models:
         return [InputWarning("modality", f"the image is {_modality_name(tag)} (DICOM Modality tag) but the model "
                                          f"'{card.name}' was trained on {model}: its masks would be meaningless")]
     if not scalar:
         return []  # colour pictures: the channel check speaks for them
-    if model == "CT":
-        reason = _not_ct_reason(intensity_stats(image))
+    if "CT" in models:
+        reason = not_ct_reason(intensity_stats(image))
         if reason is None:
             return []
         if tag == "CT":
             return [InputWarning("intensity", f"the image says CT (DICOM Modality tag) but its values are not "
                                               f"Hounsfield units: {reason}")]
+        if models != {"CT"}:
+            return []  # not CT: the model's other modality (an untagged MR) takes it
         return [InputWarning("modality", f"the model '{card.name}' expects CT in Hounsfield units, but this "
                                          f"image does not look like CT: {reason}")]
-    if model == "MR" and not tag:
+    if models == {"MR"} and not tag:
         stats = intensity_stats(image)
-        if _not_ct_reason(stats) is None and stats.low <= _AIR_HU and stats.air >= 0.01:
+        if not_ct_reason(stats) is None and stats.low <= AIR_HU and stats.air >= 0.01:
             return [InputWarning("modality", f"the intensities look like CT (air at {stats.low:g}, Hounsfield "
                                              f"units) but the model '{card.name}' was trained on MR")]
     return []
@@ -216,7 +166,7 @@ def _check_geometry(image: Any, card: Any) -> list[InputWarning]:
         return [InputWarning("spacing", f"the image has no pixel spacing (PNG/JPEG and plain arrays carry none, so "
                                         f"1 mm per pixel is assumed); the model works at {model_mm} mm, so it sees "
                                         f"the anatomy at the wrong size and the volumes in mL are wrong")]
-    if (card.modality or "").upper() not in _BODY_MODALITIES:
+    if not _model_modalities(card) & set(_BODY_MODALITIES):
         return []
     try:
         extent = _in_plane_extent_mm(image, card)
@@ -320,5 +270,5 @@ def model_grid_items(image: Any, card: Any) -> tuple[int, int]:
 
 
 __all__ = ["InputWarning", "InputMismatchError", "check_input", "dicom_modality", "input_modality",
-           "spacing_is_unknown", "intensity_stats", "RunEstimate", "format_duration", "model_grid_items",
-           "MODALITY_TAG"]
+           "spacing_is_unknown", "intensity_stats", "IntensityStats", "RunEstimate", "format_duration",
+           "model_grid_items", "MODALITY_TAG"]

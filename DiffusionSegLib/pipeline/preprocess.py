@@ -15,7 +15,8 @@ Pipeline of :func:`prepare`:
    new spacing, size = round(old_size * old_spacing / new_spacing). The voxel axes stay the
    image's axes, so oblique images are never rotated and the inverse is a resampling back onto
    the input grid. A 2D model keeps the slice axis untouched (each model slice is an input slice).
-2. Normalize per ``card.normalization`` (see :func:`normalize`).
+2. Normalize per ``card.normalization`` (see :func:`normalize`); a ``by_modality`` card first picks
+   the entry for the input's modality (:func:`modality_normalization`, on the image as given).
 3. Arrange as a batch and pad the spatial axes at both ends with the per-channel minimum of the
    normalized image (CT air stays air) to multiples of ``size_divisor`` and at least
    ``card.patch_size``.
@@ -26,7 +27,10 @@ Pipeline of :func:`prepare`:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,10 +38,16 @@ import SimpleITK as sitk
 from DiffusionSegLib.core.errors import InputImageError, ModelLoadError
 from DiffusionSegLib.pipeline.io import array_with_channels
 from DiffusionSegLib.models.card import ModelCard
+from DiffusionSegLib.pipeline.modality import input_modality
 
 # Spacings within this relative tolerance are the same grid (NIfTI stores float32 spacings).
 _SPACING_RTOL = 1e-5
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+NORMALIZATION_KINDS = ("ct_window", "zscore", "rgb", "minmax")  # what :func:`normalize` computes
+BY_MODALITY = "by_modality"  # one of NORMALIZATION_KINDS per input modality (see :func:`modality_normalization`)
+# Entry names of a by_modality normalization: DICOM Modality codes ("CT", "MR", "PT"...: upper-case
+# letters, digits, underscore, at most 16) and "RGB", as pipeline.modality.input_modality names inputs.
+_ENTRY_NAME = re.compile(r"[A-Z0-9_]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,10 @@ class PreparedInput:
     slice_axis: int | None  # numpy axis of the model-grid (z, y, x) volume stacked into S; None: no stacking
     crop: tuple[slice, ...]  # selects the image inside the padded spatial axes, (H, W) or (D, H, W)
     resampled: bool  # False when the model grid is the input grid (restore only crops)
+    # The normalization applied ({"kind": "zscore"}...): the card's, or for a by_modality card the
+    # entry chosen for this image, whose name is normalization_used ("CT", "MR"; None: single normalization).
+    normalization: dict[str, Any] = field(default_factory=dict)
+    normalization_used: str | None = None
 
     @property
     def image_for_crf(self) -> np.ndarray:
@@ -155,7 +169,31 @@ def resample_labels_to_model_grid(label_image: sitk.Image, card: ModelCard,
                          label_image.GetPixelID(), True)
 
 
-def normalize(array: np.ndarray, card: ModelCard) -> np.ndarray:
+def modality_normalization(image: sitk.Image | None, card: ModelCard) -> tuple[str | None, dict[str, Any]]:
+    """(entry name, normalization settings) that ``card`` applies to ``image``.
+
+    A card with a single normalization gives (None, card.normalization) without looking at the
+    image. A ``by_modality`` card (see :func:`normalize`) is validated whole (every entry, whichever
+    this image needs) and picks the entry named by the image's modality as
+    ``pipeline.modality.input_modality`` tells it, the same way at training and at inference: the
+    DICOM Modality tag when the image carries one, else "CT" when its intensities are Hounsfield
+    units (``"not CT"`` otherwise), "RGB" for a colour picture. No entry of that name: the
+    ``default`` entry. ``image`` is the image as read (before resampling: the tag and the HU
+    statistics are its own). Raises ModelLoadError naming the card for a malformed by_modality.
+    """
+    settings = card.normalization or {}
+    if settings.get("kind") != BY_MODALITY:
+        return None, settings
+    entries, default = _by_modality_entries(settings, card.name)
+    if image is None:
+        raise ValueError(f"model card '{card.name}': a by_modality normalization chooses its entry from the "
+                         "image: pass the image as read")
+    modality = input_modality(image)["modality"]
+    name = modality if modality in entries else default
+    return name, entries[name]
+
+
+def normalize(array: np.ndarray, card: ModelCard, image: sitk.Image | None = None) -> np.ndarray:
     """float32 (C, *spatial) -> normalized float32 (card.in_channels, *spatial).
 
     Kinds (``card.normalization["kind"]``), all per channel:
@@ -166,18 +204,34 @@ def normalize(array: np.ndarray, card: ModelCard) -> np.ndarray:
       every voxel is then transformed, without clipping.
     - ``rgb``: 8-bit values 0..255 -> [-1, 1]; values above 255 raise InputImageError.
     - ``minmax``: clip to the 1st..99th percentile, map to [-1, 1] (min..max when those coincide).
+    - ``by_modality``: one of the kinds above per input modality, for a model of several modalities,
+      e.g. ``{"kind": "by_modality", "CT": {"kind": "ct_window", "center": -300, "width": 1800},
+      "MR": {"kind": "zscore"}, "default": "MR"}``. Entries are named by DICOM Modality codes (and
+      "RGB"); ``default`` names the entry for an image whose modality has none (required with more
+      than one entry). Each entry is a normalization of the kinds above (no nesting). The entry is
+      chosen from ``image``, the image as read before resampling (:func:`modality_normalization`):
+      its DICOM Modality tag, else whether its intensities are CT Hounsfield units. ``image`` is
+      needed by this kind only.
 
     Raises InputImageError when C != card.in_channels, except that an RGB image whose three
-    channels are identical (a grayscale picture saved as RGB) is reduced to one channel.
+    channels are identical (a grayscale picture saved as RGB) is reduced to one channel;
+    ModelLoadError (naming the card) for an unknown kind or malformed settings.
     """
-    array = _match_channels(np.asarray(array, dtype=np.float32), card)
-    settings = card.normalization or {}
+    return _normalized(array, card, modality_normalization(image, card)[1])
+
+
+def _normalized(array: np.ndarray, card: ModelCard, settings: Mapping[str, Any]) -> np.ndarray:
+    """:func:`normalize` with the settings already chosen (what :func:`prepare` computes too)."""
+    return _normalize_as(_match_channels(np.asarray(array, dtype=np.float32), card), settings, card.name)
+
+
+def _normalize_as(array: np.ndarray, settings: Mapping[str, Any], card_name: str) -> np.ndarray:
+    """The per-kind normalization of :func:`normalize`: (C, *spatial) float32 -> float32, per channel."""
+    _check_normalization(settings, card_name)
     kind = settings.get("kind")
     out = np.empty_like(array)
     for c, channel in enumerate(array):
         if kind == "ct_window":
-            if "center" not in settings or "width" not in settings or float(settings["width"]) <= 0:
-                raise ModelLoadError(f"model card '{card.name}': ct_window needs center and a positive width")
             center, half = float(settings["center"]), float(settings["width"]) / 2.0
             out[c] = (np.clip(channel, center - half, center + half) - center) / half
         elif kind == "zscore":
@@ -188,18 +242,57 @@ def normalize(array: np.ndarray, card: ModelCard) -> np.ndarray:
         elif kind == "rgb":
             if channel.min() < 0 or channel.max() > 255:
                 raise InputImageError(
-                    f"model '{card.name}' takes 8-bit RGB (0..255); the image has values in "
+                    f"model '{card_name}' takes 8-bit RGB (0..255); the image has values in "
                     f"[{channel.min():g}, {channel.max():g}]"
                 )
             out[c] = channel / 127.5 - 1.0
-        elif kind == "minmax":
+        else:  # minmax
             low, high = np.percentile(channel, [1.0, 99.0])
             if high <= low:
                 low, high = float(channel.min()), float(channel.max())
             out[c] = 2.0 * (np.clip(channel, low, high) - low) / max(high - low, 1e-8) - 1.0
-        else:
-            raise ModelLoadError(f"model card '{card.name}': unknown normalization kind {kind!r}")
     return out
+
+
+def _check_normalization(settings: Mapping[str, Any], card_name: str, entry: str | None = None) -> None:
+    """ModelLoadError unless ``settings`` is one of NORMALIZATION_KINDS with what that kind needs."""
+    where = f"model card '{card_name}': " + (f"normalization entry '{entry}': " if entry is not None else "")
+    kind = settings.get("kind")
+    if kind == BY_MODALITY and entry is not None:
+        raise ModelLoadError(f"{where}a by_modality normalization cannot be nested in another")
+    if kind not in NORMALIZATION_KINDS:
+        raise ModelLoadError(f"{where}unknown normalization kind {kind!r}")
+    if kind == "ct_window" and ("center" not in settings or "width" not in settings
+                                or float(settings["width"]) <= 0):
+        raise ModelLoadError(f"{where}ct_window needs center and a positive width")
+
+
+def _by_modality_entries(settings: Mapping[str, Any], card_name: str) -> tuple[dict[str, dict[str, Any]], str]:
+    """(entries by name, default entry name) of a by_modality normalization, each entry checked."""
+    where = f"model card '{card_name}': by_modality normalization"
+    entries: dict[str, dict[str, Any]] = {}
+    for name, value in settings.items():
+        if name in ("kind", "default"):
+            continue
+        if not isinstance(name, str) or not _ENTRY_NAME.fullmatch(name) or not isinstance(value, Mapping):
+            raise ModelLoadError(
+                f"{where}: unknown key {name!r}: besides 'kind' and 'default' its keys are modality codes as "
+                f"DICOM writes them ('CT', 'MR'...), each with a normalization such as {{\"kind\": \"zscore\"}}"
+            )
+        _check_normalization(value, card_name, name)
+        entries[name] = dict(value)
+    if not entries:
+        raise ModelLoadError(f"{where} has no entries (e.g. \"CT\": {{\"kind\": \"ct_window\", ...}})")
+    names = ", ".join(sorted(entries))
+    if "default" not in settings:
+        if len(entries) > 1:
+            raise ModelLoadError(f"{where} has {len(entries)} entries ({names}) and needs a 'default': the entry "
+                                 f"for an image whose modality has none")
+        return entries, next(iter(entries))
+    default = settings["default"]
+    if not isinstance(default, str) or default not in entries:
+        raise ModelLoadError(f"{where}: default {default!r} is not one of its entries ({names})")
+    return entries, default
 
 
 def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> PreparedInput:
@@ -207,8 +300,9 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
     if size_divisor < 1:
         raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
     _check_dims(image, card)
+    used, settings = modality_normalization(image, card)  # on the image as given: its tag, its HU
     resampled = resample_to_model_grid(image, card)
-    volume = normalize(array_with_channels(resampled), card)  # (C, *model spatial)
+    volume = _normalized(array_with_channels(resampled), card, settings)  # (C, *model spatial)
     slice_axis = card.slice_axis if card.spatial_dims == 2 and image.GetDimension() == 3 else None
     if slice_axis is None:
         items = volume[None]  # (1, C, *spatial)
@@ -231,6 +325,8 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
         slice_axis=slice_axis,
         crop=crop,
         resampled=resampled is not image,
+        normalization=dict(settings),
+        normalization_used=used,
     )
 
 

@@ -15,6 +15,7 @@ from DiffusionSegLib.core.enums import (CRF_DESCRIPTIONS, SAMPLER_DESCRIPTIONS,
 from DiffusionSegLib.methods.base import SamplingPlan
 from DiffusionSegLib.methods.registry import get_method
 from DiffusionSegLib.pipeline.result import SegmentationResult
+from DiffusionSegLib.pipeline.preprocess import modality_normalization
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 
 
@@ -40,6 +41,8 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
 
     Per-label figures are keyed by label name first (``sample_diversity[label]``,
     ``volumes_ml[label][region]``), the label values as in the label maps are in ``label_map``.
+    ``normalization_used`` names the entry of a ``by_modality`` normalization the input got ("CT",
+    "MR"), chosen from the input image as preprocessing chose it; None for a single normalization.
     """
     from DiffusionSegLib.pipeline import ensemble
 
@@ -73,6 +76,7 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
                   "prediction_target": get_method(card.method).target_description(card),
                   "weights_sha256": card.weights_sha256},
         "modality": modality,
+        "normalization_used": modality_normalization(ref, card)[0],
         "warnings": [w.to_dict() for w in warnings],
         "label_map": {"0": "background", **{str(i + 1): lab.name for i, lab in enumerate(result.labels)}},
         "device": str(device),

@@ -215,7 +215,7 @@ def segment_image(
         report_progress(Stage.CRF, 0, 1)
         image_model = np.moveaxis(prepared.batch, 1, 0) if card.spatial_dims == 2 else prepared.batch[0]
         # The torch backend runs where the samples were drawn (the GPU when there is one).
-        common = dict(backend=opts.crf_backend, device=str(device), normalization=card.normalization)
+        common = dict(backend=opts.crf_backend, device=str(device), normalization=prepared.normalization)
         if crf_mode == CrfMode.PUBLISHED:
             # DiffSeg: K = 3 rounds, each on the mean of H = 4 random samples (drawn with the run's
             # seed, so the same seed gives the same mask), the refined masks averaged.

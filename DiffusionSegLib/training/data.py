@@ -274,7 +274,7 @@ def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
         check_geometry(image, label, files)
         image_grid = resample_to_model_grid(image, card)
         label_grid = sitk.GetArrayFromImage(resample_labels_to_model_grid(label, card, image_grid))
-        array = normalize(array_with_channels(image_grid), card)
+        array = normalize(array_with_channels(image_grid), card, image)  # image as read: a by_modality choice
     except DatasetError:
         raise
     except DiffusionSegError as err:  # InputImageError, ModelLoadError: name the case in the message

@@ -278,7 +278,7 @@ def load_weak_case(files: WeakCaseFiles, card: ModelCard) -> WeakCase:
         image = read_image(files.image)
         file_slices = _check_slices(image, files, where)
         image_grid = resample_to_model_grid(image, card)
-        array = normalize(array_with_channels(image_grid), card)
+        array = normalize(array_with_channels(image_grid), card, image)  # image as read: a by_modality choice
         layout = to_model_layout(array.astype(np.float32, copy=False), card)  # (C, S, H, W)
         n_slices = layout.shape[1]
         if file_slices is None:

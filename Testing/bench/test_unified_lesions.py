@@ -1,0 +1,320 @@
+"""The unified lesion dataset (DiffusionSegLib.bench.unified_lesions): liver lesions inside the liver and
+darker by the design, brain tumours inside the brain and brighter than its tissue, seeding, the split (no
+test anatomy in training), dataset.json, and no partial output on failure.
+
+Every test builds from a small phantom benchmark folder and phantom pyradiomics files written to
+tmp_path (no download); the real build is ``scripts/make_unified_lesion_dataset.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from DiffusionSegLib.bench import unified_lesions as ul
+from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.training.data import discover_cases
+
+LIVER_HU = 60.0
+BRAIN_TISSUE = 400.0
+BRAIN_LESION = {"brain1": (6, 9), "brain2": (2, 4)}  # [start, stop) lesion slices of the phantoms
+BRAIN_DEPTH = 14
+
+
+# ---------------------------------------------------------------------------------------------
+# Phantom inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _write(array: np.ndarray, path: Path, spacing_xyz=(3.0, 3.0, 3.0)) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing_xyz)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+
+
+def _ellipsoid(shape, centre, semi_axes_vox) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float32)
+    return sum(((grid[i] - centre[i]) / semi_axes_vox[i]) ** 2 for i in range(3)) <= 1.0
+
+
+def _abdomen(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(z, y, x) int16 CT at 3 mm: body 40 HU, liver 60 HU (+ noise 8 HU); label 1 liver, 2 spleen."""
+    shape = (18, 40, 44)
+    rng = np.random.default_rng(seed)
+    body = _ellipsoid(shape, (9, 20, 22), (30, 18, 21))
+    liver = _ellipsoid(shape, (9, 18, 15), (8, 12, 12)) & body
+    spleen = _ellipsoid(shape, (9, 18, 33), (4, 5, 4)) & body & ~liver
+    ct = np.where(body, 40.0, -1000.0) + rng.normal(0, 8, shape)
+    ct[liver] = LIVER_HU + rng.normal(0, 8, int(liver.sum()))
+    label = np.zeros(shape, np.uint8)
+    label[liver], label[spleen] = 1, 2
+    return np.rint(ct).astype(np.int16), label
+
+
+def _lung_ct(seed: int, lesion: bool) -> tuple[np.ndarray, np.ndarray]:
+    shape = (8, 24, 24)
+    rng = np.random.default_rng(seed)
+    ct = np.full(shape, -850.0) + rng.normal(0, 20, shape)
+    label = np.zeros(shape, np.uint8)
+    if lesion:
+        label[3:5, 10:14, 10:14] = 1
+        ct[label > 0] = 20.0
+    return np.rint(ct).astype(np.int16), label
+
+
+def _head(seed: int, lesion_slices: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(z, y, x) int16 T1-like head at 3x3x5 mm: scalp 1000, skull 60, brain 400 with smooth texture,
+    background 0; a bright real lesion on ``lesion_slices``. Every slice has ~94 cm2 of brain."""
+    shape = (BRAIN_DEPTH, 64, 64)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64].astype(np.float32)
+    r = lambda a, b: ((yy - 32) / a) ** 2 + ((xx - 32) / b) ** 2  # noqa: E731
+    head2d, skull2d, brain2d = r(27, 24) <= 1, r(23.5, 20.5) <= 1, r(20.7, 17.3) <= 1
+    mr = np.zeros(shape, np.float32)
+    mr[:, head2d] = 1000.0
+    mr[:, skull2d] = 60.0
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), (0, 1.5, 1.5))
+    brain = np.broadcast_to(brain2d, shape)
+    mr[brain] = BRAIN_TISSUE + 30.0 * (texture / texture.std())[brain]
+    mr += rng.normal(0, 8, shape) * (mr > 0)
+    label = np.zeros(shape, np.uint8)
+    label[lesion_slices[0]:lesion_slices[1], 28:33, 20:25] = 1
+    mr[label > 0] = 750.0
+    return np.clip(np.rint(mr), 0, None).astype(np.int16), label
+
+
+def _dataset_json(root: Path, lists: dict[str, list[str]], images: dict[str, str], **extra) -> None:
+    meta = {"labels": {"0": "background", "1": "liver", "2": "spleen"} if "organs" in root.name
+            else {"0": "background", "1": "lesion"}, **extra}
+    for split, cases in lists.items():
+        folders = images[split]
+        meta[split] = [{"image": f"./{folders[0]}/{c}.nii.gz", "label": f"./{folders[1]}/{c}.nii.gz"} for c in cases]
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def _make_inputs(root: Path) -> tuple[Path, Path]:
+    """A phantom benchmark folder (bench layout) and a phantom pyradiomics folder."""
+    bench, real = root / "bench", root / "pyradiomics"
+    lung, check, organs = bench / "lung_lesions", bench / "lung_synthetic_check", bench / "organs"
+    tr, ts = ("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")
+    for i, case in enumerate(("synth_chest_r0", "synth_base_r0")):
+        ct, label = _lung_ct(i, True)
+        _write(ct, lung / "imagesTr" / f"{case}.nii.gz"), _write(label, lung / "labelsTr" / f"{case}.nii.gz")
+    for i, case in enumerate(("lung1", "lung2")):
+        ct, label = _lung_ct(10 + i, True)
+        _write(ct, lung / "imagesTs" / f"{case}.nii.gz"), _write(label, lung / "labelsTs" / f"{case}.nii.gz")
+    _dataset_json(lung, {"training": ["synth_chest_r0", "synth_base_r0"], "test": ["lung1", "lung2"]},
+                  {"training": tr, "test": ts},
+                  synthetic_training_cases={"synth_chest_r0": {"anatomy": "chest", "seed": 0}})
+    ct, label = _lung_ct(20, True)
+    _write(ct, check / "imagesTs" / "check_chest.nii.gz"), _write(label, check / "labelsTs" / "check_chest.nii.gz")
+    _dataset_json(check, {"test": ["check_chest"]}, {"test": ts})
+    for folders, case, seed in ((tr, "totalseg_example_ct", 1), (ts, "totalseg_example_ct_dicom", 2)):
+        ct, label = _abdomen(seed)
+        _write(ct, organs / folders[0] / f"{case}.nii.gz"), _write(label, organs / folders[1] / f"{case}.nii.gz")
+    _dataset_json(organs, {"training": ["totalseg_example_ct"], "test": ["totalseg_example_ct_dicom"]},
+                  {"training": tr, "test": ts})
+    for case, seed in (("brain1", 31), ("brain2", 32)):
+        mr, label = _head(seed, BRAIN_LESION[case])
+        _write(mr, real / f"{case}_image.nrrd", (3.0, 3.0, 5.0))
+        _write(label, real / f"{case}_label.nrrd", (3.0, 3.0, 5.0))
+    breast = np.random.default_rng(40).normal(60, 10, (6, 20, 10)).astype(np.int16)
+    breast_label = np.zeros(breast.shape, np.uint8)
+    breast_label[2:4, 8:11, 4:6] = 1
+    _write(breast, real / "breast1_image.nrrd", (0.66, 0.66, 2.1)), _write(breast_label, real / "breast1_label.nrrd")
+    return bench, real
+
+
+def _same_share(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of the head voxels (non-zero in either slice) that are equal in two slices."""
+    head = (a != 0) | (b != 0)
+    return float(np.mean(a[head] == b[head]))
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    return _make_inputs(tmp_path_factory.mktemp("unified_inputs"))
+
+
+@pytest.fixture(scope="module")
+def built(inputs, tmp_path_factory) -> tuple[Path, dict]:
+    bench, real = inputs
+    out = tmp_path_factory.mktemp("unified") / "dataset"
+    return out, ul.build_unified_lesion_dataset(out, bench, seed=0, real_dir=real)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and designs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_otsu_separates_two_classes_and_brain_mask_drops_scalp_and_background():
+    values = np.concatenate([np.zeros(500), np.full(300, 100.0), np.full(200, 300.0)])
+    (single,) = ul.otsu_thresholds(values[:800])
+    assert 0.0 < single <= 100.0
+    low, high = ul.otsu_thresholds(values, classes=3)
+    assert 0.0 < low <= 100.0 < high <= 300.0
+    mr, _ = _head(5, (0, 0))
+    mask = ul.brain_mask(mr, (5.0, 3.0, 3.0))
+    yy, xx = np.mgrid[:64, :64]
+    truth = ((yy - 32) / 20.7) ** 2 + ((xx - 32) / 17.3) ** 2 <= 1
+    overlap = (mask & truth).sum() / truth.sum() / mask.shape[0]
+    assert overlap > 0.95 and not (mask & ~truth).any()  # no scalp, skull or air
+    with pytest.raises(ValueError):
+        ul.otsu_thresholds(np.ones(10))
+
+
+def test_designs_follow_the_measured_intensities():
+    liver = ul.liver_design(50.0, 9.0)
+    assert liver.density_hu == (-10.0, 40.0) and liver.noise_hu == 9.0
+    brain = ul.brain_design(400.0, 12.0)
+    assert brain.density_hu == pytest.approx((520.0, 800.0))
+    assert ul.held_out_slab(np.pad(np.ones((2, 3, 3)), ((5, 10), (0, 0), (0, 0)))) == (2, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The built dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_liver_lesions_lie_in_the_liver_and_are_darker_by_the_design(built, inputs):
+    out, meta = built
+    bench, _ = inputs
+    names = [n for n in meta["cases"] if n.startswith("liver_synth_")]
+    assert {meta["cases"][n]["split"] for n in names} == {"training", "validation"}
+    for name in names:
+        source = meta["case_source"][name]
+        organ_case = "totalseg_" + name[len("liver_synth_"):].rsplit("_r", 1)[0]
+        folder = "labelsTr" if (bench / "organs" / "labelsTr" / f"{organ_case}.nii.gz").is_file() else "labelsTs"
+        liver = _read(bench / "organs" / folder / f"{organ_case}.nii.gz") == 1
+        original = _read(bench / "organs" / folder.replace("labels", "images") / f"{organ_case}.nii.gz")
+        ct, label = _read(out / meta["cases"][name]["image"]), _read(out / meta["cases"][name]["label"]).astype(bool)
+        assert label.any() and not (label & ~liver).any()
+        assert np.array_equal(ct[~liver], original[~liver])  # nothing outside the liver changes
+        design = meta["designs"]["liver"][organ_case]
+        assert design["liver_median_hu"] == pytest.approx(LIVER_HU, abs=3)
+        lo, hi = design["design"]["density_hu"]
+        assert (lo, hi) == pytest.approx((design["liver_median_hu"] - 60, design["liver_median_hu"] - 10))
+        assert all(lo <= lesion["density_hu"] <= hi for lesion in source["lesions"])
+        contrast = float(np.median(ct[label])) - float(np.median(original[liver]))
+        assert -65.0 <= contrast <= -5.0, contrast  # partial volume at the border pulls toward the liver
+
+
+def test_brain_tumours_lie_in_the_brain_are_brighter_and_only_use_far_slices_of_the_non_test_brain(built, inputs):
+    out, meta = built
+    _, real = inputs
+    brain1, brain2 = (_read(real / f"brain{i}_image.nrrd") for i in (1, 2))
+    names = [n for n in meta["cases"] if n.startswith("brain_synth_")]
+    assert len(names) == ul.BRAIN_REALISATIONS and all(meta["cases"][n]["split"] == "training" for n in names)
+    design = meta["designs"]["brain"]
+    assert set(design) == {"brain2"}  # brain1 is the test case: never anatomy
+    start, stop = design["brain2"]["held_out_slices"]
+    assert (start, stop) == (0, BRAIN_LESION["brain2"][1] - 1 + ul.LESION_GAP_SLICES)
+    assert meta["cases"]["brain2_real"]["size_xyz"][2] == stop - start + 1
+    for name in names:
+        mr, label = _read(out / meta["cases"][name]["image"]), _read(out / meta["cases"][name]["label"]).astype(bool)
+        a = int(name.split("_z")[1].split("_")[0])
+        anatomy = brain2[a:a + mr.shape[0]]
+        mask = ul.brain_mask(anatomy, (5.0, 3.0, 3.0), tuple(design["brain2"]["otsu_thresholds"]))
+        assert label.any() and not (label & ~mask).any()
+        tissue = float(np.median(anatomy[mask & ~label]))
+        assert tissue == pytest.approx(BRAIN_TISSUE, rel=0.05)
+        assert float(np.median(mr[label])) > 1.2 * tissue
+        # Every slice is a brain2 slice beyond the gap, never a brain1 slice. Away from the tumours the
+        # voxels are brain2's (insert_lesions' faint partial-volume ramp may touch a few unlabelled ones).
+        near = ndimage.binary_dilation(label, iterations=2)
+        assert np.mean(mr[~near] == anatomy[~near]) > 0.999
+        for z in range(mr.shape[0]):
+            assert _same_share(mr[z], anatomy[z]) > 0.8
+            assert a + z > stop
+            assert all(_same_share(mr[z], brain1[k]) < 0.5 for k in range(brain1.shape[0]))
+
+
+def test_dataset_json_splits_modalities_and_validation_cases(built):
+    out, meta = built
+    assert meta["labels"] == {"0": "background", "1": "lesion"}
+    test = {n for n, c in meta["cases"].items() if c["split"] == "test"}
+    assert test == {"brain1_real", "breast1_real", "lung1_real", "lung2_real"}
+    assert set(meta["validation_cases"]) == {"brain2_real", "lung_synth_check_chest",
+                                             "liver_synth_example_ct_dicom_r0"}
+    assert meta["case_modality"]["brain2_real"] == "MR" and meta["case_modality"]["breast1_real"] == "MR"
+    assert meta["case_modality"]["lung1_real"] == "CT" and meta["case_modality"]["liver_synth_example_ct_r0"] == "CT"
+    assert {"lung_synth_chest_r0", "lung_synth_base_r0"} <= set(meta["cases"])
+    assert all(meta["case_source"][n]["kind"] == ("real" if n.endswith("_real") else "synthetic") for n in meta["cases"])
+    assert all("sha256" in s and "package" in s for s in meta["case_source"].values())
+    # The project's loader: validation cases are in the training list (TrainConfig.val_cases names them).
+    training = [c.name for c in discover_cases(out, "training")]
+    assert set(meta["validation_cases"]) <= set(training) and not test & set(training)
+    assert discover_cases(out, "validation") == []
+    assert {c.name for c in discover_cases(out, "test")} == test
+    for name, case in meta["cases"].items():
+        label = _read(out / case["label"])
+        assert label.dtype == np.uint8 and set(np.unique(label).tolist()) <= {0, 1}
+        assert (out / case["image"]).is_file() and name in (out / case["image"]).name
+    assert json.loads((out / "dataset.json").read_text()) == meta
+    readme = (out / "README.md").read_text()
+    assert "SYNTHETIC" in readme and "REAL" in readme and "breast1" in readme
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
+
+
+def test_same_seed_same_files_other_seed_different(built, inputs, tmp_path):
+    out, meta = built
+    bench, real = inputs
+    again = ul.build_unified_lesion_dataset(tmp_path / "again", bench, seed=0, real_dir=real)
+    assert again["files"] == meta["files"]
+    other = ul.build_unified_lesion_dataset(tmp_path / "other", bench, seed=1, real_dir=real)
+    differs = {k for k in meta["files"] if other["files"].get(k) != meta["files"][k]}
+    assert any("liver_synth" in k for k in differs) and any("brain_synth" in k for k in differs)
+    assert not any("_real" in k for k in differs)  # real cases do not depend on the seed
+    # Reuse without rebuild; refuse a different seed without rebuild.
+    assert ul.build_unified_lesion_dataset(tmp_path / "again", bench, seed=0, real_dir=real)["files"] == meta["files"]
+    with pytest.raises(DatasetError, match="rebuild"):
+        ul.build_unified_lesion_dataset(tmp_path / "again", bench, seed=1, real_dir=real)
+
+
+def test_split_moves_real_cases_and_keeps_the_test_brain_out_of_training(inputs, tmp_path):
+    bench, real = inputs
+    meta = ul.build_unified_lesion_dataset(tmp_path / "swapped", bench, real_dir=real,
+                                           split={"brain1": "validation", "brain2": "test", "lung2": "validation"})
+    assert meta["cases"]["brain2_real"]["split"] == "test" and meta["cases"]["brain1_real"]["split"] == "validation"
+    assert meta["cases"]["lung2_real"]["split"] == "validation"
+    assert meta["cases"]["brain2_real"]["size_xyz"][2] == BRAIN_DEPTH  # a test brain is written whole
+    assert set(meta["designs"]["brain"]) == {"brain1"}
+    brain2 = _read(real / "brain2_image.nrrd")
+    for name in (n for n in meta["cases"] if n.startswith("brain_synth_")):
+        assert "brain1" in name
+        mr = _read(tmp_path / "swapped" / meta["cases"][name]["image"])
+        assert all(_same_share(mr[z], brain2[k]) < 0.5 for z in range(mr.shape[0]) for k in range(brain2.shape[0]))
+    for bad in ({"brain1": "training"}, {"liver9": "test"}, {"brain1": "test", "brain2": "test"}):
+        with pytest.raises(DatasetError):
+            ul.build_unified_lesion_dataset(tmp_path / "bad", bench, real_dir=real, split=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_build_leaves_nothing_behind(inputs, tmp_path, monkeypatch):
+    bench, real = inputs
+    broken = tmp_path / "broken_bench"
+    broken.mkdir()
+    with pytest.raises(DatasetError, match="prepare-only"):
+        ul.build_unified_lesion_dataset(tmp_path / "out", broken, real_dir=real)
+    with pytest.raises(DatasetError, match="brain1_image.nrrd"):
+        ul.build_unified_lesion_dataset(tmp_path / "out", bench, real_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ul, "insert_brain_tumours", fail)  # fails after the lung and liver cases are written
+    with pytest.raises(RuntimeError):
+        ul.build_unified_lesion_dataset(tmp_path / "out", bench, real_dir=real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken_bench"]
