@@ -17,6 +17,9 @@ Files in ``model_dir``::
 
 ``train(..., resume=True)`` continues from ``checkpoint/``; on CPU the continuation is
 bit-identical to an uninterrupted run (every random generator is restored).
+
+Under ``torchrun --nproc_per_node=N`` the run is data-parallel over N processes (DDP; see
+``training.distributed``): ``batch_size`` stays the global batch and rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -316,11 +319,12 @@ def _write_json(path: Path, data: Any) -> None:
 class _Run:
     """The state of one training run, with checkpoint save/restore."""
 
-    def __init__(self, dataset_dir: Path, model_dir: Path, config: TrainConfig):
+    def __init__(self, dataset_dir: Path, model_dir: Path, config: TrainConfig, device: Any):
         import torch
 
-        from DiffusionSegLib.core.device import resolve_device, use_deterministic_kernels
+        from DiffusionSegLib.core.device import use_deterministic_kernels
         from DiffusionSegLib.methods.registry import get_method
+        from DiffusionSegLib.training import distributed
 
         self.dataset_dir, self.model_dir, self.config = dataset_dir, model_dir, config
         self.method = get_method(config.method)
@@ -330,7 +334,7 @@ class _Run:
         else:
             self._load_mask_data()
 
-        self.device = resolve_device(config.device)
+        self.device = device
         use_deterministic_kernels(self.device)  # same seed, same run, on CUDA as well as on CPU
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if config.amp is None else config.amp
         torch.manual_seed(config.seed)  # network initialisation
@@ -344,6 +348,14 @@ class _Run:
                                            lr=config.lr, weight_decay=config.weight_decay)
         self.objective = self.method.prepare_training(self.card)  # e.g. the noise schedule
         self.loss_generator = torch.Generator("cpu").manual_seed(config.seed + 1)
+        # Under torchrun each rank trains on its rows of the global batch (see training.distributed);
+        # a single process has rows [0, batch_size) and no DDP.
+        self.main, self.world, self.rank = distributed.is_main(), distributed.world_size(), distributed.rank()
+        rows = distributed.local_batch(config.batch_size, self.world)
+        self.rows = slice(self.rank * rows, (self.rank + 1) * rows)
+        self.loss_module = distributed.wrap(
+            distributed.LossModule(self.method, self.net, self.objective, self.loss_generator), self.device,
+            parts_may_rest=len(self.optimizer.param_groups) > 1)
         self.step = 0
         self.losses: list[float] = []
         self.validations: list[dict[str, Any]] = []
@@ -373,6 +385,7 @@ class _Run:
 
     def _load_image_label_data(self) -> None:
         """Images with lesion / healthy labels only (never a mask), the split and the item sampler."""
+        from DiffusionSegLib.training import distributed
         from DiffusionSegLib.training import weak_labels as weak
         from DiffusionSegLib.training.data import Augmentation, image_channels
 
@@ -398,7 +411,8 @@ class _Run:
             try:  # the same held-out items at every validation, so the losses compare
                 self.val_batch = weak.ImageLabelSampler(self.val_cases, patch, None, seed=config.seed + 2).batch(VAL_ITEMS)
             except DatasetError as err:
-                log.warning("no validation loss: %s", err)
+                if distributed.is_main():
+                    log.warning("no validation loss: %s", err)
 
     def healthy_crops(self, count: int) -> Any:
         """(count, C, *patch) held-out healthy crops (training ones when nothing is held out), for calibration."""
@@ -415,27 +429,35 @@ class _Run:
     # -- one optimizer step ------------------------------------------------------------------
 
     def train_step(self) -> float:
+        import contextlib
+
         import torch
 
+        from DiffusionSegLib.training import distributed
+
+        # Every rank draws the whole global batch (same sampler state everywhere) and keeps its rows.
         images, masks = self.sampler.batch(self.config.batch_size)
-        image = torch.from_numpy(images).to(self.device)
-        mask = torch.from_numpy(masks).to(self.device)
+        image = torch.from_numpy(images[self.rows]).to(self.device)
+        mask = torch.from_numpy(masks[self.rows]).to(self.device)
         factors = self.method.start_step(self.objective, self.step)
         if factors is not None:
             for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
                 group["lr"] = self.config.lr * factor
-        self.net.train()
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.method.training_loss(self.net, self.objective, image, mask, self.loss_generator)
+        self.loss_module.train()
+        draws = (distributed.RowsOfGlobalDraws(self.loss_generator, image.shape[0], self.rank, self.world)
+                 if self.world > 1 else contextlib.nullcontext())
+        with draws, torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.loss_module(image, mask)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP: gradients averaged over the ranks = the gradient of the global batch's mean
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        # EMA warm-up: early weights are poor, so the average forgets them quickly at first.
-        _ema_update(self.ema, self.net, min(self.config.ema_decay, (1 + self.step) / (10 + self.step)))
+        if self.main:  # only rank 0 validates and saves, so only it keeps the average
+            # EMA warm-up: early weights are poor, so the average forgets them quickly at first.
+            _ema_update(self.ema, self.net, min(self.config.ema_decay, (1 + self.step) / (10 + self.step)))
         self.step += 1
-        value = float(loss.detach())
+        value = distributed.mean(float(loss.detach()))  # the same on every rank: all stop together below
         if not math.isfinite(value):
             raise DiffusionSegError(f"training diverged at step {self.step} (loss {value}); lower lr or disable amp")
         self.losses.append(value)
@@ -571,27 +593,48 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
     ``resume=True`` continues from ``model_dir/checkpoint/`` (the config may change only in
     ``RESUMABLE_CHANGES``, e.g. more ``steps``). Without ``resume`` an existing checkpoint is an
     error, so a finished or interrupted run is never overwritten by accident.
-    """
-    import torch
-    from tqdm import tqdm
 
-    from DiffusionSegLib.models.card import save_model
+    Under ``torchrun`` with several processes the run is data-parallel (``training.distributed``):
+    ``batch_size`` is the global batch, split evenly over the processes; rank 0 validates and writes
+    every file, and every rank returns the card rank 0 wrote.
+    """
+    from DiffusionSegLib.core.device import resolve_device
+    from DiffusionSegLib.training import distributed
 
     config = config or TrainConfig()
     config.check()
+    distributed.local_batch(config.batch_size, distributed.world_size())  # before any process waits for another
     dataset_dir, model_dir = Path(dataset_dir).resolve(), Path(model_dir).resolve()
     existing = checkpoint_folder(model_dir)
     if resume and existing is None:
         raise DiffusionSegError(f"cannot resume: no checkpoint in {model_dir}")
     if not resume and existing is not None:
         raise DiffusionSegError(f"{model_dir} already holds a training checkpoint; resume it or choose another folder")
-    run = _Run(dataset_dir, model_dir, config)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    if existing is not None:
-        run.load_checkpoint(existing)
-        log.info("resuming at step %d of %d", run.step, config.steps)
+    device = distributed.device_for(resolve_device(config.device))
+    with distributed.process_group(device):
+        return _train(dataset_dir, model_dir, config, device, existing, progress)
 
-    bar = tqdm(total=config.steps, initial=run.step, desc="training", unit="step", disable=not progress,
+
+def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, device: Any, existing: Path | None,
+           progress: bool) -> ModelCard:
+    """``train`` once the device is known and, under torchrun, the process group runs."""
+    import torch
+    from tqdm import tqdm
+
+    from DiffusionSegLib.models.card import read_card, save_model
+    from DiffusionSegLib.training import distributed
+
+    # Every rank has checked the folder before this: constructing DDP in _Run waits for all of them,
+    # so rank 0 cannot write a checkpoint that another rank would then find.
+    run = _Run(dataset_dir, model_dir, config, device)
+    if run.main:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    if existing is not None:
+        run.load_checkpoint(existing)  # every rank: the same weights, optimizer, sampler and generator states
+        if run.main:
+            log.info("resuming at step %d of %d", run.step, config.steps)
+
+    bar = tqdm(total=config.steps, initial=run.step, desc="training", unit="step", disable=not (progress and run.main),
                dynamic_ncols=True)
     clock = time.perf_counter()
     try:
@@ -599,7 +642,9 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
             run.train_step()
             last = run.step == config.steps
             if run.step % config.val_every == 0 or last:
-                run.validate()
+                if run.main:
+                    run.validate()
+                distributed.barrier()
             postfix = {"loss": f"{np.mean(run.losses[-50:]):.4f}"}  # running mean: one batch is noisy
             if run.validations:
                 last_val = run.validations[-1]
@@ -610,10 +655,15 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
             if run.step % config.checkpoint_every == 0 or last:
                 run.elapsed_s += time.perf_counter() - clock
                 clock = time.perf_counter()
-                run.save_checkpoint()
+                if run.main:
+                    run.save_checkpoint()
+                distributed.barrier()
     finally:
         bar.close()
     run.elapsed_s += time.perf_counter() - clock
+    if not run.main:
+        distributed.barrier()  # rank 0 writes the model meanwhile
+        return read_card(model_dir)
 
     card = run.card
     final_state = run.best["state"] if run.best is not None else _cpu_state(run.ema)
@@ -627,6 +677,7 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
         "final_loss": float(np.mean(run.losses[-100:])), "weights": "EMA",
         "selected_step": run.best["step"] if run.best is not None else run.step,
         "config": dataclasses.asdict(config),
+        **({"processes": run.world} if run.world > 1 else {}),  # data-parallel: batch_size is the global batch
     }
     if run.method.supervision == Supervision.IMAGE_LABELS:
         _finish_image_label_run(run, final_state)
@@ -643,4 +694,5 @@ def train(dataset_dir: str | os.PathLike, model_dir: str | os.PathLike, config: 
         log.warning("no held-out case: the model card has no validation Dice")
     _write_json(model_dir / LOG_NAME, {"losses": run.losses, "validations": run.validations})
     save_model(model_dir, final_state, card)
+    distributed.barrier()
     return card
