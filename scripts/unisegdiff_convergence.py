@@ -41,6 +41,14 @@ VARIANTS = {
     "unisegdiff_no_pretrained_encoder": ("unisegdiff", UNISEG_NET, {"encoder_pretrain_steps": 0, "encoder_lr_scale": 1.0}),
     "unisegdiff_frozen_encoder": ("unisegdiff", UNISEG_NET, {"encoder_pretrain_steps": 100,
                                                             "encoder_training": "frozen"}),
+    # The encoder trained with the denoiser from step 0 at the full rate (no separate pretraining)
+    # and the same two ablations on top of it: measured better than 100 pretraining steps + 0.1x.
+    "unisegdiff_pretrained_full_rate": ("unisegdiff", UNISEG_NET, {"encoder_pretrain_steps": 100,
+                                                                  "encoder_lr_scale": 1.0}),
+    "unisegdiff_joint_no_staging": ("unisegdiff", UNISEG_NET, {"encoder_pretrain_steps": 0, "encoder_lr_scale": 1.0,
+                                                              "stages": SINGLE_STAGE}),
+    "unisegdiff_joint_no_target_adjustment": ("unisegdiff", UNISEG_NET, {"encoder_pretrain_steps": 0,
+                                                                        "encoder_lr_scale": 1.0, "stages": ALL_X0}),
     "medsegdiff": ("medsegdiff", {"channels": CHANNELS, "num_res_blocks": 1, "norm_groups": 8,
                                   "ff_reference_size": 64}, {}),
     "vanilla_dpm": ("vanilla_dpm", {"channels": CHANNELS, "num_res_blocks": 1, "num_head_channels": 8,

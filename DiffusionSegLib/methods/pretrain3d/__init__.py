@@ -1,0 +1,1 @@
+"""3D pretraining components (issue 15)."""

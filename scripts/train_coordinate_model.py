@@ -1,0 +1,237 @@
+"""Train the anatomical coordinate model (issue 15, first building block) on the unlabelled CTs on this
+machine and measure it on one held-out CT.
+
+    OMP_NUM_THREADS=1 python scripts/train_coordinate_model.py -o runs/coordinates/v1 --steps 1500
+
+CTs (each a different patient; copies of the same anatomy are left out):
+  training  data/bench/organs/imagesTr/totalseg_example_ct          (abdomen, TotalSegmentator example)
+            data/bench/lung_lesions/imagesTr/synth_chest_r0         (chest; r1/r2 are the same scan with other
+                                                                      synthetic lesions, synth_base_* and
+                                                                      data/organs_multi/imagesTr are slabs of
+                                                                      totalseg_example_ct)
+  held out  data/bench/organs/imagesTs/totalseg_example_ct_dicom    (upper-abdomen slab, 40 mm)
+The two lung test CTs (data/bench/lung_lesions/imagesTs) are not used: they are a benchmark's test set.
+
+Every CT is turned to LPS axes, smoothed and resampled to 6 mm isotropic (SimpleITK), clipped to
+-1000..1000 HU and scaled to [-1, 1]. No label is used for training. For the report, the held-out CT and
+the training abdomen CT (whose 11-organ map is reassembled from the three slabs of data/organs_multi;
+the 4 slices between slabs have no labels and are left out) are compared: smoothness of the coordinates
+on the held-out CT, organ centroids (``organ_consistency``) and label transfer by nearest coordinates,
+each against the scanner frame aligned by ONE translation (body centroid onto body centroid).
+The label maps are TotalSegmentator's own predictions, not manual ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from DiffusionSegLib.core.files import atomic_write_json, sha256_of  # noqa: E402
+from DiffusionSegLib.methods.pretrain3d.coordinates import (  # noqa: E402
+    ct_window, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates,
+    transfer_labels)
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+TRAIN_CTS = {"abdomen_example_ct": DATA / "bench/organs/imagesTr/totalseg_example_ct.nii.gz",
+             "chest_aorta_report": DATA / "bench/lung_lesions/imagesTr/synth_chest_r0.nii.gz"}
+HELD_OUT = ("abdomen_example_ct_dicom", DATA / "bench/organs/imagesTs/totalseg_example_ct_dicom.nii.gz")
+HELD_OUT_LABELS = DATA / "organs_multi/labelsTs/totalseg_example_ct_dicom.nii.gz"
+PARTNER = "abdomen_example_ct"  # the training CT compared with the held-out one
+PARTNER_LABEL_SLABS = [DATA / f"organs_multi/labelsTr/totalseg_example_ct_{part}.nii.gz"
+                       for part in ("below", "validation", "above")]
+ORGANS_JSON = DATA / "organs_multi/dataset.json"
+UNKNOWN = 255  # label value of voxels no label map covers
+LABEL_NOTE = "Organ labels are TotalSegmentator's own predictions (sdist test references), not manual ground truth."
+
+
+def to_grid(image: sitk.Image, spacing: float, label: bool = False, reference: sitk.Image | None = None) -> sitk.Image:
+    """LPS-oriented image resampled to isotropic ``spacing`` (or onto ``reference``'s grid).
+
+    CT: Gaussian anti-aliasing before linear interpolation, air (-1000 HU) outside. Labels: nearest
+    neighbour, UNKNOWN outside."""
+    image = sitk.DICOMOrient(image, "LPS")
+    if reference is None:
+        extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
+        size = [max(1, int(round(e / spacing))) for e in extent]
+        # Keep the physical centre of the field of view: the grid's first voxel centre moves accordingly.
+        origin = [o - s / 2 + spacing / 2 for o, s in zip(image.GetOrigin(), image.GetSpacing())]
+        reference = sitk.Image(size, sitk.sitkUInt8)
+        reference.SetSpacing([spacing] * 3)
+        reference.SetOrigin(origin)
+    if label:
+        return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, UNKNOWN, sitk.sitkUInt8)
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    sigma = [0.4 * (spacing - s) if spacing > s else 0.0 for s in image.GetSpacing()]
+    if max(sigma) > 0:  # the filter works in mm per axis; 0 leaves an axis as it is
+        image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigma])
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+
+
+def scanner_points(image: sitk.Image) -> np.ndarray:
+    """(3, D, H, W) LPS positions (mm) of the voxel centres in array axis order (z, y, x)."""
+    size = image.GetSize()[::-1]
+    spacing, origin = image.GetSpacing()[::-1], image.GetOrigin()[::-1]
+    axes = [origin[k] + spacing[k] * np.arange(size[k]) for k in range(3)]
+    return np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float64)
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """Voxels above -500 HU in the largest connected piece (the body, without the table where separate)."""
+    pieces, count = ndimage.label(hu > -500)
+    if count == 0:
+        return np.zeros(hu.shape, bool)
+    return pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1)
+
+
+def partner_labels(ct_4mm: sitk.Image, ct_native: sitk.Image) -> np.ndarray:
+    """The training abdomen CT's 11-organ map on the 4 mm grid, reassembled from the organs_multi slabs."""
+    native = sitk.DICOMOrient(ct_native, "LPS")
+    merged = np.full(sitk.GetArrayViewFromImage(native).shape, UNKNOWN, np.uint8)
+    for path in PARTNER_LABEL_SLABS:
+        slab = sitk.GetArrayFromImage(to_grid(sitk.ReadImage(str(path)), 0, label=True, reference=native))
+        merged = np.where(slab != UNKNOWN, slab, merged)
+    merged_image = sitk.GetImageFromArray(merged)
+    merged_image.CopyInformation(native)
+    return sitk.GetArrayFromImage(to_grid(merged_image, 0, label=True, reference=ct_4mm))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    total = int(a.sum() + b.sum())
+    return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--out", type=Path, required=True, help="folder for the model and report.json")
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--spacing", type=float, default=6.0, help="isotropic mm")
+    parser.add_argument("--patch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--output-level", type=int, default=2, help="decoder stops at 1/2^level, then trilinear")
+    parser.add_argument("--max-shift", type=int, default=8, help="voxels between the two crops, per axis")
+    parser.add_argument("--consistency-weight", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.time()
+
+    natives, grids, volumes = {}, {}, {}
+    for name, path in {**TRAIN_CTS, HELD_OUT[0]: HELD_OUT[1]}.items():
+        natives[name] = sitk.ReadImage(str(path))
+        grids[name] = to_grid(natives[name], args.spacing)
+        volumes[name] = sitk.GetArrayFromImage(grids[name])
+    spacing = (args.spacing,) * 3
+    train = [(ct_window(volumes[name]), spacing) for name in TRAIN_CTS]
+    print(f"CTs at {args.spacing} mm: " + ", ".join(f"{n} {v.shape}" for n, v in volumes.items())
+          + f" (held out: {HELD_OUT[0]}); prepared in {time.time() - started:.0f} s")
+
+    t0 = time.time()
+    net, log = train_coordinates(train, steps=args.steps, patch=(args.patch,) * 3, batch=args.batch, lr=args.lr,
+                                 seed=args.seed, channels=args.channels,
+                                 output_level=args.output_level, max_shift=(args.max_shift,) * 3,
+                                 consistency_weight=args.consistency_weight)
+    train_s = time.time() - t0
+    window = max(1, len(log) // 10)
+    curve = [{"steps": f"{log[i]['step']}-{log[min(i + window, len(log)) - 1]['step']}",
+              **{k: float(np.mean([r[k] for r in log[i:i + window]])) for k in ("total", "distance", "consistency")}}
+             for i in range(0, len(log), window)]
+    print(f"trained {args.steps} steps in {train_s:.0f} s; loss (mm), mean per tenth of the run:")
+    print("  steps        total  distance  consistency")
+    for row in curve:
+        print(f"  {row['steps']:<11} {row['total']:6.1f}  {row['distance']:8.1f}  {row['consistency']:11.1f}")
+
+    coords = {name: predict_coordinates(net, ct_window(volumes[name]), spacing) for name in (HELD_OUT[0], PARTNER)}
+    held, partner = HELD_OUT[0], PARTNER
+    held_body, partner_body = body_mask(volumes[held]), body_mask(volumes[partner])
+    smooth = {"held_out_body": smoothness(coords[held], spacing, held_body),
+              "held_out_all": smoothness(coords[held], spacing),
+              "training_ct_body": smoothness(coords[partner], spacing, partner_body)}
+
+    names = {int(k): v for k, v in json.loads(ORGANS_JSON.read_text())["labels"].items() if int(k) > 0}
+    organs = {v: k for k, v in names.items()}
+    held_labels = sitk.GetArrayFromImage(to_grid(sitk.ReadImage(str(HELD_OUT_LABELS)), 0, label=True,
+                                                 reference=grids[held]))
+    held_labels[held_labels == UNKNOWN] = 0  # the label map covers the CT: outside is only resampling margin
+    part_labels = partner_labels(grids[partner], natives[partner])
+    known = part_labels != UNKNOWN
+    part_for_centroids = np.where(known, part_labels, 0)
+    points = {held: scanner_points(grids[held]), partner: scanner_points(grids[partner])}
+    consistency = organ_consistency(coords[held], held_labels, coords[partner], part_for_centroids, organs,
+                                    points_a=points[held], points_b=points[partner], body_a=held_body,
+                                    body_b=partner_body)
+    # Label transfer partner -> held-out, by nearest learnt coordinates / by nearest aligned scanner position.
+    shift = (points[held].reshape(3, -1)[:, held_body.ravel()].mean(1)
+             - points[partner].reshape(3, -1)[:, partner_body.ravel()].mean(1))
+    by_coords = transfer_labels(coords[partner], part_labels, coords[held], known)
+    by_scanner = transfer_labels(points[partner] + shift[:, None, None, None], part_labels, points[held], known)
+    transfer = {}
+    for organ, value in organs.items():
+        if (held_labels == value).any() and (part_labels == value).any():
+            transfer[organ] = {"learned": dice(by_coords == value, held_labels == value),
+                               "scanner": dice(by_scanner == value, held_labels == value)}
+
+    print(f"\nHeld-out CT {held}: smoothness of the coordinates ({args.spacing:g} mm neighbours)")
+    print("  region                within 20%  median ratio  isometry error  folding")
+    for region, s in smooth.items():
+        print(f"  {region:<21} {s['within_20pct']:10.3f}  {s['median_ratio']:12.3f}  {s['isometry_error']:14.3f}"
+              f"  {s['folding']:7.3f}")
+    print(f"\nOrgans: held-out {held} vs training {partner}. {LABEL_NOTE}")
+    print("centroid distance (mm): learned = learnt coordinates, no alignment; scanner = LPS frame after ONE")
+    print("translation (body centroids); *_best = after the least-squares translation of all organ centroids")
+    print("(uses labels: relative layout only). Dice = labels moved partner -> held-out by nearest coordinate.")
+    print("  organ                          vox held  vox train  learned  scanner  learned_best  scanner_best"
+          "  Dice learned  Dice scanner")
+    for organ, row in consistency["organs"].items():
+        t = transfer.get(organ, {})
+        print(f"  {organ:<30} {row['voxels_a']:8d}  {row['voxels_b']:9d}  {fmt(row['learned']):>7}  "
+              f"{fmt(row['scanner']):>7}  {fmt(row['learned_best_translation']):>12}  "
+              f"{fmt(row['scanner_best_translation']):>12}  {fmt(t.get('learned'), 3):>12}  {fmt(t.get('scanner'), 3):>12}")
+    m = consistency["mean"]
+    mean_dice = {k: float(np.mean([t[k] for t in transfer.values()])) if transfer else None for k in ("learned", "scanner")}
+    print(f"  {'mean (organs in both)':<30} {'':8}  {'':9}  {fmt(m['learned']):>7}  {fmt(m['scanner']):>7}  "
+          f"{fmt(m['learned_best_translation']):>12}  {fmt(m['scanner_best_translation']):>12}  "
+          f"{fmt(mean_dice['learned'], 3):>12}  {fmt(mean_dice['scanner'], 3):>12}")
+    ident, scale = consistency["identified"], consistency["layout_scale"]
+    print(f"  organs whose centroid is nearest the same organ's in the other CT: learned {ident['learned']}/{ident['of']},"
+          f" scanner {ident['scanner']}/{ident['of']}")
+    print(f"  layout scale (learnt / physical distance between organ centroids, 1 = isometric, ~0 = collapsed):"
+          f" held-out {fmt(scale['a'], 2)}, training {fmt(scale['b'], 2)}")
+    print(f"note: the held-out CT is a {volumes[held].shape[0] * args.spacing:.0f} mm slab, so its organs are partial:"
+          " centroids are biased by coverage in both frames alike; label transfer is not.")
+
+    training_data = [{"name": n, "file": str(p.relative_to(REPO)), "sha256": sha256_of(p)} for n, p in TRAIN_CTS.items()]
+    card = {"training": {"data": training_data, "held_out": str(HELD_OUT[1].relative_to(REPO)), "steps": args.steps,
+                         "batch": args.batch, "lr": args.lr, "seed": args.seed,
+                         "max_shift": args.max_shift, "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
+                         "final_loss_mean_last_tenth": curve[-1], "resampling": f"LPS, {args.spacing} mm isotropic",
+                         "labels_used": "none"}}
+    save_coordinate_model(args.out, net, card)
+    report = {"command": "OMP_NUM_THREADS=1 python scripts/train_coordinate_model.py " + " ".join(sys.argv[1:]),
+              "label_note": LABEL_NOTE, "held_out": held, "partner": partner, "shapes": {n: list(v.shape) for n, v in volumes.items()},
+              "loss_curve": curve, "smoothness": smooth, "organ_consistency": consistency,
+              "label_transfer_dice": transfer, "label_transfer_mean_dice": mean_dice,
+              "seconds": round(time.time() - started, 1)}
+    atomic_write_json(args.out / "report.json", report)
+    print(f"\nwrote {args.out}/ (coordinates.safetensors, coordinates.json, report.json) in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
