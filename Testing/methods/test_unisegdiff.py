@@ -343,7 +343,7 @@ def test_the_learning_rate_factors_follow_the_phases():
     frozen = METHOD.prepare_training(card(encoder_pretrain_steps=1, encoder_training="frozen"))
     assert [list(METHOD.start_step(frozen, k)) for k in range(3)] == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
     # A resumed run starts at its own step, not at 0.
-    assert list(METHOD.start_step(METHOD.prepare_training(card(encoder_pretrain_steps=2)), 5)) == [0.1, 1.0]
+    assert list(METHOD.start_step(METHOD.prepare_training(card(encoder_pretrain_steps=2)), 5)) == [1.0, 1.0]
 
 
 def test_while_pretraining_the_loss_is_the_encoders_segmentation_loss():

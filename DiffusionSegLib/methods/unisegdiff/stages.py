@@ -74,7 +74,9 @@ class UniSegDiffSettings:
     stages: tuple[DiffusionStage, ...]
     encoder_pretrain_steps: int = 0  # first steps of a run: the encoder alone, as a segmentation network
     encoder_training: EncoderTraining = EncoderTraining.FINETUNE
-    encoder_lr_scale: float = 0.1
+    # 1.0: the lung-lesion convergence study (docs/BENCHMARKS.md) measured validation Dice 0.71 with the
+    # encoder trained at the full rate from step 0 against 0.47 for 100 pretraining steps then 0.1x.
+    encoder_lr_scale: float = 1.0
     prior_loss_weight: float = 1.0  # weight of the encoder's Dice + BCE while it is fine-tuned
     t_sampling: str = "uniform"  # "uniform" over [0, T), or "per_stage": each stage an equal share
     coarse_shared: bool = True
@@ -94,7 +96,7 @@ class UniSegDiffSettings:
         training = EncoderTraining.parse(settings.get("encoder_training", EncoderTraining.FINETUNE), "encoder_training")
         branch = settings.get("branch_t")
         out = cls(stages=stages, encoder_pretrain_steps=_number(settings, "encoder_pretrain_steps", 0, int),
-                  encoder_training=training, encoder_lr_scale=_number(settings, "encoder_lr_scale", 0.1, float),
+                  encoder_training=training, encoder_lr_scale=_number(settings, "encoder_lr_scale", 1.0, float),
                   prior_loss_weight=_number(settings, "prior_loss_weight", 1.0, float),
                   t_sampling=str(settings.get("t_sampling", "uniform")),
                   coarse_shared=_flag(settings, "coarse_shared", True),
