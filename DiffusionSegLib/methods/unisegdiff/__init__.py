@@ -16,7 +16,7 @@ key of ``card.method_settings`` (``stages.UniSegDiffSettings``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from DiffusionSegLib.core.enums import Sampler
 from DiffusionSegLib.methods.base import ProgressFn, SamplingPlan, SegmentationMethod
@@ -130,8 +130,7 @@ class UniSegDiff(SegmentationMethod):
         settings = UniSegDiffSettings.of(card)
         samples = card.default_samples if samples is None else samples
         steps = card.default_steps if steps is None else steps
-        branch = settings.default_branch_t()
-        longest = branch + 1 if branch < card.num_train_timesteps - 1 else card.num_train_timesteps
+        longest = settings.chain_start(card.num_train_timesteps)[1] + 1
         if steps > longest:
             raise SettingsError(f"steps ({steps}) cannot exceed {longest} for model '{card.name}': its staged chain "
                                 f"starts at t = {longest - 1}")

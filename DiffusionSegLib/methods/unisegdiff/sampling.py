@@ -22,7 +22,7 @@ from DiffusionSegLib.models.card import ModelCard
 
 def network_evaluations(settings: UniSegDiffSettings, card: ModelCard, samples: int, steps: int) -> float:
     """Denoiser calls per sample: ``steps``, plus the coarse jump (shared by the N samples or not)."""
-    if settings.default_branch_t() >= card.num_train_timesteps - 1:
+    if not settings.chain_start(card.num_train_timesteps)[0]:
         return float(steps)
     return steps + (1.0 / samples if settings.coarse_shared else 1.0)
 
@@ -38,9 +38,8 @@ def sample_staged(net: torch.nn.Module, card: ModelCard, images: torch.Tensor, n
         raise ValueError("samples and steps must be >= 1")
     settings = UniSegDiffSettings.of(card)
     top = card.num_train_timesteps - 1
-    branch = settings.default_branch_t()
-    coarse = branch < top  # a branch below the top: one jump to the coarse estimate first
-    timesteps = chain_timesteps(branch if coarse else top, steps)
+    coarse, branch = settings.chain_start(card.num_train_timesteps)  # coarse: one jump to the x0 estimate first
+    timesteps = chain_timesteps(branch, steps)
     stages = [settings.stage_of(t) for t in timesteps]
     device = images.device
     if device.type == "cpu":

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from DiffusionSegLib.core.enums import Choice
 from DiffusionSegLib.core.errors import ModelLoadError
+from DiffusionSegLib.methods.diffusion import sampling_timesteps
+from DiffusionSegLib.methods.unisegdiff.network import prior_signal
 from DiffusionSegLib.models.card import ModelCard
 
 
@@ -134,6 +136,12 @@ class UniSegDiffSettings:
 
     def stage_of(self, t: int) -> DiffusionStage:
         return next(s for s in self.stages if s.t_low <= t < s.t_high)
+
+    def chain_start(self, num_train_timesteps: int) -> tuple[bool, int]:
+        """(whether a coarse jump comes first, the chain's first t): the branch when it lies below the top."""
+        branch = self.default_branch_t()
+        top = num_train_timesteps - 1
+        return (True, branch) if branch < top else (False, top)
 
     def default_branch_t(self) -> int:
         """Where the samples branch off the shared coarse estimate (see the module docstring)."""
@@ -252,12 +260,12 @@ def draw_timesteps(settings: UniSegDiffSettings, batch: int, num_train_timesteps
 
 
 def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Dice (over the batch, per label) + BCE of the prior's logits against the {0, 1} mask (B, L, *S)."""
-    probability = torch.sigmoid(logits.float())
+    """Dice (MONAI's, over the batch per label) + BCE of the prior's logits against the {0, 1} mask (B, L, *S)."""
+    from monai.losses import DiceLoss
+
     target = mask.float()
-    dims = [0] + list(range(2, target.dim()))
-    dice = (2 * (probability * target).sum(dims) + 1e-5) / (probability.sum(dims) + target.sum(dims) + 1e-5)
-    return (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits.float(), target)
+    dice = DiceLoss(sigmoid=True, batch=True)(logits.float(), target)
+    return dice + F.binary_cross_entropy_with_logits(logits.float(), target)
 
 
 def staged_errors(net: torch.nn.Module, settings: UniSegDiffSettings, alphas_cumprod: torch.Tensor,
@@ -274,19 +282,13 @@ def staged_errors(net: torch.nn.Module, settings: UniSegDiffSettings, alphas_cum
     view = (-1,) + (1,) * (x0.dim() - 1)
     x_t = alpha_bar.view(view).sqrt() * x0 + (1 - alpha_bar).view(view).sqrt() * noise
     kinds = [settings.stages[i].target for i in settings.stage_index(t).tolist()]
-    prior = _prior(condition)
+    prior = prior_signal(condition.prior_logits)
     prediction = net.denoise(x_t, condition, t).float()
     target = stage_targets(kinds, x0, noise, alpha_bar, prior.detach())
     errors = (prediction - target).pow(2).flatten(1).mean(1)
     with torch.no_grad():
         estimate = stage_x0(kinds, prediction.detach(), x_t, alpha_bar, prior.detach())
     return errors, estimate, condition.prior_logits
-
-
-def _prior(condition: Any) -> torch.Tensor:
-    from DiffusionSegLib.methods.unisegdiff.network import prior_signal
-
-    return prior_signal(condition.prior_logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,4 +306,4 @@ def chain_timesteps(branch_t: int, steps: int) -> list[int]:
     span = branch_t + 1
     if not 1 <= steps <= span:
         raise ValueError(f"steps must be in 1..{span} below branch_t {branch_t}, got {steps}")
-    return [int(round(span - i * span / steps)) - 1 for i in range(steps)]
+    return sampling_timesteps(span, steps)
