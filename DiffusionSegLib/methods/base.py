@@ -62,8 +62,9 @@ class SegmentationMethod(ABC):
         """The network's class (imported here, so the registry stays free of torch)."""
 
     def build_network(self, card: "ModelCard") -> "torch.nn.Module":
-        """The network the card describes: ``network_class()(spatial_dims, in_channels, out_channels, **card.network)``."""
-        return self.network_class()(spatial_dims=card.spatial_dims, in_channels=card.in_channels,
+        """The network the card describes: ``network_class()(spatial_dims, in_channels, out_channels, **card.network)``
+        (in_channels counts the 2.5D context slices: ``card.network_in_channels``)."""
+        return self.network_class()(spatial_dims=card.spatial_dims, in_channels=card.network_in_channels,
                                     out_channels=card.out_channels, **card.network)
 
     # -- training -------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ class ModelCard:
     orientation: str | None = "LPS"
     # numpy axis of a (z, y, x) volume along which a 2D model is applied (0 = axial slices).
     slice_axis: int = 0
+    # 2.5D: a 2D model also sees ``context_slices`` neighbouring slices on each side as extra input
+    # channels, taken every ``context_spacing`` mm along the slice axis by linear interpolation, so
+    # scans of any slice thickness show the network the same physical offsets (None = spacing[0]).
+    context_slices: int = 0
+    context_spacing: float | None = None
     patch_size: list[int] | None = None  # training crop (H, W[, D]); inference is fully convolutional
     prediction_type: str = "sample"
     num_train_timesteps: int = 1000
@@ -114,6 +119,26 @@ class ModelCard:
     @property
     def out_channels(self) -> int:
         return len(self.labels)
+
+    @property
+    def network_in_channels(self) -> int:
+        """Channels the network takes: the image's ``in_channels`` once per slice of the 2.5D context."""
+        return self.in_channels * (2 * self.slice_context()[0] + 1)
+
+    def slice_context(self) -> tuple[int, float]:
+        """(neighbouring slices on each side, mm between them), checked; (0, 0.0) without 2.5D context."""
+        slices = self.context_slices
+        if not isinstance(slices, int) or isinstance(slices, bool) or slices < 0:
+            raise ModelLoadError(f"model card '{self.name}': context_slices must be an integer >= 0, got {slices!r}")
+        if slices == 0:
+            return 0, 0.0
+        if self.spatial_dims != 2:
+            raise ModelLoadError(f"model card '{self.name}': context_slices is for 2D models (a 3D model sees its neighbours)")
+        spacing = self.context_spacing if self.context_spacing is not None else (self.spacing or [None])[0]
+        if not isinstance(spacing, (int, float)) or isinstance(spacing, bool) or not spacing > 0:
+            raise ModelLoadError(f"model card '{self.name}': context_slices needs context_spacing in mm > 0 "
+                                 f"(or a card spacing), got {spacing!r}")
+        return slices, float(spacing)
 
     def output_label_indices(self) -> list[int]:
         """Indices into ``labels`` of the labels a run outputs (``shown_labels``, all when empty)."""

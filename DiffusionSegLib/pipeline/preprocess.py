@@ -95,12 +95,16 @@ class PreparedInput:
     # entry chosen for this image, whose name is normalization_used ("CT", "MR"; None: single normalization).
     normalization: dict[str, Any] = field(default_factory=dict)
     normalization_used: str | None = None
+    context_slices: int = 0  # 2.5D: batch channels are (2k + 1) blocks of the image's C channels, centre block k
 
     @property
     def image_for_crf(self) -> np.ndarray:
-        """The normalized padded image channel-first like the ensemble maps: (C, S, H, W) or (C, D, H, W)."""
+        """The normalized padded image (its own slices, not the 2.5D neighbours) channel-first like the
+        ensemble maps: (C, S, H, W) or (C, D, H, W)."""
         if self.spatial_dims == 2:
-            return np.moveaxis(self.batch, 1, 0)
+            per_slice = self.batch.shape[1] // (2 * self.context_slices + 1)
+            centre = self.batch[:, self.context_slices * per_slice:(self.context_slices + 1) * per_slice]
+            return np.moveaxis(centre, 1, 0)
         return self.batch[0]
 
 
@@ -152,6 +156,41 @@ def resample_to_model_grid(image: sitk.Image, card: ModelCard) -> sitk.Image:
         return image
     float_type = sitk.sitkFloat32 if image.GetNumberOfComponentsPerPixel() == 1 else sitk.sitkVectorFloat32
     return _resample_in_index_frame(sitk.Cast(image, float_type), spacing, sitk.sitkLinear)
+
+
+def add_slice_context(volume: np.ndarray, card: ModelCard, slice_axis: int | None,
+                      slice_spacing: float) -> np.ndarray:
+    """2.5D input: (C, *spatial) -> (C * (2k + 1), *spatial), k = ``card.context_slices``.
+
+    Channel block j (0..2k) holds the image at offset (j - k) * ``card.context_spacing`` mm along
+    ``slice_axis`` (a numpy axis of the (z, y, x) spatial axes), linearly interpolated between the
+    slices ``slice_spacing`` mm apart; past the first/last slice the edge slice is repeated. A 2D image
+    (``slice_axis`` None) has no neighbours: its slice fills every block. Returns ``volume`` itself when k = 0.
+    """
+    slices, step_mm = card.slice_context()
+    if slices == 0:
+        return volume
+    if slice_axis is None:
+        return np.concatenate([volume] * (2 * slices + 1), axis=0)
+    if not slice_spacing > 0:
+        raise ValueError(f"slice_spacing must be > 0, got {slice_spacing}")
+    axis = 1 + slice_axis
+    count = volume.shape[axis]
+    blocks = []
+    for offset in range(-slices, slices + 1):
+        position = np.clip(np.arange(count) + offset * step_mm / slice_spacing, 0, count - 1)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, count - 1)
+        shape = [1] * volume.ndim
+        shape[axis] = count
+        weight = (position - low).astype(np.float32).reshape(shape)
+        blocks.append(np.take(volume, low, axis=axis) * (1 - weight) + np.take(volume, high, axis=axis) * weight)
+    return np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
+
+
+def slice_spacing_of(image: sitk.Image, slice_axis: int | None) -> float:
+    """Spacing in mm of ``image`` along numpy axis ``slice_axis`` of its (z, y, x) array (0.0 for None)."""
+    return 0.0 if slice_axis is None else float(image.GetSpacing()[image.GetDimension() - 1 - slice_axis])
 
 
 def resample_labels_to_model_grid(label_image: sitk.Image, card: ModelCard,
@@ -304,6 +343,7 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
     resampled = resample_to_model_grid(image, card)
     volume = _normalized(array_with_channels(resampled), card, settings)  # (C, *model spatial)
     slice_axis = card.slice_axis if card.spatial_dims == 2 and image.GetDimension() == 3 else None
+    volume = add_slice_context(volume, card, slice_axis, slice_spacing_of(resampled, slice_axis))
     if slice_axis is None:
         items = volume[None]  # (1, C, *spatial)
     else:
@@ -327,6 +367,7 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
         resampled=resampled is not image,
         normalization=dict(settings),
         normalization_used=used,
+        context_slices=card.slice_context()[0] if card.spatial_dims == 2 else 0,
     )
 
 

@@ -72,6 +72,8 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
         "versions": _versions(),
         "model": {"name": card.name, "method": card.method, "modality": card.modality,
                   "spatial_dims": card.spatial_dims, "in_channels": card.in_channels, "spacing_mm": card.spacing,
+                  # 2.5D: neighbouring slices on each side seen as extra channels, and their distance
+                  "context_slices": card.context_slices, "context_spacing_mm": card.slice_context()[1] or None,
                   "normalization": card.normalization, "prediction_type": card.prediction_type,
                   "prediction_target": get_method(card.method).target_description(card),
                   "weights_sha256": card.weights_sha256},

@@ -213,7 +213,7 @@ def segment_image(
     crf_backend = "none"
     if crf_mode != CrfMode.OFF:
         report_progress(Stage.CRF, 0, 1)
-        image_model = np.moveaxis(prepared.batch, 1, 0) if card.spatial_dims == 2 else prepared.batch[0]
+        image_model = prepared.image_for_crf
         # The torch backend runs where the samples were drawn (the GPU when there is one).
         common = dict(backend=opts.crf_backend, device=str(device), normalization=prepared.normalization)
         if crf_mode == CrfMode.PUBLISHED:

@@ -54,7 +54,8 @@ class Case:
     """One preprocessed case on the model grid.
 
     image: (C, S, H, W) float32 for 2D models (S slices along the card's slice_axis, S = 1 for a
-    2D input) or (C, D, H, W) for 3D models, normalized per the card.
+    2D input; C counts the 2.5D context blocks, ``card.network_in_channels``) or (C, D, H, W) for
+    3D models, normalized per the card.
     mask:  (L, S, H, W) or (L, D, H, W) uint8, one binary channel per selected label.
     """
 
@@ -266,7 +267,8 @@ def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
     import SimpleITK as sitk
 
     from DiffusionSegLib.pipeline.io import array_with_channels, read_image
-    from DiffusionSegLib.pipeline.preprocess import normalize, resample_labels_to_model_grid, resample_to_model_grid
+    from DiffusionSegLib.pipeline.preprocess import (add_slice_context, normalize, resample_labels_to_model_grid,
+                                                     resample_to_model_grid, slice_spacing_of)
 
     label = read_label(files.label)
     try:
@@ -275,6 +277,9 @@ def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
         image_grid = resample_to_model_grid(image, card)
         label_grid = sitk.GetArrayFromImage(resample_labels_to_model_grid(label, card, image_grid))
         array = normalize(array_with_channels(image_grid), card, image)  # image as read: a by_modality choice
+        # 2.5D neighbours exactly as prepare() stacks them at inference (2D models only)
+        slice_axis = card.slice_axis if card.spatial_dims == 2 and image_grid.GetDimension() == 3 else None
+        array = add_slice_context(array, card, slice_axis, slice_spacing_of(image_grid, slice_axis))
     except DatasetError:
         raise
     except DiffusionSegError as err:  # InputImageError, ModelLoadError: name the case in the message

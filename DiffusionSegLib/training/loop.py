@@ -72,6 +72,10 @@ class TrainConfig:
     modality: str = "CT"
     orientation: str | None = "LPS"  # 3D inputs are reoriented to this before slicing (see ModelCard)
     slice_axis: int = 0  # numpy axis of (z, y, x) along which a 2D model takes slices
+    # 2.5D (2D models): neighbouring slices on each side as extra channels, every context_spacing mm
+    # (None = spacing[0]); see ModelCard.context_slices
+    context_slices: int = 0
+    context_spacing: float | None = None
     labels: dict[str, Any] | None = None  # name -> value(s) in the label files; None = all of dataset.json
     label_colors: dict[str, list[float]] = field(default_factory=dict)  # name -> RGB in [0, 1]
     # x0 target: METHODS.md measured Dice 0.97 (x0) vs 0.33-0.55 (epsilon) at 5-50 DDIM steps after a short training.
@@ -119,7 +123,7 @@ class TrainConfig:
     def check(self) -> None:
         """Raise DiffusionSegError for settings that cannot work (before any data is read)."""
         from DiffusionSegLib.core.enums import CrfMode, PredictionType
-        from DiffusionSegLib.methods.registry import Method
+        from DiffusionSegLib.methods.registry import Method, get_method
 
         problems = []
         if self.method not in Method.values():
@@ -137,6 +141,14 @@ class TrainConfig:
             problems.append(f"prediction_type '{self.prediction_type}' (use {', '.join(PredictionType.values())})")
         if self.slice_axis not in (0, 1, 2):
             problems.append(f"slice_axis {self.slice_axis} (use 0, 1 or 2)")
+        if self.context_slices:
+            try:  # the card's own check, on a card of these settings
+                ModelCard(name="check", spatial_dims=self.spatial_dims, spacing=self.spacing,
+                          context_slices=self.context_slices, context_spacing=self.context_spacing).slice_context()
+            except DiffusionSegError as err:
+                problems.append(str(err).replace("model card 'check': ", ""))
+            if self.method in Method.values() and get_method(self.method).supervision != Supervision.MASKS:
+                problems.append(f"context_slices with method '{self.method}' (2.5D input needs mask supervision)")
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_samples", "val_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} {getattr(self, name)} (must be >= 1)")
@@ -286,6 +298,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         labels=label_infos, network=dict(config.network), modality=config.modality,
         spacing=list(config.spacing) if config.spacing is not None else None,
         normalization=dict(config.normalization), orientation=config.orientation, slice_axis=config.slice_axis,
+        context_slices=config.context_slices, context_spacing=config.context_spacing,
         patch_size=list(config.patch_size), prediction_type=config.prediction_type,
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
         **defaults,
