@@ -158,7 +158,7 @@ def denoise_step(
 
 
 def item_seed(seed: int, item: int) -> int:
-    """Seed of item ``item``'s per-step noise stream: a function of (seed, item) only."""
+    """Seed of item ``item``'s noise stream (its x_T, then its per-step noise): a function of (seed, item) only."""
     return int(np.random.SeedSequence([seed, item]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -182,10 +182,10 @@ def sample_masks(
     of image i % B) and denoised in chunks of ``batch_size`` (chosen from free memory when None;
     halved on out-of-memory). Sampler "ddim" is deterministic after x_T; "ddpm" is ancestral
     sampling on the same chain (eta = 1; ``steps`` = T is the original DDPM).
-    Every random number is tied to its item, never to a chunk: x_T comes from one CPU generator
-    seeded with ``seed`` in item order, and the per-step noise of item i from its own CPU
-    generator seeded from (seed, i). So the masks depend on the seed only, whatever the batch
-    size, the out-of-memory halving or the device.
+    Every random number is tied to its item, never to a chunk: item i's x_T and then its per-step
+    noise come from its own CPU generator seeded from (seed, i), drawn when its chunk starts. So
+    the masks depend on the seed only, whatever the batch size, the out-of-memory halving or the
+    device, and the starting noise takes the memory of one chunk, not of every slice and sample.
     Returns (N, B, L, *spatial) float32 soft masks in [0, 1] (threshold at 0.5 for binary samples),
     or with ``binary`` the thresholded masks as uint8 {0, 1}, a quarter of the memory for long volumes.
     """
@@ -209,7 +209,6 @@ def sample_masks(
     b, spatial = images.shape[0], tuple(images.shape[2:])
     n_items = n_samples * b
     shape = (n_items, card.out_channels, *spatial)
-    x_T = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
     out = torch.empty(shape, dtype=torch.uint8 if binary else torch.float32, device="cpu")
     if batch_size is None:
         batch_size = auto_batch_size(device, bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
@@ -222,9 +221,9 @@ def sample_masks(
     def denoise_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
         idx = torch.arange(start, stop) % b
         cond = images[idx.to(device)]
-        x = x_T[start:stop].to(device)
         # Re-seeded at every chunk start, so an out-of-memory retry replays the same noise.
-        gens = [torch.Generator("cpu").manual_seed(item_seed(seed, i)) for i in range(start, stop)] if eta else []
+        gens = [torch.Generator("cpu").manual_seed(item_seed(seed, i)) for i in range(start, stop)]
+        x = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)  # x_T
         for k, t in enumerate(timesteps):
             t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
             with autocast(device, amp):

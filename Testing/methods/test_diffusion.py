@@ -7,7 +7,7 @@ the prediction type, so a correct sampler must return exactly that mask for ever
 import pytest
 import torch
 
-from DiffusionSegLib.methods.diffusion import diffusion_loss, make_scheduler, mask_to_signal, sample_masks
+from DiffusionSegLib.methods.diffusion import diffusion_loss, item_seed, make_scheduler, mask_to_signal, sample_masks
 from DiffusionSegLib.models.card import LabelInfo, ModelCard
 
 
@@ -93,7 +93,9 @@ def test_every_network_call_sees_the_noise_level_of_its_timestep(steps):
     assert len(oracle.timesteps) == steps
     assert oracle.timesteps[0] == card.num_train_timesteps - 1  # x_T ~ N(0, I) is the noisiest level
     assert oracle.timesteps == sorted(set(oracle.timesteps), reverse=True)
-    x_T = torch.randn((3, 2, 8, 6), generator=torch.Generator("cpu").manual_seed(3))
+    # item i's x_T is the first draw of its own stream, seeded from (seed, i)
+    x_T = torch.stack([torch.randn((2, 8, 6), generator=torch.Generator("cpu").manual_seed(item_seed(3, i)))
+                       for i in range(3)])
     first = oracle.implied_noise[0]
     # At t = T - 1, sqrt(a) x0 is small but not zero: x_T is the noisy sample, not the implied noise.
     for k, eps in enumerate(oracle.implied_noise):
@@ -156,3 +158,24 @@ def test_bad_settings_are_rejected():
         sample_masks(NoisyDenoiser(), card, torch.zeros((1, 1, 4, 4)), n_samples=1, steps=5000)
     with pytest.raises(ValueError):
         make_scheduler(ModelCard(name="x", prediction_type="noise"))
+
+
+def test_starting_noise_is_drawn_per_item_so_its_memory_is_one_chunk(monkeypatch):
+    """A 100-slice CT at 5 samples held every item's x_T at once (0.6 GB); now each chunk draws its own."""
+    card = _card("sample")
+    masks = _masks()  # (3, 2, 8, 6)
+    drawn = []
+    real_randn = torch.randn
+
+    def recording_randn(*args, **kwargs):
+        out = real_randn(*args, **kwargs)
+        drawn.append(tuple(out.shape))
+        return out
+
+    reference = sample_masks(OracleDenoiser(card), card, mask_to_signal(masks), n_samples=4, steps=2, seed=5,
+                             batch_size=12)
+    monkeypatch.setattr(torch, "randn", recording_randn)
+    chunked = sample_masks(OracleDenoiser(card), card, mask_to_signal(masks), n_samples=4, steps=2, seed=5,
+                           batch_size=2)
+    assert drawn and max(drawn, key=lambda s: torch.Size(s).numel()) == (2, 8, 6)  # one item's (L, H, W) at a time
+    torch.testing.assert_close(chunked, reference)
