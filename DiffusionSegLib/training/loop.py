@@ -346,6 +346,12 @@ class _Run:
             self._load_image_label_data()
         else:
             self._load_mask_data()
+            from DiffusionSegLib.core.enums import Sampler
+
+            try:  # validation sampling's settings, refused now rather than at the first validation
+                self.method.plan(self.card, config.val_samples, config.val_steps, Sampler.DDIM)
+            except DiffusionSegError as err:
+                raise DiffusionSegError(f"invalid training settings: val_samples/val_steps: {err}") from err
 
         self.device = device
         use_deterministic_kernels(self.device)  # same seed, same run, on CUDA as well as on CPU

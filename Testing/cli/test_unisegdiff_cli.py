@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--set", "spatial_dims=3", "--set", 'network={"channels": [8, 16], "norm_groups": 4}',
         "--set", "patch_size=[16, 16, 8]", "--set", 'normalization={"kind": "ct_window", "center": 40, "width": 400}',
         "--set", "batch_size=2", "--set", "steps=3", "--set", "val_every=3", "--set", "checkpoint_every=3",
-        "--set", "val_cases=1", "--set", "val_samples=1", "--set", "val_steps=1", "--set", "augment=false",
-        "--set", "default_samples=2", "--set", "default_steps=2"]
+        "--set", "val_cases=1", "--set", "val_samples=1", "--set", "val_steps=3", "--set", "augment=false",
+        "--set", "default_samples=2", "--set", "default_steps=3"]
 
 
 def ct_volume(rng: np.random.Generator, shape=(8, 16, 16)) -> tuple[np.ndarray, np.ndarray]:
@@ -97,11 +97,11 @@ def test_segment_a_ct_volume_gives_every_output_on_the_inputs_grid(trained, tmp_
     _, model = trained
     source, reference = ct_input(tmp_path)
     out = tmp_path / "out"
-    assert cli("segment", source, "--model", model, "-o", out, "--samples", "3", "--steps", "2", "-q") == 0
+    assert cli("segment", source, "--model", model, "-o", out, "--samples", "3", "--steps", "3", "-q") == 0
     capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["method"] == "unisegdiff" and report["model"]["spatial_dims"] == 3
-    assert report["samples"] == 3 and report["steps"] == 2 and "liver" in report["sample_diversity"]
+    assert report["samples"] == 3 and report["steps"] == 3 and "liver" in report["sample_diversity"]
     names = ("fused.nii.gz", "consistency.nii.gz", "ambiguity.nii.gz", "probability_liver.nii.gz",
              "uncertainty_liver.nii.gz")
     assert set(names) <= set(report["outputs"])
@@ -153,7 +153,7 @@ def test_a_model_card_with_broken_settings_is_a_one_line_error(trained, tmp_path
     (broken / "model.json").write_text(json.dumps(card))
     source, _ = ct_input(tmp_path)
     out = tmp_path / "o"
-    code = cli("segment", source, "--model", broken, "-o", out, "--samples", "2", "--steps", "2", "-q")
+    code = cli("segment", source, "--model", broken, "-o", out, "--samples", "2", "--steps", "3", "-q")
     assert not out.exists() or not any(out.iterdir()), "no output may be left behind"
     assert code == 2, code
     err = capsys.readouterr().err.strip()

@@ -37,7 +37,7 @@ BASE = dict(patch_size=[16, 16], batch_size=4, lr=1e-3, steps=3, val_every=3, ch
 MEDSEGDIFF = dict(BASE, method="medsegdiff", network={"channels": [8, 16], "norm_groups": 4})
 # The network is never called through forward (encode + denoise), and the frozen encoder is left out
 # of the loss after its pretraining step: DDP must see both through the loss module.
-UNISEGDIFF = dict(BASE, method="unisegdiff", network={"channels": [8, 8, 16, 16], "norm_groups": 4},
+UNISEGDIFF = dict(BASE, method="unisegdiff", val_steps=3, network={"channels": [8, 8, 16, 16], "norm_groups": 4},
                   method_settings={"encoder_pretrain_steps": 1, "encoder_training": "frozen"})
 
 

@@ -143,6 +143,16 @@ class UniSegDiffSettings:
         top = num_train_timesteps - 1
         return (True, branch) if branch < top else (False, top)
 
+    def fewest_steps(self, num_train_timesteps: int) -> int:
+        """The fewest chain steps (below the coarse jump) that put a step in every stage the chain crosses."""
+        start = self.chain_start(num_train_timesteps)[1]
+        crossed = [s for s in self.stages if s.t_low <= start]
+        for steps in range(1, start + 2):
+            visited = {self.stage_of(t).name for t in chain_timesteps(start, steps)}
+            if len(visited) == len(crossed):
+                return steps
+        return start + 1
+
     def default_branch_t(self) -> int:
         """Where the samples branch off the shared coarse estimate (see the module docstring)."""
         if self.branch_t is not None:
