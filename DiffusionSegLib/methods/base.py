@@ -166,14 +166,21 @@ class SegmentationMethod(ABC):
         k = max(1, min(plan.samples * images.shape[0], chunk))
         items = images[torch.arange(k, device=device) % images.shape[0]]
 
-        def sync() -> None:
+        def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+            """(call's result, its seconds), waiting for the device to finish."""
+            start = time.perf_counter()
+            out = call()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            return out, time.perf_counter() - start
 
         with torch.inference_mode(), autocast(device, amp):
-            self.example_call(net, card, items[:1])
-            sync()
-            start = time.perf_counter()
-            self.example_call(net, card, items)
-            sync()
-        return (time.perf_counter() - start) / k
+            timed(lambda: self.example_call(net, card, items[:1]))
+            return self.item_seconds(net, card, items, plan, timed)
+
+    def item_seconds(self, net: "torch.nn.Module", card: "ModelCard", items: "torch.Tensor", plan: SamplingPlan,
+                     timed: Callable[[Callable[[], Any]], tuple[Any, float]]) -> float:
+        """Seconds per counted evaluation (one of samples x steps per image) from timed calls on
+        ``items`` (k, C, *spatial); ``timed(call)`` runs a call and returns (result, seconds).
+        Default: one ``example_call`` on all k items."""
+        return timed(lambda: self.example_call(net, card, items))[1] / items.shape[0]

@@ -509,3 +509,24 @@ def test_a_chain_too_short_to_visit_every_stage_is_refused():
     # one stage only (all x0): any chain visits it
     one = card(stages=[{"name": "all", "t": [0, 1000], "target": "sample"}])
     assert UniSegDiffSettings.of(one).fewest_steps(one.num_train_timesteps) == 1
+
+
+def test_the_time_estimate_counts_the_encoder_once_per_image_and_the_denoiser_per_step():
+    """Hand-computed: k = 4 items, encoder 2.0 s, denoiser 1.0 s per timed call; 5 samples x 3 steps with
+    a shared coarse jump = 3.2 denoiser calls per sample. Per image: 2.0/4 + 1.0/4 x 3.2 x 5 = 4.5 s,
+    spread over the 15 evaluations the estimate counts: 0.3 s each (the old probe timed both per
+    evaluation: (2.0 + 1.0) / 4 = 0.75 s, 2.5x too long)."""
+    c = card()
+    net = tiny_net(c)
+    plan = METHOD.plan(c, 5, 3, None)
+    assert plan.nfe_per_sample == pytest.approx(3.2)
+    seconds = iter([2.0, 1.0])
+    calls = []
+
+    def timed(call):
+        calls.append(call())
+        return calls[-1], next(seconds)
+
+    with torch.inference_mode():
+        assert METHOD.item_seconds(net, c, _images(4), plan, timed) == pytest.approx(0.3)
+    assert calls[1].shape == (4, 1, 16, 16)  # the second timed call is the denoiser's output

@@ -1,7 +1,7 @@
-"""Same seed, same masks: the bundled model on the bundled sample against a run stored before the restructure.
+"""Same seed, same masks: the bundled MedSegDiff organ model on the bundled sample against a stored run.
 
-Testing/data/reference_run_ct_abdomen_organs_2d.npz was made by the library before it was split into
-layers (see Testing/data/README.md for the exact call). Any change to preprocessing, the sampler's
+Testing/data/reference_run_ct_abdomen_organs_2d.npz is made by scripts/make_reference_run.py (see
+Testing/data/README.md for its history). Any change to preprocessing, the sampler's
 noise, the network, the ensemble or DenseCRF that moves a voxel fails here.
 """
 

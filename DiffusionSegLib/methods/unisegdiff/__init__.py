@@ -16,7 +16,7 @@ key of ``card.method_settings`` (``stages.UniSegDiffSettings``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from DiffusionSegLib.core.enums import Sampler
 from DiffusionSegLib.methods.base import ProgressFn, SamplingPlan, SegmentationMethod
@@ -162,13 +162,28 @@ class UniSegDiff(SegmentationMethod):
                              progress=progress)
 
     def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
-        """One denoiser call at the noisiest step; the encoder's share is amortized over every step and sample."""
+        """The encoder and one denoiser call at the noisiest step on ``images`` (k, C, *spatial)."""
+        return self._denoise_once(net, card, images, net.encode(images))
+
+    @staticmethod
+    def _denoise_once(net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor", condition: Any) -> "torch.Tensor":
         import torch
 
         noise = torch.randn((images.shape[0], card.out_channels, *images.shape[2:]),
                             generator=torch.Generator("cpu").manual_seed(0)).to(images.device)
         t = torch.full((images.shape[0],), card.num_train_timesteps - 1, device=images.device, dtype=torch.long)
-        return net.denoise(noise, net.encode(images), t)
+        return net.denoise(noise, condition, t)
+
+    def item_seconds(self, net: "torch.nn.Module", card: "ModelCard", items: "torch.Tensor", plan: SamplingPlan,
+                     timed: Any) -> float:
+        """The sampler runs the encoder once per image and the denoiser ``nfe_per_sample`` times per
+        sample (the steps plus a share of the coarse jump): both timed, spread over the samples x steps
+        evaluations the estimate counts per image."""
+        k = items.shape[0]
+        condition, encode_s = timed(lambda: net.encode(items))
+        _, denoise_s = timed(lambda: self._denoise_once(net, card, items, condition))
+        per_image = encode_s / k + denoise_s / k * plan.nfe_per_sample * plan.samples
+        return per_image / (plan.samples * plan.steps)
 
 
 METHOD = UniSegDiff()
