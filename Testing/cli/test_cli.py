@@ -34,7 +34,7 @@ def assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
 
 def test_segment_the_bundled_sample_with_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "sample"
-    assert run_cli("segment", SAMPLE, "-o", out, "--samples", "2", "--steps", "2", "-q") == 0
+    assert run_cli("segment", SAMPLE, "-o", out, "--samples", "2", "--steps", "3", "-q") == 0
     printed = capsys.readouterr().out
     assert str(out.resolve()) in printed
     reference = sitk.ReadImage(str(SAMPLE))
@@ -43,7 +43,8 @@ def test_segment_the_bundled_sample_with_the_bundled_model(tmp_path, capsys):
     assert not (out / "crf.nii.gz").exists()  # the bundled card turns DenseCRF off (decided on validation)
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["name"] == DEFAULT_MODEL
-    assert report["samples"] == 2 and report["steps"] == 2 and report["nfe_per_image"] == 4
+    # UniSegDiff: 3 denoiser calls per sample plus one coarse jump shared by the 2 samples
+    assert report["samples"] == 2 and report["steps"] == 3 and report["nfe_per_image"] == 7
     # Per-label figures keyed by label name first, the same way for volumes and diversity.
     shown = {"liver", "spleen", "kidney_right", "kidney_left", "stomach", "gallbladder", "aorta",
              "inferior_vena_cava", "vertebrae"}  # context classes (portal vein, lung) are not output
