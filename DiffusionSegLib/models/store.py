@@ -35,7 +35,7 @@ from DiffusionSegLib.models.card import CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME,
 
 log = logging.getLogger("diffusionseg")
 
-DEFAULT_MODEL = "ct_abdomen_organs_unisegdiff_2d"
+DEFAULT_MODEL = "ct_abdomen_organs_2d"
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 # Prefix of every temporary file/folder this module creates in user_models_dir(); clear_installed_models
 # removes leftovers with it (an install killed half-way), and list_models skips them.

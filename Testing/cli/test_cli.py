@@ -43,8 +43,7 @@ def test_segment_the_bundled_sample_with_the_bundled_model(tmp_path, capsys):
     assert not (out / "crf.nii.gz").exists()  # the bundled card turns DenseCRF off (decided on validation)
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["name"] == DEFAULT_MODEL
-    # UniSegDiff: 3 denoiser calls per sample plus one coarse jump shared by the 2 samples
-    assert report["samples"] == 2 and report["steps"] == 3 and report["nfe_per_image"] == 7
+    assert report["samples"] == 2 and report["steps"] == 3 and report["nfe_per_image"] == 6
     # Per-label figures keyed by label name first, the same way for volumes and diversity.
     shown = {"liver", "spleen", "kidney_right", "kidney_left", "stomach", "gallbladder", "aorta",
              "inferior_vena_cava", "vertebrae"}  # context classes (portal vein, lung) are not output

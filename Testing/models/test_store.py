@@ -366,7 +366,7 @@ def test_cli_install_list_clear(model_copy, tmp_path, capsys):
     assert f"installed model {NAME}" in capsys.readouterr().out
     assert run_cli("models") == 0
     out = capsys.readouterr().out
-    assert f"{NAME} [installed]" in out and "ct_abdomen_organs_unisegdiff_2d (default) [bundled]" in out and "ct_abdomen_organs_2d [bundled]" in out
+    assert f"{NAME} [installed]" in out and "ct_abdomen_organs_2d (default) [bundled]" in out and "ct_abdomen_organs_unisegdiff_2d [bundled]" in out
     assert run_cli("models", "--json") == 0
     listed = {m["name"]: m["origin"] for m in json.loads(capsys.readouterr().out)}
     assert listed[NAME] == "installed"
