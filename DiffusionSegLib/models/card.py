@@ -52,6 +52,22 @@ def array_patch_size(patch_size: Sequence[int], spatial_dims: int) -> tuple[int,
     return tuple(int(p) for p in patch_size)
 
 
+def slice_context(spatial_dims: int, context_slices: Any, context_spacing: Any,
+                  spacing: Sequence[float] | None) -> tuple[int, float]:
+    """Checked 2.5D context of a card or training config: (slices on each side, mm between them),
+    (0, 0.0) without context; ValueError naming the key otherwise. ``context_spacing`` None = spacing[0]."""
+    if not isinstance(context_slices, int) or isinstance(context_slices, bool) or context_slices < 0:
+        raise ValueError(f"context_slices must be an integer >= 0, got {context_slices!r}")
+    if context_slices == 0:
+        return 0, 0.0
+    if spatial_dims != 2:
+        raise ValueError("context_slices is for 2D models (a 3D model sees its neighbours)")
+    step = context_spacing if context_spacing is not None else (spacing or [None])[0]
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 0:
+        raise ValueError(f"context_slices needs context_spacing in mm > 0 (or a card spacing), got {step!r}")
+    return context_slices, float(step)
+
+
 @dataclass
 class ModelCard:
     """Everything needed to rebuild, run and judge a model. Serialized as JSON.
@@ -127,18 +143,10 @@ class ModelCard:
 
     def slice_context(self) -> tuple[int, float]:
         """(neighbouring slices on each side, mm between them), checked; (0, 0.0) without 2.5D context."""
-        slices = self.context_slices
-        if not isinstance(slices, int) or isinstance(slices, bool) or slices < 0:
-            raise ModelLoadError(f"model card '{self.name}': context_slices must be an integer >= 0, got {slices!r}")
-        if slices == 0:
-            return 0, 0.0
-        if self.spatial_dims != 2:
-            raise ModelLoadError(f"model card '{self.name}': context_slices is for 2D models (a 3D model sees its neighbours)")
-        spacing = self.context_spacing if self.context_spacing is not None else (self.spacing or [None])[0]
-        if not isinstance(spacing, (int, float)) or isinstance(spacing, bool) or not spacing > 0:
-            raise ModelLoadError(f"model card '{self.name}': context_slices needs context_spacing in mm > 0 "
-                                 f"(or a card spacing), got {spacing!r}")
-        return slices, float(spacing)
+        try:
+            return slice_context(self.spatial_dims, self.context_slices, self.context_spacing, self.spacing)
+        except ValueError as err:
+            raise ModelLoadError(f"model card '{self.name}': {err}") from None
 
     def output_label_indices(self) -> list[int]:
         """Indices into ``labels`` of the labels a run outputs (``shown_labels``, all when empty)."""

@@ -367,7 +367,7 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
         resampled=resampled is not image,
         normalization=dict(settings),
         normalization_used=used,
-        context_slices=card.slice_context()[0] if card.spatial_dims == 2 else 0,
+        context_slices=card.slice_context()[0],
     )
 
 

@@ -42,7 +42,7 @@ from DiffusionSegLib.core.enums import Supervision
 from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError
 from DiffusionSegLib.training.metrics import dice as dice_score  # public here: dice_score(pred, ref), both empty = 1.0
 from DiffusionSegLib.core.files import atomic_write_bytes
-from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size, slice_context
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,10 @@ class TrainConfig:
         if self.slice_axis not in (0, 1, 2):
             problems.append(f"slice_axis {self.slice_axis} (use 0, 1 or 2)")
         if self.context_slices:
-            try:  # the card's own check, on a card of these settings
-                ModelCard(name="check", spatial_dims=self.spatial_dims, spacing=self.spacing,
-                          context_slices=self.context_slices, context_spacing=self.context_spacing).slice_context()
-            except DiffusionSegError as err:
-                problems.append(str(err).replace("model card 'check': ", ""))
+            try:  # the check the card makes at inference
+                slice_context(self.spatial_dims, self.context_slices, self.context_spacing, self.spacing)
+            except ValueError as err:
+                problems.append(str(err))
             if self.method in Method.values() and get_method(self.method).supervision != Supervision.MASKS:
                 problems.append(f"context_slices with method '{self.method}' (2.5D input needs mask supervision)")
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_samples", "val_steps"):
@@ -336,6 +335,7 @@ class _Run:
         import torch
 
         from DiffusionSegLib.core.device import use_deterministic_kernels
+        from DiffusionSegLib.core.enums import Sampler
         from DiffusionSegLib.methods.registry import get_method
         from DiffusionSegLib.training import distributed
 
@@ -346,8 +346,6 @@ class _Run:
             self._load_image_label_data()
         else:
             self._load_mask_data()
-            from DiffusionSegLib.core.enums import Sampler
-
             try:  # validation sampling's settings, refused now rather than at the first validation
                 self.method.plan(self.card, config.val_samples, config.val_steps, Sampler.DDIM)
             except DiffusionSegError as err:

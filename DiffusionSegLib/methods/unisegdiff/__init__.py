@@ -16,7 +16,7 @@ key of ``card.method_settings`` (``stages.UniSegDiffSettings``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from DiffusionSegLib.core.enums import Sampler
 from DiffusionSegLib.methods.base import ProgressFn, SamplingPlan, SegmentationMethod
@@ -175,7 +175,7 @@ class UniSegDiff(SegmentationMethod):
         return net.denoise(noise, condition, t)
 
     def item_seconds(self, net: "torch.nn.Module", card: "ModelCard", items: "torch.Tensor", plan: SamplingPlan,
-                     timed: Any) -> float:
+                     timed: Callable[[Callable[[], Any]], tuple[Any, float]]) -> float:
         """The sampler runs the encoder once per image and the denoiser ``nfe_per_sample`` times per
         sample (the steps plus a share of the coarse jump): both timed, spread over the samples x steps
         evaluations the estimate counts per image."""
