@@ -80,15 +80,12 @@ def make_result(reference: sitk.Image, n_samples: int = 3, refined: bool = True)
     samples = np.stack([np.stack([radius < 0.7 + 0.1 * rng.random(shape), radius2 < 0.7 + 0.1 * rng.random(shape)])
                         for _ in range(n_samples)]).astype(np.uint8)
     samples[:, 1] = samples[0, 1]  # label 1 has no disagreement: an empty ambiguity segment
-    probability = samples.mean(0, dtype=np.float32)
-    fused = (probability > 0.5).astype(np.uint8)
-    consistency = samples.all(0).astype(np.uint8)
-    ambiguity = (samples.any(0) & ~samples.all(0)).astype(np.uint8)
+    counts = samples.sum(0, dtype=np.uint8)
+    fused = (2 * counts > n_samples).astype(np.uint8)
     crf = fused.copy()
     crf[0].flat[np.flatnonzero(fused[0])[:3]] = 0  # the refined mask differs from the fused one
     return SegmentationResult(
-        reference=reference, labels=LABELS, probability=probability, fused=fused, consistency=consistency,
-        ambiguity=ambiguity, uncertainty=(probability * (1 - probability)).astype(np.float32),
+        reference=reference, labels=LABELS, counts=counts, n_samples=n_samples, fused=fused,
         refined=crf if refined else None, samples=samples, sample_diversity=[0.125, 0.0],
         report={"model": {"name": "tiny"}, "samples": n_samples, "seconds": np.float32(0.5)})
 

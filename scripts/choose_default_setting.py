@@ -4,8 +4,10 @@
 
 Chooses a model card's default setting on the VALIDATION split (never on the test split): the Dice of
 the final mask per label (mean over seeds), its mean over the labels the split annotates, the
-seconds spent sampling, and the ambiguity volume relative to the first setting (the uncertainty
-output must stay meaningful when the chain is shortened).
+seconds spent sampling, the ambiguity volume relative to the first setting (the uncertainty output
+must stay meaningful when the chain is shortened) and in voxels, the sample diversity, and the share
+of the wrong voxels (final mask against the reference, labels the split annotates) that lie inside
+the ambiguity region: how much of the error the uncertainty output shows a reader.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def main() -> None:
     for setting in args.settings.split(","):
         n, k = (int(v) for v in setting.lower().split("x"))
         per_label: dict[str, list[float]] = {}
-        seconds, ambiguity = [], []
+        seconds, ambiguity, diversity = [], [], []
+        wrong = wrong_in_ambiguity = 0
         for case in cases:
             image = read_image(case.image)
             ref_map = sitk.GetArrayFromImage(read_label(case.label))
@@ -57,12 +60,20 @@ def main() -> None:
                     ref = np.isin(ref_map, labels.get(lab.name, []))
                     if ref.any():
                         per_label.setdefault(lab.name, []).append(dice(result.final_mask[i], ref))
+                        errors = result.final_mask[i].astype(bool) != ref
+                        wrong += int(errors.sum())
+                        wrong_in_ambiguity += int((errors & result.ambiguity[i].astype(bool)).sum())
+                        diversity.append(result.sample_diversity[i])
         dice_means = {name: round(float(np.mean(v)), 4) for name, v in per_label.items()}
         reference_ambiguity = reference_ambiguity or float(np.mean(ambiguity))
         rows.append({"setting": f"{n}x{k}", "network_evaluations_per_item": n * k,
                      "mean_dice": round(float(np.mean(list(dice_means.values()))), 4), "dice": dice_means,
                      "sampling_s_mean": round(float(np.mean(seconds)), 2),
-                     "ambiguity_vs_first": round(float(np.mean(ambiguity)) / max(reference_ambiguity, 1.0), 3)})
+                     "ambiguity_vs_first": round(float(np.mean(ambiguity)) / max(reference_ambiguity, 1.0), 3),
+                     "ambiguity_voxels_mean": round(float(np.mean(ambiguity)), 1),
+                     "sample_diversity_mean": round(float(np.mean(diversity)), 4) if diversity else None,
+                     "wrong_voxels": wrong,
+                     "wrong_in_ambiguity": round(wrong_in_ambiguity / wrong, 3) if wrong else None})
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"model": str(args.model), "split": args.split, "cases": [c.name for c in cases],
                       "seeds": seeds, "rows": rows}, indent=1))

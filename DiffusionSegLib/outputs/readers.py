@@ -7,12 +7,14 @@ Where the values come from (writers' file layout):
 
 - ``report.json`` (written last, so its presence means the run finished) and its ``outputs`` list:
   which files belong to the run and the label file stems in label order.
-- ``probability_<stem>.nii.gz`` / ``uncertainty_<stem>.nii.gz``: exact float32 maps.
+- ``probability_<stem>.nii.gz``: exact float32 maps, counts / N with N the report's ``samples``:
+  the counts, and from them probability, consistency, ambiguity and uncertainty (of the report's
+  ``uncertainty_kind``), per label and exactly, overlaps included. The uncertainty, consistency
+  and ambiguity files must be present but are not read.
 - ``segmentation.seg.nrrd`` (read with slicerio when available): label names, colors and
-  terminology, and the final (CRF when it ran, else fused), consistency and ambiguity masks of
-  every label, exactly, overlaps included (each segment is stored on its own).
-- ``fused.nii.gz``, ``crf.nii.gz``, ``consistency.nii.gz``, ``ambiguity.nii.gz`` and
-  ``samples/sample_<k>.nii.gz``: label maps (value i+1 = label i). They are exact for one label or
+  terminology, and the final (CRF when it ran, else fused) mask of every label, exactly, overlaps
+  included (each segment is stored on its own).
+- ``fused.nii.gz``, ``crf.nii.gz`` and ``samples/sample_<k>.nii.gz``: label maps (value i+1 = label i). They are exact for one label or
   non-overlapping labels; where several labels claimed a voxel only the most probable one was
   written, so the others cannot be recovered from these files.
 
@@ -34,6 +36,7 @@ import SimpleITK as sitk
 
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.models.card import LabelInfo
+from DiffusionSegLib.pipeline import ensemble
 from DiffusionSegLib.pipeline.result import SegmentationResult
 
 log = logging.getLogger(__name__)
@@ -79,12 +82,13 @@ def read_outputs(outdir: str | os.PathLike) -> SegmentationResult:
     def label_masks(rel: str) -> np.ndarray:
         return _decode_label_map(_read_on_grid(outdir / rel, fused_image), n_labels)
 
-    probability = np.stack([_read_on_grid(outdir / f"probability_{s}.nii.gz", fused_image) for s in stems])
-    uncertainty = np.stack([_read_on_grid(outdir / f"uncertainty_{s}.nii.gz", fused_image) for s in stems])
+    n_samples = report.get("samples")
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise OutputFolderError(f"{outdir / _REPORT} does not say how many samples were drawn ('samples': {n_samples!r})")
+    counts = np.stack([_counts_from_probability(outdir / f"probability_{s}.nii.gz", fused_image, n_samples)
+                       for s in stems])
     fused = label_masks("fused.nii.gz")
     refined = label_masks("crf.nii.gz") if "crf.nii.gz" in outputs else None
-    consistency = label_masks("consistency.nii.gz")
-    ambiguity = label_masks("ambiguity.nii.gz")
 
     labels = [LabelInfo(stem) for stem in stems]
     if _SEGMENTATION in outputs:
@@ -96,7 +100,6 @@ def read_outputs(outdir: str | os.PathLike) -> SegmentationResult:
                 refined = segments["fused"]
             else:
                 fused = segments["fused"]
-            consistency, ambiguity = segments["consistency"], segments["ambiguity"]
 
     samples = None
     sample_files = sorted(((int(m.group(1)), rel) for rel in outputs if (m := _SAMPLE.match(rel))))
@@ -108,11 +111,26 @@ def read_outputs(outdir: str | os.PathLike) -> SegmentationResult:
     diversity = report.get("sample_diversity") or {}
     sample_diversity = [float(diversity[lab.name]) for lab in labels] if all(
         lab.name in diversity for lab in labels) else []
-    return SegmentationResult(
-        reference=fused_image, labels=labels, probability=probability.astype(np.float32, copy=False),
-        fused=fused, consistency=consistency, ambiguity=ambiguity,
-        uncertainty=uncertainty.astype(np.float32, copy=False), refined=refined, samples=samples,
-        sample_diversity=sample_diversity, report=report)
+    try:
+        return SegmentationResult(
+            reference=fused_image, labels=labels, counts=counts, n_samples=n_samples, fused=fused,
+            uncertainty_kind=report.get("uncertainty_kind", "variance"), refined=refined, samples=samples,
+            sample_diversity=sample_diversity, report=report)
+    except ValueError as err:
+        raise OutputFolderError(f"{outdir / _REPORT}: {err}") from None
+
+
+def _counts_from_probability(path: Path, reference: sitk.Image, n_samples: int) -> np.ndarray:
+    """The sample counts (uint8/uint16) behind a probability map, which the writers wrote as counts / N.
+
+    OutputFolderError when the map is not a multiple of 1 / N (not this run's map, or edited).
+    """
+    probability = _read_on_grid(path, reference).astype(np.float64)
+    counts = np.rint(probability * n_samples)
+    if probability.size and (np.abs(counts - probability * n_samples).max() > 1e-3
+                             or counts.min() < 0 or counts.max() > n_samples):
+        raise OutputFolderError(f"{path} is not a fraction of the report's {n_samples} samples: not this run's map")
+    return counts.astype(ensemble.count_dtype(n_samples))
 
 
 def _read_report(outdir: Path) -> tuple[dict[str, Any], list[str]]:
@@ -165,7 +183,7 @@ def _decode_label_map(label_map: np.ndarray, n_labels: int) -> np.ndarray:
 
 
 def _read_segments(path: Path, reference: sitk.Image, stems: list[str]) -> dict[str, Any] | None:
-    """Labels and exact (L, *spatial) fused/consistency/ambiguity masks from the .seg.nrrd.
+    """Labels and the exact (L, *spatial) fused (CRF when it ran) masks from the .seg.nrrd.
 
     None (the label maps are used instead) when slicerio is not installed. Segment IDs are
     "<stem>_<region>" as the writers make them; a label whose segments are absent keeps its stem
@@ -190,7 +208,7 @@ def _read_segments(path: Path, reference: sitk.Image, stems: list[str]) -> dict[
     if any(o < 0 or o + n > s for o, n, s in zip(offset, voxels.shape[1:], ijk_shape)):
         raise OutputFolderError(f"{path} does not fit the grid of the other outputs (size {reference.GetSize()})")
     labels: list[LabelInfo] = []
-    masks: dict[str, list[np.ndarray]] = {"fused": [], "consistency": [], "ambiguity": []}
+    masks: dict[str, list[np.ndarray]] = {"fused": []}
     for stem in stems:
         fused = by_id.get(f"{stem}_fused")
         name = fused["name"][: -len(" fused")] if fused and fused["name"].endswith(" fused") else stem

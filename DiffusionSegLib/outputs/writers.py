@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ import SimpleITK as sitk
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.pipeline.io import image_from_array, write_image_atomic
 from DiffusionSegLib.models.card import LabelInfo
+from DiffusionSegLib.pipeline.ensemble import (ambiguity_from_counts, consistency_from_counts, probability_from_counts,
+                                                uncertainty_from_probability)
 from DiffusionSegLib.pipeline.result import SegmentationResult
 
 log = logging.getLogger(__name__)
@@ -275,18 +277,24 @@ def _undo_swap(outdir: Path, old: Path, aside: list[str], moved_in: list[Path], 
             log.warning("could not restore %s in %s after a failed write", rel, outdir)
 
 
-def label_map(masks: np.ndarray, probability: np.ndarray) -> np.ndarray:
+def label_map(masks: np.ndarray, score: np.ndarray) -> np.ndarray:
     """(L, *spatial) binary masks -> (*spatial) uint8 label map: i+1 where label i wins, else 0.
 
-    A voxel in several masks goes to the label with the highest ``probability`` (L, *spatial)
-    there; ties go to the lower label index.
+    A voxel in several masks goes to the label with the highest ``score`` (L, *spatial, >= 0: the
+    probability or the sample counts) there; ties go to the lower label index. Labels are visited
+    one at a time, so the temporaries are the size of one label's map.
     """
     if masks.shape[0] > 255:
         raise ValueError(f"{masks.shape[0]} labels do not fit a uint8 label map")
-    inside = masks.astype(bool, copy=False)
-    score = np.where(inside, probability, -np.inf)
-    winner = np.argmax(score, axis=0).astype(np.uint8) + np.uint8(1)
-    return np.where(inside.any(axis=0), winner, np.uint8(0))
+    out = np.zeros(masks.shape[1:], dtype=np.uint8)
+    kind = np.result_type(np.asarray(score).dtype, np.int8)  # signed, holds every score: int16 for uint8 counts
+    best = np.full(masks.shape[1:], -1, dtype=kind)  # every score (>= 0) beats "no label yet"
+    for i in range(masks.shape[0]):
+        label_score = np.asarray(score[i])
+        wins = masks[i].astype(bool, copy=False) & (label_score > best)  # strictly: ties stay with the lower index
+        out[wins] = i + 1
+        best[wins] = label_score[wins]
+    return out
 
 
 def file_stems(labels: list[LabelInfo]) -> list[str]:
@@ -360,17 +368,20 @@ def _stage_outputs(result: SegmentationResult, staging: Path, keep_samples: bool
     def image_writer(array: np.ndarray, pixel_type: int) -> Callable[[Path], None]:
         return lambda path: write_image_atomic(image_from_array(array, ref, pixel_type), path)
 
-    maps = {"fused": result.fused, "crf": result.refined, "consistency": result.consistency,
-            "ambiguity": result.ambiguity}
-    for name, masks in maps.items():
+    # Called in turn, so consistency and ambiguity are never held for every label at the same time.
+    maps = {"fused": lambda: result.fused, "crf": lambda: result.refined, "consistency": lambda: result.consistency,
+            "ambiguity": lambda: result.ambiguity}
+    for name, masks_of in maps.items():
+        masks = masks_of()
         if masks is not None:
-            add(f"{name}.nii.gz", image_writer(label_map(masks, result.probability), sitk.sitkUInt8))
-    for i, stem in enumerate(stems):
-        add(f"probability_{stem}.nii.gz", image_writer(result.probability[i].astype(np.float32), sitk.sitkFloat32))
-        add(f"uncertainty_{stem}.nii.gz", image_writer(result.uncertainty[i].astype(np.float32), sitk.sitkFloat32))
+            add(f"{name}.nii.gz", image_writer(label_map(masks, result.counts), sitk.sitkUInt8))
+        del masks
+    for i, stem in enumerate(stems):  # one label's float map at a time
+        add(f"probability_{stem}.nii.gz", image_writer(result.probability_of(i), sitk.sitkFloat32))
+        add(f"uncertainty_{stem}.nii.gz", image_writer(result.uncertainty_of(i), sitk.sitkFloat32))
     if keep_samples and result.samples is not None:
         for k, sample in enumerate(result.samples):
-            add(f"samples/sample_{k}.nii.gz", image_writer(label_map(sample, result.probability), sitk.sitkUInt8))
+            add(f"samples/sample_{k}.nii.gz", image_writer(label_map(sample, result.counts), sitk.sitkUInt8))
     add("segmentation.seg.nrrd", lambda path: write_seg_nrrd(result, path))
     add("overview.png", lambda path: write_overview(result, path))
     outputs = [*staged, "report.json"]
@@ -416,7 +427,7 @@ def _ijk_volume(mask: np.ndarray) -> np.ndarray:
     return mask.T if mask.ndim == 3 else mask.T[:, :, None]
 
 
-def _pack_layers(masks: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def _pack_layers(masks: Iterable[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Place (i, j, k) binary masks in as few uint8 layers as possible without overlaps.
 
     Returns voxels, (i, j, k) for one layer or (layers, i, j, k), and (layer, label value) per mask,
@@ -468,21 +479,28 @@ def write_seg_nrrd(result: SegmentationResult, path: str | os.PathLike) -> None:
     """
     import slicerio  # only needed here; keeps the package import light inside Slicer
 
-    regions = {"fused": result.final_mask, "consistency": result.consistency, "ambiguity": result.ambiguity}
-    masks, segments = [], []
-    for label, stem, i in zip(result.labels, file_stems(result.labels), range(len(result.labels))):
-        colors = segment_colors(label.color)
-        entry = terminology_entry(label.terminology)
-        for region, stack in regions.items():
-            mask = _ijk_volume(stack[i])
-            masks.append(mask)
-            segment: dict[str, Any] = {"id": f"{stem}_{region}", "name": f"{label.name} {region}",
-                                       "color": colors[region], "colorAutoGenerated": False,
-                                       "nameAutoGenerated": False, "extent": _extent(mask)}
-            if entry:
-                segment["tags"] = {"TerminologyEntry": entry}
-            segments.append(segment)
-    voxels, placement = _pack_layers(masks)
+    segments: list[dict[str, Any]] = []
+
+    def masks() -> Iterator[np.ndarray]:
+        """Each segment's (i, j, k) mask in turn, its entry appended to ``segments``: consistency and
+        ambiguity are computed one label at a time from the counts, never for every label at once."""
+        for i, (label, stem) in enumerate(zip(result.labels, file_stems(result.labels))):
+            colors = segment_colors(label.color)
+            entry = terminology_entry(label.terminology)
+            regions = {"fused": result.final_mask[i],
+                       "consistency": consistency_from_counts(result.counts[i], result.n_samples),
+                       "ambiguity": ambiguity_from_counts(result.counts[i], result.n_samples)}
+            for region, mask in regions.items():
+                mask = _ijk_volume(mask)
+                segment: dict[str, Any] = {"id": f"{stem}_{region}", "name": f"{label.name} {region}",
+                                           "color": colors[region], "colorAutoGenerated": False,
+                                           "nameAutoGenerated": False, "extent": _extent(mask)}
+                if entry:
+                    segment["tags"] = {"TerminologyEntry": entry}
+                segments.append(segment)
+                yield mask
+
+    voxels, placement = _pack_layers(masks())
     for segment, (layer, value) in zip(segments, placement):
         segment["layer"], segment["labelValue"] = layer, value
     segmentation = {"voxels": voxels, "ijkToLPS": ijk_to_lps(result.reference), "segments": segments,
@@ -551,7 +569,9 @@ def _to_lps(ref: sitk.Image, maps: list[np.ndarray]) -> tuple[sitk.Image, list[n
 
 
 def _pixel_type(array: np.ndarray) -> int:
-    return sitk.sitkFloat32 if array.dtype.kind == "f" else sitk.sitkUInt8
+    if array.dtype.kind == "f":
+        return sitk.sitkFloat32
+    return sitk.sitkUInt16 if array.dtype == np.uint16 else sitk.sitkUInt8
 
 
 def _crop_box(shown: np.ndarray, masks: list[np.ndarray]) -> tuple[slice, slice]:
@@ -594,15 +614,19 @@ def write_overview(result: SegmentationResult, path: str | os.PathLike, dpi: int
     ref = result.reference
     report = result.report or {}
     rgb = ref.GetNumberOfComponentsPerPixel() == 3
-    maps = [result.fused, result.final_mask, result.ambiguity, result.uncertainty]  # (L, *spatial)
+    # The sample counts, not the float uncertainty map, travel through the reorientation: the
+    # uncertainty is computed for the 3 slices shown only.
+    maps = [result.fused, result.final_mask, result.ambiguity, result.counts]  # (L, *spatial)
     volume = ref.GetDimension() == 3
     if volume:
         ref, maps = _to_lps(ref, maps)
     image = sitk.GetArrayViewFromImage(ref)  # (z, y, x[, 3]) or (y, x[, 3])
     if not volume:  # one "slice": same code path as a volume
         image, maps = image[None], [m[:, None] for m in maps]
-    fused, final, ambiguity, uncertainty = maps
+    fused, final, ambiguity, counts = maps
     slices = _most_informative_slices(fused, ambiguity)
+    kind = result.uncertainty_kind.value
+    uncertainty = uncertainty_from_probability(probability_from_counts(counts[:, slices], result.n_samples), kind)
     raw = np.asarray(image[slices], dtype=np.float32)
     if rgb and image.dtype == np.uint8:
         shown, window = raw / 255.0, "RGB as stored"
@@ -614,7 +638,6 @@ def write_overview(result: SegmentationResult, path: str | os.PathLike, dpi: int
     aspect = spacing[1] / spacing[0]  # rows are y, columns x
     colors = [np.clip(np.asarray(lab.color, float), 0, 1) for lab in result.labels]
     amb_colors = [np.asarray(segment_colors(lab.color)["ambiguity"]) for lab in result.labels]
-    kind = report.get("uncertainty_kind", "variance")
     unc_title, unc_max = _UNCERTAINTY_SCALES.get(kind, (f"uncertainty ({kind})", float(uncertainty.max()) or 1.0))
     unc_norm = Normalize(vmin=0.0, vmax=unc_max)
     unc_cmap = colormaps["inferno"]
@@ -644,7 +667,7 @@ def write_overview(result: SegmentationResult, path: str | os.PathLike, dpi: int
         for i, color in enumerate(amb_colors):
             overlay[ambiguity[i, z][rows, cols].astype(bool)] = (*color, 0.75)
         ax_amb.imshow(overlay, aspect=aspect, interpolation="nearest")
-        unc = uncertainty[:, z].max(axis=0)[rows, cols]
+        unc = uncertainty[:, row].max(axis=0)[rows, cols]
         heat = unc_cmap(unc_norm(unc))
         heat[..., 3] = np.where(unc > 0, 0.85, 0.0)  # certain voxels stay transparent: anatomy shows through
         ax_unc.imshow(heat, aspect=aspect, interpolation="nearest")

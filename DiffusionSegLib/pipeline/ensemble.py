@@ -32,9 +32,29 @@ def _check_samples(samples: np.ndarray, name: str = "samples") -> np.ndarray:
     return samples.astype(bool, copy=False)
 
 
+def count_dtype(n_samples: int) -> type:
+    """The smallest unsigned integer type that counts up to ``n_samples``."""
+    return np.uint8 if n_samples <= np.iinfo(np.uint8).max else np.uint16
+
+
+def sample_counts(samples: np.ndarray) -> np.ndarray:
+    """How many samples mark each voxel foreground: (N, L, *S) -> (L, *S) uint8 (uint16 for N > 255).
+
+    Probability, consistency, ambiguity and uncertainty are all functions of this one array.
+    """
+    samples = _check_samples(samples)
+    return samples.sum(axis=0, dtype=count_dtype(samples.shape[0]))
+
+
+def probability_from_counts(counts: np.ndarray, n_samples: int) -> np.ndarray:
+    """counts / N as float32, any shape: exactly the float32 mean of the binary samples."""
+    return np.asarray(counts).astype(np.float32) / np.float32(n_samples)
+
+
 def probability(samples: np.ndarray) -> np.ndarray:
     """Per-voxel fraction of samples marking foreground: (N, L, *S) -> (L, *S) float32."""
-    return _check_samples(samples).mean(axis=0, dtype=np.float32)
+    samples = _check_samples(samples)
+    return probability_from_counts(sample_counts(samples), samples.shape[0])
 
 
 def fused_probability(samples: np.ndarray, method: Fusion | str = Fusion.MEAN) -> np.ndarray:
@@ -71,13 +91,25 @@ def fused_mask(samples: np.ndarray, method: Fusion | str = Fusion.MEAN, threshol
 
 def consistency(samples: np.ndarray) -> np.ndarray:
     """Voxels every sample marks foreground: (N, L, *S) -> (L, *S) uint8."""
-    return _check_samples(samples).all(axis=0).astype(np.uint8)
+    samples = _check_samples(samples)
+    return consistency_from_counts(sample_counts(samples), samples.shape[0])
 
 
 def ambiguity(samples: np.ndarray) -> np.ndarray:
     """Voxels where the samples disagree (some but not all foreground): (N, L, *S) -> (L, *S) uint8."""
     samples = _check_samples(samples)
-    return (samples.any(axis=0) & ~samples.all(axis=0)).astype(np.uint8)
+    return ambiguity_from_counts(sample_counts(samples), samples.shape[0])
+
+
+def consistency_from_counts(counts: np.ndarray, n_samples: int) -> np.ndarray:
+    """counts == N as uint8, any shape."""
+    return (np.asarray(counts) == n_samples).astype(np.uint8)
+
+
+def ambiguity_from_counts(counts: np.ndarray, n_samples: int) -> np.ndarray:
+    """0 < counts < N as uint8, any shape."""
+    counts = np.asarray(counts)
+    return ((counts > 0) & (counts < n_samples)).astype(np.uint8)
 
 
 def agreement_mask(samples: np.ndarray, k: int) -> np.ndarray:
@@ -95,13 +127,18 @@ def agreement_mask(samples: np.ndarray, k: int) -> np.ndarray:
 
 
 def uncertainty(samples: np.ndarray, kind: Uncertainty | str = Uncertainty.VARIANCE) -> np.ndarray:
-    """Per-voxel uncertainty of the mean p: (N, L, *S) -> (L, *S) float32.
+    """Per-voxel uncertainty of the samples: (N, L, *S) -> (L, *S) float32 (see uncertainty_from_probability)."""
+    return uncertainty_from_probability(probability(samples), kind)
+
+
+def uncertainty_from_probability(p: np.ndarray, kind: Uncertainty | str = Uncertainty.VARIANCE) -> np.ndarray:
+    """Per-voxel uncertainty of the mean p of binary samples, any shape -> float32.
 
     ``"variance"``: p (1 - p), the variance of the binary samples (max 0.25).
     ``"entropy"``: binary entropy of p in bits (max 1), with 0 log 0 = 0.
     """
     kind = Uncertainty.parse(kind, "uncertainty kind")
-    p = probability(samples).astype(np.float64)
+    p = np.asarray(p).astype(np.float64)
     if kind == Uncertainty.VARIANCE:
         return (p * (1.0 - p)).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):

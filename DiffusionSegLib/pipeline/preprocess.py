@@ -397,19 +397,21 @@ def restore(prepared: PreparedInput, maps: np.ndarray, interpolation: str = "lin
     volume = np.asarray(volume, dtype=np.float32)
 
     def finish(label_map: np.ndarray) -> np.ndarray:
-        return label_map if threshold is None else (label_map > threshold).astype(np.uint8)
+        return np.array(label_map) if threshold is None else (label_map > threshold).astype(np.uint8)
 
-    if not prepared.resampled:
-        return np.stack([finish(label_map) for label_map in volume])
-    reference = prepared.reference
-    restored = [
-        finish(sitk.GetArrayFromImage(
-            sitk.Resample(prepared.model_grid.scalar_image(label_map), reference, sitk.Transform(),
-                          _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32, True)
-        ))
-        for label_map in volume
-    ]
-    return np.stack(restored)
+    def resampled(label_map: np.ndarray) -> np.ndarray:
+        image = sitk.Resample(prepared.model_grid.scalar_image(label_map), prepared.reference, sitk.Transform(),
+                              _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32, True)
+        return finish(sitk.GetArrayViewFromImage(image))  # a view: thresholding copies only the uint8 mask
+
+    one_label = finish if not prepared.resampled else resampled
+    out = None  # (L, *input spatial), filled label by label
+    for index, label_map in enumerate(volume):
+        restored = one_label(label_map)
+        if out is None:
+            out = np.empty((volume.shape[0], *restored.shape), dtype=restored.dtype)
+        out[index] = restored
+    return out
 
 
 def _resample_in_index_frame(image: sitk.Image, spacing: tuple[float, ...], interpolator: int) -> sitk.Image:

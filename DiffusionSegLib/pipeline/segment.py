@@ -54,12 +54,13 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
                           opts: SegmentSettings) -> tuple[dict[str, Any], dict[str, float]]:
     """Every sample on the input grid and the ensemble statistics, one label at a time.
 
-    samples_model: (N, L, *vol) uint8 on the model grid. Returns the maps of ``SegmentationResult``
-    on the input grid (probability, fused, consistency, ambiguity, uncertainty: (L, *input); the
-    samples (N, L, *input) only with ``keep_samples``) and ``sample_diversity``, plus the seconds
-    spent restoring and computing statistics. One label's N restored samples are held at a time,
-    not all labels' (a 512 x 512 x 100 CT with 9 labels and 5 samples: 131 MB instead of 1.2 GB);
-    every statistic is per label, so the numbers are those of the whole-array computation.
+    samples_model: (N, L, *vol) uint8 on the model grid. Returns ``counts`` (L, *input; how many
+    samples mark each voxel, from which ``SegmentationResult`` derives probability, consistency,
+    ambiguity and uncertainty), ``fused`` (L, *input) uint8, ``sample_diversity`` (L floats) and,
+    with ``keep_samples``, ``samples`` (N, L, *input); plus the seconds spent restoring and
+    computing statistics. One label's N restored samples are held at a time, not all labels' (a
+    512 x 512 x 100 CT with 9 labels and 5 samples: 131 MB instead of 1.2 GB); every statistic is
+    per label, so the numbers are those of the whole-array computation.
     """
     from DiffusionSegLib.pipeline import ensemble
 
@@ -68,14 +69,16 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
     seconds = {"restore": 0.0, "ensemble": 0.0}
     for label in range(n_labels):
         start = time.perf_counter()
-        restored = np.stack([_restore_binary(prepared, samples_model[k, label:label + 1], spatial_dims)
-                             for k in range(n)])  # (N, 1, *input)
+        restored = None  # (N, 1, *input) uint8, filled sample by sample (no list of copies)
+        for k in range(n):
+            one = _restore_binary(prepared, samples_model[k, label:label + 1], spatial_dims)
+            if restored is None:
+                restored = np.empty((n, *one.shape), dtype=one.dtype)
+            restored[k] = one
+            del one
         middle = time.perf_counter()
-        per_label = {"probability": ensemble.probability(restored),
-                     "fused": ensemble.fused_mask(restored, method=opts.fusion),
-                     "consistency": ensemble.consistency(restored),
-                     "ambiguity": ensemble.ambiguity(restored),
-                     "uncertainty": ensemble.uncertainty(restored, kind=opts.uncertainty)}
+        per_label = {"counts": ensemble.sample_counts(restored),
+                     "fused": ensemble.fused_mask(restored, method=opts.fusion)}
         if opts.keep_samples:
             per_label["samples"] = restored
         for name, array in per_label.items():
@@ -204,9 +207,10 @@ def segment_image(
     # Context classes (card.shown_labels) were sampled with the rest and are dropped here.
     shown = card.output_label_indices()
     labels = [card.labels[i] for i in shown]
-    masks = masks[:, :, shown]
-    # Model grid, label-first: (N, L, *vol) with vol = (S, H, W) for 2D models, (D, H, W) for 3D.
-    samples_model = np.ascontiguousarray(np.moveaxis(masks, 2, 1))
+    # Model grid, label-first: (N, L, *vol) with vol = (S, H, W) for 2D models, (D, H, W) for 3D; one
+    # copy (the list index copies), and the sampler's array is let go at once.
+    samples_model = np.moveaxis(masks, 2, 1)[:, shown]
+    del masks
     if card.spatial_dims == 3:
         samples_model = samples_model[:, :, 0]
     refined = None
@@ -250,11 +254,10 @@ def segment_image(
     result = SegmentationResult(
         reference=image,
         labels=labels,
-        probability=maps["probability"],
+        counts=maps["counts"],
+        n_samples=n_samples,
         fused=fused,
-        consistency=maps["consistency"],
-        ambiguity=maps["ambiguity"],
-        uncertainty=maps["uncertainty"],
+        uncertainty_kind=opts.uncertainty,
         refined=refined,
         samples=maps.get("samples"),
         sample_diversity=maps["sample_diversity"],

@@ -412,10 +412,10 @@ def _paste_into_volume(result: Any, shape: tuple[int, int, int], box: IJKBox | N
         out[(Ellipsis, *where)] = array
         return out
 
+    # Outside the box no sample marked anything: counts 0, so probability, uncertainty and every mask are 0.
     return dataclasses.replace(
-        result, probability=full(result.probability, 1), fused=full(result.fused, 1),
-        consistency=full(result.consistency, 1), ambiguity=full(result.ambiguity, 1),
-        uncertainty=full(result.uncertainty, 1), refined=full(result.refined, 1), samples=full(result.samples, 2))
+        result, counts=full(result.counts, 1), fused=full(result.fused, 1), refined=full(result.refined, 1),
+        samples=full(result.samples, 2))
 
 
 __all__ = ["MeasuredSpeed", "RunMessages", "SegmentationWorkflow"]

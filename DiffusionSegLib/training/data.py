@@ -333,6 +333,14 @@ class Augmentation:
     # model trained on one phase (e.g. non-contrast CT) also sees the enhanced organs of another.
     label_offsets: tuple[tuple[float, float] | None, ...] = ()
     label_offset_prob: float = 0.7
+    # Boundary jitter (label noise): each label's boundary moves in or out by a smooth random field
+    # with this standard deviation in mm (correlated over ``boundary_jitter_scale_mm``), so the
+    # training labels carry the spread of a contour drawn by hand and a diffusion model learns to
+    # sample it: its samples then differ along uncertain boundaries instead of all being the same
+    # mask. ``voxel_mm``: the model grid's spacing in array order (mm per voxel of the patch).
+    boundary_jitter_mm: float = 0.0
+    boundary_jitter_scale_mm: float = 12.0
+    voxel_mm: tuple[float, ...] = ()
 
 
 def pad_to(array: np.ndarray, size: Sequence[int], value: np.ndarray | float) -> np.ndarray:
@@ -380,6 +388,32 @@ def augmentation_transform(aug: Augmentation, spatial_dims: int, keys: Sequence[
     for t in transforms:
         t.set_random_state(state=random_state)
     return compose
+
+
+def jitter_boundaries(mask: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Move each label's boundary by a smooth random distance: mask (L, *patch) uint8 -> same shape.
+
+    Per label, the signed distance to the boundary d (mm, negative inside) is compared with a
+    Gaussian random field f (standard deviation ``aug.boundary_jitter_mm``, smoothed with a Gaussian
+    of ``aug.boundary_jitter_scale_mm``): the new mask is d < f, so where f > 0 the label grows by
+    about f mm and where f < 0 it shrinks. Empty and full labels stay as they are. The random
+    numbers come from ``rng`` (whose state the training checkpoint keeps).
+    """
+    from scipy import ndimage
+
+    spatial = mask.shape[1:]
+    voxel = np.asarray(aug.voxel_mm if aug.voxel_mm else (1.0,) * len(spatial), dtype=np.float64)
+    out = mask.copy()
+    for label in range(mask.shape[0]):
+        inside = mask[label].astype(bool)
+        if not inside.any() or inside.all():
+            continue
+        distance = ndimage.distance_transform_edt(~inside, sampling=voxel) - ndimage.distance_transform_edt(
+            inside, sampling=voxel)  # > 0 outside, < 0 inside, in mm
+        field = ndimage.gaussian_filter(rng.standard_normal(spatial), sigma=aug.boundary_jitter_scale_mm / voxel)
+        field *= aug.boundary_jitter_mm / max(float(field.std()), 1e-12)
+        out[label] = distance < field
+    return out
 
 
 class SeededSampler:
@@ -489,6 +523,8 @@ class PatchSampler(SeededSampler):
         image, mask = np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])
         if self.augmentation.enabled and self.augmentation.label_offsets:
             image = self._enhance_organs(image, mask)
+        if self.augmentation.enabled and self.augmentation.boundary_jitter_mm > 0:
+            mask = jitter_boundaries(mask, self.augmentation, self.rng)
         if self.transform is not None:
             import torch
 

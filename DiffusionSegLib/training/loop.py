@@ -95,6 +95,9 @@ class TrainConfig:
     # Contrast-phase augmentation (ct_window models): label name -> [low, high] HU added to that
     # organ's voxels, e.g. {"liver": [0, 80]} lets a model trained on non-contrast CT see enhanced livers.
     contrast_augment: dict[str, list[float]] = field(default_factory=dict)
+    # Label noise: every label's boundary moved by a smooth random field of this standard deviation
+    # (mm; 0 = off), so that a diffusion model's samples learn to differ along boundaries (data.Augmentation).
+    boundary_jitter_mm: float = 0.0
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
     # written to the card: "off" | "mean" | "published" (true = "mean", false = "off"); None = the method's default
@@ -151,6 +154,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_samples", "val_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} {getattr(self, name)} (must be >= 1)")
+        if not (self.boundary_jitter_mm >= 0.0 and math.isfinite(self.boundary_jitter_mm)):
+            problems.append(f"boundary_jitter_mm {self.boundary_jitter_mm} (use a distance >= 0 in mm)")
+        elif self.boundary_jitter_mm > 0 and self.method in Method.values() \
+                and get_method(self.method).supervision != Supervision.MASKS:
+            problems.append(f"boundary_jitter_mm with method '{self.method}' (it moves mask boundaries: needs masks)")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay {self.ema_decay} (use 0 <= decay < 1)")
         if problems:
@@ -398,7 +406,9 @@ class _Run:
             self.train_cases, config.spatial_dims, array_patch_size(config.patch_size, config.spatial_dims),
             config.foreground_fraction,
             data.Augmentation(enabled=config.augment, flips=config.flips,
-                              label_offsets=_label_offsets(config, list(labels))), seed=config.seed)
+                              label_offsets=_label_offsets(config, list(labels)),
+                              boundary_jitter_mm=config.boundary_jitter_mm,
+                              voxel_mm=tuple(reversed(self.card.spacing or ()))), seed=config.seed)
 
     def _load_image_label_data(self) -> None:
         """Images with lesion / healthy labels only (never a mask), the split and the item sampler."""

@@ -69,3 +69,32 @@ def test_an_unfinished_or_damaged_folder_is_a_clear_error(tmp_path, oblique_3d):
     (out / "report.json").write_text("{ truncated")
     with pytest.raises(OutputFolderError, match="unreadable"):
         read_outputs(out)
+
+
+def test_probability_maps_must_be_fractions_of_the_reports_samples(tmp_path, oblique_3d):
+    """The reader rebuilds the sample counts from probability x N: a map or report that does not
+    fit (edited, another run's) is refused instead of giving wrong consistency and ambiguity."""
+    import SimpleITK as sitk
+
+    out = tmp_path / "o"
+    result = make_result(oblique_3d)
+    writers.write_outputs(result, out)
+    back = read_outputs(out)
+    assert np.array_equal(back.counts, result.counts) and back.n_samples == result.n_samples == 3
+
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").write_text(json.dumps({**report, "samples": 4}))
+    with pytest.raises(OutputFolderError, match="not a fraction of the report's 4 samples"):
+        read_outputs(out)
+    (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "samples"}))
+    with pytest.raises(OutputFolderError, match="how many samples"):
+        read_outputs(out)
+
+    (out / "report.json").write_text(json.dumps(report))
+    path = out / "probability_liver.nii.gz"
+    image = sitk.ReadImage(str(path))
+    edited = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * np.float32(0.9))
+    edited.CopyInformation(image)
+    sitk.WriteImage(edited, str(path))
+    with pytest.raises(OutputFolderError, match="probability_liver.nii.gz is not a fraction"):
+        read_outputs(out)

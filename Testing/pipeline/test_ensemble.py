@@ -204,3 +204,20 @@ def test_agreement_mask_counts_samples_hand_computed():
     for bad in (0, 4):
         with pytest.raises(ValueError, match="between 1 and the number of samples"):
             agreement_mask(samples, bad)
+
+
+def test_every_statistic_follows_from_the_sample_counts():
+    """The result keeps only the counts: each statistic from them equals the one from the samples."""
+    s = _three_samples()
+    counts = ensemble.sample_counts(s)
+    assert counts.dtype == np.uint8
+    np.testing.assert_array_equal(counts, [[3, 2, 2, 0], [0, 0, 0, 0]])
+    assert np.array_equal(ensemble.probability_from_counts(counts, 3), ensemble.probability(s))
+    assert np.array_equal(ensemble.consistency_from_counts(counts, 3), ensemble.consistency(s))
+    assert np.array_equal(ensemble.ambiguity_from_counts(counts, 3), ensemble.ambiguity(s))
+    for kind in ("variance", "entropy"):
+        from_counts = ensemble.uncertainty_from_probability(ensemble.probability_from_counts(counts, 3), kind)
+        assert np.array_equal(from_counts, ensemble.uncertainty(s, kind))
+    # More samples than a uint8 counts: the counts widen instead of wrapping round.
+    many = np.ones((300, 1, 2), np.uint8)
+    assert ensemble.sample_counts(many).dtype == np.uint16 and ensemble.sample_counts(many).max() == 300

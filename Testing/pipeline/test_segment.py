@@ -331,3 +331,16 @@ def test_label_by_label_statistics_equal_those_of_all_samples_at_once(tiny_rgb_m
     np.testing.assert_array_equal(result.ambiguity, ensemble.ambiguity(samples))
     np.testing.assert_array_equal(result.uncertainty, ensemble.uncertainty(samples, kind))
     assert result.sample_diversity == [float(d) for d in ensemble.sample_diversity(samples)]
+
+
+def test_the_result_holds_sample_counts_not_float_maps(tiny_model):
+    """Memory of a whole CT: per label and voxel the result stores one uint8 count and the fused
+    mask (2 bytes), not float probability and uncertainty maps plus three masks (11 bytes)."""
+    image = sitk.GetImageFromArray(np.random.default_rng(3).normal(size=(3, 20, 24)).astype(np.float32))
+    result = segment_image(image, tiny_model, SegmentSettings(samples=3, steps=2, crf=False))
+    stored = {name: value for name, value in vars(result).items() if isinstance(value, np.ndarray)}
+    assert sorted(stored) == ["counts", "fused"]
+    assert all(array.dtype == np.uint8 for array in stored.values())
+    assert int(result.counts.max()) <= 3 and result.n_samples == 3
+    voxels_per_label = int(np.prod(image.GetSize()))
+    assert sum(array.nbytes for array in stored.values()) == 2 * len(result.labels) * voxels_per_label

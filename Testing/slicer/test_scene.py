@@ -254,15 +254,12 @@ def make_result(spatial: tuple[int, ...], reference=None, seed: int = 1, n_sampl
     samples[:, 1] = 0
     samples[:, 1, ..., 1:3, 1:3] = 1  # lesion: a small block all samples agree on
     samples[0, 1, ..., 0, 0] = 1  # ... plus one voxel only sample 0 has
-    probability = samples.mean(axis=0).astype(np.float32)
-    fused = (probability > 0.5).astype(np.uint8)
+    counts = samples.sum(axis=0, dtype=np.uint8)
+    fused = (2 * counts > n_samples).astype(np.uint8)
     refined = fused.copy()
     refined[0].flat[0] = 1 - refined[0].flat[0]  # the CRF changed one voxel: final_mask must be it
     return SegmentationResult(
-        reference=reference, labels=LABELS, probability=probability, fused=fused,
-        consistency=samples.all(axis=0).astype(np.uint8),
-        ambiguity=(samples.any(axis=0) & ~samples.all(axis=0)).astype(np.uint8),
-        uncertainty=(probability * (1 - probability)).astype(np.float32), refined=refined,
+        reference=reference, labels=LABELS, counts=counts, n_samples=n_samples, fused=fused, refined=refined,
         samples=samples, sample_diversity=[0.42, 0.125], report={"model": "test", "seed": seed})
 
 
@@ -535,7 +532,7 @@ def test_failure_leaves_scene_unchanged(scene, monkeypatch):
     composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
     count = scene.GetNumberOfNodes()
     bad = make_result(shape)
-    bad.uncertainty = bad.uncertainty[:, :, :3]  # wrong shape
+    bad.counts = bad.counts[:, :, :3]  # wrong shape (probability, uncertainty, consistency, ambiguity follow it)
     with pytest.raises(ValueError, match="does not match"):
         mb.show_result(scene, volume, bad)
     assert scene.GetNumberOfNodes() == count
