@@ -136,7 +136,7 @@ def segment_image(
     """
     import torch
 
-    from DiffusionSegLib.core.device import resolve_device
+    from DiffusionSegLib.core.device import release_freed_memory, resolve_device
     from DiffusionSegLib.methods.registry import get_method, load_model
     from DiffusionSegLib.models.card import read_card
     from DiffusionSegLib.pipeline import crf, ensemble
@@ -201,6 +201,7 @@ def segment_image(
                           progress=sampling_progress).numpy()  # (N, B, L, *spatial) uint8
     if device.type == "cuda":
         torch.cuda.synchronize()
+    release_freed_memory()  # what follows allocates whole-volume arrays: let them go back to the OS when freed
     lap("sampling")
     n_samples = plan.samples
 
