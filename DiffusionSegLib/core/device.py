@@ -97,13 +97,14 @@ def keep_freed_memory_for_reuse() -> None:
 
 
 def release_freed_memory() -> None:
-    """Undo :func:`keep_freed_memory_for_reuse` once sampling is over and give the freed heap back.
+    """Undo :func:`keep_freed_memory_for_reuse` once sampling is over and trim the heap.
 
     After sampling, the run allocates whole-volume arrays (restored samples, counts, the writers'
-    maps) one after the other; with the sampler's allocator setting each came from the heap and
-    freed blocks stayed in the process, so the peak grew with the volume (measured: 20 MB per
-    slice of a 512 x 512 CT). glibc's default thresholds (128 KiB) map such arrays on their own
-    and return them when freed. The next sampling call tunes the allocator again. No-op without glibc.
+    maps) one after the other; with the sampler's setting each came from the heap and stayed in
+    the process when freed, so the peak grew with the volume (docs/BENCHMARKS.md, *A whole CT*).
+    With glibc's default threshold (128 KiB) an array larger than the free blocks the sampler left
+    gets its own mapping and is returned when freed; ``malloc_trim`` gives back the free pages now.
+    The next sampling call tunes the allocator again. No-op without glibc.
     """
     global _ALLOCATOR_TUNED
     _ALLOCATOR_TUNED = False

@@ -48,7 +48,9 @@ def sample_counts(samples: np.ndarray) -> np.ndarray:
 
 def probability_from_counts(counts: np.ndarray, n_samples: int) -> np.ndarray:
     """counts / N as float32, any shape: exactly the float32 mean of the binary samples."""
-    return np.asarray(counts).astype(np.float32) / np.float32(n_samples)
+    probability = np.asarray(counts).astype(np.float32)
+    probability /= np.float32(n_samples)  # in place: one float array, not two
+    return probability
 
 
 def probability(samples: np.ndarray) -> np.ndarray:
@@ -102,14 +104,24 @@ def ambiguity(samples: np.ndarray) -> np.ndarray:
 
 
 def consistency_from_counts(counts: np.ndarray, n_samples: int) -> np.ndarray:
-    """counts == N as uint8, any shape."""
-    return (np.asarray(counts) == n_samples).astype(np.uint8)
+    """counts == N as uint8, any shape (the bool result viewed as uint8: no second copy)."""
+    return (np.asarray(counts) == n_samples).view(np.uint8)
 
 
 def ambiguity_from_counts(counts: np.ndarray, n_samples: int) -> np.ndarray:
-    """0 < counts < N as uint8, any shape."""
+    """0 < counts < N as uint8, any shape.
+
+    Computed along the first axis (a label, or a slice) at a time: the temporaries of the two
+    comparisons are one row's size, not the whole array's (a CT's 9 labels: 0.5 GB).
+    """
     counts = np.asarray(counts)
-    return ((counts > 0) & (counts < n_samples)).astype(np.uint8)
+    if counts.ndim == 0:
+        return np.asarray((0 < counts < n_samples)).view(np.uint8)
+    out = np.empty(counts.shape, dtype=bool)
+    for row, values in zip(out, counts):
+        np.greater(values, 0, out=row)
+        row &= values < n_samples
+    return out.view(np.uint8)
 
 
 def agreement_mask(samples: np.ndarray, k: int) -> np.ndarray:

@@ -30,14 +30,17 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def keep_largest_component(masks: np.ndarray, label_names: Sequence[str], apply_to: Sequence[str],
-                           voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
+                           voxel_ml: float, in_place: bool = False) -> tuple[np.ndarray, dict[str, float]]:
     """Apply :func:`largest_component` to the labels named in ``apply_to``.
 
     masks (L, *S) binary, label i named ``label_names[i]``; ``voxel_ml`` is one voxel's volume
     (mL; for a 2D image, the area in mm^2 / 1000). Returns (masks (L, *S) uint8, removed volume
-    per processed label in mL), so the report can say what was taken away.
+    per processed label in mL), so the report can say what was taken away. ``in_place`` (masks
+    must be uint8) changes and returns ``masks`` itself: no copy of a whole CT's masks.
     """
-    out = np.asarray(masks).astype(np.uint8, copy=True)
+    if in_place and np.asarray(masks).dtype != np.uint8:
+        raise ValueError("in_place needs uint8 masks")
+    out = masks if in_place else np.asarray(masks).astype(np.uint8, copy=True)
     removed: dict[str, float] = {}
     for i, name in enumerate(label_names):
         if name not in apply_to:

@@ -50,12 +50,14 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
     ref = result.reference
     spacing = list(ref.GetSpacing())
     is_3d = ref.GetDimension() == 3
-    regions = {"fused": result.fused, "consistency": result.consistency, "ambiguity": result.ambiguity}
+    # Called one at a time: consistency and ambiguity of every label are never held together.
+    regions = {"fused": lambda: result.fused, "consistency": lambda: result.consistency,
+               "ambiguity": lambda: result.ambiguity}
     if result.refined is not None:
-        regions["crf"] = result.refined
+        regions["crf"] = lambda: result.refined
     per_region = {}
-    for region, mask in regions.items():
-        values = ensemble.volumes_ml(mask, spacing)
+    for region, mask_of in regions.items():
+        values = ensemble.volumes_ml(mask_of(), spacing)
         if not is_3d:  # a 2D image has areas: volumes_ml of a 2D grid is mm^2 / 1000
             values = [v * 1000.0 for v in values]
         per_region[region] = values

@@ -249,9 +249,10 @@ def segment_image(
 
         names = [lab.name for lab in labels]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        fused, removed["fused"] = keep_largest_component(fused, names, card.largest_component, voxel_ml)
+        # In place: both arrays were made by this run.
+        fused, removed["fused"] = keep_largest_component(fused, names, card.largest_component, voxel_ml, True)
         if refined is not None:
-            refined, removed["crf"] = keep_largest_component(refined, names, card.largest_component, voxel_ml)
+            refined, removed["crf"] = keep_largest_component(refined, names, card.largest_component, voxel_ml, True)
     result = SegmentationResult(
         reference=image,
         labels=labels,

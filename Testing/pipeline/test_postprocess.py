@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from helpers import make_model
@@ -20,6 +21,12 @@ def test_keeps_only_the_largest_piece_and_reports_what_it_removed():
     assert out[0].sum() == 12 and out[0, 0:2, 0:2, 0:3].all()
     np.testing.assert_array_equal(out[1], masks[1])
     assert removed == {"a": 4 * 0.008}
+    assert masks[0].sum() == 16  # the input is left alone by default
+    # In place (what a run does with its own fused mask): the same numbers, no copy of the masks.
+    same, removed_in_place = keep_largest_component(masks, ["a", "b"], ["a"], voxel_ml=0.008, in_place=True)
+    assert same is masks and np.array_equal(masks, out) and removed_in_place == removed
+    with pytest.raises(ValueError, match="uint8"):
+        keep_largest_component(masks.astype(bool), ["a", "b"], ["a"], voxel_ml=0.008, in_place=True)
 
 
 def test_pieces_touching_at_a_corner_are_one_component_and_empty_stays_empty():
