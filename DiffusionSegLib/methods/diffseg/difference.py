@@ -24,7 +24,7 @@ from DiffusionSegLib.core.device import (activation_bytes, auto_batch_size, auto
 from DiffusionSegLib.core.enums import DifferenceThreshold
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.methods.diffseg.network import HEALTHY, LESION
-from DiffusionSegLib.methods.diffusion import denoise_step, make_scheduler
+from DiffusionSegLib.methods.diffusion import alphas_cumprod, denoise_step
 from DiffusionSegLib.models.card import ModelCard
 
 ProgressFn = Callable[[int, int], None]
@@ -132,7 +132,7 @@ def difference_maps(net: torch.nn.Module, card: ModelCard, images: torch.Tensor,
     device = images.device
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
-    alphas = make_scheduler(card).alphas_cumprod.to(device=device, dtype=torch.float32)
+    alphas = alphas_cumprod(card).to(device=device, dtype=torch.float32)
     one = torch.ones((), device=device)
     b, spatial = images.shape[0], tuple(images.shape[2:])
     n_items = len(timesteps) * b

@@ -13,11 +13,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv
-from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from DiffusionSegLib.methods.blocks import Stage, norm_groups_for
+from DiffusionSegLib.methods.blocks import Stage, conv_nd, norm_groups_for, timestep_embedding
 
 
 class DynamicConditionalEncoding(nn.Module):
@@ -150,7 +148,7 @@ class Encoder(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], num_blocks: int, time_dim: int,
                  norm_groups: int):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_nd(spatial_dims)
         self.stem = conv(in_channels, channels[0], 3, padding=1)
         self.stages = nn.ModuleList(
             Stage(spatial_dims, channels[max(i - 1, 0)], channels[i], num_blocks, time_dim, norm_groups)
@@ -199,7 +197,7 @@ class MedSegDiffUNet(nn.Module):
         self.dynamic_stages = [int(i) for i in dynamic_stages] if dynamic_conditioning else []
         if any(not 0 <= i < levels - 1 for i in self.dynamic_stages):
             raise ValueError(f"dynamic_stages {self.dynamic_stages} must lie in 0..{levels - 2} (encoder levels)")
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_nd(spatial_dims)
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.image_encoder = Encoder(spatial_dims, in_channels, channels, num_res_blocks, time_dim, norm_groups)
         self.mask_encoder = Encoder(spatial_dims, out_channels, channels, num_res_blocks, time_dim, norm_groups)
@@ -220,7 +218,7 @@ class MedSegDiffUNet(nn.Module):
                                  conv(channels[0], out_channels, 3, padding=1))
 
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        temb = self.time_mlp(get_timestep_embedding(timesteps, self.base_channels).to(x_t.dtype))
+        temb = self.time_mlp(timestep_embedding(timesteps, self.base_channels).to(x_t.dtype))
         h_img = self.image_encoder.stem(image)
         h_msk = self.mask_encoder.stem(x_t)
         skips = []

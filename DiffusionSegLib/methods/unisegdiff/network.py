@@ -17,11 +17,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv
-from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from DiffusionSegLib.methods.blocks import ResBlock, Stage, norm_groups_for
+from DiffusionSegLib.methods.blocks import ResBlock, Stage, conv_nd, norm_groups_for, timestep_embedding
 
 
 class Condition(NamedTuple):
@@ -55,7 +53,7 @@ class SegmentationEncoder(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int],
                  num_res_blocks: int, norm_groups: int):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_nd(spatial_dims)
         levels = len(channels)
         self.stem = conv(in_channels, channels[0], 3, padding=1)
         self.down_stages = nn.ModuleList(
@@ -114,7 +112,7 @@ class UniSegDiffNet(nn.Module):
         self.size_divisor = 2 ** (levels - 1)
         self.base_channels = den[0]
         time_dim = int(time_embed_dim or 4 * den[0])
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_nd(spatial_dims)
         self.encoder = SegmentationEncoder(spatial_dims, in_channels, out_channels, enc, num_res_blocks, norm_groups)
         self.time_mlp = nn.Sequential(nn.Linear(den[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.stem = conv(2 * out_channels, den[0], 3, padding=1)  # x_t and the prior
@@ -138,7 +136,7 @@ class UniSegDiffNet(nn.Module):
 
     def denoise(self, x_t: torch.Tensor, condition: Condition, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t (B, L, *S), the items' Condition, timesteps (B,) -> the stage target (B, L, *S)."""
-        temb = self.time_mlp(get_timestep_embedding(timesteps, self.base_channels).to(x_t.dtype))
+        temb = self.time_mlp(timestep_embedding(timesteps, self.base_channels).to(x_t.dtype))
         h = self.stem(torch.cat([x_t, prior_signal(condition.prior_logits).to(x_t.dtype)], dim=1))
         skips = []
         for i, (stage, down) in enumerate(zip(self.down_stages, self.downs)):

@@ -14,7 +14,7 @@ import torch
 
 from DiffusionSegLib.core.device import (activation_bytes, auto_batch_size, autocast, for_each_chunk,
                                          keep_freed_memory_for_reuse)
-from DiffusionSegLib.methods.diffusion import denoise_step, make_scheduler
+from DiffusionSegLib.methods.diffusion import alphas_cumprod, denoise_step
 from DiffusionSegLib.methods.unisegdiff.network import prior_signal
 from DiffusionSegLib.methods.unisegdiff.stages import UniSegDiffSettings, chain_timesteps, stage_x0, stream_seed
 from DiffusionSegLib.models.card import ModelCard
@@ -44,7 +44,7 @@ def sample_staged(net: torch.nn.Module, card: ModelCard, images: torch.Tensor, n
     device = images.device
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
-    alphas = make_scheduler(card).alphas_cumprod.to(device=device, dtype=torch.float32)
+    alphas = alphas_cumprod(card).to(device=device, dtype=torch.float32)
     b, spatial, labels = images.shape[0], tuple(images.shape[2:]), card.out_channels
     n_items = n_samples * b
     out = torch.empty((n_items, labels, *spatial), dtype=torch.uint8)
