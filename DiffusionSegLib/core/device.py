@@ -85,13 +85,21 @@ def keep_freed_memory_for_reuse() -> None:
     if _ALLOCATOR_TUNED:
         return
     _ALLOCATOR_TUNED = True
+    _set_malloc_thresholds(1 << 30, trim_now=False)
+
+
+def _set_malloc_thresholds(size: int, trim_now: bool) -> None:
+    """glibc mallopt: blocks of ``size`` bytes and more get their own mapping, and a free heap top
+    of more than ``size`` is given back; ``trim_now`` also returns the free pages at once."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from <malloc.h>
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
+        libc.mallopt(m_mmap_threshold, size)
+        libc.mallopt(m_trim_threshold, size)
+        if trim_now:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         log.debug("glibc mallopt not available; CPU allocator left as it is")
 
@@ -108,16 +116,7 @@ def release_freed_memory() -> None:
     """
     global _ALLOCATOR_TUNED
     _ALLOCATOR_TUNED = False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        log.debug("glibc mallopt not available; CPU allocator left as it is")
+    _set_malloc_thresholds(128 * 1024, trim_now=True)  # glibc's default thresholds
 
 
 def activation_bytes(spatial: Sequence[int], channels: Sequence[int] | None) -> int:

@@ -368,14 +368,9 @@ def _stage_outputs(result: SegmentationResult, staging: Path, keep_samples: bool
     def image_writer(array: np.ndarray, pixel_type: int) -> Callable[[Path], None]:
         return lambda path: write_image_atomic(image_from_array(array, ref, pixel_type), path)
 
-    # Called in turn, so consistency and ambiguity are never held for every label at the same time.
-    maps = {"fused": lambda: result.fused, "crf": lambda: result.refined, "consistency": lambda: result.consistency,
-            "ambiguity": lambda: result.ambiguity}
-    for name, masks_of in maps.items():
-        masks = masks_of()
-        if masks is not None:
-            add(f"{name}.nii.gz", image_writer(label_map(masks, result.counts), sitk.sitkUInt8))
-        del masks
+    for name, masks in result.regions():
+        add(f"{name}.nii.gz", image_writer(label_map(masks, result.counts), sitk.sitkUInt8))
+        del masks  # before the next region is computed
     for i, stem in enumerate(stems):  # one label's float map at a time
         add(f"probability_{stem}.nii.gz", image_writer(result.probability_of(i), sitk.sitkFloat32))
         add(f"uncertainty_{stem}.nii.gz", image_writer(result.uncertainty_of(i), sitk.sitkFloat32))

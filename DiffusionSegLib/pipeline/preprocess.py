@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -405,12 +405,20 @@ def restore(prepared: PreparedInput, maps: np.ndarray, interpolation: str = "lin
         return finish(sitk.GetArrayViewFromImage(image))  # a view: thresholding copies only the uint8 mask
 
     one_label = finish if not prepared.resampled else resampled
-    out = None  # (L, *input spatial), filled label by label
-    for index, label_map in enumerate(volume):
-        restored = one_label(label_map)
+    return stack_filled((one_label(label_map) for label_map in volume), volume.shape[0])
+
+
+def stack_filled(arrays: Iterable[np.ndarray], count: int) -> np.ndarray:
+    """np.stack of ``count`` equal-shaped arrays made one at a time: (count, *shape), without holding
+    the list of them as well (each is copied in and let go before the next is made)."""
+    out = None
+    for index, array in enumerate(arrays):
         if out is None:
-            out = np.empty((volume.shape[0], *restored.shape), dtype=restored.dtype)
-        out[index] = restored
+            out = np.empty((count, *array.shape), dtype=array.dtype)
+        out[index] = array
+        del array
+    if out is None or index != count - 1:
+        raise ValueError(f"expected {count} arrays")
     return out
 
 

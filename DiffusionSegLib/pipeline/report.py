@@ -50,17 +50,13 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
     ref = result.reference
     spacing = list(ref.GetSpacing())
     is_3d = ref.GetDimension() == 3
-    # Called one at a time: consistency and ambiguity of every label are never held together.
-    regions = {"fused": lambda: result.fused, "consistency": lambda: result.consistency,
-               "ambiguity": lambda: result.ambiguity}
-    if result.refined is not None:
-        regions["crf"] = lambda: result.refined
     per_region = {}
-    for region, mask_of in regions.items():
-        values = ensemble.volumes_ml(mask_of(), spacing)
+    for region, mask in result.regions():
+        values = ensemble.volumes_ml(mask, spacing)
         if not is_3d:  # a 2D image has areas: volumes_ml of a 2D grid is mm^2 / 1000
             values = [v * 1000.0 for v in values]
         per_region[region] = values
+        del mask  # before the next region is computed
     sizes = {lab.name: {region: round(float(values[i]), 4) for region, values in per_region.items()}
              for i, lab in enumerate(result.labels)}
     nfe_per_image = plan.samples * plan.nfe_per_sample

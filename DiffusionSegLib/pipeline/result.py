@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,23 +50,33 @@ class SegmentationResult:
         """The mask to show first: CRF-refined when available, else the fused mask."""
         return self.refined if self.refined is not None else self.fused
 
-    def probability_of(self, label: int) -> np.ndarray:
-        """(*spatial) float32: the fraction of samples marking each voxel of one label."""
+    def probability_of(self, label: int | slice = slice(None)) -> np.ndarray:
+        """float32 fraction of the samples marking each voxel: (*spatial) for one label, (L, *spatial)
+        for a slice of labels (default: every label)."""
         return probability_from_counts(self.counts[label], self.n_samples)
 
-    def uncertainty_of(self, label: int) -> np.ndarray:
-        """(*spatial) float32: variance or entropy (``uncertainty_kind``) of one label's samples."""
+    def uncertainty_of(self, label: int | slice = slice(None)) -> np.ndarray:
+        """float32 variance or entropy (``uncertainty_kind``) of the samples, shaped as ``probability_of``."""
         return uncertainty_from_probability(self.probability_of(label), self.uncertainty_kind)
 
     @property
     def probability(self) -> np.ndarray:
         """(L, *spatial) float32, the mean of the samples."""
-        return probability_from_counts(self.counts, self.n_samples)
+        return self.probability_of()
 
     @property
     def uncertainty(self) -> np.ndarray:
         """(L, *spatial) float32, variance or entropy of the samples."""
-        return uncertainty_from_probability(self.probability, self.uncertainty_kind)
+        return self.uncertainty_of()
+
+    def regions(self) -> Iterator[tuple[str, np.ndarray]]:
+        """("fused", "crf" when refined, "consistency", "ambiguity") with their (L, *spatial) uint8
+        masks, each computed when its turn comes: never every label's consistency and ambiguity at once."""
+        yield "fused", self.fused
+        if self.refined is not None:
+            yield "crf", self.refined
+        yield "consistency", self.consistency
+        yield "ambiguity", self.ambiguity
 
     @property
     def consistency(self) -> np.ndarray:

@@ -63,19 +63,15 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
     per label, so the numbers are those of the whole-array computation.
     """
     from DiffusionSegLib.pipeline import ensemble
+    from DiffusionSegLib.pipeline.preprocess import stack_filled
 
     n, n_labels = samples_model.shape[:2]
     maps: dict[str, Any] = {"sample_diversity": []}
     seconds = {"restore": 0.0, "ensemble": 0.0}
     for label in range(n_labels):
         start = time.perf_counter()
-        restored = None  # (N, 1, *input) uint8, filled sample by sample (no list of copies)
-        for k in range(n):
-            one = _restore_binary(prepared, samples_model[k, label:label + 1], spatial_dims)
-            if restored is None:
-                restored = np.empty((n, *one.shape), dtype=one.dtype)
-            restored[k] = one
-            del one
+        restored = stack_filled((_restore_binary(prepared, samples_model[k, label:label + 1], spatial_dims)
+                                 for k in range(n)), n)  # (N, 1, *input) uint8
         middle = time.perf_counter()
         per_label = {"counts": ensemble.sample_counts(restored),
                      "fused": ensemble.fused_mask(restored, method=opts.fusion)}
