@@ -198,7 +198,7 @@ def sample_masks(
     images: (B, C, *spatial) normalized, on the network's device (slices of a volume for 2D
     models). Samples and images are flattened into one list of N*B items (item i = sample i // B
     of image i % B) and denoised in chunks of ``batch_size`` (chosen from free memory when None;
-    halved on out-of-memory). Sampler "ddim" is deterministic after x_T; "ddpm" is ancestral
+    halved on out-of-memory), the N samples of a slice side by side. Sampler "ddim" is deterministic after x_T; "ddpm" is ancestral
     sampling on the same chain (eta = 1; ``steps`` = T is the original DDPM).
     Every random number is tied to its item, never to a chunk: item i's x_T and then its per-step
     noise come from its own CPU generator seeded from (seed, i), drawn when its chunk starts. So
@@ -228,7 +228,8 @@ def sample_masks(
     n_items = n_samples * b
     shape = (n_items, card.out_channels, *spatial)
     out = torch.empty(shape, dtype=torch.uint8 if binary else torch.float32, device="cpu")
-    if batch_size is None:
+    auto_batch = batch_size is None
+    if auto_batch:
         batch_size = auto_batch_size(device, bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
 
     window = card.patch_shape() if card.spatial_dims == 3 else None
@@ -236,11 +237,25 @@ def sample_masks(
     if windowed:  # memory is one window per item, not the whole volume
         batch_size = min(batch_size, 4)
 
+    # Chunks walk the items slice-major (position p is sample p % N of image p // N), so a chunk
+    # holds the N samples of consecutive slices and a network that takes ``image_index`` computes
+    # each slice's image features once per step, not N times. Item i = sample * B + image keeps its
+    # noise stream and its output slot whatever the order.
+    share_images = bool(getattr(net, "takes_image_index", False)) and not windowed
+    if share_images and auto_batch and batch_size > n_samples:
+        batch_size -= batch_size % n_samples  # whole slices per chunk: none has its features computed twice
+
     def denoise_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
-        idx = torch.arange(start, stop) % b
-        cond = images[idx.to(device)]
+        position = torch.arange(start, stop)
+        image_of = position // n_samples
+        items = (position % n_samples) * b + image_of
+        if share_images:
+            first = int(image_of[0])
+            cond, image_index = images[first:int(image_of[-1]) + 1], (image_of - first).to(device)
+        else:
+            cond, image_index = images[image_of.to(device)], None
         # Re-seeded at every chunk start, so an out-of-memory retry replays the same noise.
-        gens = [torch.Generator("cpu").manual_seed(item_seed(seed, i)) for i in range(start, stop)]
+        gens = [torch.Generator("cpu").manual_seed(item_seed(seed, int(i))) for i in items]
         x = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)  # x_T
         for k, t in enumerate(timesteps):
             t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
@@ -249,6 +264,8 @@ def sample_masks(
                     pred = in_windows(lambda patch: net(patch[:, :labels], patch[:, labels:],
                                                         t_batch[:1].expand(patch.shape[0])),
                                       torch.cat([x, cond], dim=1), window, x.shape[0])
+                elif image_index is not None:
+                    pred = net(x, cond, t_batch, image_index=image_index)
                 else:
                     pred = net(x, cond, t_batch)
             noise = None
@@ -258,7 +275,7 @@ def sample_masks(
             if progress is not None:
                 progress(chunk * steps + k + 1, n_chunks * steps)
         soft = signal_to_probability(x).cpu()
-        out[start:stop] = (soft > 0.5) if binary else soft
+        out[items] = (soft > 0.5).to(out.dtype) if binary else soft
 
     with torch.inference_mode():
         for_each_chunk(n_items, batch_size, denoise_chunk)

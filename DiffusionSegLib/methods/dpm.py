@@ -7,7 +7,7 @@ family differs only in its network, so a subclass only says how to build it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from DiffusionSegLib.core.enums import Sampler
 from DiffusionSegLib.methods.base import ProgressFn, SamplingPlan, SegmentationMethod
@@ -63,11 +63,28 @@ class ConditionalDPM(SegmentationMethod):
         return sample_masks(net, card, images, n_samples=plan.samples, steps=plan.steps, sampler=plan.sampler.value,
                             seed=seed, batch_size=batch_size, amp=amp, progress=progress, binary=True)
 
-    def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
-        """One denoiser call at the noisiest step, on noise from a fixed generator."""
+    def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor",
+                     image_index: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """One denoiser call at the noisiest step, on noise from a fixed generator; with
+        ``image_index`` (k,), item j's image is images[image_index[j]] (the sampler's call)."""
         import torch
 
-        noise = torch.randn((images.shape[0], card.out_channels, *images.shape[2:]),
+        k = images.shape[0] if image_index is None else image_index.shape[0]
+        noise = torch.randn((k, card.out_channels, *images.shape[2:]),
                             generator=torch.Generator("cpu").manual_seed(0)).to(images.device)
-        t = torch.full((images.shape[0],), card.num_train_timesteps - 1, device=images.device, dtype=torch.long)
-        return net(noise, images, t)
+        t = torch.full((k,), card.num_train_timesteps - 1, device=images.device, dtype=torch.long)
+        if image_index is None:
+            return net(noise, images, t)
+        return net(noise, images, t, image_index=image_index)
+
+    def item_seconds(self, net: "torch.nn.Module", card: "ModelCard", items: "torch.Tensor", plan: SamplingPlan,
+                     timed: Callable[[Callable[[], Any]], tuple[Any, float]]) -> float:
+        """Timed as the sampler calls the network: when it takes ``image_index``, the k items are
+        the N samples of ceil(k / N) slices, each slice's image passed once (items[j] is slice j)."""
+        import torch
+
+        if not getattr(net, "takes_image_index", False):
+            return super().item_seconds(net, card, items, plan, timed)
+        index = torch.arange(items.shape[0], device=items.device) // plan.samples
+        images = items[: int(index[-1]) + 1]
+        return timed(lambda: self.example_call(net, card, images, index))[1] / items.shape[0]

@@ -143,6 +143,38 @@ def test_same_seed_same_masks_for_every_sampler_and_batch_size(sampler):
     assert torch.equal(runs[0], runs[2])
 
 
+class SharingDenoiser(NoisyDenoiser):
+    """NoisyDenoiser that takes ``image_index`` as MedSegDiff does and records each call's sizes."""
+
+    takes_image_index = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x_t, image, t, image_index=None):
+        self.calls.append((image.shape[0], x_t.shape[0]))
+        return super().forward(x_t, image if image_index is None else image[image_index], t)
+
+
+@pytest.mark.parametrize("batch_size", [10, 7, None])
+def test_sampler_passes_each_slice_image_once_for_its_samples(batch_size):
+    """N = 5 samples of 4 slices: a chunk of 10 items holds 2 slices, whose images go in once each;
+    the masks are those of one image per item."""
+    card = ModelCard(name="t", prediction_type="sample", num_train_timesteps=50)
+    images = torch.linspace(-1, 1, 4 * 16).reshape(4, 1, 4, 4)
+    sharing = SharingDenoiser()
+    shared = sample_masks(sharing, card, images, n_samples=5, steps=3, seed=2, batch_size=batch_size)
+    reference = sample_masks(NoisyDenoiser(), card, images, n_samples=5, steps=3, seed=2, batch_size=1)
+    assert torch.equal(shared, reference)
+    chunks = sharing.calls[::3]  # one record per step; the chunk's first step
+    assert sum(items for _, items in chunks) == 20
+    for n_images, n_items in chunks:
+        assert n_images == -(-n_items // 5) or n_images == -(-n_items // 5) + 1  # a chunk may cut a slice's samples
+    if batch_size == 10:
+        assert chunks == [(2, 10), (2, 10)]
+
+
 def test_ddpm_is_deterministic_for_a_seed():
     card = ModelCard(name="t", prediction_type="sample", num_train_timesteps=50)
     images = torch.zeros((2, 1, 4, 4))

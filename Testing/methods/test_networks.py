@@ -28,6 +28,66 @@ def test_vanilla_dpm_shapes(dims, size):
     assert net(x, torch.randn(2, 3, *size), torch.tensor([0, 999])).shape == x.shape
 
 
+def _trained_like(net: torch.nn.Module) -> torch.nn.Module:
+    """Random non-trivial FF-Parser filters and GroupNorm affines (at init they are identities)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_image_index_gives_the_numbers_of_one_image_per_item(dynamic):
+    """The sampler passes a slice's image once for its N samples; the output must not change."""
+    net = _trained_like(MedSegDiffUNet(out_channels=3, channels=[8, 16, 32, 32], norm_groups=4, dynamic_conditioning=dynamic))
+    images = torch.randn(2, 1, 24, 16)
+    index = torch.tensor([0, 0, 0, 1, 1])
+    x = torch.randn(5, 3, 24, 16)
+    t = torch.full((5,), 400)
+    with torch.inference_mode():
+        shared = net(x, images, t, image_index=index)
+        expanded = net(x, images[index], t)
+    torch.testing.assert_close(shared, expanded, rtol=1e-5, atol=1e-5)
+
+
+def test_image_branch_runs_once_per_image_until_the_mask_enters_it():
+    """Encoder levels 0 and 1 of the image branch see the image and t only (the dynamic conditional
+    encoding first mixes the mask in after level 1): they run on U images, later levels on B items."""
+    net = MedSegDiffUNet(out_channels=2, channels=[8, 16, 32, 32], norm_groups=4).eval()
+    assert net.dynamic_stages == [1, 2]
+    seen = {}
+    for level, stage in enumerate(net.image_encoder.stages):
+        stage.register_forward_pre_hook(lambda m, args, level=level: seen.update({level: args[0].shape[0]}))
+    with torch.inference_mode():
+        net(torch.randn(6, 2, 16, 16), torch.randn(2, 1, 16, 16), torch.full((6,), 10),
+            image_index=torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert seen == {0: 2, 1: 2, 2: 6}
+
+
+def test_items_that_share_an_image_must_share_a_timestep():
+    net = MedSegDiffUNet(channels=[8, 16], norm_groups=4)
+    with pytest.raises(ValueError, match="share a timestep"):
+        net(torch.randn(2, 1, 8, 8), torch.randn(1, 1, 8, 8), torch.tensor([10, 20]), image_index=torch.tensor([0, 0]))
+
+
+@pytest.mark.parametrize("block", ["time", "plain"])
+def test_blocks_without_autograd_give_the_same_numbers_and_leave_their_input(block):
+    """Sampling runs SiLU and the residual sum in place; the input must stay as it was."""
+    from DiffusionSegLib.methods.blocks import ResBlock, TimeResBlock
+
+    net = _trained_like(TimeResBlock(2, 8, 8, 16, 4) if block == "time" else ResBlock(2, 8, 8, 4))
+    x, temb = torch.randn(3, 8, 12, 12), torch.randn(3, 16)
+    call = (lambda: net(x, temb)) if block == "time" else (lambda: net(x))
+    before = x.clone()
+    with torch.enable_grad():
+        reference = call()
+    with torch.inference_mode():
+        fast = call()
+    assert torch.equal(x, before)
+    torch.testing.assert_close(fast, reference.detach(), rtol=0, atol=0)
+
+
 def test_vanilla_dpm_with_attention_and_default_size():
     net = VanillaConditionalDPM(channels=[8, 16], attention_levels=[False, True], norm_num_groups=4)
     x = torch.randn(1, 1, 8, 12)

@@ -83,3 +83,17 @@ def test_a_deterministic_method_draws_one_mask_and_says_why_when_more_were_asked
     assert (plan.samples, plan.steps, plan.sampler) == (1, 1, Sampler.NONE)
     assert "deterministic" in plan.note
     assert method.card_defaults(5, 10)["default_samples"] == 1
+
+
+def test_the_time_probe_calls_medsegdiff_as_the_sampler_does():
+    """The sampler passes each slice's image once for its N samples; a probe passing one image per
+    item would time work the run does not do (the image branch N times)."""
+    card = tiny_card("medsegdiff")
+    method = get_method("medsegdiff")
+    net = method.build_network(card).eval()
+    calls = []
+    net.image_encoder.stem.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    plan = method.plan(card, 3, 2, None)
+    images = torch.randn(4, 2, 16, 16)
+    assert method.seconds_per_evaluation(net, card, images, plan, 9, False) > 0
+    assert calls == [1, 3]  # the untimed warm-up item, then 9 items = 3 slices x 3 samples: 3 images

@@ -167,6 +167,9 @@ class MedSegDiffUNet(nn.Module):
     ``dynamic_conditioning`` and ``ff_parser`` switch the two contributions off for ablations.
     """
 
+    #: forward takes ``image_index``: the sampler passes each slice's image once for its N samples
+    takes_image_index = True
+
     def __init__(
         self,
         spatial_dims: int = 2,
@@ -217,19 +220,44 @@ class MedSegDiffUNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(norm_groups_for(channels[0], norm_groups), channels[0]), nn.SiLU(),
                                  conv(channels[0], out_channels, 3, padding=1))
 
-    def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, L, *S), image (B, C, *S) or (U, C, *S) with ``image_index``, timesteps (B,) -> (B, L, *S).
+
+        ``image_index`` (B,) long: item b's image is image[image_index[b]], so the N samples of one
+        slice pass their image once. The image branch depends on the image and t alone until the
+        first dynamic conditional encoding mixes the mask in, so up to there it runs once per image,
+        not once per item (items of one image must then share t). Same numbers either way.
+        """
         temb = self.time_mlp(timestep_embedding(timesteps, self.base_channels).to(x_t.dtype))
+        temb_image = temb
+        if image_index is not None:
+            # One item of each image (any: they must share t, which the check below enforces).
+            first = torch.zeros(image.shape[0], dtype=torch.long, device=image_index.device)
+            first.scatter_(0, image_index, torch.arange(len(image_index), device=image_index.device))
+            if not torch.equal(timesteps, timesteps[first][image_index]):
+                raise ValueError("items that share an image must share a timestep")
+            temb_image = temb[first]
+
+        def per_item(h: torch.Tensor) -> torch.Tensor:
+            return h if image_index is None else h[image_index]
+
         h_img = self.image_encoder.stem(image)
         h_msk = self.mask_encoder.stem(x_t)
+        shared = image_index is not None  # h_img is still per image (U, ...), not per item (B, ...)
         skips = []
         for i in range(len(self.image_encoder.stages)):
-            h_img = self.image_encoder.stages[i](h_img, temb)
+            h_img = self.image_encoder.stages[i](h_img, temb_image if shared else temb)
             h_msk = self.mask_encoder.stages[i](h_msk, temb)
             if str(i) in self.dynamic:
+                if shared:  # the mask enters the image branch here: one copy per item from now on
+                    h_img, shared = per_item(h_img), False
                 h_img = self.dynamic[str(i)](h_img, h_msk)
-            skips.append(self.ff_parsers[i](h_img + h_msk))
+            skips.append(self.ff_parsers[i]((per_item(h_img) if shared else h_img) + h_msk))
             h_img = self.image_encoder.downs[i](h_img)
             h_msk = self.mask_encoder.downs[i](h_msk)
+        if shared:
+            h_img = per_item(h_img)
         h = self.bottleneck(h_img + h_msk, temb)  # the two encoders meet before the last stage
         for i in reversed(range(len(skips))):
             h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
