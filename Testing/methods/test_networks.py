@@ -312,3 +312,44 @@ def test_weights_round_trip_through_safetensors(tmp_path, method):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError):
         build_network(ModelCard(name="x", method="unet3000"))
+
+
+@pytest.mark.parametrize("dims,size", [(1, (7,)), (2, (5, 6)), (3, (3, 4, 5))])
+def test_upsample_conv_equals_nearest_upsampling_then_the_conv(dims, size):
+    from DiffusionSegLib.methods.blocks import conv_nd, upsample_conv
+
+    torch.manual_seed(0)
+    conv = conv_nd(dims)(6, 4, 3, padding=1)
+    h = torch.randn(2, 6, *size, requires_grad=True)
+    target = tuple(2 * n for n in size)
+    reference = conv(torch.nn.functional.interpolate(h, size=target, mode="nearest"))
+    out = upsample_conv(h, conv, target)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    out.sum().backward()  # training goes through it too
+    assert h.grad is not None and conv.weight.grad is not None
+
+
+def test_upsample_conv_falls_back_where_the_shortcut_does_not_hold():
+    """Odd target sizes (not exactly 2x) and other convolutions: interpolate, then convolve."""
+    from DiffusionSegLib.methods.blocks import upsample_conv
+
+    torch.manual_seed(0)
+    h = torch.randn(1, 3, 4, 5)
+    for conv, size in [(torch.nn.Conv2d(3, 2, 3, padding=1), (8, 9)), (torch.nn.Conv2d(3, 2, 1), (8, 10)),
+                       (torch.nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"), (8, 10))]:
+        reference = conv(torch.nn.functional.interpolate(h, size=size, mode="nearest"))
+        torch.testing.assert_close(upsample_conv(h, conv, size), reference)
+
+
+def test_the_decoders_never_make_the_upsampled_tensor(monkeypatch):
+    """At sizes divisible by the network's divisor every decoder level is exactly 2x: no interpolation."""
+    from DiffusionSegLib.methods.unisegdiff.network import UniSegDiffNet
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nearest upsampling made")
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", refuse)
+    net = MedSegDiffUNet(out_channels=2, channels=[8, 16, 32], norm_groups=4)
+    assert net(torch.randn(2, 2, 16, 24), torch.randn(2, 1, 16, 24), torch.tensor([5, 9])).shape == (2, 2, 16, 24)
+    uni = UniSegDiffNet(out_channels=2, channels=[8, 16, 32], norm_groups=4)
+    assert uni(torch.randn(2, 2, 16, 24), torch.randn(2, 1, 16, 24), torch.tensor([5, 9])).shape == (2, 2, 16, 24)

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from DiffusionSegLib.methods.blocks import Stage, conv_nd, norm_groups_for, timestep_embedding
+from DiffusionSegLib.methods.blocks import Stage, conv_nd, norm_groups_for, timestep_embedding, upsample_conv
 
 
 class DynamicConditionalEncoding(nn.Module):
@@ -260,7 +259,6 @@ class MedSegDiffUNet(nn.Module):
             h_img = per_item(h_img)
         h = self.bottleneck(h_img + h_msk, temb)  # the two encoders meet before the last stage
         for i in reversed(range(len(skips))):
-            h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
-            h = self.up_convs[i](h)
+            h = upsample_conv(h, self.up_convs[i], skips[i].shape[2:])  # nearest upsampling, then the conv
             h = self.decoder[i](torch.cat([h, skips[i]], dim=1), temb)
         return self.out(h)

@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from DiffusionSegLib.methods.blocks import ResBlock, Stage, conv_nd, norm_groups_for, timestep_embedding
+from DiffusionSegLib.methods.blocks import (ResBlock, Stage, conv_nd, norm_groups_for, timestep_embedding,
+                                            upsample_conv)
 
 
 class Condition(NamedTuple):
@@ -77,8 +77,7 @@ class SegmentationEncoder(nn.Module):
         h = self.bottleneck(h)
         features = [h]
         for i in reversed(range(len(skips))):
-            h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
-            h = self.up_stages[i](torch.cat([self.up_convs[i](h), skips[i]], dim=1))
+            h = self.up_stages[i](torch.cat([upsample_conv(h, self.up_convs[i], skips[i].shape[2:]), skips[i]], dim=1))
             features.insert(0, h)
         return Condition(features, self.head(h))
 
@@ -145,8 +144,8 @@ class UniSegDiffNet(nn.Module):
             h = down(h)
         h = self.bottleneck(h + self.inject_bottleneck(condition.features[-1]), temb)
         for i in reversed(range(len(skips))):
-            h = F.interpolate(h, size=skips[i].shape[2:], mode="nearest")
-            h = self.up_stages[i](torch.cat([self.up_convs[i](h), skips[i]], dim=1), temb)
+            h = self.up_stages[i](torch.cat([upsample_conv(h, self.up_convs[i], skips[i].shape[2:]), skips[i]], dim=1),
+                                  temb)
         return self.out(h)
 
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
