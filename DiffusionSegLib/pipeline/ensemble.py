@@ -91,6 +91,16 @@ def fused_mask(samples: np.ndarray, method: Fusion | str = Fusion.MEAN, threshol
     return (fused_probability(samples, method) > threshold).astype(np.uint8)
 
 
+def fused_mask_from_counts(counts: np.ndarray, n_samples: int, threshold: float = 0.5) -> np.ndarray:
+    """Mean fusion from the sample counts: (L, *S) -> (L, *S) uint8, equal to ``fused_mask(samples)``.
+
+    Each of the N + 1 possible counts is decided once, with the float32 arithmetic of
+    ``probability_from_counts`` (counts / N > threshold), and looked up: no float map is made.
+    """
+    decided = (np.arange(n_samples + 1, dtype=np.float32) / np.float32(n_samples) > threshold).astype(np.uint8)
+    return decided[counts]
+
+
 def consistency(samples: np.ndarray) -> np.ndarray:
     """Voxels every sample marks foreground: (N, L, *S) -> (L, *S) uint8."""
     samples = _check_samples(samples)
@@ -170,12 +180,26 @@ def iou_distance(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 - np.count_nonzero(a & b) / union
 
 
+def occupied_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of a mask's non-zero voxels as slices, any shape; None when it is empty."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
 def _pairwise_distances(masks: np.ndarray) -> np.ndarray:
     """All pairwise 1 - IoU of K binary masks: (K, *S) -> (K, K) float64.
 
     The intersections of every pair are one matrix product of the flattened masks (summed over
     voxel chunks), so the cost is a BLAS call, not a Python loop over pairs and voxels.
     """
+    box = occupied_box(masks.max(axis=0)) if masks.ndim > 1 else None
+    if box is not None:  # voxels no mask marks add nothing to any intersection or size
+        masks = masks[(slice(None), *box)]
     flat = masks.reshape(masks.shape[0], -1)
     inter = np.zeros((flat.shape[0], flat.shape[0]), dtype=np.float64)
     for start in range(0, flat.shape[1], _CHUNK_VOXELS):

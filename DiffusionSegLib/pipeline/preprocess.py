@@ -26,6 +26,7 @@ Pipeline of :func:`prepare`:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -399,13 +400,94 @@ def restore(prepared: PreparedInput, maps: np.ndarray, interpolation: str = "lin
     def finish(label_map: np.ndarray) -> np.ndarray:
         return np.array(label_map) if threshold is None else (label_map > threshold).astype(np.uint8)
 
+    reference_grid = Grid.of(prepared.reference)
+    output_shape = tuple(reversed(reference_grid.size))
+
     def resampled(label_map: np.ndarray) -> np.ndarray:
-        image = sitk.Resample(prepared.model_grid.scalar_image(label_map), prepared.reference, sitk.Transform(),
+        region = None if threshold is not None and threshold < 0 else nonzero_region(prepared.model_grid, label_map,
+                                                                                    reference_grid)
+        if region is None:  # the whole grid (a negative threshold marks even the zeros)
+            target: sitk.Image = prepared.reference
+        elif region.size == 0:
+            return finish(np.zeros(output_shape, dtype=np.float32))
+        else:
+            target = region.grid_image()
+        image = sitk.Resample(prepared.model_grid.scalar_image(label_map), target, sitk.Transform(),
                               _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32, True)
-        return finish(sitk.GetArrayViewFromImage(image))  # a view: thresholding copies only the uint8 mask
+        values = finish(sitk.GetArrayViewFromImage(image))  # a view: thresholding copies only the uint8 mask
+        if region is None:
+            return values
+        out = np.zeros(output_shape, dtype=values.dtype)
+        out[region.slices()] = values
+        return out
 
     one_label = finish if not prepared.resampled else resampled
     return stack_filled((one_label(label_map) for label_map in volume), volume.shape[0])
+
+
+@dataclass(frozen=True)
+class IndexRegion:
+    """A box of a grid's voxels: ``start`` and ``stop`` (exclusive) index per axis, (x, y[, z]) order."""
+
+    grid: Grid
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod([max(0, b - a) for a, b in zip(self.start, self.stop)]))
+
+    def slices(self) -> tuple[slice, ...]:
+        """The box in SimpleITK array order ((z,) y, x)."""
+        return tuple(slice(a, b) for a, b in reversed(list(zip(self.start, self.stop))))
+
+    def grid_image(self) -> sitk.Image:
+        """An empty image on exactly these voxels of the grid (the target of a Resample)."""
+        g = self.grid
+        image = sitk.Image([b - a for a, b in zip(self.start, self.stop)], sitk.sitkUInt8)
+        image.SetSpacing(g.spacing)
+        image.SetDirection(g.direction)
+        image.SetOrigin(tuple(_index_to_physical(g, np.asarray(self.start, dtype=float)[None])[0]))
+        return image
+
+
+def _index_to_physical(grid: Grid, index: np.ndarray) -> np.ndarray:
+    """(k, dim) continuous indices of ``grid`` -> (k, dim) physical points."""
+    dim = len(grid.size)
+    direction = np.asarray(grid.direction, dtype=float).reshape(dim, dim)
+    return np.asarray(grid.origin) + (index * np.asarray(grid.spacing)) @ direction.T
+
+
+def nonzero_region(grid: Grid, values: np.ndarray, target: Grid) -> IndexRegion:
+    """The voxels of ``target`` where resampling ``values`` (on ``grid``, SimpleITK array order)
+    can be non-zero, with a linear or nearest interpolator, zero default and nearest-voxel
+    extrapolation; every other voxel of the result is exactly 0. An empty region when
+    ``values`` is all zero.
+
+    Interpolation at continuous index c reads the voxels floor(c) and floor(c) + 1 per axis, so
+    only points within one voxel of the non-zero box can be non-zero; a box that touches the
+    border of ``grid`` reaches on to infinity on that side (points outside take the border voxel).
+    The box's corners are mapped to ``target`` indices (a superset for oblique grids) and widened
+    by one voxel against rounding. Restoring a label then costs its extent, not the whole volume.
+    """
+    dim = len(grid.size)
+    occupied = values != 0
+    if not occupied.any():
+        return IndexRegion(target, (0,) * dim, (0,) * dim)
+    far = 1e7  # voxels: "to infinity", kept finite for the arithmetic
+    low, high = [], []
+    for axis in range(dim):  # SimpleITK axis k is array axis dim - 1 - k
+        others = tuple(a for a in range(dim) if a != dim - 1 - axis)
+        present = np.flatnonzero(occupied.any(axis=others))
+        low.append(-far if present[0] == 0 else present[0] - 1.0)
+        high.append(far if present[-1] == grid.size[axis] - 1 else present[-1] + 1.0)
+    corners = np.array(list(itertools.product(*zip(low, high))), dtype=float)  # (2^dim, dim)
+    points = _index_to_physical(grid, corners)
+    t_dir = np.asarray(target.direction, dtype=float).reshape(dim, dim)
+    t_index = ((points - np.asarray(target.origin)) @ t_dir) / np.asarray(target.spacing)  # direction is orthonormal
+    start = np.clip(np.floor(t_index.min(axis=0)) - 1, 0, target.size).astype(int)
+    stop = np.clip(np.ceil(t_index.max(axis=0)) + 2, 0, target.size).astype(int)
+    return IndexRegion(target, tuple(int(a) for a in start), tuple(int(max(a, b)) for a, b in zip(start, stop)))
 
 
 def stack_filled(arrays: Iterable[np.ndarray], count: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from DiffusionSegLib.core.enums import CrfMode, Stage
+from DiffusionSegLib.core.enums import CrfMode, Fusion, Stage
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.pipeline.result import SegmentationResult
 from DiffusionSegLib.pipeline.settings import SegmentSettings
@@ -73,8 +73,10 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
         restored = stack_filled((_restore_binary(prepared, samples_model[k, label:label + 1], spatial_dims)
                                  for k in range(n)), n)  # (N, 1, *input) uint8
         middle = time.perf_counter()
-        per_label = {"counts": ensemble.sample_counts(restored),
-                     "fused": ensemble.fused_mask(restored, method=opts.fusion)}
+        counts = ensemble.sample_counts(restored)
+        per_label = {"counts": counts,
+                     "fused": ensemble.fused_mask_from_counts(counts, n) if Fusion.parse(opts.fusion, "fusion") == Fusion.MEAN
+                     else ensemble.fused_mask(restored, method=opts.fusion)}
         if opts.keep_samples:
             per_label["samples"] = restored
         for name, array in per_label.items():

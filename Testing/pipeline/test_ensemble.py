@@ -221,3 +221,26 @@ def test_every_statistic_follows_from_the_sample_counts():
     # More samples than a uint8 counts: the counts widen instead of wrapping round.
     many = np.ones((300, 1, 2), np.uint8)
     assert ensemble.sample_counts(many).dtype == np.uint16 and ensemble.sample_counts(many).max() == 300
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.75])
+def test_mean_fusion_from_counts_equals_fusing_the_samples(n, threshold):
+    """Even N puts voxels exactly on the 0.5 threshold (not foreground); the lookup must agree."""
+    samples = (np.random.default_rng(n).random((n, 2, 6, 7)) > 0.5).astype(np.uint8)
+    from_counts = ensemble.fused_mask_from_counts(ensemble.sample_counts(samples), n, threshold)
+    assert from_counts.dtype == np.uint8
+    np.testing.assert_array_equal(from_counts, ensemble.fused_mask(samples, threshold=threshold))
+
+
+def test_sample_diversity_of_masks_in_a_corner_of_a_large_grid():
+    """The pairwise IoU is computed on the masks' bounding box: the numbers are the hand-computed ones."""
+    masks = np.zeros((3, 1, 40, 50, 60), np.uint8)
+    masks[0, 0, 30:32, 40:42, 50:52] = 1  # 8 voxels
+    masks[1, 0, 30:32, 40:42, 50:51] = 1  # 4 of them
+    masks[2, 0, 0, 0, 0] = 1  # far away: the box is nearly the whole grid
+    # pairs: (0,1) 1 - 4/8, (0,2) 1, (1,2) 1 -> mean 5/6
+    assert ensemble.sample_diversity(masks)[0] == pytest.approx(5 / 6)
+    assert ensemble.sample_diversity(masks[:2])[0] == pytest.approx(0.5)
+    assert ensemble.occupied_box(masks[0, 0]) == (slice(30, 32), slice(40, 42), slice(50, 52))
+    assert ensemble.occupied_box(np.zeros((3, 3))) is None

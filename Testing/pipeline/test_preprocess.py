@@ -363,3 +363,77 @@ def test_same_anatomy_stored_with_flipped_axes_gives_the_same_slices():
     back_ras = restore(b, b.batch[:, :1], "nearest")[0]
     assert back_ras.shape == sitk.GetArrayViewFromImage(lps).shape
     assert np.allclose(back_ras, back_lps[:, ::-1, ::-1], atol=1e-6)
+
+
+def _whole_grid_resample(prepared, volume: np.ndarray, interpolation: str) -> np.ndarray:
+    """The reference: one Resample of a (model spatial) map onto the whole input grid."""
+    from DiffusionSegLib.pipeline.preprocess import _INTERPOLATORS
+
+    out = sitk.Resample(prepared.model_grid.scalar_image(volume), prepared.reference, sitk.Transform(),
+                        _INTERPOLATORS[interpolation], 0.0, sitk.sitkFloat32, True)
+    return sitk.GetArrayFromImage(out)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "nearest"])
+@pytest.mark.parametrize("fields", [
+    dict(spatial_dims=3, spacing=[1.1, 0.9, 2.5], patch_size=[16, 16, 8]),
+    dict(spatial_dims=2, spacing=[0.5, 0.7], slice_axis=0),
+    dict(spatial_dims=2, spacing=[0.5, 0.7], slice_axis=2),
+])
+def test_restore_resamples_only_where_a_map_is_non_zero_with_the_same_numbers(interpolation, fields, monkeypatch):
+    """Blobs inside, blobs touching the model grid's border (whose value extrapolates outwards) and an
+    empty map, on an oblique anisotropic input: every voxel equals the whole-grid resample's, and a
+    small blob is resampled onto a sub-box of the input grid, not the whole grid."""
+    image = _oblique_volume()
+    prepared = prepare(image, _card(normalization=WINDOW, **fields), size_divisor=8)
+    size = prepared.model_grid.size[::-1]  # model spatial, array order
+    rng = np.random.default_rng(0)
+    inner = np.zeros(size, np.float32)
+    inner[tuple(slice(n // 2 - 1, n // 2 + 1) for n in size)] = rng.random((2,) * len(size)) + 0.2
+    border = np.zeros(size, np.float32)
+    border[(slice(0, 2),) + tuple(slice(0, 3) for _ in size[1:])] = 1.0
+    border[-1, -1, -1] = 0.7
+    volumes = np.stack([inner, border, np.zeros(size, np.float32)])  # (3, *model spatial)
+    targets = []
+    real_resample = sitk.Resample
+    monkeypatch.setattr(sitk, "Resample", lambda *a, **k: targets.append(a[1].GetSize()) or real_resample(*a, **k))
+    restored = restore(prepared, _in_batch_layout(prepared, volumes), interpolation)
+    monkeypatch.undo()
+    whole = np.stack([_whole_grid_resample(prepared, volume, interpolation) for volume in volumes])
+    # A sub-box's origin is its own rounded point: interpolation weights may differ by ~1e-16.
+    np.testing.assert_allclose(restored, whole, rtol=0, atol=1e-12)
+    thresholded = restore(prepared, _in_batch_layout(prepared, volumes), interpolation, threshold=0.5)
+    np.testing.assert_array_equal(thresholded, (whole > 0.5).astype(np.uint8))
+    assert restored[1].any() and not restored[2].any()
+    assert len(targets) == 2  # the empty map is not resampled at all
+    assert np.prod(targets[0]) < np.prod(image.GetSize()) / 2  # the inner blob: a sub-box
+
+
+def test_nonzero_region_of_an_empty_map_is_empty_and_a_full_map_is_the_whole_grid():
+    from DiffusionSegLib.pipeline.preprocess import Grid, nonzero_region
+
+    image = _oblique_volume()
+    grid = Grid.of(image)
+    assert nonzero_region(grid, np.zeros(SIZE[::-1]), grid).size == 0
+    whole = nonzero_region(grid, np.ones(SIZE[::-1]), grid)
+    assert (whole.start, whole.stop) == ((0, 0, 0), SIZE)
+
+
+def test_nonzero_region_reaches_past_a_grid_border_where_values_extrapolate():
+    """Points beyond the source grid take its border voxel (nearest extrapolation): a non-zero voxel on
+    the border of a small source paints the whole far side of a larger target."""
+    from DiffusionSegLib.pipeline.preprocess import Grid, nonzero_region
+
+    source = sitk.Image([4, 4], sitk.sitkFloat32)
+    values = np.zeros((4, 4), np.float32)
+    values[1, 0] = 1.0  # x = 0: the source's left border
+    source = sitk.GetImageFromArray(values)
+    target = sitk.Image([21, 21], sitk.sitkUInt8)
+    target.SetOrigin((-10.0, -10.0))
+    out = sitk.GetArrayFromImage(sitk.Resample(source, target, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                               sitk.sitkFloat32, True))
+    region = nonzero_region(Grid.of(source), values, Grid.of(target))
+    inside = np.zeros(out.shape, bool)
+    inside[region.slices()] = True
+    assert out[:, 0].any()  # the far left column of the target is painted
+    assert not out[~inside].any()
