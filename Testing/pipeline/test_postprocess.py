@@ -72,3 +72,20 @@ def test_the_card_decides_and_the_report_says_so(tmp_path, monkeypatch):
     np.testing.assert_array_equal(on.probability, off.probability)  # samples untouched
     np.testing.assert_array_equal(on.ambiguity, off.ambiguity)
     assert off.report["postprocessing"]["largest_component"] == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_largest_component_equals_labelling_the_whole_grid(seed):
+    """Labelling only the mask's bounding box must keep the same piece, ties included (equal-sized
+    pieces: the first in raster order of the whole grid)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((12, 30, 40), np.uint8)
+    mask[3:9, 5:25, 8:30] = rng.random((6, 20, 22)) > 0.62  # many small pieces, some of equal size
+    mask[10, 28, 38] = 1
+    components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(components.ravel())[1:]
+    expected = (components == int(np.argmax(sizes)) + 1).astype(np.uint8)
+    np.testing.assert_array_equal(largest_component(mask), expected)
+    assert largest_component(np.zeros((4, 5), np.uint8)).sum() == 0
