@@ -8,8 +8,8 @@ says little; here each pair runs the old and the new code one right after the ot
 swapped every pair), each in its own process importing its own checkout, and each process times
 `segment_image` once after one untimed warm-up run (as `diffusionseg bench` does). Prints one JSON
 line per run (checkout, total seconds, stage timings), then the medians and their ratio, and how the
-last runs' outputs compare: Dice of the fused masks (all labels pooled) and the ambiguity-region
-sizes. The image defaults to the bundled sample and the model to the bundled default.
+last runs' outputs compare: Dice of the fused masks (all labels pooled), the ambiguity-region
+sizes, whether the fused masks are identical, and with ``--compare-samples`` every sampled mask. The image defaults to the bundled sample and the model to the bundled default.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ import json, sys, time
 import numpy as np, SimpleITK as sitk
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings
-image_path, model, samples, steps, out = sys.argv[1:6]
+image_path, model, samples, steps, out, keep = sys.argv[1:7]
 image = sitk.ReadImage(image_path)
-settings = SegmentSettings(samples=int(samples), steps=int(steps))
+settings = SegmentSettings(samples=int(samples), steps=int(steps), keep_samples=keep == "1")
 segment_image(image, model, settings, on_warnings=lambda w: None)
 start = time.perf_counter()
 result = segment_image(image, model, settings, on_warnings=lambda w: None)
 seconds = time.perf_counter() - start
-np.savez_compressed(out, fused=result.fused, ambiguity=result.ambiguity)
+arrays = {"samples": result.samples} if result.samples is not None else {}
+np.savez_compressed(out, fused=result.fused, ambiguity=result.ambiguity, **arrays)
 print(json.dumps({"seconds": round(seconds, 3), "timings_s": result.report["timings_s"]}))
 """
 
@@ -46,7 +47,7 @@ def run(checkout: Path, args: argparse.Namespace, out: Path) -> dict:
     """One child process in ``checkout``: its own package first on the path."""
     env_path = str(checkout.resolve())
     done = subprocess.run([sys.executable, "-c", _CHILD, str(Path(args.image).resolve()), args.model,
-                           str(args.samples), str(args.steps), str(out)],
+                           str(args.samples), str(args.steps), str(out), "1" if args.compare_samples else "0"],
                           cwd=env_path, env={**_environment(), "PYTHONPATH": env_path},
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -68,6 +69,8 @@ def main() -> None:
     p.add_argument("--model", default="ct_abdomen_organs_2d", help="model folder or bundled model name")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--compare-samples", action="store_true",
+                   help="also keep every sampled mask and say whether they are identical (slower)")
     args = p.parse_args()
     if not Path(args.model).exists():
         args.model = str(repo / "Resources" / "Models" / args.model)
@@ -90,6 +93,8 @@ def main() -> None:
             "ambiguity_voxels": {name: int(np.load(outputs[name])["ambiguity"].sum()) for name in seconds},
             "identical_fused": bool(np.array_equal(before["fused"], after["fused"])),
         }
+        if args.compare_samples:
+            summary["identical_samples"] = bool(np.array_equal(before["samples"], after["samples"]))
     print(json.dumps(summary))
 
 
