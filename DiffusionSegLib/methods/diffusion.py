@@ -60,10 +60,16 @@ _OWN_SCHEDULES = {
 
 def alphas_cumprod(card: ModelCard) -> torch.Tensor:
     """alpha_bar_t = prod_{s <= t} (1 - beta_s) of the card's schedule: (num_train_timesteps,) float32."""
-    own = _OWN_SCHEDULES.get(card.beta_schedule)
-    if own is None:  # any other schedule MONAI knows
+    if card.beta_schedule not in _OWN_SCHEDULES:  # any other schedule MONAI knows
         return make_scheduler(card).alphas_cumprod.float()
-    return torch.cumprod(1.0 - own(card.num_train_timesteps), dim=0)
+    return schedule_alphas_cumprod(card.beta_schedule, card.num_train_timesteps)
+
+
+def schedule_alphas_cumprod(beta_schedule: str, num_train_timesteps: int) -> torch.Tensor:
+    """alpha_bar_t of ``linear_beta`` or ``scaled_linear_beta`` (betas 1e-4 .. 2e-2): (T,) float32."""
+    if beta_schedule not in _OWN_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {beta_schedule!r} (use {', '.join(_OWN_SCHEDULES)})")
+    return torch.cumprod(1.0 - _OWN_SCHEDULES[beta_schedule](num_train_timesteps), dim=0)
 
 
 def mask_to_signal(mask: torch.Tensor) -> torch.Tensor:
