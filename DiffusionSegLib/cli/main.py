@@ -1,4 +1,4 @@
-"""Command-line interface: diffusionseg segment, train, evaluate, bench, models (install, download, clear).
+"""Command-line interface: diffusionseg segment, train, pretrain, evaluate, bench, models (install, download, clear).
 
 One module per subcommand (``add_parser`` and ``run``); this one assembles the parser and runs a
 command. User errors (DiffusionSegError) and usage errors are printed as one line on stderr with exit
@@ -18,7 +18,7 @@ import sys
 from typing import NoReturn
 
 from DiffusionSegLib import __version__
-from DiffusionSegLib.cli import bench, evaluate, models, segment, train
+from DiffusionSegLib.cli import bench, evaluate, models, pretrain, segment, train
 from DiffusionSegLib.cli.protocol import ERROR_PREFIX
 from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.pipeline.inputcheck import InputMismatchError
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands (diffusionseg COMMAND --help for its options)")
-    for command in (segment, train, evaluate, bench, models):
+    for command in (segment, train, pretrain, evaluate, bench, models):
         command.add_parser(sub)
     return parser
 
