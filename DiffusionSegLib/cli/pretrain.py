@@ -23,23 +23,27 @@ _CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser("pretrain", help="pretrain a 3D backbone on unlabelled CT volumes (denoising diffusion)",
-                       description=__doc__.split("\n\n")[0])
+                       description="Pretrain a 3D backbone on unlabelled CT volumes (LPS axes, isotropic grid, "
+                                   "-1000..1000 HU to [-1, 1]); the same command resumes from the last checkpoint.")
     p.add_argument("inputs", nargs="+", help="CT volumes, or folders of them (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("-o", "--output", required=True, help="folder for the backbone, its card and the checkpoint")
-    p.add_argument("--objective", choices=("diffusion", "restorative"), default="diffusion")
+    p.add_argument("--objective", choices=("diffusion", "restorative"), default="diffusion",
+                   help="diffusion: predict the noise at a random level t (default); restorative: predict the "
+                        "clean crop from one fixed corruption (the baseline)")
     p.add_argument("--coordinates", default=None,
                    help="anatomical coordinate model folder (scripts/train_coordinate_model.py): adds the "
                         "coordinate head, weighted by --coordinate-weight")
-    p.add_argument("--coordinate-weight", type=float, default=1.0)
+    p.add_argument("--coordinate-weight", type=float, default=1.0, help="weight of the coordinate loss")
     p.add_argument("--spacing", type=float, default=None,
                    help="isotropic mm (default: the coordinate model's, else 4)")
-    p.add_argument("--steps", type=int_at_least(1), default=1000)
+    p.add_argument("--steps", type=int_at_least(1), default=1000, help="optimiser steps")
     p.add_argument("--patch", type=int_at_least(4), default=32, help="crop edge in voxels (multiple of 4)")
-    p.add_argument("--batch", type=int_at_least(1), default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int_at_least(1), default=100)
+    p.add_argument("--batch", type=int_at_least(1), default=2, help="crops per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to a tenth)")
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64], help="widths, one per resolution level")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same weights on CPU)")
+    p.add_argument("--checkpoint-every", type=int_at_least(1), default=100,
+                   help="steps between checkpoints (the same command resumes from the last)")
     p.set_defaults(func=run)
 
 
@@ -63,7 +67,7 @@ def isotropic_ct(path: Path, spacing: float):
     import numpy as np
     import SimpleITK as sitk
 
-    from DiffusionSegLib.methods.pretrain3d.coordinates import ct_window
+    from DiffusionSegLib.methods.registry import pretraining
     from DiffusionSegLib.pipeline.io import read_image
 
     image = read_image(path)
@@ -77,13 +81,16 @@ def isotropic_ct(path: Path, spacing: float):
         image = sitk.SmoothingRecursiveGaussian(image, sigma)
     grid = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing] * 3,
                          image.GetDirection(), -1000.0, sitk.sitkFloat32)
-    return ct_window(np.asarray(sitk.GetArrayFromImage(grid)))
+    return pretraining().coordinates.ct_window(np.asarray(sitk.GetArrayFromImage(grid)))
 
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.core.files import atomic_write_json
-    from DiffusionSegLib.methods.pretrain3d.coordinates import load_coordinate_model
-    from DiffusionSegLib.methods.pretrain3d.denoising import PretrainConfig, PretrainObjective, pretrain_backbone
+    from DiffusionSegLib.methods.registry import pretraining
+
+    parts = pretraining()
+    load_coordinate_model = parts.coordinates.load_coordinate_model
+    PretrainConfig, PretrainObjective = parts.denoising.PretrainConfig, parts.denoising.PretrainObjective
 
     if args.patch % 2 ** (len(args.channels) - 1):
         raise DiffusionSegError(f"--patch {args.patch} must be a multiple of {2 ** (len(args.channels) - 1)} "
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                             batch=args.batch, steps=args.steps, lr=args.lr, seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
     try:
-        _, losses = pretrain_backbone(volumes, config, args.output, coordinate_net)
+        _, losses = parts.denoising.pretrain_backbone(volumes, config, args.output, coordinate_net)
     except ValueError as err:
         raise DiffusionSegError(str(err)) from None
     atomic_write_json(Path(args.output) / "pretraining_log.json", {

@@ -86,3 +86,15 @@ def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torc
         first = str(err).strip().splitlines()[0]
         raise ModelLoadError(f"weights do not match the architecture in the model card: {first}") from err
     return net.to(device).eval(), card
+
+
+def pretraining() -> Any:
+    """The 3D pretraining of the anatomy-guided diffusion method (``methods/pretrain3d``): a namespace
+    with ``denoising`` (backbone, objectives, ``pretrain_backbone``) and ``coordinates`` (the
+    anatomical coordinate model). Not a segmentation method of its own: what it trains is a backbone
+    for a 3D segmenter. Imported on demand (it needs MONAI, which segmentation does not)."""
+    from types import SimpleNamespace
+
+    from DiffusionSegLib.methods.pretrain3d import coordinates, denoising
+
+    return SimpleNamespace(denoising=denoising, coordinates=coordinates)
