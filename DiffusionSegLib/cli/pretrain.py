@@ -73,15 +73,24 @@ def isotropic_ct(path: Path, spacing: float):
     image = read_image(path)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DiffusionSegError(f"{path}: a 3D scalar CT volume is needed")
-    image = sitk.DICOMOrient(sitk.Cast(image, sitk.sitkFloat32), "LPS")
+    grid = to_isotropic(image, spacing)
+    return pretraining().coordinates.ct_window(np.asarray(sitk.GetArrayFromImage(grid)))
+
+
+def to_isotropic(image, spacing: float, labels: bool = False):
+    """A 3D image in LPS axes on an isotropic ``spacing`` mm grid with the same origin: CT values
+    smoothed then linearly interpolated (air outside), or a label map by nearest neighbour."""
+    import SimpleITK as sitk
+
+    image = sitk.DICOMOrient(image if labels else sitk.Cast(image, sitk.sitkFloat32), "LPS")
     size = [max(1, int(round(n * s / spacing))) for n, s in zip(image.GetSize(), image.GetSpacing())]
     # Smooth before going coarser, so the grid does not alias fine structure.
     sigma = [max(0.0, (spacing - s) / 2.0) for s in image.GetSpacing()]
-    if any(sigma):
+    if not labels and any(sigma):
         image = sitk.SmoothingRecursiveGaussian(image, sigma)
-    grid = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing] * 3,
-                         image.GetDirection(), -1000.0, sitk.sitkFloat32)
-    return pretraining().coordinates.ct_window(np.asarray(sitk.GetArrayFromImage(grid)))
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+                         image.GetOrigin(), [spacing] * 3, image.GetDirection(), 0 if labels else -1000.0,
+                         image.GetPixelID() if labels else sitk.sitkFloat32)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -134,3 +134,36 @@ def test_denoising_loss_falls_over_training(tmp_path):
     _, log = pretrain_backbone(_volumes(), config, tmp_path)
     first, last = np.mean([r["image"] for r in log[:10]]), np.mean([r["image"] for r in log[-10:]])
     assert last < 0.5 * first
+
+
+def test_a_probe_on_a_frozen_backbone_learns_an_intensity_labelling():
+    """Two 'organs' told apart by intensity: a probe on even a random backbone separates them, the
+    backbone is not changed, and the whole-volume prediction has the volume's shape."""
+    from DiffusionSegLib.methods.pretrain3d.probe import dice_per_label, predict_probe, train_probe
+
+    rng = np.random.default_rng(0)
+    volume = np.full((16, 20, 24), -1.0, np.float32)
+    labels = np.zeros(volume.shape, np.int64)
+    volume[2:14, 3:10, 4:20], labels[2:14, 3:10, 4:20] = 0.2, 1
+    volume[2:14, 12:18, 4:20], labels[2:14, 12:18, 4:20] = 0.8, 2
+    volume += 0.02 * rng.standard_normal(volume.shape).astype(np.float32)
+    torch.manual_seed(0)
+    backbone = DenoisingBackbone((8, 16), norm_groups=4)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    head, losses = train_probe(backbone, [volume], [labels], classes=3, steps=80, patch=(16, 16, 16), batch=2,
+                               lr=3e-2)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    prediction = predict_probe(backbone, head, volume, patch=(16, 16, 16))
+    assert prediction.shape == volume.shape
+    assert min(dice_per_label(prediction, labels, 3)) > 0.5  # a random backbone: weak features, but separable
+    with pytest.raises(ValueError, match="label values"):
+        train_probe(backbone, [volume], [labels], classes=2, steps=1)
+
+
+def test_dice_per_label_hand_computed():
+    from DiffusionSegLib.methods.pretrain3d.probe import dice_per_label
+
+    reference = np.array([0, 1, 1, 2, 2, 0])
+    prediction = np.array([1, 1, 0, 2, 2, 0])
+    assert dice_per_label(prediction, reference, 4) == [pytest.approx(0.5), 1.0, None]

@@ -124,14 +124,24 @@ class DenoisingBackbone(nn.Module):
                 h = self.downs[i](h)
         return features
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (B, 1, D, H, W), timesteps (B,) -> {"image": (B, 1, ...), "coordinates": (B, 3, ...) if the head exists}."""
-        temb = self._time(timesteps, x.dtype)
+    def features(self, x: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's last feature map, what the heads read: (B, C_0, D, H, W); t = 0 by default
+        (the clean image, as a downstream probe sees it)."""
+        if timesteps is None:
+            timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self._decode(x, self._time(timesteps, x.dtype))
+
+    def _decode(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         features = self._encode(x, temb)
         h = features[-1]
         for i in reversed(range(len(self.decoder))):
             up = upsample_conv(h, self.up_convs[i], features[i].shape[2:])
             h = self.decoder[i](torch.cat([up, features[i]], dim=1), temb)
+        return h
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, 1, D, H, W), timesteps (B,) -> {"image": (B, 1, ...), "coordinates": (B, 3, ...) if the head exists}."""
+        h = self._decode(x, self._time(timesteps, x.dtype))
         out = {"image": self.image_head(h)}
         if self.coordinate_head is not None:
             out["coordinates"] = self.coordinate_head(h)
