@@ -48,6 +48,9 @@ def main() -> int:
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--probe-steps", type=int, default=300)
     p.add_argument("--seeds", default="0")
+    p.add_argument("--backbones", default="none,restorative,diffusion", help="comma list of the three kinds")
+    p.add_argument("--probe-t", type=int, default=0,
+                   help="noise level the features are read at (0: the clean image; see probe.noised_features)")
     args = p.parse_args()
     parts = pretraining()
     meta = json.loads((args.data / "dataset.json").read_text())
@@ -60,7 +63,7 @@ def main() -> int:
             for f in sorted((args.data / "imagesTs").glob("*.nii.gz"))]
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for kind in ("none", "restorative", "diffusion"):
+        for kind in args.backbones.split(","):
             start = time.perf_counter()
             if kind == "none":
                 torch.manual_seed(seed)
@@ -72,13 +75,15 @@ def main() -> int:
                                                                 args.out / f"{kind}_seed{seed}")
             pretrain_s = time.perf_counter() - start
             head, losses = parts.probe.train_probe(backbone, [v for v, _ in train], [lab for _, lab in train],
-                                                   classes, steps=args.probe_steps, seed=seed)
+                                                   classes, steps=args.probe_steps, seed=seed,
+                                                   timestep=args.probe_t)
             dice = {}
             for volume, labels in test:
-                scores = parts.probe.dice_per_label(parts.probe.predict_probe(backbone, head, volume), labels, classes)
+                prediction = parts.probe.predict_probe(backbone, head, volume, timestep=args.probe_t, seed=seed)
+                scores = parts.probe.dice_per_label(prediction, labels, classes)
                 dice.update({names[i + 1]: None if d is None else round(d, 4) for i, d in enumerate(scores)})
             present = [d for name, d in dice.items() if d is not None and (test[0][1] == _index(names, name)).any()]
-            row = {"seed": seed, "backbone": kind, "pretrain_s": round(pretrain_s, 1),
+            row = {"seed": seed, "backbone": kind, "probe_t": args.probe_t, "pretrain_s": round(pretrain_s, 1),
                    "probe_loss_last50": round(float(np.mean(losses[-50:])), 4), "test_dice": dice,
                    "mean_dice_present": round(float(np.mean(present)), 4) if present else None}
             print(json.dumps(row), flush=True)

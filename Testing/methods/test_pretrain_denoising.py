@@ -167,3 +167,17 @@ def test_dice_per_label_hand_computed():
     reference = np.array([0, 1, 1, 2, 2, 0])
     prediction = np.array([1, 1, 0, 2, 2, 0])
     assert dice_per_label(prediction, reference, 4) == [pytest.approx(0.5), 1.0, None]
+
+
+def test_probe_features_at_a_noise_level_are_those_of_the_noised_input():
+    from DiffusionSegLib.methods.pretrain3d.probe import noised_features
+
+    torch.manual_seed(0)
+    net = DenoisingBackbone((8, 16), norm_groups=4).eval()
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(noised_features(net, x, 0), net.features(x))
+        a = schedule_alphas_cumprod("linear_beta", 1000)[100]
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        expected = net.features(a.sqrt() * x + (1 - a).sqrt() * noise, torch.tensor([100]))
+        torch.testing.assert_close(noised_features(net, x, 100, torch.Generator().manual_seed(5)), expected)

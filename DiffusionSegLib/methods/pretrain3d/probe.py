@@ -49,10 +49,27 @@ def _padded(array: np.ndarray, patch: Sequence[int], value: float) -> np.ndarray
     return np.pad(array, pad, constant_values=value) if any(b for _, b in pad) else array
 
 
+def noised_features(backbone: DenoisingBackbone, x: torch.Tensor, timestep: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The backbone's features of x (B, 1, D, H, W) read at noise level ``timestep``: for t > 0 the input
+    is noised to t of the linear schedule first (diffusion features carry the most semantics at
+    intermediate levels); t = 0 reads the clean image. -> (B, C_0, D, H, W)."""
+    if timestep <= 0:
+        return backbone.features(x)
+    from DiffusionSegLib.methods.diffusion import schedule_alphas_cumprod
+
+    a = schedule_alphas_cumprod("linear_beta", 1000)[timestep]
+    noise = torch.randn(x.shape, generator=generator)
+    t = torch.full((x.shape[0],), timestep, dtype=torch.long)
+    return backbone.features(a.sqrt() * x + (1 - a).sqrt() * noise, t)
+
+
 def train_probe(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                 classes: int, steps: int = 300, patch: Sequence[int] = (32, 32, 32), batch: int = 2,
-                lr: float = 1e-2, seed: int = 0, foreground_fraction: float = 0.67) -> tuple[ProbeHead, list[float]]:
-    """Fit a ``ProbeHead`` on the frozen backbone's features; returns (head in eval mode, loss per step).
+                lr: float = 1e-2, seed: int = 0, foreground_fraction: float = 0.67,
+                timestep: int = 0) -> tuple[ProbeHead, list[float]]:
+    """Fit a ``ProbeHead`` on the frozen backbone's features (read at ``timestep``, see
+    ``noised_features``); returns (head in eval mode, loss per step).
 
     ``classes`` counts the background: label values 0..classes-1. The backbone is never updated.
     """
@@ -62,6 +79,7 @@ def train_probe(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labe
         raise ValueError(f"label values must lie in 0..{classes - 1}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     backbone = backbone.eval().requires_grad_(False)
     head = ProbeHead(backbone.channels[0], classes)
     optimiser = torch.optim.Adam(head.parameters(), lr=lr)
@@ -77,7 +95,8 @@ def train_probe(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labe
             images.append(volumes[k][region])
             targets.append(labels[k][region])
         with torch.no_grad():
-            features = backbone.features(torch.from_numpy(np.stack(images)[:, None].astype(np.float32)))
+            features = noised_features(backbone, torch.from_numpy(np.stack(images)[:, None].astype(np.float32)),
+                                       timestep, generator)
         for group in optimiser.param_groups:
             group["lr"] = lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / max(steps, 1))))
         loss = F.cross_entropy(head(features), torch.from_numpy(np.stack(targets).astype(np.int64)))
@@ -89,14 +108,16 @@ def train_probe(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labe
 
 
 def predict_probe(backbone: DenoisingBackbone, head: ProbeHead, volume: np.ndarray,
-                  patch: Sequence[int] = (32, 32, 32)) -> np.ndarray:
-    """Label map (D, H, W) int64 of a whole volume: sliding windows (half overlap, Gaussian-blended logits)."""
+                  patch: Sequence[int] = (32, 32, 32), timestep: int = 0, seed: int = 0) -> np.ndarray:
+    """Label map (D, H, W) int64 of a whole volume: sliding windows (half overlap, Gaussian-blended
+    logits); features read at ``timestep`` as in training (noise from ``seed``)."""
     from monai.inferers import sliding_window_inference
 
     x = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None]
+    generator = torch.Generator().manual_seed(seed)
 
     def logits(crop: torch.Tensor) -> torch.Tensor:
-        return head(backbone.features(crop))
+        return head(noised_features(backbone, crop, timestep, generator))
 
     with torch.no_grad():
         out = sliding_window_inference(x, list(patch), 2, logits, overlap=0.5, mode="gaussian",
