@@ -66,6 +66,7 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
     from DiffusionSegLib.pipeline.preprocess import stack_filled
 
     n, n_labels = samples_model.shape[:2]
+    mean_fusion = Fusion.parse(opts.fusion, "fusion") == Fusion.MEAN  # then the counts decide the fused mask
     maps: dict[str, Any] = {"sample_diversity": []}
     seconds = {"restore": 0.0, "ensemble": 0.0}
     for label in range(n_labels):
@@ -75,7 +76,7 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
         middle = time.perf_counter()
         counts = ensemble.sample_counts(restored)
         per_label = {"counts": counts,
-                     "fused": ensemble.fused_mask_from_counts(counts, n) if Fusion.parse(opts.fusion, "fusion") == Fusion.MEAN
+                     "fused": ensemble.fused_mask_from_counts(counts, n) if mean_fusion
                      else ensemble.fused_mask(restored, method=opts.fusion)}
         if opts.keep_samples:
             per_label["samples"] = restored

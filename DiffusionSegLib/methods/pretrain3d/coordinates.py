@@ -345,10 +345,16 @@ def predict_coordinates(net: CoordinateNet, volume: np.ndarray, spacing: Sequenc
     patch = tuple(patch or getattr(net, "trained_patch", None) or (32, 32, 32))
     device = next(net.parameters()).device
     x = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None].to(device)
+    return air_padded_windows(net, x, patch, sw_batch_size, overlap)[0].cpu().numpy().astype(np.float32)
+
+
+def air_padded_windows(predict: Any, x: torch.Tensor, patch: Sequence[int], sw_batch_size: int = 2,
+                       overlap: float = 0.5) -> torch.Tensor:
+    """``predict`` over a whole (1, C, D, H, W) volume by Gaussian-blended sliding windows of ``patch``,
+    without gradients; outside the volume is ``BACKGROUND`` (air), as in the training crops."""
     with torch.no_grad():
-        out = sliding_window_inference(x, patch, sw_batch_size, net, overlap=overlap, mode="gaussian",
-                                       padding_mode="constant", cval=BACKGROUND)
-    return out[0].cpu().numpy().astype(np.float32)
+        return sliding_window_inference(x, list(patch), sw_batch_size, predict, overlap=overlap, mode="gaussian",
+                                        padding_mode="constant", cval=BACKGROUND)
 
 
 def smoothness(coords: np.ndarray, spacing: Sequence[float], mask: np.ndarray | None = None) -> dict[str, float]:
@@ -468,41 +474,62 @@ def transfer_labels(coords_source: np.ndarray, labels_source: np.ndarray, coords
     return lab[nearest].reshape(np.shape(coords_target)[1:])
 
 
+# The normalisation every 3D pretraining card records (coordinate model and backbone alike).
+CT_NORMALIZATION = {"kind": "ct_window", "low_hu": CT_LOW, "high_hu": CT_HIGH, "range": [-1.0, 1.0],
+                    "background": BACKGROUND}
+
+
+def save_weights_and_card(folder: str | Path, weights_file: str, card_file: str, net: nn.Module,
+                          card: Mapping[str, Any]) -> Path:
+    """Write ``net``'s weights (safetensors, never pickle) and ``card`` (JSON) into ``folder``, each atomically."""
+    from safetensors.torch import save as safetensors_bytes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_write_bytes(folder / weights_file, safetensors_bytes(state))
+    atomic_write_json(folder / card_file, dict(card))
+    return folder
+
+
+def read_card(folder: str | Path, card_file: str, kind: str, card_format: int) -> dict[str, Any]:
+    """The JSON card of ``folder``; ValueError when it is not a ``kind`` card of ``card_format``."""
+    import json
+
+    path = Path(folder) / card_file
+    card = json.loads(path.read_text(encoding="utf-8"))
+    if card.get("format") != card_format or card.get("kind") != kind:
+        raise ValueError(f"{path} is not a {kind.replace('_', ' ')} card (format {card_format})")
+    return card
+
+
+def load_weights(net: nn.Module, folder: str | Path, weights_file: str) -> None:
+    """Load ``folder/weights_file`` (safetensors) into ``net``; every tensor must match (strict)."""
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(Path(folder) / weights_file)), strict=True)
+
+
 def save_coordinate_model(folder: str | Path, net: CoordinateNet, card: Mapping[str, Any] | None = None) -> Path:
     """Write ``coordinates.safetensors`` (weights) and ``coordinates.json`` (card) into ``folder``.
 
     The card gets the network's constructor arguments, the training spacing and patch and the CT
     normalisation; ``card`` adds fields (training data, steps, losses...). Never pickle.
     """
-    from safetensors.torch import save as safetensors_bytes
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(state))
     spacing = getattr(net, "trained_spacing", None)
     patch = getattr(net, "trained_patch", None)
     full = {"format": CARD_FORMAT, "kind": "anatomical_coordinates", "network": net.config(),
             "spacing_mm": None if spacing is None else list(spacing), "patch": None if patch is None else list(patch),
-            "normalization": {"kind": "ct_window", "low_hu": CT_LOW, "high_hu": CT_HIGH, "range": [-1.0, 1.0],
-                              "background": BACKGROUND},
+            "normalization": CT_NORMALIZATION,
             "output": "3 coordinates per voxel in mm, a learnt anatomical frame (no scanner frame)", **(card or {})}
-    atomic_write_json(folder / CARD_FILE, full)
-    return folder
+    return save_weights_and_card(folder, WEIGHTS_FILE, CARD_FILE, net, full)
 
 
 def load_coordinate_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[CoordinateNet, dict[str, Any]]:
     """(network in eval mode, card) from a folder written by ``save_coordinate_model``."""
-    import json
-
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-    if card.get("format") != CARD_FORMAT or card.get("kind") != "anatomical_coordinates":
-        raise ValueError(f"{folder / CARD_FILE} is not a coordinate-model card (format {CARD_FORMAT})")
+    card = read_card(folder, CARD_FILE, "anatomical_coordinates", CARD_FORMAT)
     net = CoordinateNet(**card["network"])
-    net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    load_weights(net, folder, WEIGHTS_FILE)
     net.trained_spacing = None if card.get("spacing_mm") is None else tuple(card["spacing_mm"])
     net.trained_patch = None if card.get("patch") is None else tuple(card["patch"])
     return net.to(device).eval(), card

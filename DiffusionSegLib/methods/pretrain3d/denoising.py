@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DiffusionSegLib.core.files import atomic_write_bytes, atomic_write_json
+from DiffusionSegLib.core.files import replace_folder
 from DiffusionSegLib.methods.blocks import Stage, conv_nd, norm_groups_for, timestep_embedding, upsample_conv
 from DiffusionSegLib.methods.diffusion import schedule_alphas_cumprod
-from DiffusionSegLib.methods.pretrain3d.coordinates import BACKGROUND, CoordinateNet
+from DiffusionSegLib.methods.pretrain3d.coordinates import (BACKGROUND, CT_NORMALIZATION, CoordinateNet, load_weights,
+                                                             read_card, save_weights_and_card)
 
 OBJECTIVES = ("diffusion", "restorative")
 WEIGHTS_FILE = "backbone.safetensors"
@@ -271,12 +271,7 @@ def _save_checkpoint(folder: Path, config: PretrainConfig, net: nn.Module, optim
     torch.save(optimiser.state_dict(), partial / "optimizer.pt")  # read back with weights_only=True
     (partial / "state.json").write_text(json.dumps({"config": _config_dict(config), "log": log,
                                                     "rng": rng.bit_generator.state}), encoding="utf-8")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(partial, folder)
 
 
 def _resume(folder: Path, config: PretrainConfig, net: nn.Module, optimiser: torch.optim.Optimizer,
@@ -302,28 +297,14 @@ def _resume(folder: Path, config: PretrainConfig, net: nn.Module, optimiser: tor
 def save_backbone(folder: str | Path, net: DenoisingBackbone, config: PretrainConfig,
                   extra: dict[str, Any] | None = None) -> Path:
     """Write ``backbone.safetensors`` and ``backbone.json`` (network, objective, normalisation) into ``folder``."""
-    from safetensors.torch import save as safetensors_bytes
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(state))
     card = {"format": CARD_FORMAT, "kind": "pretrained_backbone_3d", "network": net.config(),
-            "pretraining": _config_dict(config),
-            "normalization": {"kind": "ct_window", "low_hu": -1000.0, "high_hu": 1000.0, "range": [-1.0, 1.0],
-                              "background": BACKGROUND}, **(extra or {})}
-    atomic_write_json(folder / CARD_FILE, card)
-    return folder
+            "pretraining": _config_dict(config), "normalization": CT_NORMALIZATION, **(extra or {})}
+    return save_weights_and_card(folder, WEIGHTS_FILE, CARD_FILE, net, card)
 
 
 def load_backbone(folder: str | Path, device: str | torch.device = "cpu") -> tuple[DenoisingBackbone, dict[str, Any]]:
     """(backbone in eval mode, card) from a folder written by ``save_backbone``; a foreign card is refused."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-    if card.get("format") != CARD_FORMAT or card.get("kind") != "pretrained_backbone_3d":
-        raise ValueError(f"{folder / CARD_FILE} is not a pretrained-backbone card (format {CARD_FORMAT})")
+    card = read_card(folder, CARD_FILE, "pretrained_backbone_3d", CARD_FORMAT)
     net = DenoisingBackbone(**card["network"])
-    net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    load_weights(net, folder, WEIGHTS_FILE)
     return net.to(device).eval(), card

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DiffusionSegLib.methods.pretrain3d.coordinates import BACKGROUND
+from DiffusionSegLib.methods.pretrain3d.coordinates import BACKGROUND, air_padded_windows
 from DiffusionSegLib.methods.pretrain3d.denoising import DenoisingBackbone
 
 
@@ -111,18 +111,13 @@ def predict_probe(backbone: DenoisingBackbone, head: ProbeHead, volume: np.ndarr
                   patch: Sequence[int] = (32, 32, 32), timestep: int = 0, seed: int = 0) -> np.ndarray:
     """Label map (D, H, W) int64 of a whole volume: sliding windows (half overlap, Gaussian-blended
     logits); features read at ``timestep`` as in training (noise from ``seed``)."""
-    from monai.inferers import sliding_window_inference
-
     x = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None]
     generator = torch.Generator().manual_seed(seed)
 
     def logits(crop: torch.Tensor) -> torch.Tensor:
         return head(noised_features(backbone, crop, timestep, generator))
 
-    with torch.no_grad():
-        out = sliding_window_inference(x, list(patch), 2, logits, overlap=0.5, mode="gaussian",
-                                       padding_mode="constant", cval=BACKGROUND)
-    return out[0].argmax(0).numpy()
+    return air_padded_windows(logits, x, patch)[0].argmax(0).numpy()
 
 
 def dice_per_label(prediction: np.ndarray, reference: np.ndarray, classes: int) -> list[float | None]:
