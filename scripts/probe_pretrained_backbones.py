@@ -1,14 +1,15 @@
-"""Frozen-backbone probe of 3D pretraining (issue 15): no pretraining vs restorative vs diffusion.
+"""Downstream test of 3D pretraining (issue 15): no pretraining vs restorative vs diffusion.
 
     python scripts/probe_pretrained_backbones.py data/organs_multi -o runs/probe --pretrain-steps 300 \
-        --probe-steps 300 [--seeds 0,1,2] [--spacing 4]
+        --probe-steps 300 [--seeds 0,1,2] [--spacing 4] [--protocols frozen,fine-tuned]
 
 Unlabelled pretraining and the probe's labels both come from the training CT of DATA (imagesTr/labelsTr
 except the validation slab, which is not used); the probe is scored once on the held-out CT
 (imagesTs/labelsTs), Dice per organ on the isotropic grid. For each seed, three backbones of the same
 architecture: random (no pretraining), restorative and diffusion pretraining (``diffusionseg pretrain``'s
-objectives, the same steps); each gets a probe (``methods/pretrain3d/probe.py``) with the same steps.
-Prints one JSON line per (seed, backbone) and writes them all to OUT/probe.json. Labels are
+objectives, the same steps); each gets a probe (``methods/pretrain3d/probe.py``) with the same steps:
+a head on the frozen backbone and/or full fine-tuning (the "none" backbone fine-tuned is training from
+scratch). Prints one JSON line per (seed, backbone, protocol) and writes them all to OUT/probe.json. Labels are
 TotalSegmentator's own predictions (see DATA/dataset.json), not manual ground truth.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from DiffusionSegLib.cli.pretrain import isotropic_ct, to_isotropic  # noqa: E402
 from DiffusionSegLib.core.files import atomic_write_json  # noqa: E402
 from DiffusionSegLib.methods.registry import pretraining  # noqa: E402
+from DiffusionSegLib.training.pretrain import pretrain_backbone  # noqa: E402
 
 
 def load_case(image: Path, label: Path, spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +51,10 @@ def main() -> int:
     p.add_argument("--probe-steps", type=int, default=300)
     p.add_argument("--seeds", default="0")
     p.add_argument("--backbones", default="none,restorative,diffusion", help="comma list of the three kinds")
+    p.add_argument("--protocols", default="frozen",
+                   help="comma list: frozen (a head on the frozen backbone) and/or fine-tuned (backbone trained "
+                        "too, at --backbone-lr)")
+    p.add_argument("--backbone-lr", type=float, default=1e-3, help="backbone learning rate when fine-tuned")
     p.add_argument("--probe-t", type=int, default=0,
                    help="noise level the features are read at (0: the clean image; see probe.noised_features)")
     args = p.parse_args()
@@ -71,27 +77,44 @@ def main() -> int:
             else:
                 config = parts.denoising.PretrainConfig(objective=parts.denoising.PretrainObjective(kind=kind),
                                                         steps=args.pretrain_steps, seed=seed)
-                backbone, _ = parts.denoising.pretrain_backbone([v for v, _ in train], config,
-                                                                args.out / f"{kind}_seed{seed}")
+                backbone, _ = pretrain_backbone([v for v, _ in train], config,
+                                                args.out / f"{kind}_seed{seed}")
             pretrain_s = time.perf_counter() - start
-            head, losses = parts.probe.train_probe(backbone, [v for v, _ in train], [lab for _, lab in train],
-                                                   classes, steps=args.probe_steps, seed=seed,
-                                                   timestep=args.probe_t)
-            dice = {}
-            for volume, labels in test:
-                prediction = parts.probe.predict_probe(backbone, head, volume, timestep=args.probe_t, seed=seed)
-                scores = parts.probe.dice_per_label(prediction, labels, classes)
-                dice.update({names[i + 1]: None if d is None else round(d, 4) for i, d in enumerate(scores)})
-            present = [d for name, d in dice.items() if d is not None and (test[0][1] == _index(names, name)).any()]
-            row = {"seed": seed, "backbone": kind, "probe_t": args.probe_t, "pretrain_s": round(pretrain_s, 1),
-                   "probe_loss_last50": round(float(np.mean(losses[-50:])), 4), "test_dice": dice,
-                   "mean_dice_present": round(float(np.mean(present)), 4) if present else None}
-            print(json.dumps(row), flush=True)
-            results.append(row)
+            for protocol in args.protocols.split(","):
+                row = evaluate(parts, protocol, backbone, train, test, classes, names, args, seed)
+                row.update({"seed": seed, "backbone": kind, "pretrain_s": round(pretrain_s, 1)})
+                print(json.dumps(row), flush=True)
+                results.append(row)
     atomic_write_json(args.out / "probe.json", {"command": " ".join(sys.argv), "spacing_mm": args.spacing,
                                                 "results": results,
                                                 "note": "labels are TotalSegmentator's predictions"})
     return 0
+
+
+def evaluate(parts, protocol: str, backbone, train, test, classes: int, names: dict[int, str],
+             args: argparse.Namespace, seed: int) -> dict:
+    """Train the downstream head (frozen backbone, or fine-tuned with it) and score it on the test cases."""
+    start = time.perf_counter()
+    volumes, labels = [v for v, _ in train], [lab for _, lab in train]
+    if protocol == "frozen":
+        head, losses = parts.probe.train_probe(backbone, volumes, labels, classes, steps=args.probe_steps, seed=seed,
+                                               timestep=args.probe_t)
+        used, t = backbone, args.probe_t
+    elif protocol == "fine-tuned":
+        used, head, losses = parts.probe.fine_tune(backbone, volumes, labels, classes, steps=args.probe_steps,
+                                                   backbone_lr=args.backbone_lr, seed=seed)
+        t = 0
+    else:
+        raise SystemExit(f"unknown protocol {protocol!r}: frozen or fine-tuned")
+    dice = {}
+    for volume, reference in test:
+        prediction = parts.probe.predict_probe(used, head, volume, timestep=t, seed=seed)
+        scores = parts.probe.dice_per_label(prediction, reference, classes)
+        dice.update({names[i + 1]: None if d is None else round(d, 4) for i, d in enumerate(scores)})
+    present = [d for name, d in dice.items() if d is not None and (test[0][1] == _index(names, name)).any()]
+    return {"protocol": protocol, "probe_t": t, "downstream_s": round(time.perf_counter() - start, 1),
+            "probe_loss_last50": round(float(np.mean(losses[-50:])), 4), "test_dice": dice,
+            "mean_dice_present": round(float(np.mean(present)), 4) if present else None}
 
 
 def _index(names: dict[int, str], name: str) -> int:

@@ -4,6 +4,8 @@ Every CT is turned to LPS axes, resampled to an isotropic grid (``--spacing`` mm
 -1000..1000 HU to [-1, 1]; random crops train ``methods.pretrain3d.denoising.DenoisingBackbone``
 with the diffusion (denoising) or the restorative objective, optionally guided by an anatomical
 coordinate model. The run checkpoints every ``--checkpoint-every`` steps; the same command resumes.
+Under ``torchrun --nproc_per_node=N -m DiffusionSegLib pretrain ...`` N processes share the global
+``--batch`` (``training/pretrain.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same weights on CPU)")
     p.add_argument("--checkpoint-every", type=int_at_least(1), default=100,
                    help="steps between checkpoints (the same command resumes from the last)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps; under torchrun each "
+                        "process takes its own GPU")
     p.set_defaults(func=run)
 
 
@@ -96,6 +101,8 @@ def to_isotropic(image, spacing: float, labels: bool = False):
 def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.core.files import atomic_write_json
     from DiffusionSegLib.methods.registry import pretraining
+    from DiffusionSegLib.training import distributed
+    from DiffusionSegLib.training.pretrain import pretrain_backbone
 
     parts = pretraining()
     load_coordinate_model = parts.coordinates.load_coordinate_model
@@ -123,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
                             batch=args.batch, steps=args.steps, lr=args.lr, seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
     try:
-        _, losses = parts.denoising.pretrain_backbone(volumes, config, args.output, coordinate_net)
+        _, losses = pretrain_backbone(volumes, config, args.output, coordinate_net, device=args.device)
     except ValueError as err:
         raise DiffusionSegError(str(err)) from None
+    if not distributed.is_main():  # under torchrun rank 0 alone writes and reports
+        return 0
     atomic_write_json(Path(args.output) / "pretraining_log.json", {
         "inputs": [str(f) for f in files], "spacing_mm": spacing, "shapes": [list(v.shape) for v in volumes],
         "coordinates": args.coordinates, "losses": losses})

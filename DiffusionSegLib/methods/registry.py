@@ -90,7 +90,7 @@ def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torc
 
 def pretraining() -> Any:
     """The 3D pretraining of the anatomy-guided diffusion method (``methods/pretrain3d``): a namespace
-    with ``denoising`` (backbone, objectives, ``pretrain_backbone``), ``coordinates`` (the
+    with ``denoising`` (backbone, objectives, loss; the loop is ``training/pretrain.py``), ``coordinates`` (the
     anatomical coordinate model) and ``probe`` (the frozen-backbone downstream test). Not a segmentation method of its own: what it trains is a backbone
     for a 3D segmenter. Imported on demand (it needs MONAI, which segmentation does not)."""
     from types import SimpleNamespace

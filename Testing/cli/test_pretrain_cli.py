@@ -7,6 +7,7 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
+from helpers import write_body_ct
 from DiffusionSegLib.cli.main import main
 from DiffusionSegLib.methods.pretrain3d.coordinates import CoordinateNet, save_coordinate_model
 from DiffusionSegLib.methods.pretrain3d.denoising import load_backbone
@@ -14,22 +15,11 @@ from DiffusionSegLib.methods.pretrain3d.denoising import load_backbone
 TINY = ["--steps", "3", "--patch", "8", "--channels", "8", "16", "--batch", "2", "--checkpoint-every", "2"]
 
 
-def _ct(path, flip: bool = False, size=(24, 20, 12)) -> None:
-    """A body-like ellipse of soft tissue (40 HU) in air, stored with a flipped x axis when asked."""
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in reversed(size)], indexing="ij")
-    hu = np.where(x ** 2 + (y / 0.7) ** 2 < 0.8, 40.0, -1000.0).astype(np.int16)
-    image = sitk.GetImageFromArray(hu)
-    image.SetSpacing((2.0, 2.0, 3.0))
-    if flip:
-        image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
-    sitk.WriteImage(image, str(path))
-
-
 def test_pretrain_writes_a_backbone_from_a_folder_of_cts(tmp_path, capsys):
     cts = tmp_path / "cts"
     cts.mkdir()
-    _ct(cts / "a.nii.gz")
-    _ct(cts / "b.nrrd", flip=True)
+    write_body_ct(cts / "a.nii.gz")
+    write_body_ct(cts / "b.nrrd", flip=True)
     (cts / "notes.txt").write_text("not a CT")
     out = tmp_path / "backbone"
     assert main(["pretrain", str(cts), "-o", str(out), "--spacing", "4", *TINY]) == 0
@@ -43,7 +33,7 @@ def test_pretrain_writes_a_backbone_from_a_folder_of_cts(tmp_path, capsys):
 
 
 def test_pretrain_with_a_coordinate_model_takes_its_spacing_and_adds_the_head(tmp_path):
-    _ct(tmp_path / "a.nii.gz")
+    write_body_ct(tmp_path / "a.nii.gz")
     coords = CoordinateNet(channels=(4, 8), norm_groups=2)
     coords.trained_spacing, coords.trained_patch = (6.0, 6.0, 6.0), (8, 8, 8)
     save_coordinate_model(tmp_path / "coords", coords)

@@ -8,9 +8,7 @@ import torch
 
 from DiffusionSegLib.methods.diffusion import schedule_alphas_cumprod
 from DiffusionSegLib.methods.pretrain3d import denoising
-from DiffusionSegLib.methods.pretrain3d.coordinates import CoordinateNet
-from DiffusionSegLib.methods.pretrain3d.denoising import (DenoisingBackbone, PretrainConfig, PretrainObjective,
-                                                          load_backbone, pretrain_backbone, pretraining_loss,
+from DiffusionSegLib.methods.pretrain3d.denoising import (DenoisingBackbone, PretrainObjective, pretraining_loss,
                                                           random_crops)
 
 
@@ -24,13 +22,6 @@ class Oracle(torch.nn.Module):
     def forward(self, x, t):
         return {"image": self.noise if self.kind == "diffusion" else self.clean,
                 "coordinates": torch.zeros(self.clean.shape[0], 3, *self.clean.shape[2:])}
-
-
-def _volumes(n: int = 2, shape=(20, 24, 28)) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    return [np.clip(0.8 * np.exp(-((x - 0.2 * k) ** 2 + y ** 2 + z ** 2) * 3) - 0.4
-                    + 0.05 * rng.standard_normal(shape), -1, 1).astype(np.float32) for k in range(n)]
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "restorative"])
@@ -78,62 +69,15 @@ def test_backbone_shapes_heads_and_encoder_pyramid():
         net.encode(torch.randn(1, 1, 6, 8, 8))
 
 
-def test_bad_objectives_and_missing_guidance_are_refused(tmp_path):
+def test_bad_objectives_are_refused():
     with pytest.raises(ValueError, match="objective"):
         PretrainObjective(kind="contrastive").check()
-    with pytest.raises(ValueError, match="coordinate model"):
-        pretrain_backbone(_volumes(), PretrainConfig(objective=PretrainObjective(coordinate_weight=1.0), steps=1),
-                          tmp_path)
 
 
 def test_random_crops_pad_small_volumes_with_air():
     crops = random_crops([np.zeros((4, 40, 40), np.float32)], (8, 16, 16), 3, np.random.default_rng(0))
     assert crops.shape == (3, 1, 8, 16, 16)
     assert (crops[:, :, 4:] == -1.0).all() and (crops[:, :, :4] == 0.0).all()
-
-
-def test_pretraining_learns_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    """On two small synthetic volumes: 6 steps in one go, or a run stopped after its step-4 checkpoint
-    and started again, give the same weights and log; the saved backbone loads back and a foreign config is refused."""
-    volumes = _volumes()
-    coords = CoordinateNet(channels=(4, 8), norm_groups=2).eval()
-    objective = PretrainObjective(kind="diffusion", coordinate_weight=0.5)
-    config = PretrainConfig(objective=objective, channels=(8, 16), patch=(8, 8, 8), batch=2, steps=6,
-                            lr=3e-3, checkpoint_every=2)
-    whole, log = pretrain_backbone(volumes, config, tmp_path / "whole", coords)
-    assert [r["step"] for r in log] == list(range(1, 7)) and all(r["coordinates"] > 0 for r in log)
-
-    real_save = denoising._save_checkpoint
-
-    def save_then_die(folder, config, net, optimiser, rng, generator, log):
-        real_save(folder, config, net, optimiser, rng, generator, log)
-        if len(log) == 4:
-            raise KeyboardInterrupt  # the session ends after the step-4 checkpoint
-
-    monkeypatch.setattr(denoising, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain_backbone(volumes, config, tmp_path / "split", coords)
-    monkeypatch.undo()
-    assert not (tmp_path / "split" / "backbone.json").exists()  # nothing final before the run is done
-    resumed, resumed_log = pretrain_backbone(volumes, config, tmp_path / "split", coords)
-    assert resumed_log == log
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-
-    loaded, card = load_backbone(tmp_path / "whole")
-    assert card["pretraining"]["objective"]["coordinate_weight"] == 0.5 and card["network"]["coordinate_head"]
-    for a, b in zip(whole.state_dict().values(), loaded.state_dict().values()):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="another configuration"):
-        pretrain_backbone(volumes, PretrainConfig(**{**config.__dict__, "lr": 1e-3}), tmp_path / "whole", coords)
-
-
-def test_denoising_loss_falls_over_training(tmp_path):
-    config = PretrainConfig(objective=PretrainObjective(kind="restorative"), channels=(8, 16), patch=(8, 8, 8),
-                            batch=4, steps=60, lr=3e-3, checkpoint_every=1000)
-    _, log = pretrain_backbone(_volumes(), config, tmp_path)
-    first, last = np.mean([r["image"] for r in log[:10]]), np.mean([r["image"] for r in log[-10:]])
-    assert last < 0.5 * first
 
 
 def test_a_probe_on_a_frozen_backbone_learns_an_intensity_labelling():
@@ -159,6 +103,30 @@ def test_a_probe_on_a_frozen_backbone_learns_an_intensity_labelling():
     assert min(dice_per_label(prediction, labels, 3)) > 0.5  # a random backbone: weak features, but separable
     with pytest.raises(ValueError, match="label values"):
         train_probe(backbone, [volume], [labels], classes=2, steps=1)
+
+
+def test_fine_tuning_trains_a_copy_of_the_backbone_and_the_head():
+    """Full fine-tuning: the backbone's copy moves (at its own lower rate), the original does not, and
+    the tuned pair labels the volume."""
+    from DiffusionSegLib.methods.pretrain3d.probe import dice_per_label, fine_tune, predict_probe
+
+    volume = np.full((16, 20, 24), -1.0, np.float32)
+    labels = np.zeros(volume.shape, np.int64)
+    volume[2:14, 3:10, 4:20], labels[2:14, 3:10, 4:20] = 0.2, 1
+    volume[2:14, 12:18, 4:20], labels[2:14, 12:18, 4:20] = 0.8, 2
+    torch.manual_seed(0)
+    backbone = DenoisingBackbone((8, 16), norm_groups=4)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    tuned, head, losses = fine_tune(backbone, [volume], [labels], classes=3, steps=40, patch=(16, 16, 16),
+                                    lr=3e-2, backbone_lr=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    moved = [k for k, v in tuned.state_dict().items() if not torch.equal(before[k], v)]
+    assert len(moved) > 0.9 * len(before)
+    step = max((tuned.state_dict()[k] - before[k]).abs().max().item() for k in moved)
+    assert step < 40 * 1e-3 * 1.01  # Adam moves a weight at most about lr per step: the backbone's rate
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    prediction = predict_probe(tuned, head, volume, patch=(16, 16, 16))
+    assert min(dice_per_label(prediction, labels, 3)) > 0.5
 
 
 def test_dice_per_label_hand_computed():

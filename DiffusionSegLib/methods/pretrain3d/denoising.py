@@ -21,8 +21,6 @@ Crops are (B, 1, D, H, W); weights are written with safetensors next to a JSON c
 from __future__ import annotations
 
 import json
-import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from DiffusionSegLib.core.files import replace_folder
 from DiffusionSegLib.methods.blocks import Stage, conv_nd, norm_groups_for, timestep_embedding, upsample_conv
 from DiffusionSegLib.methods.diffusion import schedule_alphas_cumprod
-from DiffusionSegLib.methods.pretrain3d.coordinates import (BACKGROUND, CT_NORMALIZATION, CoordinateNet, load_weights,
-                                                             read_card, save_weights_and_card)
+from DiffusionSegLib.methods.pretrain3d.coordinates import (BACKGROUND, CT_NORMALIZATION, load_weights, read_card,
+                                                             save_weights_and_card)
 
 OBJECTIVES = ("diffusion", "restorative")
 WEIGHTS_FILE = "backbone.safetensors"
@@ -207,98 +204,16 @@ class PretrainConfig:
     checkpoint_every: int = 100
 
 
-def pretrain_backbone(volumes: Sequence[np.ndarray], config: PretrainConfig, out: str | Path,
-                      coordinate_net: CoordinateNet | None = None) -> tuple[DenoisingBackbone, list[dict[str, float]]]:
-    """Train a ``DenoisingBackbone`` on unlabelled volumes (D, H, W) normalised by ``ct_window``.
-
-    Every ``checkpoint_every`` steps the network, the optimiser, the random states and the log go
-    to ``out/checkpoint`` (swapped in by rename); a call with the same config and ``out`` resumes
-    from there and gives the weights an uninterrupted run gives. The finished backbone is written
-    with ``save_backbone``. ``coordinate_net`` (frozen) gives the coordinate targets; it is
-    required exactly when the objective's ``coordinate_weight`` > 0.
-    """
-    objective = config.objective
-    objective.check()
-    if (objective.coordinate_weight > 0) != (coordinate_net is not None):
-        raise ValueError("give a coordinate model exactly when coordinate_weight > 0")
-    out = Path(out)
-    torch.manual_seed(config.seed)
-    net = DenoisingBackbone(config.channels, coordinate_head=coordinate_net is not None)
-    if any(p % net.size_divisor for p in config.patch):
-        raise ValueError(f"patch {config.patch} is not a multiple of {net.size_divisor}")
-    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    log: list[dict[str, float]] = []
-    step = _resume(out / "checkpoint", config, net, optimiser, rng, generator, log)
-    net.train()
-    while step < config.steps:
-        clean = torch.from_numpy(random_crops(volumes, config.patch, config.batch, rng))
-        coords = None
-        if coordinate_net is not None:
-            with torch.no_grad():
-                coords = coordinate_net(clean)
-        for group in optimiser.param_groups:  # cosine decay to lr / 10, a function of the step alone
-            group["lr"] = config.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / max(config.steps, 1))))
-        losses = pretraining_loss(net, clean, coords, objective, generator)
-        optimiser.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimiser.step()
-        step += 1
-        log.append({"step": step, **{k: round(float(v.detach()), 6) for k, v in losses.items()}})
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(out / "checkpoint", config, net, optimiser, rng, generator, log)
-    net.eval()
-    save_backbone(out, net, config, {"steps": step, "final_loss": log[-1] if log else None})
-    return net, log
-
-
-def _config_dict(config: PretrainConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(config)))  # tuples -> lists, as the JSON card holds them
-
-
-def _save_checkpoint(folder: Path, config: PretrainConfig, net: nn.Module, optimiser: torch.optim.Optimizer,
-                     rng: np.random.Generator, generator: torch.Generator, log: list[dict[str, float]]) -> None:
-    from safetensors.torch import save_file
-
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.loss"] = generator.get_state()
-    save_file(tensors, str(partial / "weights.safetensors"))
-    torch.save(optimiser.state_dict(), partial / "optimizer.pt")  # read back with weights_only=True
-    (partial / "state.json").write_text(json.dumps({"config": _config_dict(config), "log": log,
-                                                    "rng": rng.bit_generator.state}), encoding="utf-8")
-    replace_folder(partial, folder)
-
-
-def _resume(folder: Path, config: PretrainConfig, net: nn.Module, optimiser: torch.optim.Optimizer,
-            rng: np.random.Generator, generator: torch.Generator, log: list[dict[str, float]]) -> int:
-    """Load ``folder`` into the run when it exists; the step reached (0 without a checkpoint)."""
-    from safetensors.torch import load_file
-
-    if not folder.exists():
-        return 0
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    if state["config"] != _config_dict(config):
-        raise ValueError(f"cannot resume from {folder}: it was written with another configuration")
-    tensors = load_file(str(folder / "weights.safetensors"))
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
-    optimiser.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(tensors["rng.torch"])
-    generator.set_state(tensors["rng.loss"])
-    rng.bit_generator.state = state["rng"]
-    log.extend(state["log"])
-    return int(log[-1]["step"]) if log else 0
+def config_dict(config: PretrainConfig) -> dict[str, Any]:
+    """The run's configuration as the JSON card and the checkpoint hold it (tuples become lists)."""
+    return json.loads(json.dumps(asdict(config)))
 
 
 def save_backbone(folder: str | Path, net: DenoisingBackbone, config: PretrainConfig,
                   extra: dict[str, Any] | None = None) -> Path:
     """Write ``backbone.safetensors`` and ``backbone.json`` (network, objective, normalisation) into ``folder``."""
     card = {"format": CARD_FORMAT, "kind": "pretrained_backbone_3d", "network": net.config(),
-            "pretraining": _config_dict(config), "normalization": CT_NORMALIZATION, **(extra or {})}
+            "pretraining": config_dict(config), "normalization": CT_NORMALIZATION, **(extra or {})}
     return save_weights_and_card(folder, WEIGHTS_FILE, CARD_FILE, net, card)
 
 

@@ -4,12 +4,14 @@ The published protocol trains only a small non-linear head on the frozen backbon
 labelled cases: the better the pretraining, the more the features already separate the organs.
 ``train_probe`` fits two 1x1x1 convolutions (features -> 32 -> labels + background) with
 cross-entropy on random crops; ``predict_probe`` labels a whole volume by Gaussian-blended sliding
-windows. Volumes are (D, H, W) normalised by ``coordinates.ct_window``, label maps (D, H, W) int with
+windows. ``fine_tune`` is the other protocol: the same head, with the backbone trained too at a
+lower rate. Volumes are (D, H, W) normalised by ``coordinates.ct_window``, label maps (D, H, W) int with
 0 = background.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -73,6 +75,35 @@ def train_probe(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labe
 
     ``classes`` counts the background: label values 0..classes-1. The backbone is never updated.
     """
+    backbone = backbone.eval().requires_grad_(False)
+    head, losses = _fit(backbone, None, volumes, labels, classes, steps, patch, batch, lr, seed,
+                        foreground_fraction, timestep)
+    return head, losses
+
+
+def fine_tune(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+              classes: int, steps: int = 300, patch: Sequence[int] = (32, 32, 32), batch: int = 2,
+              lr: float = 1e-2, backbone_lr: float = 1e-3, seed: int = 0,
+              foreground_fraction: float = 0.67) -> tuple[DenoisingBackbone, ProbeHead, list[float]]:
+    """Full fine-tuning, the other published downstream protocol: the same head and crops as
+    ``train_probe``, but a copy of the backbone is trained too, at ``backbone_lr`` (lower than the
+    head's ``lr``, so the pretrained features are adapted rather than overwritten). Features are read
+    at t = 0. Returns (the tuned copy in eval mode, head in eval mode, loss per step); ``backbone``
+    itself is left as it was.
+    """
+    import copy
+
+    tuned = copy.deepcopy(backbone).train().requires_grad_(True)
+    head, losses = _fit(tuned, backbone_lr, volumes, labels, classes, steps, patch, batch, lr, seed,
+                        foreground_fraction, 0)
+    return tuned.eval().requires_grad_(False), head, losses
+
+
+def _fit(backbone: DenoisingBackbone, backbone_lr: float | None, volumes: Sequence[np.ndarray],
+         labels: Sequence[np.ndarray], classes: int, steps: int, patch: Sequence[int], batch: int, lr: float,
+         seed: int, foreground_fraction: float, timestep: int) -> tuple[ProbeHead, list[float]]:
+    """The downstream loop: cross-entropy of the head on the backbone's features of random crops;
+    the backbone is trained too when ``backbone_lr`` is given (else it must be frozen)."""
     if len(volumes) != len(labels) or any(v.shape != lab.shape for v, lab in zip(volumes, labels)):
         raise ValueError("every volume needs a label map of its own shape")
     if any(int(lab.max()) >= classes or int(lab.min()) < 0 for lab in labels):
@@ -80,9 +111,11 @@ def train_probe(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labe
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    backbone = backbone.eval().requires_grad_(False)
     head = ProbeHead(backbone.channels[0], classes)
-    optimiser = torch.optim.Adam(head.parameters(), lr=lr)
+    groups = [{"params": list(head.parameters()), "base_lr": lr}]
+    if backbone_lr is not None:
+        groups.append({"params": list(backbone.parameters()), "base_lr": backbone_lr})
+    optimiser = torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
     volumes = [_padded(v, patch, BACKGROUND) for v in volumes]
     labels = [_padded(lab, patch, 0) for lab in labels]
     losses = []
@@ -94,11 +127,11 @@ def train_probe(backbone: DenoisingBackbone, volumes: Sequence[np.ndarray], labe
             region = tuple(slice(s, s + p) for s, p in zip(start, patch))
             images.append(volumes[k][region])
             targets.append(labels[k][region])
-        with torch.no_grad():
-            features = noised_features(backbone, torch.from_numpy(np.stack(images)[:, None].astype(np.float32)),
-                                       timestep, generator)
-        for group in optimiser.param_groups:
-            group["lr"] = lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / max(steps, 1))))
+        x = torch.from_numpy(np.stack(images)[:, None].astype(np.float32))
+        with torch.no_grad() if backbone_lr is None else contextlib.nullcontext():
+            features = noised_features(backbone, x, timestep, generator)
+        for group in optimiser.param_groups:  # cosine decay to a tenth, a function of the step alone
+            group["lr"] = group["base_lr"] * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / max(steps, 1))))
         loss = F.cross_entropy(head(features), torch.from_numpy(np.stack(targets).astype(np.int64)))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
