@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                             batch=args.batch, steps=args.steps, lr=args.lr, seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
     try:
-        _, losses = pretrain_backbone(volumes, config, args.output, coordinate_net, device=args.device)
+        _, losses = pretrain_backbone(volumes, config, args.output, coordinate_net, device=args.device,
+                                      card_extra={"spacing_mm": [spacing] * 3})
     except ValueError as err:
         raise DiffusionSegError(str(err)) from None
     if not distributed.is_main():  # under torchrun rank 0 alone writes and reports

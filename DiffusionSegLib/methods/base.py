@@ -69,6 +69,13 @@ class SegmentationMethod(ABC):
 
     # -- training -------------------------------------------------------------------------------
 
+    def load_pretrained_encoder(self, net: "torch.nn.Module", backbone: "torch.nn.Module") -> list[str]:
+        """Initialise the network's image encoder from a pretrained 3D backbone (``diffusionseg pretrain``);
+        returns the names of the parameters set. Methods without such an encoder refuse."""
+        from DiffusionSegLib.core.errors import DiffusionSegError
+
+        raise DiffusionSegError(f"{self.title} has no image encoder that a pretrained backbone can initialise")
+
     def prepare_training(self, card: "ModelCard") -> Any:
         """State the objective needs across steps (e.g. the noise schedule); None when it needs none."""
         return None

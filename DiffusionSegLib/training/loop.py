@@ -100,6 +100,8 @@ class TrainConfig:
     boundary_jitter_mm: float = 0.0
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
+    # A folder from ``diffusionseg pretrain``: its encoder initialises the image encoder (3D MedSegDiff)
+    pretrained_backbone: str | None = None
     # written to the card: "off" | "mean" | "published" (true = "mean", false = "off"); None = the method's default
     default_crf: bool | str | None = None
     shown_labels: list[str] = field(default_factory=list)  # written to the card; empty = output every label
@@ -161,6 +163,11 @@ class TrainConfig:
             problems.append(f"boundary_jitter_mm with method '{self.method}' (it moves mask boundaries: needs masks)")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay {self.ema_decay} (use 0 <= decay < 1)")
+        if self.pretrained_backbone and self.spatial_dims != 3:
+            problems.append("pretrained_backbone with a 2D model (a pretrained 3D backbone initialises 3D models)")
+        elif self.pretrained_backbone and not Path(self.pretrained_backbone, "backbone.json").is_file():
+            problems.append(f"pretrained_backbone {self.pretrained_backbone} (no backbone.json there: "
+                            "a folder written by diffusionseg pretrain is needed)")
         if problems:
             raise DiffusionSegError("invalid training settings: " + "; ".join(problems))
 
@@ -367,6 +374,11 @@ class _Run:
         divisor = int(getattr(self.net, "size_divisor", 1))
         if any(p % divisor for p in config.patch_size):
             raise DiffusionSegError(f"patch_size {config.patch_size} must be a multiple of {divisor} for this network")
+        self.pretrained = None
+        if config.pretrained_backbone:  # before the EMA copy, so the EMA starts from the pretrained weights too
+            from DiffusionSegLib.training.pretrain import load_pretrained_encoder
+
+            self.pretrained = load_pretrained_encoder(self.method, self.net, self.card, config.pretrained_backbone)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         # One group per part the method trains at its own rate (``start_step`` sets each group's factor).
         self.optimizer = torch.optim.AdamW([{"params": group} for group in self.method.parameter_groups(self.net)],
@@ -705,6 +717,7 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, device: Any,
         "selected_step": run.best["step"] if run.best is not None else run.step,
         "config": dataclasses.asdict(config),
         **({"processes": run.world} if run.world > 1 else {}),  # data-parallel: batch_size is the global batch
+        **({"pretrained_backbone": run.pretrained} if run.pretrained else {}),
     }
     if run.method.supervision == Supervision.IMAGE_LABELS:
         _finish_image_label_run(run, final_state)

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from DiffusionSegLib.core.errors import DiffusionSegError
 from DiffusionSegLib.core.files import replace_folder
 from DiffusionSegLib.methods.registry import pretraining
 from DiffusionSegLib.training import distributed
 
-__all__ = ["pretrain_backbone", "CHECKPOINT"]
+__all__ = ["pretrain_backbone", "load_pretrained_encoder", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint"
 
@@ -44,8 +45,8 @@ class _PretrainLoss(nn.Module):
 
 
 def pretrain_backbone(volumes: Sequence[np.ndarray], config: Any, out: str | Path,
-                      coordinate_net: nn.Module | None = None,
-                      device: str | torch.device = "cpu") -> tuple[nn.Module, list[dict[str, float]]]:
+                      coordinate_net: nn.Module | None = None, device: str | torch.device = "cpu",
+                      card_extra: dict[str, Any] | None = None) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a ``DenoisingBackbone`` on unlabelled volumes (D, H, W) normalised by ``ct_window``.
 
     config: a ``denoising.PretrainConfig``; ``config.batch`` is the global batch (split over the
@@ -54,7 +55,8 @@ def pretrain_backbone(volumes: Sequence[np.ndarray], config: Any, out: str | Pat
     same config and ``out`` resumes from there and gives the weights an uninterrupted run gives.
     The finished backbone is written with ``save_backbone`` (rank 0). ``coordinate_net`` (frozen)
     gives the coordinate targets; it is required exactly when the objective's ``coordinate_weight``
-    > 0. Returns (backbone on the CPU in eval mode, log: one dict of losses per step, rank mean).
+    > 0. ``card_extra`` goes into the backbone's card (e.g. the grid's ``spacing_mm``). Returns
+    (backbone on the CPU in eval mode, log: one dict of losses per step, rank mean).
     """
     from DiffusionSegLib.core.device import resolve_device
 
@@ -65,11 +67,11 @@ def pretrain_backbone(volumes: Sequence[np.ndarray], config: Any, out: str | Pat
     distributed.local_batch(config.batch, distributed.world_size())  # before any process waits for another
     device = distributed.device_for(resolve_device(device) if isinstance(device, str) else device)
     with distributed.process_group(device):
-        return _pretrain(volumes, config, Path(out), coordinate_net, device)
+        return _pretrain(volumes, config, Path(out), coordinate_net, device, card_extra or {})
 
 
 def _pretrain(volumes: Sequence[np.ndarray], config: Any, out: Path, coordinate_net: nn.Module | None,
-              device: torch.device) -> tuple[nn.Module, list[dict[str, float]]]:
+              device: torch.device, card_extra: dict[str, Any]) -> tuple[nn.Module, list[dict[str, float]]]:
     denoising = pretraining().denoising
     world, rank = distributed.world_size(), distributed.rank()
     rows = distributed.local_batch(config.batch, world)
@@ -110,7 +112,7 @@ def _pretrain(volumes: Sequence[np.ndarray], config: Any, out: Path, coordinate_
             distributed.barrier()
     net.cpu().eval()
     if distributed.is_main():
-        denoising.save_backbone(out, net, config, {"steps": step, "final_loss": log[-1] if log else None,
+        denoising.save_backbone(out, net, config, {**card_extra, "steps": step, "final_loss": log[-1] if log else None,
                                                    **({"processes": world} if world > 1 else {})})
     distributed.barrier()
     return net, log
@@ -156,3 +158,43 @@ def _resume(folder: Path, config: Any, net: nn.Module, optimiser: torch.optim.Op
     log.extend(state["log"])
     return int(log[-1]["step"]) if log else 0
 
+
+
+def load_pretrained_encoder(method: Any, net: nn.Module, card: Any, folder: str | Path) -> dict[str, Any]:
+    """Initialise ``net``'s image encoder from the backbone in ``folder`` (``diffusionseg pretrain``),
+    after checking that the backbone saw inputs as this model will: the same CT window (else the
+    features read other numbers) and, with a warning only, the same grid spacing.
+
+    Returns what the model card records: folder, objective, pretraining steps, parameters set.
+    DiffusionSegError for an unreadable backbone, another normalisation, or a network it does not fit.
+    """
+    import logging
+
+    denoising = pretraining().denoising
+    try:
+        backbone, backbone_card = denoising.load_backbone(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise DiffusionSegError(f"cannot read the pretrained backbone {folder}: {err}") from None
+    window = backbone_card.get("normalization", {})
+    norm = card.normalization or {}
+    same_window = (norm.get("kind") == "ct_window" and window.get("kind") == "ct_window"
+                   and abs(norm["center"] - norm["width"] / 2 - window["low_hu"]) < 1e-6
+                   and abs(norm["center"] + norm["width"] / 2 - window["high_hu"]) < 1e-6)
+    if not same_window:
+        low, high = float(window.get("low_hu", "nan")), float(window.get("high_hu", "nan"))
+        raise DiffusionSegError(
+            f"the pretrained backbone {folder} saw CT scaled from {low:g}..{high:g} HU to [-1, 1]; this model's "
+            f"normalization is {norm}: use {{\"kind\": \"ct_window\", \"center\": {(low + high) / 2:g}, "
+            f"\"width\": {high - low:g}}}")
+    spacing = backbone_card.get("spacing_mm")
+    if spacing is not None and card.spacing is not None and any(abs(float(a) - float(b)) > 1e-3
+                                                                for a, b in zip(card.spacing, spacing)):
+        logging.getLogger("diffusionseg").warning(
+            "the pretrained backbone saw a %s mm grid, this model's grid is %s mm: its features may not transfer",
+            spacing, card.spacing)
+    try:
+        names = method.load_pretrained_encoder(net, backbone.to(next(net.parameters()).device))
+    except ValueError as err:
+        raise DiffusionSegError(f"the pretrained backbone {folder} does not fit this network: {err}") from None
+    return {"folder": str(folder), "objective": backbone_card["pretraining"]["objective"],
+            "pretraining_steps": backbone_card.get("steps"), "spacing_mm": spacing, "parameters_set": len(names)}

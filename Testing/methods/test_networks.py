@@ -353,3 +353,33 @@ def test_the_decoders_never_make_the_upsampled_tensor(monkeypatch):
     assert net(torch.randn(2, 2, 16, 24), torch.randn(2, 1, 16, 24), torch.tensor([5, 9])).shape == (2, 2, 16, 24)
     uni = UniSegDiffNet(out_channels=2, channels=[8, 16, 32], norm_groups=4)
     assert uni(torch.randn(2, 2, 16, 24), torch.randn(2, 1, 16, 24), torch.tensor([5, 9])).shape == (2, 2, 16, 24)
+
+
+def test_a_pretrained_3d_backbone_becomes_the_image_encoder_of_a_3d_medsegdiff():
+    """After ``load_image_encoder`` the image branch computes the backbone's encoder features (same time
+    embedding, same stages); the mask branch is untouched; other widths and 2D networks are refused."""
+    from DiffusionSegLib.methods.blocks import timestep_embedding
+    from DiffusionSegLib.methods.pretrain3d.denoising import DenoisingBackbone
+
+    torch.manual_seed(0)
+    backbone = DenoisingBackbone((8, 16, 32), norm_groups=4)
+    net = MedSegDiffUNet(spatial_dims=3, channels=(8, 16, 32, 64), norm_groups=4)
+    mask_before = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("mask_encoder.")}
+    names = net.load_image_encoder(backbone.state_dict())
+    assert "image_encoder.stem.weight" in names and "time_mlp.0.weight" in names
+    assert not any(n.startswith(("mask_encoder.", "decoder.", "bottleneck.")) for n in names)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in mask_before.items())
+    x, t = torch.randn(2, 1, 8, 8, 8), torch.tensor([0, 500])
+    with torch.no_grad():
+        expected = backbone.encode(x, t)
+        temb = net.time_mlp(timestep_embedding(t, 8))
+        h = net.image_encoder.stem(x)
+        for i in range(3):
+            h = net.image_encoder.stages[i](h, temb)
+            torch.testing.assert_close(h, expected[i])
+            if i < 2:
+                h = net.image_encoder.downs[i](h)
+    with pytest.raises(ValueError, match="does not fit"):
+        MedSegDiffUNet(spatial_dims=3, channels=(16, 32, 64), norm_groups=4).load_image_encoder(backbone.state_dict())
+    with pytest.raises(ValueError, match="3D networks only"):
+        MedSegDiffUNet(spatial_dims=2, channels=(8, 16, 32), norm_groups=4).load_image_encoder(backbone.state_dict())

@@ -124,3 +124,58 @@ def test_two_processes_pretrain_as_one_process_with_the_same_global_batch(tmp_pa
     assert diff.pow(2).mean().sqrt().item() <= WEIGHT_RMS
     _, card = load_backbone(two)
     assert card["processes"] == 2 and card["pretraining"]["batch"] == 4
+
+
+def _write_3d_organ_dataset(root) -> None:
+    """3 small CTs (a soft-tissue body in air, a brighter 'organ' inside) with the organ as label 1."""
+    import SimpleITK as sitk
+
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        hu = np.full((16, 16, 16), -1000.0)
+        hu[2:14, 2:14, 2:14] = 40.0 + rng.normal(0, 10, (12, 12, 12))
+        organ = np.zeros(hu.shape, np.uint8)
+        organ[5:11, 4 + i:10 + i, 5:11] = 1
+        hu[organ == 1] += 100.0
+        for sub, array in (("imagesTr", hu.astype(np.int16)), ("labelsTr", organ)):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((4.0, 4.0, 4.0))
+            sitk.WriteImage(image, str(root / sub / f"c{i}.nii.gz"))
+
+
+def test_a_3d_medsegdiff_starts_from_a_pretrained_backbone(tmp_path):
+    """``pretrained_backbone``: the image encoder starts from the backbone's weights (lr 0 keeps them, so the
+    written model holds them exactly) and the card says so; another CT window is refused before training."""
+    from safetensors.torch import load_file
+
+    from DiffusionSegLib.methods.pretrain3d.denoising import DenoisingBackbone, save_backbone
+    from DiffusionSegLib.training.loop import TrainConfig, train
+
+    data = tmp_path / "data"
+    _write_3d_organ_dataset(data)
+    torch.manual_seed(3)
+    backbone = DenoisingBackbone((8, 16), norm_groups=4)
+    save_backbone(tmp_path / "backbone", backbone, PretrainConfig(channels=(8, 16)), {"spacing_mm": [4.0] * 3})
+    base = dict(method="medsegdiff", spatial_dims=3, network={"channels": [8, 16, 32], "norm_groups": 4},
+                patch_size=[8, 8, 8], spacing=[4.0, 4.0, 4.0], batch_size=2, lr=0.0, steps=1, val_every=1,
+                checkpoint_every=1, val_cases=1, val_samples=1, val_steps=1, seed=0, device="cpu",
+                normalization={"kind": "ct_window", "center": 0, "width": 2000},
+                pretrained_backbone=str(tmp_path / "backbone"))
+    card = train(data, tmp_path / "model", TrainConfig(**base), progress=False)
+    record = card.training["pretrained_backbone"]
+    assert record["objective"]["kind"] == "diffusion" and record["parameters_set"] > 10
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    for key, value in backbone.state_dict().items():
+        if key.startswith(("stem.", "encoder.0.", "downs.0.")):
+            mapped = key.replace("stem.", "image_encoder.stem.", 1).replace("encoder.0.", "image_encoder.stages.0.", 1)
+            mapped = mapped.replace("downs.0.", "image_encoder.downs.0.", 1)
+            assert torch.equal(weights[mapped], value), key
+
+    with pytest.raises(DiffusionSegError, match="-1000..1000 HU"):
+        train(data, tmp_path / "soft", TrainConfig(**{**base, "normalization": {"kind": "ct_window", "center": 50,
+                                                                                  "width": 400}}), progress=False)
+    assert not (tmp_path / "soft").exists()
+    with pytest.raises(DiffusionSegError, match="2D model"):
+        TrainConfig(**{**base, "spatial_dims": 2, "patch_size": [8, 8]}).check()

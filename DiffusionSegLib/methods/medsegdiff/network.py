@@ -9,7 +9,7 @@ predicts the diffusion target. 2D and 3D (``spatial_dims``), any size that is a 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -218,6 +218,36 @@ class MedSegDiffUNet(nn.Module):
         )
         self.out = nn.Sequential(nn.GroupNorm(norm_groups_for(channels[0], norm_groups), channels[0]), nn.SiLU(),
                                  conv(channels[0], out_channels, 3, padding=1))
+
+    def load_image_encoder(self, backbone_state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Copy a pretrained 3D backbone's encoder (``pretrain3d.denoising.DenoisingBackbone``) into the
+        image encoder: its ``stem``, ``encoder.i`` and ``downs.i`` become ``image_encoder.stem``,
+        ``.stages.i`` and ``.downs.i`` for every level both have, and its ``time_mlp`` this network's
+        (the pretrained stages then see the time embedding they were trained with). The architectures
+        match when the first widths agree (e.g. backbone 16-32-64, MedSegDiff 16-32-64-128). Returns
+        the names set; ValueError when a shape differs or nothing matches.
+        """
+        if self.spatial_dims != 3:
+            raise ValueError("a pretrained 3D backbone initialises 3D networks only (spatial_dims 3)")
+        mapping = {"stem.": "image_encoder.stem.", "time_mlp.": "time_mlp."}
+        mapping.update({f"encoder.{i}.": f"image_encoder.stages.{i}." for i in range(len(self.image_encoder.stages))})
+        mapping.update({f"downs.{i}.": f"image_encoder.downs.{i}." for i in range(len(self.image_encoder.downs))})
+        own = self.state_dict()
+        new: dict[str, torch.Tensor] = {}
+        for key, value in backbone_state.items():
+            prefix = next((p for p in mapping if key.startswith(p)), None)
+            if prefix is None:
+                continue  # the backbone's decoder and heads have no counterpart here
+            target = mapping[prefix] + key[len(prefix):]
+            if target not in own or own[target].shape != value.shape:
+                found = "missing" if target not in own else f"shape {tuple(own[target].shape)}"
+                raise ValueError(f"the pretrained backbone's {key} {tuple(value.shape)} does not fit this network's "
+                                 f"{target} ({found}): use the backbone's widths for the first levels")
+            new[target] = value
+        if not any(k.startswith("image_encoder.stages.") for k in new):
+            raise ValueError("the pretrained backbone has no encoder stage this network can take")
+        self.load_state_dict(new, strict=False)
+        return sorted(new)
 
     def forward(self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor,
                 image_index: torch.Tensor | None = None) -> torch.Tensor:
