@@ -157,16 +157,16 @@ def train_config(**kwargs) -> TrainConfig:
 
 
 def write_body_ct(path: Path, flip: bool = False, size: tuple[int, int, int] = (24, 20, 12),
-                  texture_seed: int | None = None) -> None:
-    """A body-like ellipse of soft tissue (40 HU) in air (x, y, z = ``size``, 2 x 2 x 3 mm), stored with a
-    flipped x axis when asked; ``texture_seed`` adds +-30 HU of noise inside the body."""
+                  texture_seed: int | None = None, spacing: tuple[float, float, float] = (2.0, 2.0, 3.0)) -> None:
+    """A body-like ellipse of soft tissue (40 HU) in air (x, y, z = ``size`` voxels of ``spacing`` mm), stored
+    with a flipped x axis when asked; ``texture_seed`` adds +-30 HU of noise inside the body."""
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in reversed(size)], indexing="ij")
     body = x ** 2 + (y / 0.7) ** 2 < 0.8
     hu = np.where(body, 40.0, -1000.0)
     if texture_seed is not None:
         hu = hu + body * np.random.default_rng(texture_seed).uniform(-30, 30, hu.shape)
     image = sitk.GetImageFromArray(hu.astype(np.int16))
-    image.SetSpacing((2.0, 2.0, 3.0))
+    image.SetSpacing(spacing)
     if flip:
         image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
     sitk.WriteImage(image, str(path))

@@ -91,8 +91,13 @@ def to_isotropic(image, spacing: float, labels: bool = False):
     size = [max(1, int(round(n * s / spacing))) for n, s in zip(image.GetSize(), image.GetSpacing())]
     # Smooth before going coarser, so the grid does not alias fine structure.
     sigma = [max(0.0, (spacing - s) / 2.0) for s in image.GetSpacing()]
-    if not labels and any(sigma):
-        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    if not labels:
+        for axis, s in enumerate(sigma):  # axis by axis: one already as coarse as the grid stays unsmoothed
+            if s > 0:
+                smooth = sitk.RecursiveGaussianImageFilter()
+                smooth.SetDirection(axis)
+                smooth.SetSigma(s)
+                image = smooth.Execute(image)
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
                          image.GetOrigin(), [spacing] * 3, image.GetDirection(), 0 if labels else -1000.0,
                          image.GetPixelID() if labels else sitk.sitkFloat32)

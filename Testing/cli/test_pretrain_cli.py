@@ -20,6 +20,7 @@ def test_pretrain_writes_a_backbone_from_a_folder_of_cts(tmp_path, capsys):
     cts.mkdir()
     write_body_ct(cts / "a.nii.gz")
     write_body_ct(cts / "b.nrrd", flip=True)
+    write_body_ct(cts / "c_thick.nii.gz", size=(24, 20, 8), spacing=(2.0, 2.0, 5.0))  # slices coarser than the grid
     (cts / "notes.txt").write_text("not a CT")
     out = tmp_path / "backbone"
     assert main(["pretrain", str(cts), "-o", str(out), "--spacing", "4", *TINY]) == 0
@@ -28,7 +29,8 @@ def test_pretrain_writes_a_backbone_from_a_folder_of_cts(tmp_path, capsys):
     net, card = load_backbone(out)
     assert card["pretraining"]["objective"]["kind"] == "diffusion" and not card["network"]["coordinate_head"]
     log = json.loads((out / "pretraining_log.json").read_text())
-    assert len(log["inputs"]) == 2 and log["spacing_mm"] == 4.0 and [s[0] for s in log["shapes"]] == [9, 9]
+    assert len(log["inputs"]) == 3 and log["spacing_mm"] == 4.0 and [s[0] for s in log["shapes"]] == [9, 9, 10]
+    assert card["spacing_mm"] == [4.0, 4.0, 4.0]
     assert len(log["losses"]) == 3 and all(np.isfinite(r["total"]) for r in log["losses"])
 
 
