@@ -240,6 +240,7 @@ def sample_masks(
 
     window = card.patch_shape() if card.spatial_dims == 3 else None
     windowed, labels = needs_windows(spatial, window), card.out_channels
+    overlap = card.windows_overlap()
     if windowed:  # memory is one window per item, not the whole volume
         batch_size = min(batch_size, 4)
 
@@ -269,7 +270,7 @@ def sample_masks(
                 if windowed:  # a 3D volume larger than the training crop: crop-sized windows, one step
                     pred = in_windows(lambda patch: net(patch[:, :labels], patch[:, labels:],
                                                         t_batch[:1].expand(patch.shape[0])),
-                                      torch.cat([x, cond], dim=1), window, x.shape[0])
+                                      torch.cat([x, cond], dim=1), window, x.shape[0], overlap)
                 elif image_index is not None:
                     pred = net(x, cond, t_batch, image_index=image_index)
                 else:

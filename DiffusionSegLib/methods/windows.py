@@ -23,15 +23,16 @@ def needs_windows(spatial: tuple[int, ...], window: tuple[int, ...] | None) -> b
 
 
 def in_windows(predict: Callable[["torch.Tensor"], "torch.Tensor"], inputs: "torch.Tensor",
-               window: tuple[int, ...] | None, windows_per_call: int) -> "torch.Tensor":
+               window: tuple[int, ...] | None, windows_per_call: int, overlap: float = OVERLAP) -> "torch.Tensor":
     """``predict(inputs)`` computed window by window when the items are larger than ``window``.
 
     inputs: (B, C, *spatial); predict maps (b, C, *window) -> (b, L, *window). Returns (B, L, *spatial).
-    ``windows_per_call`` windows (from any of the B items) go through ``predict`` together.
+    ``windows_per_call`` windows (from any of the B items) go through ``predict`` together;
+    neighbouring windows overlap by ``overlap`` of the window (the card's ``window_overlap``).
     """
     if not needs_windows(tuple(inputs.shape[2:]), window):
         return predict(inputs)
     from monai.inferers import sliding_window_inference
 
-    return sliding_window_inference(inputs, list(window), max(1, windows_per_call), predict, overlap=OVERLAP,
+    return sliding_window_inference(inputs, list(window), max(1, windows_per_call), predict, overlap=overlap,
                                     mode="gaussian")

@@ -43,6 +43,35 @@ def test_windows_cover_the_volume_and_agree_with_one_call_for_a_position_indepen
     assert torch.equal(in_windows(predict, small, (8, 8, 8), 4), small[:, :1] * 2.0) and len(calls) == 1
 
 
+def test_less_overlap_means_fewer_windows_with_the_same_coverage():
+    """The card's ``window_overlap``: 0.25 steps 6 voxels through an 8-voxel window, 0.5 steps 4."""
+    calls = {0.5: 0, 0.25: 0}
+    volume = torch.randn(1, 2, 20, 20, 20)
+    for overlap in calls:
+        def predict(patch: torch.Tensor, overlap=overlap) -> torch.Tensor:
+            calls[overlap] += patch.shape[0]
+            return patch[:, :1] * 2.0
+
+        out = in_windows(predict, volume, (8, 8, 8), windows_per_call=64, overlap=overlap)
+        torch.testing.assert_close(out, volume[:, :1] * 2.0, rtol=1e-5, atol=1e-5)
+    # window starts 0, 4, 8, 12 per axis (stride 4) against 0, 6, 12 (stride 6): 64 windows against 27
+    assert calls == {0.5: 4 ** 3, 0.25: 3 ** 3}
+
+
+def test_a_card_with_an_impossible_window_overlap_is_refused_when_read():
+    import dataclasses
+
+    import pytest
+
+    from DiffusionSegLib.core.errors import ModelLoadError
+
+    data = dataclasses.asdict(card_3d("medsegdiff"))
+    assert ModelCard.from_dict({**data, "window_overlap": 0.25}).windows_overlap() == 0.25
+    for bad in (1.0, -0.1, "half", True):
+        with pytest.raises(ModelLoadError, match="window_overlap"):
+            ModelCard.from_dict({**data, "window_overlap": bad})
+
+
 def test_a_3d_diffusion_model_samples_a_volume_larger_than_its_crop_in_windows():
     card = card_3d("medsegdiff")
     method = get_method("medsegdiff")

@@ -48,7 +48,8 @@ class SupervisedUNetMethod(SegmentationMethod):
         from DiffusionSegLib.methods.unet.network import predict_supervised
 
         window = card.patch_shape() if card.spatial_dims == 3 else None
-        return predict_supervised(net, images, batch_size, amp, progress, binary=True, window=window)
+        return predict_supervised(net, images, batch_size, amp, progress, binary=True, window=window,
+                                  overlap=card.windows_overlap())
 
     def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
         return net(images)

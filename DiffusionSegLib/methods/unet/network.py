@@ -78,13 +78,14 @@ def supervised_loss(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> 
 
 def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | None = None, amp: bool = False,
                        progress: Callable[[int, int], None] | None = None, binary: bool = False,
-                       window: tuple[int, ...] | None = None) -> torch.Tensor:
+                       window: tuple[int, ...] | None = None, overlap: float = 0.5) -> torch.Tensor:
     """One forward pass per image, sigmoid: the supervised counterpart of ``diffusion.sample_masks``.
 
     images: (B, C, *spatial) on the network's device. Deterministic (no noise, no seed).
     Returns (1, B, L, *spatial) float32 probabilities in [0, 1] on the CPU: the layout of
     ``sample_masks`` with a single "sample" (threshold at 0.5 for the mask). Chunks of
-    ``batch_size`` images (from free memory when None), halved on out-of-memory.
+    ``batch_size`` images (from free memory when None), halved on out-of-memory. A 3D image larger
+    than ``window`` goes through in windows overlapping by ``overlap``.
     """
     from DiffusionSegLib.core.device import (activation_bytes, auto_batch_size, autocast, for_each_chunk,
                                              keep_freed_memory_for_reuse)
@@ -103,7 +104,7 @@ def predict_supervised(net: nn.Module, images: torch.Tensor, batch_size: int | N
     def predict_chunk(start: int, stop: int, chunk: int, n_chunks: int) -> None:
         with autocast(device, amp):
             # A volume larger than ``window`` (the 3D training crop) goes through in crop-sized windows.
-            logits = in_windows(net, images[start:stop], window, stop - start)
+            logits = in_windows(net, images[start:stop], window, stop - start, overlap)
         probability = torch.sigmoid(logits.float()).cpu()
         chunks.append((probability > 0.5).to(torch.uint8) if binary else probability)
         if progress is not None:
