@@ -7,7 +7,8 @@ Unlabelled pretraining and the probe's labels both come from the training CT of 
 except the validation slab, which is not used); the probe is scored once on the held-out CT
 (imagesTs/labelsTs), Dice per organ on the isotropic grid. For each seed, three backbones of the same
 architecture: random (no pretraining), restorative and diffusion pretraining (``diffusionseg pretrain``'s
-objectives, the same steps); each gets a probe (``methods/pretrain3d/probe.py``) with the same steps:
+objectives, the same steps; "diffusion+coordinates" adds the anatomical-coordinate head trained on a frozen
+``--coordinates`` model, the multi-task guidance); each gets a probe (``methods/pretrain3d/probe.py``) with the same steps:
 a head on the frozen backbone and/or full fine-tuning (the "none" backbone fine-tuned is training from
 scratch). Prints one JSON line per (seed, backbone, protocol) and writes them all to OUT/probe.json. Labels are
 TotalSegmentator's own predictions (see DATA/dataset.json), not manual ground truth.
@@ -50,7 +51,12 @@ def main() -> int:
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--probe-steps", type=int, default=300)
     p.add_argument("--seeds", default="0")
-    p.add_argument("--backbones", default="none,restorative,diffusion", help="comma list of the three kinds")
+    p.add_argument("--backbones", default="none,restorative,diffusion",
+                   help="comma list of none, restorative, diffusion, and either objective with '+coordinates' "
+                        "(anatomical guidance by the --coordinates model)")
+    p.add_argument("--coordinates", type=Path, default=None,
+                   help="anatomical coordinate model folder (scripts/train_coordinate_model.py, same --spacing)")
+    p.add_argument("--coordinate-weight", type=float, default=1.0, help="weight of the coordinate loss")
     p.add_argument("--protocols", default="frozen",
                    help="comma list: frozen (a head on the frozen backbone) and/or fine-tuned (backbone trained "
                         "too, at --backbone-lr)")
@@ -59,6 +65,14 @@ def main() -> int:
                    help="noise level the features are read at (0: the clean image; see probe.noised_features)")
     args = p.parse_args()
     parts = pretraining()
+    coordinate_net = None
+    if any(kind.endswith("+coordinates") for kind in args.backbones.split(",")):
+        if args.coordinates is None:
+            raise SystemExit("a '+coordinates' backbone needs --coordinates DIR (scripts/train_coordinate_model.py)")
+        coordinate_net, coordinate_card = parts.coordinates.load_coordinate_model(args.coordinates)
+        trained = coordinate_card.get("spacing_mm")
+        if trained is not None and any(abs(t - args.spacing) > 1e-3 for t in trained):
+            raise SystemExit(f"--spacing {args.spacing} differs from the coordinate model's {trained}")
     meta = json.loads((args.data / "dataset.json").read_text())
     names = {int(k): v for k, v in meta["labels"].items()}
     classes = max(names) + 1
@@ -75,10 +89,15 @@ def main() -> int:
                 torch.manual_seed(seed)
                 backbone = parts.denoising.DenoisingBackbone()
             else:
-                config = parts.denoising.PretrainConfig(objective=parts.denoising.PretrainObjective(kind=kind),
-                                                        steps=args.pretrain_steps, seed=seed)
+                # "KIND+coordinates": the same objective plus the anatomical-coordinate head (multi-task).
+                objective, guided = kind.removesuffix("+coordinates"), kind.endswith("+coordinates")
+                config = parts.denoising.PretrainConfig(
+                    objective=parts.denoising.PretrainObjective(
+                        kind=objective, coordinate_weight=args.coordinate_weight if guided else 0.0),
+                    steps=args.pretrain_steps, seed=seed)
                 backbone, _ = pretrain_backbone([v for v, _ in train], config,
-                                                args.out / f"{kind}_seed{seed}")
+                                                args.out / f"{kind.replace('+', '_')}_seed{seed}",
+                                                coordinate_net if guided else None)
             pretrain_s = time.perf_counter() - start
             for protocol in args.protocols.split(","):
                 row = evaluate(parts, protocol, backbone, train, test, classes, names, args, seed)

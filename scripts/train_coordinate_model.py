@@ -106,6 +106,25 @@ def partner_labels(ct_4mm: sitk.Image, ct_native: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(to_grid(merged_image, 0, label=True, reference=ct_4mm))
 
 
+def ct_files(paths: list[Path]) -> dict[str, Path]:
+    """{name: file} for CT files given directly or found in folders (NIfTI, NRRD, MHA); name = file stem."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        files = sorted(f for f in path.iterdir() if f.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha"))) \
+            if path.is_dir() else [path]
+        for f in files:
+            found[f.name.split(".")[0]] = f
+    if not found:
+        raise SystemExit(f"no CT file in {', '.join(map(str, paths))}")
+    return found
+
+
+def shown(path: Path) -> str:
+    """The path relative to the repository when it lies inside, else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
     total = int(a.sum() + b.sum())
     return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
@@ -128,17 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shift", type=int, default=8, help="voxels between the two crops, per axis")
     parser.add_argument("--consistency-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cts", type=Path, nargs="+", default=None,
+                        help="training CT files or folders (default: the two above; e.g. data/pretrain_ct from "
+                             "scripts/make_pretraining_cts.py). The held-out CT must not be among them")
     args = parser.parse_args(argv)
+    train_cts = TRAIN_CTS if args.cts is None else ct_files(args.cts)
+    if any(path.resolve() == HELD_OUT[1].resolve() for path in train_cts.values()):
+        parser.error(f"the held-out CT {HELD_OUT[1]} is among --cts")
     torch.set_num_threads(1)
     started = time.time()
 
     natives, grids, volumes = {}, {}, {}
-    for name, path in {**TRAIN_CTS, HELD_OUT[0]: HELD_OUT[1]}.items():
+    for name, path in {**train_cts, HELD_OUT[0]: HELD_OUT[1], PARTNER: TRAIN_CTS[PARTNER]}.items():
         natives[name] = sitk.ReadImage(str(path))
         grids[name] = to_grid(natives[name], args.spacing)
         volumes[name] = sitk.GetArrayFromImage(grids[name])
     spacing = (args.spacing,) * 3
-    train = [(ct_window(volumes[name]), spacing) for name in TRAIN_CTS]
+    train = [(ct_window(volumes[name]), spacing) for name in train_cts]
     print(f"CTs at {args.spacing} mm: " + ", ".join(f"{n} {v.shape}" for n, v in volumes.items())
           + f" (held out: {HELD_OUT[0]}); prepared in {time.time() - started:.0f} s")
 
@@ -156,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     print("  steps        total  distance  consistency")
     for row in curve:
         print(f"  {row['steps']:<11} {row['total']:6.1f}  {row['distance']:8.1f}  {row['consistency']:11.1f}")
+
+    training_data = [{"name": n, "file": shown(p), "sha256": sha256_of(p)} for n, p in train_cts.items()]
+    card = {"training": {"data": training_data, "held_out": shown(HELD_OUT[1]), "steps": args.steps,
+                         "batch": args.batch, "lr": args.lr, "seed": args.seed,
+                         "max_shift": args.max_shift, "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
+                         "final_loss_mean_last_tenth": curve[-1], "resampling": f"LPS, {args.spacing} mm isotropic",
+                         "labels_used": "none"}}
+    save_coordinate_model(args.out, net, card)  # before the report: a failing report keeps the model
 
     coords = {name: predict_coordinates(net, ct_window(volumes[name]), spacing) for name in (HELD_OUT[0], PARTNER)}
     held, partner = HELD_OUT[0], PARTNER
@@ -216,13 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"note: the held-out CT is a {volumes[held].shape[0] * args.spacing:.0f} mm slab, so its organs are partial:"
           " centroids are biased by coverage in both frames alike; label transfer is not.")
 
-    training_data = [{"name": n, "file": str(p.relative_to(REPO)), "sha256": sha256_of(p)} for n, p in TRAIN_CTS.items()]
-    card = {"training": {"data": training_data, "held_out": str(HELD_OUT[1].relative_to(REPO)), "steps": args.steps,
-                         "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                         "max_shift": args.max_shift, "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
-                         "final_loss_mean_last_tenth": curve[-1], "resampling": f"LPS, {args.spacing} mm isotropic",
-                         "labels_used": "none"}}
-    save_coordinate_model(args.out, net, card)
     report = {"command": "OMP_NUM_THREADS=1 python scripts/train_coordinate_model.py " + " ".join(sys.argv[1:]),
               "label_note": LABEL_NOTE, "held_out": held, "partner": partner, "shapes": {n: list(v.shape) for n, v in volumes.items()},
               "loss_curve": curve, "smoothness": smooth, "organ_consistency": consistency,

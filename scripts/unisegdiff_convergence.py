@@ -49,6 +49,8 @@ VARIANTS = {
                                                               "stages": SINGLE_STAGE}),
     "unisegdiff_joint_no_target_adjustment": ("unisegdiff", UNISEG_NET, {"encoder_pretrain_steps": 0,
                                                                         "encoder_lr_scale": 1.0, "stages": ALL_X0}),
+    # The default plus hard-negative items (background in the lesions' intensity band: vessels, pleura).
+    "unisegdiff_hard_negatives": ("unisegdiff", UNISEG_NET, {"encoder_pretrain_steps": 0, "encoder_lr_scale": 1.0}),
     "medsegdiff": ("medsegdiff", {"channels": CHANNELS, "num_res_blocks": 1, "norm_groups": 8,
                                   "ff_reference_size": 64}, {}),
     "vanilla_dpm": ("vanilla_dpm", {"channels": CHANNELS, "num_res_blocks": 1, "num_head_channels": 8,
@@ -56,9 +58,13 @@ VARIANTS = {
 }
 
 
+# Training settings (outside the method's) that a variant changes.
+TRAINING_OVERRIDES = {"unisegdiff_hard_negatives": {"foreground_fraction": 0.67, "hard_negative_fraction": 0.2}}
+
+
 def config(variant: str, seed: int, steps: int, val_every: int) -> dict:
     method, network, settings = VARIANTS[variant]
-    return {**BASE, "method": method, "network": network, "method_settings": settings, "steps": steps,
+    return {**BASE, **TRAINING_OVERRIDES.get(variant, {}), "method": method, "network": network, "method_settings": settings, "steps": steps,
             "val_every": val_every, "checkpoint_every": val_every, "seed": seed,
             "name": f"lung_{variant}_s{seed}"}
 

@@ -448,6 +448,20 @@ class SeededSampler:
         self.random_state.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def hard_negatives(image: np.ndarray, foreground: np.ndarray, limit: int = 65536) -> np.ndarray:
+    """(K, 3) int32 positions of background voxels whose intensity lies in the foreground's 10th-90th
+    percentile band. image, foreground: (S, H, W) or (D, H, W). Empty when there is no foreground.
+
+    At most ``limit`` positions, taken at an even stride (no random draw: the sampler's stream is untouched)."""
+    if not foreground.any():
+        return np.zeros((0, 3), np.int32)
+    low, high = np.percentile(image[foreground], [10, 90])
+    coords = np.argwhere(~foreground & (image >= low) & (image <= high)).astype(np.int32)
+    if len(coords) > limit:
+        coords = coords[:: -(-len(coords) // limit)]
+    return coords
+
+
 class PatchSampler(SeededSampler):
     """Draws (image, mask) training items from in-memory cases.
 
@@ -455,21 +469,28 @@ class PatchSampler(SeededSampler):
     ``patch_size`` (H, W); 3D models: a (D, H, W) patch (array order: see ``models.card.array_patch_size``). With probability
     ``foreground_fraction`` the item is centred on a foreground voxel: a label present in a
     random foreground case, then (2D) a slice containing that label and a pixel of it, or (3D) a
-    voxel of it. Otherwise the location is uniform (2D: uniform over all slices of all cases).
+    voxel of it. With probability ``hard_negative_fraction`` it is centred on a hard negative: a
+    background voxel whose intensity (channel 0) lies inside its case's foreground intensity band
+    (10th-90th percentile), the look-alikes (vessels, bowel, pleura) a model must learn to reject.
+    Otherwise the location is uniform (2D: uniform over all slices of all cases).
     Images smaller than the patch are padded (image: its per-channel minimum, mask: 0).
     All randomness comes from ``seed``: a numpy Generator for locations and a RandomState shared
     by the MONAI transforms, both saved/restored by ``get_state``/``set_state``.
     """
 
     def __init__(self, cases: Sequence[Case], spatial_dims: int, patch_size: Sequence[int],
-                 foreground_fraction: float = 0.67, augmentation: Augmentation | None = None, seed: int = 0):
+                 foreground_fraction: float = 0.67, augmentation: Augmentation | None = None, seed: int = 0,
+                 hard_negative_fraction: float = 0.0):
         if not cases:
             raise DatasetError("no training cases to sample from")
         if len(patch_size) != spatial_dims:
             raise ValueError(f"patch_size {list(patch_size)} does not have {spatial_dims} dimensions")
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError("foreground_fraction must be in [0, 1]")
+        if hard_negative_fraction < 0.0 or foreground_fraction + hard_negative_fraction > 1.0:
+            raise ValueError("hard_negative_fraction must be >= 0 and foreground_fraction + hard_negative_fraction <= 1")
         self.spatial_dims = spatial_dims
+        self.hard_negative_fraction = hard_negative_fraction
         self.patch_size = tuple(int(p) for p in patch_size)
         self.foreground_fraction = foreground_fraction
         self.augmentation = augmentation or Augmentation(enabled=False)
@@ -481,6 +502,9 @@ class PatchSampler(SeededSampler):
         # Foreground coordinates per case and label, sorted by first (slice) axis by np.argwhere.
         self.fg = [[np.argwhere(m[l]).astype(np.int32) for l in range(self.n_labels)] for m in self.masks]
         self.fg_cases = [i for i, per_label in enumerate(self.fg) if any(len(c) for c in per_label)]
+        self.hard = [hard_negatives(img[0], m.any(axis=0)) if hard_negative_fraction > 0 else np.zeros((0, 3), np.int32)
+                     for img, m in zip(self.images, self.masks)]
+        self.hard_cases = [i for i, coords in enumerate(self.hard) if len(coords)]
         slices = np.array([img.shape[1] for img in self.images])
         self.slice_weights = slices / slices.sum()
         super().__init__(seed)
@@ -491,7 +515,12 @@ class PatchSampler(SeededSampler):
 
     def _location(self) -> tuple[int, np.ndarray | None]:
         """(case index, centre voxel or None for a uniform location); 2D centre is (slice, y, x)."""
-        if self.fg_cases and self.rng.random() < self.foreground_fraction:
+        # One uniform draw decides the kind, so hard_negative_fraction 0 keeps the earlier random stream.
+        u = self.rng.random() if self.fg_cases else 1.0
+        if self.hard_cases and self.foreground_fraction <= u < self.foreground_fraction + self.hard_negative_fraction:
+            case = self.hard_cases[int(self.rng.integers(len(self.hard_cases)))]
+            return case, self.hard[case][int(self.rng.integers(len(self.hard[case])))]
+        if u < self.foreground_fraction:
             case = self.fg_cases[int(self.rng.integers(len(self.fg_cases)))]
             present = [l for l, coords in enumerate(self.fg[case]) if len(coords)]
             coords = self.fg[case][present[int(self.rng.integers(len(present)))]]

@@ -90,6 +90,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     amp: bool | None = None  # bf16 autocast; None = on CUDA with bf16 support only
     foreground_fraction: float = 0.67  # share of items centred on foreground
+    # Share of items centred on background that looks like foreground (intensity inside the
+    # foreground's band): teaches the model to reject look-alikes; 0 = off (data.hard_negatives).
+    hard_negative_fraction: float = 0.0
     augment: bool = True
     flips: bool = False  # left-right flips (off: organs are lateralized)
     # Contrast-phase augmentation (ct_window models): label name -> [low, high] HU added to that
@@ -420,7 +423,8 @@ class _Run:
             data.Augmentation(enabled=config.augment, flips=config.flips,
                               label_offsets=_label_offsets(config, list(labels)),
                               boundary_jitter_mm=config.boundary_jitter_mm,
-                              voxel_mm=tuple(reversed(self.card.spacing or ()))), seed=config.seed)
+                              voxel_mm=tuple(reversed(self.card.spacing or ()))), seed=config.seed,
+            hard_negative_fraction=config.hard_negative_fraction)
 
     def _load_image_label_data(self) -> None:
         """Images with lesion / healthy labels only (never a mask), the split and the item sampler."""

@@ -225,6 +225,35 @@ def test_3d_patches_are_centred_on_foreground():
     assert seen == {0, 1}  # both labels are drawn
 
 
+def test_hard_negatives_are_background_voxels_inside_the_foreground_intensity_band():
+    image = np.zeros((1, 4, 5), np.float32)
+    foreground = np.zeros((1, 4, 5), bool)
+    image[0, 0, :] = [10, 20, 30, 40, 50]  # the foreground row: 10th-90th percentile band is 14..46
+    foreground[0, 0, :] = True
+    image[0, 1, :] = [13, 14, 30, 46, 47]  # background: 14, 30 and 46 are inside the band
+    np.testing.assert_array_equal(data.hard_negatives(image, foreground), [[0, 1, 1], [0, 1, 2], [0, 1, 3]])
+    assert data.hard_negatives(image, np.zeros_like(foreground)).shape == (0, 3)  # no foreground, no band
+    one = np.zeros((1, 10, 10), bool)
+    one[0, 0, 0] = True  # 99 background voxels share the foreground's value: thinned at a stride of 11
+    assert len(data.hard_negatives(np.full((1, 10, 10), 30.0), one, limit=9)) == 9
+
+
+def test_hard_negative_items_are_centred_on_look_alike_background():
+    # A bright 2 x 2 lesion and a bright background blob of the same intensity far from it; the rest dark.
+    image = np.full((1, 1, 40, 40), -1.0, np.float32)
+    mask = np.zeros((1, 1, 40, 40), np.uint8)
+    image[0, 0, 5:7, 5:7] = 1.0
+    mask[0, 0, 5:7, 5:7] = 1
+    image[0, 0, 30:33, 30:33] = 1.0  # the look-alike
+    case = data.Case("c", image, mask)
+    sampler = data.PatchSampler([case], 2, (8, 8), foreground_fraction=0.0, hard_negative_fraction=1.0, seed=0)
+    for _ in range(20):
+        item, item_mask = sampler.sample()
+        assert not item_mask.any() and item[0, 4, 4] == 1.0  # centre pixel: background in the band
+    with pytest.raises(ValueError, match="hard_negative_fraction"):
+        data.PatchSampler([case], 2, (8, 8), foreground_fraction=0.7, hard_negative_fraction=0.4)
+
+
 def test_array_patch_size_follows_the_card_convention():
     assert array_patch_size([64, 48, 16], 3) == (16, 64, 48)  # card (H, W, D) -> array (D, H, W)
     assert array_patch_size([64, 48], 2) == (64, 48)
