@@ -64,7 +64,7 @@ def realisations(image: sitk.Image, label: sitk.Image, count: int, lesions: int,
     tumour = sitk.GetArrayFromImage(label) > 0
     spacing = tuple(reversed(image.GetSpacing()))
     lung = threshold_lung_mask(ct, spacing)
-    radius = [max(1, int(round(margin_mm / s))) for s in spacing]
+    radius = [max(1, int(np.ceil(margin_mm / s))) for s in spacing]  # at least margin_mm on every axis
     keep_out = ndimage.binary_dilation(tumour, np.ones([2 * r + 1 for r in radius], bool))
     out = []
     for k in range(count):
