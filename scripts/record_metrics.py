@@ -21,6 +21,8 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("metrics_json")
     parser.add_argument("--command", default="", help="the command that produced the figures")
+    parser.add_argument("--reference-note", default="references are TotalSegmentator's own predictions, not manual "
+                        "ground truth", help="where the reference masks come from")
     args = parser.parse_args()
     card_path = Path(args.model_dir) / CARD_NAME
     card = json.loads(card_path.read_text())
@@ -30,7 +32,7 @@ def main() -> None:
         "cases": [c["case"] for c in summary["cases"]],
         "per_label": summary["mean"],
         "command": args.command,
-        "reference_note": "references are TotalSegmentator's own predictions, not manual ground truth",
+        "reference_note": args.reference_note,
     }
     atomic_write_bytes(card_path, json.dumps(card, indent=2).encode())
     print(json.dumps(card["metrics"], indent=2))
