@@ -164,6 +164,10 @@ class TrainConfig:
         elif self.boundary_jitter_mm > 0 and self.method in Method.values() \
                 and get_method(self.method).supervision != Supervision.MASKS:
             problems.append(f"boundary_jitter_mm with method '{self.method}' (it moves mask boundaries: needs masks)")
+        if not (0.0 <= self.foreground_fraction <= 1.0 and self.hard_negative_fraction >= 0.0
+                and self.foreground_fraction + self.hard_negative_fraction <= 1.0):
+            problems.append(f"foreground_fraction {self.foreground_fraction}, hard_negative_fraction "
+                            f"{self.hard_negative_fraction} (each >= 0, together <= 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay {self.ema_decay} (use 0 <= decay < 1)")
         if self.pretrained_backbone and self.spatial_dims != 3:

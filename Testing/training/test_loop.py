@@ -173,6 +173,10 @@ def test_bad_settings_fail_before_training(small_dataset, tmp_path):
         train(small_dataset, tmp_path / "m", train_config(val_cases=["nope"]), progress=False)
     with pytest.raises(DiffusionSegError, match="unknown training setting"):
         TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(DiffusionSegError, match="hard_negative_fraction 0.4"):  # 0.67 + 0.4 > 1
+        train(small_dataset, tmp_path / "m", train_config(hard_negative_fraction=0.4), progress=False)
+    assert not (tmp_path / "m").exists()  # refused before any file is written
+    TrainConfig(foreground_fraction=0.5, hard_negative_fraction=0.5).check()
 
 
 def test_config_from_cli_overrides_and_resume_base(small_dataset, tmp_path):
