@@ -35,7 +35,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from DiffusionSegLib.bench.data import threshold_lung_mask  # noqa: E402
+from DiffusionSegLib.bench.data import image_like, threshold_lung_mask, to_int16  # noqa: E402
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions  # noqa: E402
 
 REAL_CASES = ("lung1", "lung2")
@@ -47,12 +47,6 @@ def _copy(src_root: Path, images: str, labels: str, case: str, dst_root: Path, d
         (dst_root / dst).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src_root / src / f"{case}.nii.gz", dst_root / dst / f"{case}.nii.gz")
     return {"image": f"./{dst_images}/{case}.nii.gz", "label": f"./{dst_labels}/{case}.nii.gz"}
-
-
-def _like(array: np.ndarray, reference: sitk.Image, pixel: int) -> sitk.Image:
-    image = sitk.Cast(sitk.GetImageFromArray(array), pixel)
-    image.CopyInformation(reference)
-    return image
 
 
 def realisations(image: sitk.Image, label: sitk.Image, count: int, lesions: int, margin_mm: float,
@@ -70,8 +64,7 @@ def realisations(image: sitk.Image, label: sitk.Image, count: int, lesions: int,
     for k in range(count):
         result = insert_lesions(ct, lung & ~keep_out, spacing, lesions, seed + k, design)
         merged = (tumour | (result.mask > 0)).astype(np.uint8)
-        hu = np.clip(np.round(result.ct), -32768, 32767).astype(np.int16)
-        out.append((_like(hu, image, sitk.sitkInt16), _like(merged, image, sitk.sitkUInt8),
+        out.append((image_like(to_int16(result.ct), image, sitk.sitkInt16), image_like(merged, image, sitk.sitkUInt8),
                     {"seed": seed + k, "lesions": result.summary()}))
     return out
 

@@ -70,9 +70,10 @@ def main() -> int:
         if args.coordinates is None:
             raise SystemExit("a '+coordinates' backbone needs --coordinates DIR (scripts/train_coordinate_model.py)")
         coordinate_net, coordinate_card = parts.coordinates.load_coordinate_model(args.coordinates)
-        trained = coordinate_card.get("spacing_mm")
-        if trained is not None and any(abs(t - args.spacing) > 1e-3 for t in trained):
-            raise SystemExit(f"--spacing {args.spacing} differs from the coordinate model's {trained}")
+        try:
+            parts.coordinates.grid_spacing(coordinate_card, args.spacing)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     meta = json.loads((args.data / "dataset.json").read_text())
     names = {int(k): v for k, v in meta["labels"].items()}
     classes = max(names) + 1

@@ -64,8 +64,8 @@ TRAINING_OVERRIDES = {"unisegdiff_hard_negatives": {"foreground_fraction": 0.67,
 
 def config(variant: str, seed: int, steps: int, val_every: int) -> dict:
     method, network, settings = VARIANTS[variant]
-    return {**BASE, **TRAINING_OVERRIDES.get(variant, {}), "method": method, "network": network, "method_settings": settings, "steps": steps,
-            "val_every": val_every, "checkpoint_every": val_every, "seed": seed,
+    return {**BASE, **TRAINING_OVERRIDES.get(variant, {}), "method": method, "network": network,
+            "method_settings": settings, "steps": steps, "val_every": val_every, "checkpoint_every": val_every, "seed": seed,
             "name": f"lung_{variant}_s{seed}"}
 
 

@@ -131,13 +131,15 @@ def crop_image(image: sitk.Image, box: Sequence[slice]) -> sitk.Image:
     return sitk.RegionOfInterest(image, size, index)
 
 
-def _image_like(array: np.ndarray, reference: sitk.Image, pixel: int) -> sitk.Image:
+def image_like(array: np.ndarray, reference: sitk.Image, pixel: int) -> sitk.Image:
+    """``array`` (z, y, x) as an image of ``pixel`` type on ``reference``'s grid."""
     image = sitk.Cast(sitk.GetImageFromArray(array), pixel)
     image.CopyInformation(reference)
     return image
 
 
-def _to_int16(array: np.ndarray) -> np.ndarray:
+def to_int16(array: np.ndarray) -> np.ndarray:
+    """HU values rounded and clipped to int16."""
     return np.clip(np.rint(array), -32768, 32767).astype(np.int16)
 
 
@@ -208,8 +210,8 @@ def _synthetic_case(anatomy: tuple[sitk.Image, np.ndarray, str], seed: int, n: i
     if not result.lesions:
         raise DatasetError(f"no synthetic lesion could be placed (seed {seed})")
     info = {"seed": seed, "lesions_requested": n, "lesions": result.summary(), "lung_mask": lung_source}
-    return (_image_like(_to_int16(result.ct), ct, sitk.sitkInt16),
-            _image_like(result.mask, ct, sitk.sitkUInt8), info)
+    return (image_like(to_int16(result.ct), ct, sitk.sitkInt16),
+            image_like(result.mask, ct, sitk.sitkUInt8), info)
 
 
 def _lesion_test_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image, dict[str, Any]]:

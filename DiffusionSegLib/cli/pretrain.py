@@ -122,10 +122,10 @@ def run(args: argparse.Namespace) -> int:
             coordinate_net, card = load_coordinate_model(args.coordinates)
         except (OSError, ValueError, KeyError) as err:
             raise DiffusionSegError(f"cannot read the coordinate model {args.coordinates}: {err}") from None
-        trained = card.get("spacing_mm")
-        if trained is not None and spacing is not None and any(abs(t - spacing) > 1e-3 for t in trained):
-            raise DiffusionSegError(f"--spacing {spacing} differs from the coordinate model's {trained}")
-        spacing = spacing or (float(trained[0]) if trained else None)
+        try:
+            spacing = parts.coordinates.grid_spacing(card, spacing)
+        except ValueError as err:
+            raise DiffusionSegError(str(err)) from None
     spacing = spacing or 4.0
     files = ct_files(args.inputs)  # every file is read and checked before training starts
     volumes = [isotropic_ct(f, spacing) for f in files]

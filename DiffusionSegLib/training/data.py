@@ -502,8 +502,8 @@ class PatchSampler(SeededSampler):
         # Foreground coordinates per case and label, sorted by first (slice) axis by np.argwhere.
         self.fg = [[np.argwhere(m[l]).astype(np.int32) for l in range(self.n_labels)] for m in self.masks]
         self.fg_cases = [i for i, per_label in enumerate(self.fg) if any(len(c) for c in per_label)]
-        self.hard = [hard_negatives(img[0], m.any(axis=0)) if hard_negative_fraction > 0 else np.zeros((0, 3), np.int32)
-                     for img, m in zip(self.images, self.masks)]
+        self.hard = [hard_negatives(img[0], m.any(axis=0)) for img, m in zip(self.images, self.masks)] \
+            if hard_negative_fraction > 0 else []
         self.hard_cases = [i for i, coords in enumerate(self.hard) if len(coords)]
         slices = np.array([img.shape[1] for img in self.images])
         self.slice_weights = slices / slices.sum()

@@ -535,6 +535,17 @@ def load_coordinate_model(folder: str | Path, device: str | torch.device = "cpu"
     return net.to(device).eval(), card
 
 
+def grid_spacing(card: Mapping[str, Any], spacing: float | None) -> float | None:
+    """The isotropic grid (mm) to run a coordinate model on: ``spacing`` if given, else the card's.
+
+    Raises ValueError when ``spacing`` differs from the grid the model was trained on (its coordinates
+    are only meaningful there)."""
+    trained = card.get("spacing_mm")
+    if trained is not None and spacing is not None and any(abs(t - spacing) > 1e-3 for t in trained):
+        raise ValueError(f"--spacing {spacing} differs from the coordinate model's {trained}")
+    return spacing if spacing is not None else (float(trained[0]) if trained else None)
+
+
 def _valid_index(valid: torch.Tensor | None, coords: torch.Tensor) -> torch.Tensor:
     """Flat indices of the valid voxels of a (3, D, H, W) view (all voxels without a mask)."""
     if valid is None:
