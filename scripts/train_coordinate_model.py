@@ -144,13 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--output-level", type=int, default=2, help="decoder stops at 1/2^level, then trilinear")
-    parser.add_argument("--max-shift", type=int, default=8, help="voxels between the two crops, per axis")
+    parser.add_argument("--output", choices=("dense", "offset"), default="dense",
+                        help="dense: a decoder predicts every voxel's coordinates; offset: one translation per "
+                             "patch added to the voxel positions (rigid by construction, CoordinateNet)")
+    parser.add_argument("--max-shift", type=int, default=None,
+                        help="voxels between the two crops, per axis (default 8 for dense, a whole patch for offset)")
     parser.add_argument("--consistency-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cts", type=Path, nargs="+", default=None,
                         help="training CT files or folders (default: the two above; e.g. data/pretrain_ct from "
                              "scripts/make_pretraining_cts.py). The held-out CT must not be among them")
     args = parser.parse_args(argv)
+    if args.max_shift is None:
+        args.max_shift = args.patch if args.output == "offset" else 8
     train_cts = TRAIN_CTS if args.cts is None else ct_files(args.cts)
     if any(path.resolve() == HELD_OUT[1].resolve() for path in train_cts.values()):
         parser.error(f"the held-out CT {HELD_OUT[1]} is among --cts")
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     net, log = train_coordinates(train, steps=args.steps, patch=(args.patch,) * 3, batch=args.batch, lr=args.lr,
                                  seed=args.seed, channels=args.channels,
                                  output_level=args.output_level, max_shift=(args.max_shift,) * 3,
-                                 consistency_weight=args.consistency_weight)
+                                 consistency_weight=args.consistency_weight, output=args.output)
     train_s = time.time() - t0
     window = max(1, len(log) // 10)
     curve = [{"steps": f"{log[i]['step']}-{log[min(i + window, len(log)) - 1]['step']}",
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     training_data = [{"name": n, "file": shown(p), "sha256": sha256_of(p)} for n, p in train_cts.items()]
     card = {"training": {"data": training_data, "held_out": shown(HELD_OUT[1]), "steps": args.steps,
                          "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                         "max_shift": args.max_shift, "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
+                         "output": args.output, "max_shift": args.max_shift, "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
                          "final_loss_mean_last_tenth": curve[-1], "resampling": f"LPS, {args.spacing} mm isotropic",
                          "labels_used": "none"}}
     save_coordinate_model(args.out, net, card)  # before the report: a failing report keeps the model

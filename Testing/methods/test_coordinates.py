@@ -13,7 +13,7 @@ import torch
 
 from DiffusionSegLib.methods.pretrain3d.coordinates import (
     BACKGROUND, CARD_FILE, WEIGHTS_FILE, CoordinateNet, coordinate_loss, ct_window, grid_points, load_coordinate_model,
-    keep_slab, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates, transfer_labels)
+    keep_slab, offset_consistency, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates, transfer_labels)
 
 # Mean distance over the 28 pairs of corners of a unit cube: 12 edges, 12 face and 4 body diagonals.
 CUBE_MEAN = (12 * 1.0 + 12 * math.sqrt(2.0) + 4 * math.sqrt(3.0)) / 28
@@ -226,3 +226,67 @@ def test_safetensors_round_trip(tmp_path):
     x = torch.from_numpy(blob_phantom((16, 16, 16))[None, None])
     with torch.no_grad():
         assert torch.equal(net(x), loaded(x))
+
+
+def test_offset_network_is_rigid_by_construction_and_round_trips(tmp_path):
+    torch.manual_seed(4)
+    net = CoordinateNet(channels=(4, 8), output="offset", spacing_mm=(4.0, 2.0, 3.0)).eval()
+    x = torch.from_numpy(np.stack([blob_phantom((16, 16, 16)), -blob_phantom((16, 16, 16))])[:, None])
+    with torch.no_grad():
+        coords, t = net(x), net.translation(x)
+    assert coords.shape == (2, 3, 16, 16, 16) and t.shape == (2, 3)
+    # Every voxel = its position from the patch centre (z, y, x mm) + the patch's translation.
+    for n in range(2):
+        local = coords[n] - t[n][:, None, None, None]
+        assert local[:, 0, 0, 0].tolist() == pytest.approx([-7.5 * 4.0, -7.5 * 2.0, -7.5 * 3.0], abs=1e-4)
+        assert local[:, 15, 15, 15].tolist() == pytest.approx([7.5 * 4.0, 7.5 * 2.0, 7.5 * 3.0], abs=1e-4)
+    # So distances between outputs are the physical ones: the distance term is 0 for any weights.
+    p = grid_points((16, 16, 16), (4.0, 2.0, 3.0))[None].expand(2, -1, -1, -1, -1)
+    assert coordinate_loss(coords, coords, p, p, pairs=500)["distance"].item() == pytest.approx(0.0, abs=1e-3)
+    assert not torch.allclose(t[0], t[1])  # the translation depends on the content
+    with pytest.raises(ValueError, match="spacing_mm"):
+        CoordinateNet(channels=(4, 8), output="offset")
+    with pytest.raises(ValueError, match="offset"):
+        CoordinateNet(channels=(4, 8)).translation(x)
+    net.trained_spacing, net.trained_patch = (4.0, 2.0, 3.0), (16, 16, 16)
+    save_coordinate_model(tmp_path, net)
+    loaded, card = load_coordinate_model(tmp_path)
+    assert card["network"]["output"] == "offset" and card["network"]["spacing_mm"] == [4.0, 2.0, 3.0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), coords)
+
+
+def test_offset_consistency_by_hand():
+    # View a centred at (10, 0, 0) says t = (1, 2, 2); view b centred at (0, 0, 0) says t = (-9, 2, 2):
+    # both put the scan's origin at (-9, 2, 2), so they agree.
+    ta, tb = torch.tensor([[1.0, 2.0, 2.0]]), torch.tensor([[-9.0, 2.0, 2.0]])
+    ca, cb = torch.tensor([[10.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0]])
+    assert offset_consistency(ta, tb, ca, cb).item() == 0.0
+    # b says (-9, 5, 6) instead: off by (0, 3, 4), 5 mm; a batch of the two pairs averages 0 and 5.
+    tb2 = torch.tensor([[-9.0, 5.0, 6.0]])
+    assert offset_consistency(ta, tb2, ca, cb).item() == pytest.approx(5.0)
+    assert offset_consistency(torch.cat([ta, ta]), torch.cat([tb, tb2]), torch.cat([ca, ca]),
+                              torch.cat([cb, cb])).item() == pytest.approx(2.5)
+
+
+def test_offset_training_learns_where_a_patch_lies():
+    """A phantom whose content says where a patch is: after training, patches at different places of it
+    agree on where its origin lies far better than the untrained network (whose translations ignore the
+    patch position, so it is off by the whole shift)."""
+    volume = blob_phantom((24, 24, 24))
+    settings = dict(patch=(16, 16, 16), batch=4, lr=3e-3, channels=(4, 8, 16), output="offset", slab_probability=0.0)
+    start, _ = train_coordinates([(volume, (4.0, 4.0, 4.0))], steps=0, seed=1, **settings)
+    net, log = train_coordinates([(volume, (4.0, 4.0, 4.0))], steps=150, seed=1, **settings)
+    assert net.output == "offset" and log[0]["distance"] == 0.0
+
+    def origin_spread(model: CoordinateNet) -> float:
+        """Mean distance (mm) of each patch's estimate of the volume origin from their mean, 8 corner patches."""
+        starts = [(z, y, x) for z in (0, 8) for y in (0, 8) for x in (0, 8)]
+        patches = torch.from_numpy(np.stack([volume[z:z + 16, y:y + 16, x:x + 16] for z, y, x in starts])[:, None])
+        centres = torch.tensor(starts, dtype=torch.float32) * 4.0 + 7.5 * 4.0
+        with torch.no_grad():
+            origins = model.translation(patches) - centres
+        return torch.linalg.vector_norm(origins - origins.mean(0), dim=1).mean().item()
+
+    before, after = origin_spread(start), origin_spread(net)
+    assert before > 20.0 and after < 0.5 * before, (before, after)

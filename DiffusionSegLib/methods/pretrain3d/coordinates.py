@@ -75,22 +75,43 @@ class CoordinateNet(nn.Module):
     ``output_level`` > 0 stops the decoder at that level (1/2^level resolution) and upsamples the
     coordinates trilinearly: a coordinate field is smooth by nature (an isometry), so predicting it
     coarse is a prior against voxel-scale noise and folds, and saves the full-resolution decoder.
+
+    ``output="offset"`` is the rigid parameterisation: no decoder; the pooled deepest features give ONE
+    translation t (B, 3) per patch and every voxel gets ``its position in the patch (mm, from the patch
+    centre; needs spacing_mm) + t``. The map is then an isometry of the patch by construction (the
+    distance term is 0), with the scanner's axis directions, and all the network has to learn is where
+    the patch lies in the body: crop consistency makes t(patch) - centre(patch) the same for every patch
+    of a scan. Sliding windows blend the translations of neighbouring windows, so a whole volume gets a
+    smoothly varying translation field.
     """
 
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (8, 16, 32), norm_groups: int = 4,
-                 output_scale_mm: float = 100.0, output_level: int = 0):
+                 output_scale_mm: float = 100.0, output_level: int = 0, output: str = "dense",
+                 spacing_mm: Sequence[float] | None = None):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if not channels:
             raise ValueError("channels needs at least one level")
         if not 0 <= output_level < len(channels):
             raise ValueError(f"output_level must be in [0, {len(channels) - 1}]")
+        if output not in ("dense", "offset"):
+            raise ValueError(f"output must be 'dense' or 'offset', not {output!r}")
+        if output == "offset" and (spacing_mm is None or len(spacing_mm) != 3 or min(spacing_mm) <= 0):
+            raise ValueError("output='offset' needs spacing_mm: 3 positive voxel sizes (z, y, x)")
+        self.output = output
+        self.spacing_mm = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
+        if output == "offset":
+            output_level = len(channels) - 1  # no decoder: the translation comes from the deepest level
         self.output_level = int(output_level)
         conv, convtrans = Conv[Conv.CONV, 3], Conv[Conv.CONVTRANS, 3]
         self.in_channels, self.channels, self.norm_groups = in_channels, channels, norm_groups
         self.output_scale_mm = float(output_scale_mm)
         self.size_divisor = 2 ** (len(channels) - 1)
-        self.stem = conv(in_channels, channels[0], 3, padding=1)
+        # Offset networks also see every voxel's position in the patch (3 channels, mm / output_scale_mm):
+        # pooled features can then say where things lie relative to the patch centre (e.g. the body's
+        # centre 30 mm to the left), which is what the translation is made of.
+        extra = 3 if output == "offset" else 0
+        self.stem = conv(in_channels + extra, channels[0], 3, padding=1)
         self.down = nn.ModuleList(conv(channels[i - 1], channels[i], 3, stride=2, padding=1)
                                   for i in range(1, len(channels)))
         self.encoder = nn.ModuleList(ResBlock(3, c, c, norm_groups) for c in channels)
@@ -100,17 +121,42 @@ class CoordinateNet(nn.Module):
         self.decoder = nn.ModuleList(ResBlock(3, 2 * channels[i - 1], channels[i - 1], norm_groups)
                                      for i in range(output_level + 1, len(channels)))
         top = channels[output_level]
-        self.head = nn.Sequential(nn.GroupNorm(norm_groups_for(top, norm_groups), top), nn.SiLU(), conv(top, 3, 1))
+        if output == "offset":
+            self.head = nn.Sequential(nn.GroupNorm(norm_groups_for(top, norm_groups), top), nn.SiLU(),
+                                      nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(top, top), nn.SiLU(),
+                                      nn.Linear(top, 3))
+        else:
+            self.head = nn.Sequential(nn.GroupNorm(norm_groups_for(top, norm_groups), top), nn.SiLU(),
+                                      conv(top, 3, 1))
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (what a card needs to rebuild the network)."""
-        return {"in_channels": self.in_channels, "channels": list(self.channels), "norm_groups": self.norm_groups,
-                "output_scale_mm": self.output_scale_mm, "output_level": self.output_level}
+        config = {"in_channels": self.in_channels, "channels": list(self.channels), "norm_groups": self.norm_groups,
+                  "output_scale_mm": self.output_scale_mm, "output_level": self.output_level}
+        if self.output == "offset":  # dense cards keep their original keys
+            config.update(output="offset", spacing_mm=list(self.spacing_mm))
+        return config
+
+    def patch_positions(self, size: Sequence[int]) -> torch.Tensor:
+        """Offset networks: (3, D, H, W) positions (mm, z y x) of a patch's voxels from the patch centre."""
+        return grid_points(size, self.spacing_mm, [-(n - 1) / 2 * s for n, s in zip(size, self.spacing_mm)])
+
+    def translation(self, x: torch.Tensor) -> torch.Tensor:
+        """Offset networks only: x (B, Cin, D, H, W) -> (B, 3) mm, where the patch centre lies in the body frame."""
+        if self.output != "offset":
+            raise ValueError("translation() is defined for output='offset' networks only")
+        local = self.patch_positions(x.shape[2:]).to(x) / self.output_scale_mm
+        h = self.encoder[0](self.stem(torch.cat([x, local[None].expand(x.shape[0], -1, -1, -1, -1)], dim=1)))
+        for down, block in zip(self.down, self.encoder[1:]):
+            h = block(down(h))
+        return self.head(h) * self.output_scale_mm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, Cin, D, H, W), sizes multiples of size_divisor -> (B, 3, D, H, W) coordinates in mm."""
         if any(s % self.size_divisor for s in x.shape[2:]):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} is not a multiple of {self.size_divisor}")
+        if self.output == "offset":
+            return self.patch_positions(x.shape[2:]).to(x)[None] + self.translation(x)[:, :, None, None, None]
         h = self.encoder[0](self.stem(x))
         skips = [h]
         for down, block in zip(self.down, self.encoder[1:]):
@@ -225,6 +271,18 @@ def coordinate_loss(coords_a: torch.Tensor, coords_b: torch.Tensor, points_a: to
     return {"distance": distance, "consistency": consistency, "total": distance + consistency_weight * consistency}
 
 
+def offset_consistency(translation_a: torch.Tensor, translation_b: torch.Tensor, centre_a: torch.Tensor,
+                       centre_b: torch.Tensor) -> torch.Tensor:
+    """The crop-consistency term of offset networks (mm): mean over the batch of ||(t_a - centre_a) - (t_b - centre_b)||.
+
+    translation_*: (B, 3) the networks' translations of the two views; centre_*: (B, 3) physical
+    positions (mm, one frame per scan) of the views' centres. An offset network maps a physical point p
+    of view v to p - centre_v + t_v, so the two views agree on EVERY point exactly when this is 0; the
+    views need not overlap.
+    """
+    return torch.linalg.vector_norm((translation_a - centre_a) - (translation_b - centre_b), dim=1).mean()
+
+
 def crop_pair_starts(shape: Sequence[int], patch: Sequence[int], max_shift: Sequence[int],
                      rng: np.random.Generator) -> tuple[Triple, Triple]:
     """Start indices of two overlapping crops of ``patch`` in a volume of ``shape``.
@@ -265,7 +323,7 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
                       output_level: int = 0,
                       pairs: int = 512, samples: int = 512, consistency_weight: float = 1.0,
                       max_shift: Sequence[int] | None = None, augment: bool = True, slab_probability: float = 0.25,
-                      ) -> tuple[CoordinateNet, list[dict[str, float]]]:
+                      output: str = "dense") -> tuple[CoordinateNet, list[dict[str, float]]]:
     """Train a CoordinateNet on unlabelled volumes; returns (network in eval mode, per-step log).
 
     volumes: (array (D, H, W) float32 normalised by ``ct_window``, spacing (z, y, x) mm). Each step
@@ -275,13 +333,22 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
     keeps only a random slab of 4 to patch/2 slices along axis 0 (``keep_slab``): real scans often end a
     few cm above and below the organ of interest, and the consistency term then asks the slab to get the
     coordinates the full view gives. Axis 0 should be the cranio-caudal one (z of LPS-oriented arrays).
+    ``output="offset"`` trains the rigid parameterisation (``CoordinateNet``) on ``offset_consistency``
+    alone (its distance term is 0 by construction); the views may then be far apart (``max_shift``
+    default: a whole patch) and the volumes must share one spacing.
     Seeded: the same arguments give bit-identical weights on CPU.
     """
     patch = tuple(int(p) for p in patch)
-    max_shift = tuple(p // 2 for p in patch) if max_shift is None else tuple(int(m) for m in max_shift)
+    if max_shift is None:
+        max_shift = patch if output == "offset" else tuple(p // 2 for p in patch)
+    max_shift = tuple(int(m) for m in max_shift)
     device = torch.device(device)
     torch.manual_seed(seed)
-    net = CoordinateNet(1, channels, norm_groups, output_level=output_level).to(device)
+    spacing_mm = _common_spacing(volumes)
+    if output == "offset" and spacing_mm is None:
+        raise ValueError("output='offset' needs volumes that share one spacing")
+    net = CoordinateNet(1, channels, norm_groups, output_level=output_level, output=output,
+                        spacing_mm=spacing_mm if output == "offset" else None).to(device)
     if any(p % net.size_divisor for p in patch):
         raise ValueError(f"patch {patch} is not a multiple of {net.size_divisor}")
     rng = np.random.default_rng(seed)
@@ -315,10 +382,18 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
                 views[name][1].append(grid_points(patch, spacing, [s * d for s, d in zip(start, spacing)]))
                 views[name][2].append(torch.from_numpy(valid))
         images = torch.from_numpy(np.stack(views["a"][0] + views["b"][0])[:, None]).to(device)
-        coords = net(images)
-        losses = coordinate_loss(coords[:batch], coords[batch:], torch.stack(views["a"][1]).to(device),
-                                 torch.stack(views["b"][1]).to(device), torch.stack(views["a"][2]).to(device),
-                                 torch.stack(views["b"][2]).to(device), pairs, samples, consistency_weight, generator)
+        if output == "offset":
+            shift = torch.tensor([(p - 1) / 2 * d for p, d in zip(patch, spacing_mm)])
+            centres = torch.stack([points[:, 0, 0, 0] for points in views["a"][1] + views["b"][1]]).to(device)
+            centres = centres + shift.to(device)  # the first voxel's position + half a patch
+            t = net.translation(images)
+            term = offset_consistency(t[:batch], t[batch:], centres[:batch], centres[batch:])
+            losses = {"distance": term * 0.0, "consistency": term, "total": term}
+        else:
+            coords = net(images)
+            losses = coordinate_loss(coords[:batch], coords[batch:], torch.stack(views["a"][1]).to(device),
+                                     torch.stack(views["b"][1]).to(device), torch.stack(views["a"][2]).to(device),
+                                     torch.stack(views["b"][2]).to(device), pairs, samples, consistency_weight, generator)
         optimiser.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimiser.step()
