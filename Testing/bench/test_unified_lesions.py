@@ -182,6 +182,25 @@ def test_designs_follow_the_measured_intensities():
     assert ul.held_out_slab(np.pad(np.ones((2, 3, 3)), ((5, 10), (0, 0), (0, 0)))) == (2, 10)
 
 
+def test_iso_fraction_makes_iso_intense_tumours_and_zero_keeps_the_original_stream():
+    mr, _ = _head(3, (0, 0))
+    brain = ul.brain_mask(mr, (5.0, 3.0, 3.0))
+    args = ((5.0, 3.0, 3.0), 2, 11, BRAIN_TISSUE, 8.0)
+    plain, plain_records = ul.insert_brain_tumours(mr, brain, *args)
+    again, _ = ul.insert_brain_tumours(mr, brain, *args, iso_fraction=0.0)
+    assert np.array_equal(plain.ct, again.ct) and np.array_equal(plain.mask, again.mask)
+    assert {r["kind"] for r in plain_records} == {"bright"}
+    iso, iso_records = ul.insert_brain_tumours(mr, brain, *args, iso_fraction=1.0)
+    assert iso_records and {r["kind"] for r in iso_records} == {"iso"}
+    for r in iso_records:  # the drawn mean lies in the iso band, not the bright one
+        assert ul.BRAIN_ISO_FACTOR[0] - 1e-3 <= r["intensity_factor"] <= ul.BRAIN_ISO_FACTOR[1] + 1e-3
+    label = iso.mask.astype(bool)
+    assert 0.9 * BRAIN_TISSUE <= float(np.median(iso.ct[label])) <= 1.3 * BRAIN_TISSUE
+    assert float(np.median(plain.ct[plain.mask.astype(bool)])) > 1.25 * BRAIN_TISSUE
+    design = ul.brain_iso_design(400.0, 12.0)
+    assert design.density_hu == pytest.approx((380.0, 500.0)) and design.texture_hu == pytest.approx((60.0, 140.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # The built dataset
 # ---------------------------------------------------------------------------------------------
