@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.core.files import atomic_write_json, sha256_of  # noqa: E402
 from DiffusionSegLib.methods.pretrain3d.coordinates import (  # noqa: E402
-    ct_window, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates,
+    ct_window, load_coordinate_model, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates,
     transfer_labels)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="voxels between the two crops, per axis (default 8 for dense, a whole patch for offset)")
     parser.add_argument("--consistency-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this coordinate model folder (same network options; fresh lr schedule)")
     parser.add_argument("--cts", type=Path, nargs="+", default=None,
                         help="training CT files or folders (default: the two above; e.g. data/pretrain_ct from "
                              "scripts/make_pretraining_cts.py). The held-out CT must not be among them")
@@ -173,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CTs at {args.spacing} mm: " + ", ".join(f"{n} {v.shape}" for n, v in volumes.items())
           + f" (held out: {HELD_OUT[0]}); prepared in {time.time() - started:.0f} s")
 
+    initial_state, earlier_steps = None, 0
+    if args.init is not None:
+        earlier, earlier_card = load_coordinate_model(args.init)
+        initial_state = earlier.state_dict()
+        earlier_steps = int(earlier_card.get("training", {}).get("total_steps", earlier_card.get("training", {}).get("steps", 0)))
     t0 = time.time()
     net, log = train_coordinates(train, steps=args.steps, patch=(args.patch,) * 3, batch=args.batch, lr=args.lr,
                                  seed=args.seed, channels=args.channels,
                                  output_level=args.output_level, max_shift=(args.max_shift,) * 3,
-                                 consistency_weight=args.consistency_weight, output=args.output)
+                                 consistency_weight=args.consistency_weight, output=args.output,
+                                 initial_state=initial_state)
     train_s = time.time() - t0
     window = max(1, len(log) // 10)
     curve = [{"steps": f"{log[i]['step']}-{log[min(i + window, len(log)) - 1]['step']}",
@@ -190,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
     training_data = [{"name": n, "file": shown(p), "sha256": sha256_of(p)} for n, p in train_cts.items()]
     card = {"training": {"data": training_data, "held_out": shown(HELD_OUT[1]), "steps": args.steps,
+                         "continued_from": None if args.init is None else shown(args.init),
+                         "total_steps": earlier_steps + args.steps,
                          "batch": args.batch, "lr": args.lr, "seed": args.seed,
                          "output": args.output, "max_shift": args.max_shift, "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
                          "final_loss_mean_last_tenth": curve[-1], "resampling": f"LPS, {args.spacing} mm isotropic",

@@ -290,3 +290,16 @@ def test_offset_training_learns_where_a_patch_lies():
 
     before, after = origin_spread(start), origin_spread(net)
     assert before > 20.0 and after < 0.5 * before, (before, after)
+
+
+def test_training_continues_from_an_initial_state():
+    volume = blob_phantom((16, 16, 16))
+    settings = dict(patch=(16, 16, 16), batch=1, channels=(4, 8), output="offset")
+    first, _ = train_coordinates([(volume, (4.0, 4.0, 4.0))], steps=3, seed=1, **settings)
+    kept, _ = train_coordinates([(volume, (4.0, 4.0, 4.0))], steps=0, seed=2, initial_state=first.state_dict(), **settings)
+    fresh, _ = train_coordinates([(volume, (4.0, 4.0, 4.0))], steps=0, seed=2, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), kept.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(RuntimeError):  # another architecture's weights are refused
+        train_coordinates([(volume, (4.0, 4.0, 4.0))], steps=0, initial_state=first.state_dict(), patch=(16, 16, 16),
+                          batch=1, channels=(4, 8))

@@ -323,7 +323,8 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
                       output_level: int = 0,
                       pairs: int = 512, samples: int = 512, consistency_weight: float = 1.0,
                       max_shift: Sequence[int] | None = None, augment: bool = True, slab_probability: float = 0.25,
-                      output: str = "dense") -> tuple[CoordinateNet, list[dict[str, float]]]:
+                      output: str = "dense", initial_state: Mapping[str, torch.Tensor] | None = None
+                      ) -> tuple[CoordinateNet, list[dict[str, float]]]:
     """Train a CoordinateNet on unlabelled volumes; returns (network in eval mode, per-step log).
 
     volumes: (array (D, H, W) float32 normalised by ``ct_window``, spacing (z, y, x) mm). Each step
@@ -336,6 +337,8 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
     ``output="offset"`` trains the rigid parameterisation (``CoordinateNet``) on ``offset_consistency``
     alone (its distance term is 0 by construction); the views may then be far apart (``max_shift``
     default: a whole patch) and the volumes must share one spacing.
+    ``initial_state`` (a state dict of the same network, e.g. ``load_coordinate_model(...)[0].state_dict()``)
+    continues an earlier run with a fresh learning-rate schedule.
     Seeded: the same arguments give bit-identical weights on CPU.
     """
     patch = tuple(int(p) for p in patch)
@@ -351,6 +354,8 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
                         spacing_mm=spacing_mm if output == "offset" else None).to(device)
     if any(p % net.size_divisor for p in patch):
         raise ValueError(f"patch {patch} is not a multiple of {net.size_divisor}")
+    if initial_state is not None:
+        net.load_state_dict(initial_state, strict=True)  # raises on another architecture
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     # Padding once by a whole patch lets every crop (even one sticking out of a thin slab) be a plain slice.
