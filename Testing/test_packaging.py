@@ -307,6 +307,7 @@ def test_bundled_models_and_sample_are_packaged(module):
     model_dirs = sorted(p.parent for p in (ROOT / "Resources" / "Models").glob("*/model.json"))
     assert model_dirs, "no bundled model found"
     expected = {(d / name).relative_to(ROOT).as_posix() for d in model_dirs for name in ("model.json", "model.safetensors")}
+    expected |= {m.relative_to(ROOT).as_posix() for d in model_dirs for m in d.glob("member_*.safetensors")}  # ensembles
     expected.add("Resources/Sample/ct_abdomen_sample.nii.gz")
     expected.add("Resources/Models.json")  # the model catalogue (DiffusionSegLib.models.catalogue)
     assert expected <= set(listed), f"not packaged: {sorted(expected - set(listed))}"

@@ -60,18 +60,33 @@ def build_network(card: "ModelCard") -> "torch.nn.Module":
 def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torch.nn.Module", "ModelCard"]:
     """Rebuild the network of a model folder and load its weights (safetensors; never pickle).
 
-    Returns ``(network, card)``; the network is in eval mode on ``device``.
+    Returns ``(network, card)``; the network is in eval mode on ``device``. An ensemble's other
+    members (``card.members``) are checked (present, sha256) but not loaded: ``load_members``.
     Raises ModelLoadError when the sha256 differs from the card (corrupt or truncated file),
     when the card names an unknown method or an invalid network, or when the weights do not fit it.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from DiffusionSegLib.models.card import read_card
-    from DiffusionSegLib.models.store import verify_weights
+    from DiffusionSegLib.models.store import verify_members, verify_weights
 
     card = read_card(model_dir)
     weights = verify_weights(Path(model_dir), card)
+    verify_members(Path(model_dir), card)
+    return _load_network(card, weights, model_dir).to(device).eval(), card
+
+
+def load_members(model_dir: str | os.PathLike, card: "ModelCard", device: Any = "cpu") -> list["torch.nn.Module"]:
+    """The extra ensemble members of a model folder (``card.members``; [] for one network), each built
+    from the card and loaded like ``load_model``'s network, in eval mode on ``device``."""
+    from DiffusionSegLib.models.store import verify_members
+
+    return [_load_network(card, path, model_dir).to(device).eval() for path in verify_members(Path(model_dir), card)]
+
+
+def _load_network(card: "ModelCard", weights: Path, model_dir: str | os.PathLike) -> "torch.nn.Module":
+    """The card's network with the safetensors ``weights`` loaded (strict); ModelLoadError when they do not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
@@ -84,8 +99,8 @@ def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torc
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise ModelLoadError(f"weights do not match the architecture in the model card: {first}") from err
-    return net.to(device).eval(), card
+        raise ModelLoadError(f"weights do not match the architecture in the model card ({weights.name}): {first}") from err
+    return net
 
 
 def pretraining() -> Any:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +31,8 @@ from DiffusionSegLib.core.files import atomic_write_bytes
 
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
+_MEMBER_FILE = re.compile(r"member_[1-9][0-9]*\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 FORMAT_VERSION = 1
 
 
@@ -133,6 +136,11 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)  # measured validation/held-out figures
     limits: str = ""
     weights_sha256: str = ""
+    # A deep ensemble: more networks of the same architecture (e.g. other training seeds), each
+    # {"file": "member_K.safetensors", "sha256": ...}; model.safetensors is member 0. A run splits
+    # its N samples over the members, so the masks, their agreement and the uncertainty describe the
+    # ensemble (docs/BENCHMARKS.md: seed spread was larger than any other lever). Empty: one network.
+    members: list[dict[str, str]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -180,6 +188,23 @@ class ModelCard:
             raise ModelLoadError(f"model card '{self.name}': window_overlap {value!r} must be a fraction in [0, 1)")
         return float(value)
 
+    def member_files(self) -> list[tuple[str, str]]:
+        """The extra ensemble members as (file name, sha256), checked: ``member_K.safetensors`` names
+        (K >= 1, no folders), 64-hex sha256, no repeats. ModelLoadError otherwise."""
+        out: list[tuple[str, str]] = []
+        for entry in self.members:
+            if not isinstance(entry, dict) or set(entry) != {"file", "sha256"}:
+                raise ModelLoadError(f"model card '{self.name}': a member must be {{\"file\", \"sha256\"}}, got {entry!r}")
+            name, digest = entry["file"], entry["sha256"]
+            if not isinstance(name, str) or not _MEMBER_FILE.fullmatch(name):
+                raise ModelLoadError(f"model card '{self.name}': member file {name!r} must be named member_K.safetensors")
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise ModelLoadError(f"model card '{self.name}': member {name} has no valid sha256")
+            out.append((name, digest))
+        if len({n for n, _ in out}) != len(out):
+            raise ModelLoadError(f"model card '{self.name}': a member file is listed twice")
+        return out
+
     def crf_mode(self) -> CrfMode:
         """The card's DenseCRF default as a CrfMode (ModelLoadError for an unknown spelling)."""
         if isinstance(self.default_crf, bool):
@@ -204,6 +229,7 @@ class ModelCard:
             raise ModelLoadError("model card lists no labels")
         card = cls(**data)
         card.windows_overlap()  # refused when read, not after a long preprocessing
+        card.member_files()
         return card
 
 

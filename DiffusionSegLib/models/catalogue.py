@@ -65,7 +65,8 @@ def entry_for(name: str, path: str | os.PathLike | None = None) -> dict[str, Any
 def check_bundled(path: str | os.PathLike | None = None, resources: str | os.PathLike | None = None) -> list[str]:
     """Problems of the bundled entries: weights missing, or sha256/size differing from the files ([] = fine)."""
     from DiffusionSegLib.core.files import sha256_of
-    from DiffusionSegLib.models.card import WEIGHTS_NAME
+    from DiffusionSegLib.models.card import WEIGHTS_NAME, read_card
+    from DiffusionSegLib.models.store import verify_members
 
     root = Path(resources) if resources is not None else RESOURCES
     problems = []
@@ -80,6 +81,10 @@ def check_bundled(path: str | os.PathLike | None = None, resources: str | os.Pat
             problems.append(f"{entry['name']}: size {weights.stat().st_size} != catalogue {entry['weights_bytes']}")
         if sha256_of(weights) != entry["weights_sha256"]:
             problems.append(f"{entry['name']}: sha256 differs from the catalogue")
+        try:  # an ensemble's other members: present and as its card says
+            verify_members(root / entry["path"], read_card(root / entry["path"]))
+        except ModelLoadError as err:
+            problems.append(f"{entry['name']}: {err}")
     return problems
 
 

@@ -92,16 +92,26 @@ def verify_weights(model_dir: Path, card: ModelCard) -> Path:
     Raises ModelLoadError for a missing, modified or truncated file. Loading the weights into the
     network is the methods' job (``methods.registry.load_model``).
     """
-    weights = Path(model_dir) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ModelLoadError(f"model weights missing: {weights}")
-    actual = sha256_of(weights)
-    if actual != card.weights_sha256:
+    return _checked_file(Path(model_dir) / WEIGHTS_NAME, card.weights_sha256)
+
+
+def verify_members(model_dir: Path, card: ModelCard) -> list[Path]:
+    """The extra ensemble member files of a model folder (``card.members``), each checked like the
+    weights (present, the card's sha256); [] for a single-network model. Raises ModelLoadError."""
+    return [_checked_file(Path(model_dir) / name, digest) for name, digest in card.member_files()]
+
+
+def _checked_file(path: Path, expected_sha256: str) -> Path:
+    """``path`` after checking it exists and has ``expected_sha256`` (ModelLoadError otherwise)."""
+    if not path.is_file():
+        raise ModelLoadError(f"model weights missing: {path}")
+    actual = sha256_of(path)
+    if actual != expected_sha256:
         raise ModelLoadError(
-            f"sha256 of {weights} is {actual[:12]}..., the model card says {card.weights_sha256[:12]}...: "
+            f"sha256 of {path} is {actual[:12]}..., the model card says {expected_sha256[:12]}...: "
             "the weights were modified or truncated"
         )
-    return weights
+    return path
 
 
 # A check that a staged model really loads (``methods.registry.load_model``: the network the card

@@ -6,6 +6,8 @@ ensemble, crf, postprocess, report). Nothing here reads or writes files except t
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from pathlib import Path
@@ -94,6 +96,29 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
     return maps, {k: round(v, 4) for k, v in seconds.items()}
 
 
+def _member_shares(samples: int, members: int) -> list[int]:
+    """How many of ``samples`` each of ``members`` networks draws: as even as possible, the first ones
+    one more; members beyond ``samples`` draw none and are left out (e.g. 5 over 3 -> [2, 2, 1])."""
+    used = max(1, min(samples, members))
+    return [samples // used + (1 if k < samples % used else 0) for k in range(used)]
+
+
+def _sample_members(method: Any, members: list[Any], plans: list[Any], card: Any, batch: Any, opts: SegmentSettings,
+                    amp: bool, report_progress: StageProgress, total_evaluations: int) -> np.ndarray:
+    """Each member draws its plan's samples (member k with seed + k, so members do not share noise);
+    (N, B, L, *spatial) uint8, the members' samples one after the other. Progress counts all members."""
+    parts = []
+    done_before = 0
+    for k, (member, member_plan) in enumerate(zip(members, plans)):
+        share = member_plan.samples * member_plan.steps * int(batch.shape[0])
+        own = _evaluation_progress(
+            lambda stage, done, total, base=done_before: report_progress(stage, base + done, total_evaluations), share)
+        parts.append(method.sample(member, card, batch, member_plan, seed=opts.seed + k, batch_size=opts.batch_size, amp=amp,
+                                   progress=own).numpy())
+        done_before += share
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
 def _evaluation_progress(report_progress: StageProgress, total_evaluations: int) -> Callable[[int, int], None]:
     """Sampler progress (network calls of the current attempt) -> ("sampling", evaluations done, total).
 
@@ -136,7 +161,7 @@ def segment_image(
     import torch
 
     from DiffusionSegLib.core.device import release_freed_memory, resolve_device
-    from DiffusionSegLib.methods.registry import get_method, load_model
+    from DiffusionSegLib.methods.registry import get_method, load_members, load_model
     from DiffusionSegLib.models.card import read_card
     from DiffusionSegLib.pipeline import crf, ensemble
     from DiffusionSegLib.pipeline.inputcheck import InputMismatchError, RunEstimate, check_input, input_modality
@@ -179,6 +204,13 @@ def segment_image(
     plan = method.plan(card, opts.samples, opts.steps, opts.sampler)
     if plan.note:
         log.info("%s", plan.note)
+    # A deep ensemble splits the N samples over its members (fewer samples than members: the first N).
+    members = [net] + load_members(model_dir, card, device) if card.members else [net]
+    shares = _member_shares(plan.samples, len(members))
+    members, plans = members[:len(shares)], [method.plan(card, n, opts.steps, opts.sampler) for n in shares]
+    if len(members) > 1:  # the coarse jump (UniSegDiff) is shared within a member only
+        total = sum(p.samples * p.nfe_per_sample for p in plans)
+        plan = dataclasses.replace(plan, evaluations_per_sample=total / plan.samples)
     amp = (device.type == "cuda") if opts.amp is None else opts.amp
     lap("load_model")
     report_progress(Stage.LOAD, 1, 1)
@@ -195,9 +227,8 @@ def segment_image(
         lap("estimate")
         on_estimate(estimate)
 
-    sampling_progress = _evaluation_progress(report_progress, plan.samples * plan.steps * int(batch.shape[0]))
-    masks = method.sample(net, card, batch, plan, seed=opts.seed, batch_size=opts.batch_size, amp=amp,
-                          progress=sampling_progress).numpy()  # (N, B, L, *spatial) uint8
+    masks = _sample_members(method, members, plans, card, batch, opts, amp, report_progress,
+                            plan.samples * plan.steps * int(batch.shape[0]))  # (N, B, L, *spatial) uint8
     if device.type == "cuda":
         torch.cuda.synchronize()
     release_freed_memory()  # what follows allocates whole-volume arrays: let them go back to the OS when freed
@@ -267,6 +298,10 @@ def segment_image(
     result.report = build_report(result, card, device, opts, plan, crf_mode, crf_backend,
                                  prepared.batch.shape[0], timings, warnings=warnings, estimate=estimate,
                                  item_shape=list(prepared.batch.shape[2:]), input_modality=input_modality(image))
+    result.report["ensemble"] = {"members": len(members), "samples_per_member": shares,
+                                 "note": "one network" if len(members) == 1 else
+                                 "deep ensemble: the samples are split over the member networks, so every "
+                                 "statistic describes the ensemble"}
     result.report["postprocessing"] = {
         "largest_component": list(card.largest_component) if opts.postprocess else [],
         ("removed_ml" if image.GetDimension() == 3 else "removed_mm2"):

@@ -1,0 +1,107 @@
+"""Deep ensembles (models/ensemble.py, card.members, pipeline.segment): a folder assembled from
+separately trained models, its integrity checks, and a run that splits the samples over the members."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DiffusionSegLib.core.errors import ModelLoadError
+from DiffusionSegLib.methods.registry import load_members, load_model
+from DiffusionSegLib.models.card import read_card
+from DiffusionSegLib.models.ensemble import make_ensemble
+from DiffusionSegLib.pipeline.segment import _member_shares, segment_image
+from DiffusionSegLib.pipeline.settings import SegmentSettings
+from helpers import make_model
+
+
+def _seeded_model(folder, seed: int, **fields):
+    """A tiny model whose weights depend on ``seed`` (make_model always seeds 0)."""
+    path = make_model(folder, **fields)
+    from DiffusionSegLib.methods.registry import build_network
+    from DiffusionSegLib.models.card import save_model
+
+    card = read_card(path)
+    torch.manual_seed(seed)
+    save_model(path, build_network(card).state_dict(), card)
+    return path
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    return [_seeded_model(root / f"seed{s}", s) for s in (0, 1, 2)]
+
+
+def _image() -> sitk.Image:
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(0, 1, (2, 24, 24)).astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    return image
+
+
+def test_member_shares_by_hand():
+    assert _member_shares(5, 3) == [2, 2, 1]
+    assert _member_shares(6, 3) == [2, 2, 2]
+    assert _member_shares(2, 3) == [1, 1]  # fewer samples than members: the first ones
+    assert _member_shares(1, 1) == [1] and _member_shares(4, 1) == [4]
+
+
+def test_assembled_folder_loads_every_member(members, tmp_path):
+    card = make_ensemble(tmp_path / "ens", members)
+    assert [m["file"] for m in card.members] == ["member_1.safetensors", "member_2.safetensors"]
+    assert [e["member"] for e in card.training["ensemble"]] == [0, 1, 2]
+    net, loaded = load_model(tmp_path / "ens")
+    others = load_members(tmp_path / "ens", loaded)
+    assert len(others) == 2
+    for got, source in zip([net, *others], members):
+        want, _ = load_model(source)
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    single, _ = load_model(members[0])
+    assert load_members(members[0], read_card(members[0])) == []
+
+
+def test_a_run_splits_its_samples_over_the_members(members, tmp_path):
+    """N = 3 over 2 members: member 0 draws 2 samples with the run's seed, member 1 one with seed + 1,
+    so the ensemble's per-voxel counts are the sum of the two single-model runs."""
+    ens = tmp_path / "ens2"
+    make_ensemble(ens, members[:2])
+    image = _image()
+    run = segment_image(image, ens, SegmentSettings(samples=3, steps=2, crf=False, seed=4, device="cpu"))
+    a = segment_image(image, members[0], SegmentSettings(samples=2, steps=2, crf=False, seed=4, device="cpu"))
+    b = segment_image(image, members[1], SegmentSettings(samples=1, steps=2, crf=False, seed=5, device="cpu"))
+    assert run.n_samples == 3
+    assert np.array_equal(run.counts, a.counts + b.counts)
+    assert run.report["ensemble"]["members"] == 2 and run.report["ensemble"]["samples_per_member"] == [2, 1]
+    alone = segment_image(image, members[0], SegmentSettings(samples=3, steps=2, crf=False, seed=4, device="cpu"))
+    assert alone.report["ensemble"]["members"] == 1
+    assert not np.array_equal(run.counts, alone.counts)  # the second network really took part
+
+
+def test_mismatched_recipes_and_damaged_members_are_refused(members, tmp_path):
+    other = make_model(tmp_path / "wide", network={"channels": [8, 32], "norm_groups": 4})
+    with pytest.raises(ModelLoadError, match="network"):
+        make_ensemble(tmp_path / "bad", [members[0], other])
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ModelLoadError, match="at least two"):
+        make_ensemble(tmp_path / "one", members[:1])
+    ens = tmp_path / "ens3"
+    make_ensemble(ens, members)
+    with pytest.raises(ModelLoadError, match="exists"):
+        make_ensemble(ens, members)
+    with pytest.raises(ModelLoadError, match="already an ensemble"):
+        make_ensemble(tmp_path / "nested", [ens, members[0]])
+    blob = bytearray((ens / "member_2.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (ens / "member_2.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ModelLoadError, match="member_2.safetensors"):
+        load_model(ens)  # checked before any sampling starts
+    card = json.loads((ens / "model.json").read_text())
+    card["members"][0]["file"] = "../elsewhere.safetensors"
+    (ens / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelLoadError, match="member_K"):
+        read_card(ens)
