@@ -174,6 +174,7 @@ def _validate_staged(staged: Path, load_check: LoadCheck | None) -> ModelCard:
     if actual != card.weights_sha256:
         raise ModelLoadError(f"sha256 of {WEIGHTS_NAME} of '{card.name}' is {actual[:12]}..., its model card says "
                              f"{card.weights_sha256[:12]}...: the weights were modified or truncated; not installed")
+    verify_members(staged, card)  # an ensemble's other networks, the same check
     if load_check is None:
         return card
     try:

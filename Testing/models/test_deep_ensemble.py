@@ -105,3 +105,18 @@ def test_mismatched_recipes_and_damaged_members_are_refused(members, tmp_path):
     (ens / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelLoadError, match="member_K"):
         read_card(ens)
+
+
+def test_an_ensemble_installs_with_its_members_and_a_damaged_one_is_refused(members, tmp_path, monkeypatch):
+    from DiffusionSegLib.models.store import install_model
+
+    monkeypatch.setenv("DIFFUSIONSEG_HOME", str(tmp_path / "home"))
+    ens = tmp_path / "ens4"
+    make_ensemble(ens, members)
+    installed = install_model(ens, name="lungs", load_check=load_model)
+    assert sorted(p.name for p in installed.glob("*.safetensors")) == [
+        "member_1.safetensors", "member_2.safetensors", "model.safetensors"]
+    assert len(load_members(installed, read_card(installed))) == 2
+    (ens / "member_1.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ModelLoadError, match="member_1"):
+        install_model(ens, name="broken")
