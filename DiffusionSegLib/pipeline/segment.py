@@ -207,6 +207,8 @@ def segment_image(
     # A deep ensemble splits the N samples over its members (fewer samples than members: the first N).
     members = [net] + load_members(model_dir, card, device) if card.members else [net]
     shares = _member_shares(plan.samples, len(members))
+    if len(shares) < len(members):
+        log.info("%d sample(s) for %d ensemble members: only the first %d draw", plan.samples, len(members), len(shares))
     members, plans = members[:len(shares)], [method.plan(card, n, opts.steps, opts.sampler) for n in shares]
     if len(members) > 1:  # the coarse jump (UniSegDiff) is shared within a member only
         total = sum(p.samples * p.nfe_per_sample for p in plans)
