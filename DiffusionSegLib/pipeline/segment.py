@@ -7,7 +7,6 @@ ensemble, crf, postprocess, report). Nothing here reads or writes files except t
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import time
 from pathlib import Path
@@ -113,8 +112,8 @@ def _sample_members(method: Any, members: list[Any], plans: list[Any], card: Any
         share = member_plan.samples * member_plan.steps * int(batch.shape[0])
         own = _evaluation_progress(
             lambda stage, done, total, base=done_before: report_progress(stage, base + done, total_evaluations), share)
-        parts.append(method.sample(member, card, batch, member_plan, seed=opts.seed + k, batch_size=opts.batch_size, amp=amp,
-                                   progress=own).numpy())
+        parts.append(method.sample(member, card, batch, member_plan, seed=opts.seed + k,
+                                   batch_size=opts.batch_size, amp=amp, progress=own).numpy())
         done_before += share
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
