@@ -57,7 +57,7 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": p.name, "origin": o, "path": str(p), "method": c.method,
                            "modality": c.modality, "labels": [lab.name for lab in c.labels],
-                           "spatial_dims": c.spatial_dims, "metrics": c.metrics,
+                           "spatial_dims": c.spatial_dims, "members": 1 + len(c.members), "metrics": c.metrics,
                            "catalogue": listed.get(p.name)} for o, p, c in found], indent=2))
         return 0
     if not found:
@@ -65,7 +65,9 @@ def _list(args: argparse.Namespace) -> int:
     for origin, path, card in found:
         default = " (default)" if path.name == DEFAULT_MODEL else ""
         labels = ", ".join(card.labels[i].name for i in card.output_label_indices())
-        print(f"{path.name}{default} [{origin}] {card.method} {card.spatial_dims}D {card.modality}: {labels}  {path}")
+        networks = f" ensemble of {1 + len(card.members)}" if card.members else ""
+        print(f"{path.name}{default} [{origin}] {card.method}{networks} {card.spatial_dims}D {card.modality}: {labels}"
+              f"  {path}")
         figures = summary_line(listed[path.name]) if path.name in listed else ""
         if figures:
             print(f"    measured: {figures} (Resources/Models.json)")

@@ -120,3 +120,16 @@ def test_an_ensemble_installs_with_its_members_and_a_damaged_one_is_refused(memb
     (ens / "member_1.safetensors").write_bytes(b"truncated")
     with pytest.raises(ModelLoadError, match="member_1"):
         install_model(ens, name="broken")
+
+
+def test_the_model_list_says_it_is_an_ensemble(members, tmp_path, monkeypatch, capsys):
+    from DiffusionSegLib.cli.main import main
+
+    monkeypatch.setenv("DIFFUSIONSEG_MODELS", str(tmp_path / "mine"))
+    make_ensemble(tmp_path / "mine" / "lungs3", members)
+    assert main(["models"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lungs3"))
+    assert "medsegdiff ensemble of 3 2D" in line
+    assert main(["models", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert listed["lungs3"]["members"] == 3 and listed["lungs3"]["method"] == "medsegdiff"
