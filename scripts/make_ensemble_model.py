@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         card = make_ensemble(args.out, args.models, args.name, args.overwrite)
-        net, loaded = load_model(args.out)  # every member builds and loads before the folder is announced
+        _, loaded = load_model(args.out)  # every member builds and loads before the folder is announced
         load_members(args.out, loaded)
     except DiffusionSegError as err:
         print(f"error: {err}", file=sys.stderr)

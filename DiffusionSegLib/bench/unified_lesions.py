@@ -238,7 +238,6 @@ def insert_brain_tumours(image: np.ndarray, brain: np.ndarray, spacing_zyx: Sequ
     which it does not change). Tumours keep ``margin_mm`` apart. Returns the result (image float32,
     label uint8) and per-tumour records."""
     bright, iso = brain_design(tissue_median, noise), brain_iso_design(tissue_median, noise)
-    design = bright
     rng = np.random.default_rng(seed)
     out = np.asarray(image, dtype=np.float32).copy()
     label = np.zeros(out.shape, dtype=np.uint8)

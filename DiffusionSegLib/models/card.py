@@ -32,7 +32,7 @@ from DiffusionSegLib.core.files import atomic_write_bytes
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
 _MEMBER_FILE = re.compile(r"member_[1-9][0-9]*\.safetensors")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 in hex, as cards and catalogues write it
 FORMAT_VERSION = 1
 
 
@@ -198,7 +198,7 @@ class ModelCard:
             name, digest = entry["file"], entry["sha256"]
             if not isinstance(name, str) or not _MEMBER_FILE.fullmatch(name):
                 raise ModelLoadError(f"model card '{self.name}': member file {name!r} must be named member_K.safetensors")
-            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
                 raise ModelLoadError(f"model card '{self.name}': member {name} has no valid sha256")
             out.append((name, digest))
         if len({n for n, _ in out}) != len(out):

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.core.files import sha256_of
-from DiffusionSegLib.models.card import CARD_NAME, FORMAT_VERSION, WEIGHTS_NAME, ModelCard, read_card
+from DiffusionSegLib.models.card import CARD_NAME, FORMAT_VERSION, SHA256_PATTERN, WEIGHTS_NAME, ModelCard, read_card
 
 log = logging.getLogger("diffusionseg")
 
@@ -131,7 +131,7 @@ DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for 
 # install or download still running (e.g. a background thread in Slicer).
 _TEMP_GRACE_S = 600.0
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_SHA256_RE = SHA256_PATTERN
 # Archive entries that desktop zip tools add and that are not part of a model.
 _ZIP_JUNK_DIRS = ("__MACOSX",)
 _ZIP_JUNK_FILES = (".DS_Store", "Thumbs.db")
@@ -170,10 +170,7 @@ def _validate_staged(staged: Path, load_check: LoadCheck | None) -> ModelCard:
     # Cheap check first: a wrong sha256 fails here without importing torch.
     if not _SHA256_RE.fullmatch(card.weights_sha256 or ""):
         raise ModelLoadError(f"model card of '{card.name}' has no valid weights_sha256")
-    actual = sha256_of(staged / WEIGHTS_NAME)
-    if actual != card.weights_sha256:
-        raise ModelLoadError(f"sha256 of {WEIGHTS_NAME} of '{card.name}' is {actual[:12]}..., its model card says "
-                             f"{card.weights_sha256[:12]}...: the weights were modified or truncated; not installed")
+    verify_weights(staged, card)  # not installed when it fails
     verify_members(staged, card)  # an ensemble's other networks, the same check
     if load_check is None:
         return card
