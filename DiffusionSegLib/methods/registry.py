@@ -74,12 +74,18 @@ def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torc
     return _load_network(card, weights, model_dir).to(device).eval(), card
 
 
-def load_members(model_dir: str | os.PathLike, card: "ModelCard", device: Any = "cpu") -> list["torch.nn.Module"]:
+def load_members(model_dir: str | os.PathLike, card: "ModelCard", device: Any = "cpu", count: int | None = None,
+                 checked: bool = False) -> list["torch.nn.Module"]:
     """The extra ensemble members of a model folder (``card.members``; [] for one network), each built
-    from the card and loaded like ``load_model``'s network, in eval mode on ``device``."""
+    from the card and loaded like ``load_model``'s network, in eval mode on ``device``. ``count``: only
+    the first that many (members that will draw no sample are not loaded). ``checked=True`` skips the
+    sha256 check when the caller has just run it (``load_model`` does) instead of hashing every file twice."""
     from DiffusionSegLib.models.store import verify_members
 
-    return [_load_network(card, path, model_dir).to(device).eval() for path in verify_members(Path(model_dir), card)]
+    names = card.member_files()[:count]
+    paths = [Path(model_dir) / name for name, _ in names] if checked else \
+        verify_members(Path(model_dir), card)[:count]
+    return [_load_network(card, path, model_dir).to(device).eval() for path in paths]
 
 
 def _load_network(card: "ModelCard", weights: Path, model_dir: str | os.PathLike) -> "torch.nn.Module":

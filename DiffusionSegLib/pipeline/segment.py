@@ -204,11 +204,13 @@ def segment_image(
     if plan.note:
         log.info("%s", plan.note)
     # A deep ensemble splits the N samples over its members (fewer samples than members: the first N).
-    members = [net] + load_members(model_dir, card, device) if card.members else [net]
-    shares = _member_shares(plan.samples, len(members))
-    if len(shares) < len(members):
-        log.info("%d sample(s) for %d ensemble members: only the first %d draw", plan.samples, len(members), len(shares))
-    members, plans = members[:len(shares)], [method.plan(card, n, opts.steps, opts.sampler) for n in shares]
+    shares = _member_shares(plan.samples, 1 + len(card.members))
+    if len(shares) < 1 + len(card.members):
+        log.info("%d sample(s) for %d ensemble members: only the first %d draw", plan.samples, 1 + len(card.members),
+                 len(shares))
+    # load_model has checked every member's sha256; the ones that draw no sample are not loaded.
+    members = [net] + load_members(model_dir, card, device, count=len(shares) - 1, checked=True)
+    plans = [method.plan(card, n, opts.steps, opts.sampler) for n in shares]
     if len(members) > 1:  # the coarse jump (UniSegDiff) is shared within a member only
         total = sum(p.samples * p.nfe_per_sample for p in plans)
         plan = dataclasses.replace(plan, evaluations_per_sample=total / plan.samples)

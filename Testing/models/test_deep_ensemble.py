@@ -65,6 +65,29 @@ def test_assembled_folder_loads_every_member(members, tmp_path):
     assert load_members(members[0], read_card(members[0])) == []
 
 
+def test_a_run_loads_and_hashes_only_what_it_needs(members, tmp_path, monkeypatch):
+    """One sample from a 3-member ensemble: the members that draw nothing are not loaded, and no
+    member file is hashed twice (load_model checks them all once; the run loads without rehashing)."""
+    import DiffusionSegLib.core.files as files
+    import DiffusionSegLib.methods.registry as registry
+    import DiffusionSegLib.models.store as store
+
+    ens = tmp_path / "ens3"
+    make_ensemble(ens, members)
+    hashed, built = [], []
+    real_hash, real_load = files.sha256_of, registry._load_network
+    monkeypatch.setattr(store, "sha256_of", lambda path: hashed.append(path.name) or real_hash(path))
+    monkeypatch.setattr(registry, "_load_network", lambda card, path, folder: built.append(path.name) or
+                        real_load(card, path, folder))
+    segment_image(_image(), ens, SegmentSettings(samples=1, steps=2, crf=False, seed=0, device="cpu"))
+    assert built == ["model.safetensors"]
+    assert sorted(hashed) == ["member_1.safetensors", "member_2.safetensors", "model.safetensors"]
+    built.clear()
+    segment_image(_image(), ens, SegmentSettings(samples=2, steps=2, crf=False, seed=0, device="cpu"))
+    assert built == ["model.safetensors", "member_1.safetensors"]
+    assert len(load_members(ens, read_card(ens), count=1)) == 1
+
+
 def test_a_run_splits_its_samples_over_the_members(members, tmp_path):
     """N = 3 over 2 members: member 0 draws 2 samples with the run's seed, member 1 one with seed + 1,
     so the ensemble's per-voxel counts are the sum of the two single-model runs."""
