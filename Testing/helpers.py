@@ -170,3 +170,13 @@ def write_body_ct(path: Path, flip: bool = False, size: tuple[int, int, int] = (
     if flip:
         image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
     sitk.WriteImage(image, str(path))
+
+
+def blob_phantom(shape=(24, 24, 24)) -> np.ndarray:
+    """Smooth, asymmetric phantom in [-1, 1]: three Gaussian blobs of different sizes and heights, so a
+    position can be read off the content."""
+    z, y, x = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    out = np.full(shape, -0.8, np.float32)
+    for (cz, cy, cx), r, h in (((6, 8, 16), 5.0, 1.6), ((16, 16, 6), 7.0, 1.0), ((18, 5, 18), 3.0, 1.8)):
+        out += h * np.exp(-((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
+    return np.clip(out, -1.0, 1.0)

@@ -37,6 +37,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.core.files import atomic_write_json, sha256_of  # noqa: E402
+from DiffusionSegLib.methods.pretrain3d.alignment import air_profile, lung_base_levels  # noqa: E402
 from DiffusionSegLib.methods.pretrain3d.coordinates import (  # noqa: E402
     ct_window, load_coordinate_model, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates,
     transfer_labels)
@@ -153,6 +154,20 @@ def best_translation(labels: np.ndarray, grid: sitk.Image, target_labels: np.nda
     return best[2], best[1]
 
 
+def head_foot_levels(cts: dict[str, np.ndarray], spacing: float) -> dict[str, float]:
+    """{name: z (mm from the scan's first slice) of its lung base}, found without labels (NaN: not placed).
+    A scan's level depends on the others only through the median lung height used for scans that start
+    inside the lungs, and only scans showing both lung ends give that height."""
+    return dict(zip(cts, lung_base_levels([air_profile(ct_window(v)) for v in cts.values()], spacing)))
+
+
+def implied_level(coords: np.ndarray, spacing: float, body: np.ndarray) -> float:
+    """Offset networks: where the network puts the common origin in the scan's frame, z (mm from the first
+    slice): median over body voxels of (physical z - coordinate z)."""
+    z = np.arange(coords.shape[1], dtype=np.float64)[:, None, None] * spacing
+    return float(np.median((z - coords[0])[body])) if body.any() else float("nan")
+
+
 def ct_files(paths: list[Path]) -> dict[str, Path]:
     """{name: file} for CT files given directly or found in folders (NIfTI, NRRD, MHA); name = file stem."""
     found: dict[str, Path] = {}
@@ -205,7 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cts", type=Path, nargs="+", default=None,
                         help="training CT files or folders (default: the two above; e.g. data/pretrain_ct from "
                              "scripts/make_pretraining_cts.py). The held-out CT must not be among them")
+    parser.add_argument("--anchor-z", choices=("none", "lung-base"), default="none",
+                        help="offset only. lung-base: tie the scans' head-foot frames together at the lung base, found "
+                             "without labels from each slice's air share (methods/pretrain3d/alignment.py)")
+    parser.add_argument("--anchor-weight", type=float, default=1.0)
+    parser.add_argument("--validation-cts", type=Path, nargs="+", default=[],
+                        help="CTs left out of training whose lung-base level (no labels) is compared with the one the network implies: a label-free validation")
     args = parser.parse_args(argv)
+    if args.anchor_z != "none" and args.output != "offset":
+        parser.error("--anchor-z needs --output offset")
     if args.max_shift is None:
         args.max_shift = args.patch if args.output == "offset" else 8
     train_cts = TRAIN_CTS if args.cts is None else ct_files(args.cts)
@@ -214,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.time()
 
+    validation_cts = ct_files(args.validation_cts) if args.validation_cts else {}
+    if set(validation_cts) & set(train_cts):
+        parser.error("a --validation-cts CT is also a training CT")
     natives, grids, volumes = {}, {}, {}
-    for name, path in {**train_cts, HELD_OUT[0]: HELD_OUT[1], PARTNER: TRAIN_CTS[PARTNER]}.items():
+    for name, path in {**train_cts, **validation_cts, HELD_OUT[0]: HELD_OUT[1], PARTNER: TRAIN_CTS[PARTNER]}.items():
         natives[name] = sitk.ReadImage(str(path))
         grids[name] = to_grid(natives[name], args.spacing)
         volumes[name] = sitk.GetArrayFromImage(grids[name])
@@ -223,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     train = [(ct_window(volumes[name]), spacing) for name in train_cts]
     print(f"CTs at {args.spacing} mm: " + ", ".join(f"{n} {v.shape}" for n, v in volumes.items())
           + f" (held out: {HELD_OUT[0]}); prepared in {time.time() - started:.0f} s")
+
+    levels = head_foot_levels({n: volumes[n] for n in [*train_cts, *validation_cts]}, args.spacing)
+    print("lung base (mm from each scan's first slice, no labels; nan = not placed): "
+          + ", ".join(f"{n} {v:.0f}" for n, v in levels.items()))
+    anchors = None
+    if args.anchor_z == "lung-base":
+        anchors = [[levels[n], np.nan, np.nan] for n in train_cts]
 
     initial_state, earlier_steps = None, 0
     if args.init is not None:
@@ -239,29 +272,47 @@ def main(argv: list[str] | None = None) -> int:
                                      seed=args.seed, channels=args.channels,
                                      output_level=args.output_level, max_shift=(args.max_shift,) * 3,
                                      consistency_weight=args.consistency_weight, output=args.output,
-                                     initial_state=initial_state)
+                                     initial_state=initial_state, anchors=anchors, anchor_weight=args.anchor_weight)
         train_s = time.time() - t0
         window = max(1, len(log) // 10)
         curve = [{"steps": f"{log[i]['step']}-{log[min(i + window, len(log)) - 1]['step']}",
-                  **{k: float(np.mean([r[k] for r in log[i:i + window]])) for k in ("total", "distance", "consistency")}}
+                  **{k: float(np.mean([r.get(k, 0.0) for r in log[i:i + window]]))
+                     for k in ("total", "distance", "consistency", "anchor")}}
                  for i in range(0, len(log), window)]
         print(f"trained {args.steps} steps in {train_s:.0f} s; loss (mm), mean per tenth of the run:")
-        print("  steps        total  distance  consistency")
+        print("  steps        total  distance  consistency  anchor")
         for row in curve:
-            print(f"  {row['steps']:<11} {row['total']:6.1f}  {row['distance']:8.1f}  {row['consistency']:11.1f}")
+            print(f"  {row['steps']:<11} {row['total']:6.1f}  {row['distance']:8.1f}  {row['consistency']:11.1f}"
+                  f"  {row['anchor']:6.1f}")
 
         training_data = [{"name": n, "file": shown(p), "sha256": sha256_of(p)} for n, p in train_cts.items()]
         card = {"training": {"data": training_data, "held_out": shown(HELD_OUT[1]), "steps": args.steps,
                              "continued_from": None if args.init is None else shown(args.init),
                              "total_steps": earlier_steps + args.steps,
                              "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                             "output": args.output, "max_shift": args.max_shift, "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
+                             "output": args.output, "max_shift": args.max_shift,
+                             "anchor_z": args.anchor_z, "anchor_weight": args.anchor_weight,
+                             "anchors_z_mm": None if anchors is None else
+                             {n: (None if np.isnan(a[0]) else a[0]) for n, a in zip(train_cts, anchors)},
+                             "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
                              "final_loss_mean_last_tenth": curve[-1], "resampling": f"LPS, {args.spacing} mm isotropic",
                              "labels_used": "none"}}
         save_coordinate_model(args.out, net, card)  # before the report: a failing report keeps the model
 
     coords = {name: predict_coordinates(net, ct_window(volumes[name]), spacing) for name in (HELD_OUT[0], PARTNER)}
     held, partner = HELD_OUT[0], PARTNER
+    head_foot = {}
+    if args.output == "offset":  # the network's head-foot origin per scan against its lung base (no labels)
+        for name in [*train_cts, *validation_cts]:
+            implied = implied_level(predict_coordinates(net, ct_window(volumes[name]), spacing), args.spacing,
+                                    body_mask(volumes[name]))
+            head_foot[name] = {"role": "validation" if name in validation_cts else "training",
+                               "lung_base_mm": None if np.isnan(levels[name]) else levels[name], "network_mm": implied}
+        print("\nhead-foot origin per scan (mm from its first slice): lung base (no labels) vs the network's")
+        for name, row in head_foot.items():
+            gap = None if row["lung_base_mm"] is None else row["network_mm"] - row["lung_base_mm"]
+            print(f"  {name:<32} {row['role']:<10} lung base {fmt(row['lung_base_mm']):>7}  network {row['network_mm']:7.1f}"
+                  f"  gap {fmt(gap):>7}")
     held_body, partner_body = body_mask(volumes[held]), body_mask(volumes[partner])
     smooth = {"held_out_body": smoothness(coords[held], spacing, held_body),
               "held_out_all": smoothness(coords[held], spacing),
@@ -332,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
               "loss_curve": curve, "smoothness": smooth, "organ_consistency": consistency,
               "label_transfer_dice": transfer, "label_transfer_mean_dice": mean_dice,
               "best_translation_from_body_centroid_mm": (best_shift - shift).tolist(),
+              "head_foot_origin": head_foot,
               "seconds": round(time.time() - started, 1)}
     atomic_write_json(args.out / "report.json", report)
     print(f"\nwrote {args.out}/ (coordinates.safetensors, coordinates.json, report.json) in {time.time() - started:.0f} s")

@@ -14,19 +14,10 @@ import torch
 from DiffusionSegLib.methods.pretrain3d.coordinates import (
     BACKGROUND, CARD_FILE, WEIGHTS_FILE, CoordinateNet, coordinate_loss, ct_window, grid_points, load_coordinate_model,
     keep_slab, offset_consistency, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates, transfer_labels)
+from helpers import blob_phantom
 
 # Mean distance over the 28 pairs of corners of a unit cube: 12 edges, 12 face and 4 body diagonals.
 CUBE_MEAN = (12 * 1.0 + 12 * math.sqrt(2.0) + 4 * math.sqrt(3.0)) / 28
-
-
-def blob_phantom(shape=(24, 24, 24)) -> np.ndarray:
-    """Smooth, asymmetric phantom in [-1, 1]: three Gaussian blobs of different sizes and heights, so a
-    position can be read off the content."""
-    z, y, x = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
-    out = np.full(shape, -0.8, np.float32)
-    for (cz, cy, cx), r, h in (((6, 8, 16), 5.0, 1.6), ((16, 16, 6), 7.0, 1.0), ((18, 5, 18), 3.0, 1.8)):
-        out += h * np.exp(-((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
-    return np.clip(out, -1.0, 1.0)
 
 
 def test_network_shapes_and_size_check():

@@ -283,6 +283,19 @@ def offset_consistency(translation_a: torch.Tensor, translation_b: torch.Tensor,
     return torch.linalg.vector_norm((translation_a - centre_a) - (translation_b - centre_b), dim=1).mean()
 
 
+def anchor_term(translation: torch.Tensor, centre: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """The anchoring term of offset networks (mm): mean over views of sum over anchored axes |t - centre + anchor|.
+
+    translation, centre: (B, 3) as in ``offset_consistency``; anchor: (B, 3) where, in the view's scan
+    frame (mm), the common origin lies (``alignment.align_profiles``), NaN on free axes. A view's map
+    p -> p - centre + t equals the common frame p -> p - anchor exactly when the term is 0. 0 (with
+    gradient) when no axis is anchored.
+    """
+    anchored = torch.isfinite(anchor)
+    gap = torch.where(anchored, translation - centre + torch.nan_to_num(anchor), torch.zeros_like(translation))
+    return gap.abs().sum(dim=1).mean()
+
+
 def crop_pair_starts(shape: Sequence[int], patch: Sequence[int], max_shift: Sequence[int],
                      rng: np.random.Generator) -> tuple[Triple, Triple]:
     """Start indices of two overlapping crops of ``patch`` in a volume of ``shape``.
@@ -323,7 +336,8 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
                       output_level: int = 0,
                       pairs: int = 512, samples: int = 512, consistency_weight: float = 1.0,
                       max_shift: Sequence[int] | None = None, augment: bool = True, slab_probability: float = 0.25,
-                      output: str = "dense", initial_state: Mapping[str, torch.Tensor] | None = None
+                      output: str = "dense", initial_state: Mapping[str, torch.Tensor] | None = None,
+                      anchors: Sequence[Sequence[float]] | None = None, anchor_weight: float = 1.0
                       ) -> tuple[CoordinateNet, list[dict[str, float]]]:
     """Train a CoordinateNet on unlabelled volumes; returns (network in eval mode, per-step log).
 
@@ -339,6 +353,9 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
     default: a whole patch) and the volumes must share one spacing.
     ``initial_state`` (a state dict of the same network, e.g. ``load_coordinate_model(...)[0].state_dict()``)
     continues an earlier run with a fresh learning-rate schedule.
+    ``anchors`` (offset only): one (z, y, x) per volume, where its scan frame (mm from its first voxel)
+    puts the common origin, NaN on free axes (e.g. ``alignment.align_profiles`` for z): ``anchor_term``
+    times ``anchor_weight`` is added, tying the scans' frames to each other on those axes.
     Seeded: the same arguments give bit-identical weights on CPU.
     """
     patch = tuple(int(p) for p in patch)
@@ -350,6 +367,12 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
     spacing_mm = _common_spacing(volumes)
     if output == "offset" and spacing_mm is None:
         raise ValueError("output='offset' needs volumes that share one spacing")
+    if anchors is not None:
+        anchors = np.asarray(anchors, dtype=np.float64)
+        if output != "offset":
+            raise ValueError("anchors need output='offset' (a dense map has no per-view translation)")
+        if anchors.shape != (len(volumes), 3):
+            raise ValueError(f"anchors must be one (z, y, x) per volume: shape ({len(volumes)}, 3), not {anchors.shape}")
     net = CoordinateNet(1, channels, norm_groups, output_level=output_level, output=output,
                         spacing_mm=spacing_mm if output == "offset" else None).to(device)
     if any(p % net.size_divisor for p in patch):
@@ -368,8 +391,10 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
     net.train()
     for step in range(steps):
         views = {"a": ([], [], []), "b": ([], [], [])}  # images, points, valid masks
+        scans = []
         for _ in range(batch):
             k = int(rng.integers(len(volumes)))
+            scans.append(k)
             shape, spacing = volumes[k][0].shape, tuple(float(s) for s in volumes[k][1])
             starts = crop_pair_starts(shape, patch, max_shift, rng)
             for name, start in zip("ab", starts):
@@ -394,6 +419,10 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
             t = net.translation(images)
             term = offset_consistency(t[:batch], t[batch:], centres[:batch], centres[batch:])
             losses = {"distance": term * 0.0, "consistency": term, "total": term}
+            if anchors is not None:
+                anchor = torch.as_tensor(anchors[scans + scans], dtype=t.dtype, device=device)
+                losses["anchor"] = anchor_term(t, centres, anchor)
+                losses["total"] = term + anchor_weight * losses["anchor"]
         else:
             coords = net(images)
             losses = coordinate_loss(coords[:batch], coords[batch:], torch.stack(views["a"][1]).to(device),
