@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from DiffusionSegLib.core.files import atomic_write_json, sha256_of  # noqa: E402
 from DiffusionSegLib.methods.pretrain3d.alignment import air_profile, lung_base_levels  # noqa: E402
 from DiffusionSegLib.methods.pretrain3d.coordinates import (  # noqa: E402
-    ct_window, load_coordinate_model, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates,
+    BACKGROUND, ct_window, load_coordinate_model, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates,
     transfer_labels)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,6 +168,26 @@ def implied_level(coords: np.ndarray, spacing: float, body: np.ndarray) -> float
     return float(np.median((z - coords[0])[body])) if body.any() else float("nan")
 
 
+def slab_level_errors(net, volume: np.ndarray, level: float, spacing: float, slab_mm: float = 40.0,
+                      stride_mm: float = 20.0) -> list[float]:
+    """Head-foot error (mm) of the network on slabs of ``volume`` (HU) shown alone, as a short scan (the
+    held-out case is a 40 mm slab): each slab's median over its body voxels of (coordinate z - (z - level)),
+    ``level`` the scan's lung base (mm from its first slice)."""
+    x, body = ct_window(volume), body_mask(volume)
+    n, stride = max(1, int(round(slab_mm / spacing))), max(1, int(round(stride_mm / spacing)))
+    z = np.arange(volume.shape[0], dtype=np.float64)[:, None, None] * spacing
+    errors = []
+    for start in range(0, volume.shape[0] - n + 1, stride):
+        slab = np.full_like(x, BACKGROUND)
+        slab[start:start + n] = x[start:start + n]
+        coords = predict_coordinates(net, slab, (spacing,) * 3)
+        inside = body.copy()
+        inside[:start], inside[start + n:] = False, False
+        if inside.any():
+            errors.append(float(np.median((coords[0] - (z - level))[inside])))
+    return errors
+
+
 def ct_files(paths: list[Path]) -> dict[str, Path]:
     """{name: file} for CT files given directly or found in folders (NIfTI, NRRD, MHA); name = file stem."""
     found: dict[str, Path] = {}
@@ -224,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="offset only. lung-base: tie the scans' head-foot frames together at the lung base, found "
                              "without labels from each slice's air share (methods/pretrain3d/alignment.py)")
     parser.add_argument("--anchor-weight", type=float, default=1.0)
+    parser.add_argument("--slab-probability", type=float, default=0.25,
+                        help="share of training views cut down to a slab of 4 to patch/2 slices (a short scan)")
     parser.add_argument("--validation-cts", type=Path, nargs="+", default=[],
                         help="CTs left out of training whose lung-base level (no labels) is compared with the one the network implies: a label-free validation")
     args = parser.parse_args(argv)
@@ -272,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                                      seed=args.seed, channels=args.channels,
                                      output_level=args.output_level, max_shift=(args.max_shift,) * 3,
                                      consistency_weight=args.consistency_weight, output=args.output,
-                                     initial_state=initial_state, anchors=anchors, anchor_weight=args.anchor_weight)
+                                     initial_state=initial_state, anchors=anchors, anchor_weight=args.anchor_weight,
+                                     slab_probability=args.slab_probability)
         train_s = time.time() - t0
         window = max(1, len(log) // 10)
         curve = [{"steps": f"{log[i]['step']}-{log[min(i + window, len(log)) - 1]['step']}",
@@ -292,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                              "batch": args.batch, "lr": args.lr, "seed": args.seed,
                              "output": args.output, "max_shift": args.max_shift,
                              "anchor_z": args.anchor_z, "anchor_weight": args.anchor_weight,
+                             "slab_probability": args.slab_probability,
                              "anchors_z_mm": None if anchors is None else
                              {n: (None if np.isnan(a[0]) else a[0]) for n, a in zip(train_cts, anchors)},
                              "consistency_weight": args.consistency_weight, "seconds": round(train_s, 1),
@@ -308,11 +332,17 @@ def main(argv: list[str] | None = None) -> int:
                                     body_mask(volumes[name]))
             head_foot[name] = {"role": "validation" if name in validation_cts else "training",
                                "lung_base_mm": None if np.isnan(levels[name]) else levels[name], "network_mm": implied}
+            if name in validation_cts and not np.isnan(levels[name]):
+                errors = slab_level_errors(net, volumes[name], levels[name], args.spacing)
+                head_foot[name].update(slab_errors_mm=errors, slab_median_abs_error_mm=float(np.median(np.abs(errors))))
         print("\nhead-foot origin per scan (mm from its first slice): lung base (no labels) vs the network's")
         for name, row in head_foot.items():
             gap = None if row["lung_base_mm"] is None else row["network_mm"] - row["lung_base_mm"]
             print(f"  {name:<32} {row['role']:<10} lung base {fmt(row['lung_base_mm']):>7}  network {row['network_mm']:7.1f}"
                   f"  gap {fmt(gap):>7}")
+            if "slab_errors_mm" in row:
+                print(f"    40 mm slabs of it shown alone, every 20 mm from its first slice: head-foot error (mm) "
+                      f"{[round(e) for e in row['slab_errors_mm']]}, median |error| {row['slab_median_abs_error_mm']:.0f}")
     held_body, partner_body = body_mask(volumes[held]), body_mask(volumes[partner])
     smooth = {"held_out_body": smoothness(coords[held], spacing, held_body),
               "held_out_all": smoothness(coords[held], spacing),
