@@ -367,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     by_scanner = transfer_labels(points[partner] + shift[:, None, None, None], part_labels, points[held], known)
     # The reference: the best single translation of the scanner frame, found WITH the held-out labels.
     best_shift, best_dice = best_translation(part_for_centroids, grids[partner], held_labels, grids[held], organs, shift)
+    # The translation the coordinates imply between the two CTs: each CT's origin as the network sees it
+    # (median over the body of scanner position - coordinate), held-out minus partner; exact for offset maps.
+    origins = {name: np.median((points[name] - coords[name])[:, body], axis=1)
+               for name, body in ((held, held_body), (partner, partner_body))}
+    implied_error = origins[held] - origins[partner] - best_shift
     transfer = {}
     for organ, value in organs.items():
         if (held_labels == value).any() and (part_labels == value).any():
@@ -400,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  best shift: the single translation of the scanner frame with the highest mean Dice, searched with the "
           f"held-out labels (a reference, not a method): {np.round(best_shift - shift, 1).tolist()} mm (z, y, x) "
           "from the body-centroid one")
+    print(f"  the learnt frame's implied shift between the two CTs minus the best shift: "
+          f"{np.round(implied_error, 1).tolist()} mm (z, y, x)")
     ident, scale = consistency["identified"], consistency["layout_scale"]
     print(f"  organs whose centroid is nearest the same organ's in the other CT: learned {ident['learned']}/{ident['of']},"
           f" scanner {ident['scanner']}/{ident['of']}")
@@ -413,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
               "loss_curve": curve, "smoothness": smooth, "organ_consistency": consistency,
               "label_transfer_dice": transfer, "label_transfer_mean_dice": mean_dice,
               "best_translation_from_body_centroid_mm": (best_shift - shift).tolist(),
-              "head_foot_origin": head_foot,
+              "head_foot_origin": head_foot, "implied_shift_error_mm": implied_error.tolist(),
               "seconds": round(time.time() - started, 1)}
     atomic_write_json(args.out / "report.json", report)
     print(f"\nwrote {args.out}/ (coordinates.safetensors, coordinates.json, report.json) in {time.time() - started:.0f} s")
