@@ -88,7 +88,8 @@ def lung_base_levels(profiles: Sequence[np.ndarray], spacing_mm: float, threshol
         run = lung_run(p, threshold)
         defined = np.flatnonzero(np.isfinite(p))
         if run is None or not len(defined):
-            base.append(np.nan), apex.append(np.nan)
+            base.append(np.nan)
+            apex.append(np.nan)
             continue
         base.append(run[0] * spacing_mm if run[0] > defined[0] else np.nan)
         apex.append(run[1] * spacing_mm if run[1] < defined[-1] else np.nan)

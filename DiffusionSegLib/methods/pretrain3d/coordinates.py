@@ -27,6 +27,9 @@ What the loss does NOT give: nothing compares two patients, so each scan's coord
 up to its own rigid motion. Consistency across patients comes from weight sharing: one network, a
 function of the local anatomy only (the consistency term forbids patch position), assigns similar
 coordinates to similar anatomy. ``organ_consistency`` and ``transfer_labels`` measure whether it does.
+Offset networks can also be tied across patients on chosen axes: ``anchors`` give each scan's common
+origin (head-foot: its lung base, found without labels by ``alignment.lung_base_levels``) and
+``anchor_term`` asks every crop to agree with it.
 
 Volumes are (D, H, W) arrays in the same axis order as their spacing (z, y, x), CT normalised by
 ``ct_window``; voxels outside a scan (crop padding, sliding-window padding) are filled with
@@ -287,7 +290,7 @@ def anchor_term(translation: torch.Tensor, centre: torch.Tensor, anchor: torch.T
     """The anchoring term of offset networks (mm): mean over views of sum over anchored axes |t - centre + anchor|.
 
     translation, centre: (B, 3) as in ``offset_consistency``; anchor: (B, 3) where, in the view's scan
-    frame (mm), the common origin lies (``alignment.align_profiles``), NaN on free axes. A view's map
+    frame (mm), the common origin lies (``alignment.lung_base_levels`` for z), NaN on free axes. A view's map
     p -> p - centre + t equals the common frame p -> p - anchor exactly when the term is 0. 0 (with
     gradient) when no axis is anchored.
     """
@@ -354,7 +357,7 @@ def train_coordinates(volumes: Sequence[tuple[np.ndarray, Sequence[float]]], ste
     ``initial_state`` (a state dict of the same network, e.g. ``load_coordinate_model(...)[0].state_dict()``)
     continues an earlier run with a fresh learning-rate schedule.
     ``anchors`` (offset only): one (z, y, x) per volume, where its scan frame (mm from its first voxel)
-    puts the common origin, NaN on free axes (e.g. ``alignment.align_profiles`` for z): ``anchor_term``
+    puts the common origin, NaN on free axes (e.g. ``alignment.lung_base_levels`` for z): ``anchor_term``
     times ``anchor_weight`` is added, tying the scans' frames to each other on those axes.
     Seeded: the same arguments give bit-identical weights on CPU.
     """
