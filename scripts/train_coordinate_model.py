@@ -19,6 +19,10 @@ the 4 slices between slabs have no labels and are left out) are compared: smooth
 on the held-out CT, organ centroids (``organ_consistency``) and label transfer by nearest coordinates,
 each against the scanner frame aligned by ONE translation (body centroid onto body centroid).
 The label maps are TotalSegmentator's own predictions, not manual ground truth.
+
+Offset networks (``--output offset``) also get, per training and ``--validation-cts`` CT, the head-foot
+origin the network gives it against the CT's lung base (found without labels; ``--anchor-z lung-base``
+trains on it), and for validation CTs the same on 40 mm slabs of it shown alone.
 """
 
 from __future__ import annotations
