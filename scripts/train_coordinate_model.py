@@ -165,11 +165,10 @@ def head_foot_levels(cts: dict[str, np.ndarray], spacing: float) -> dict[str, fl
     return dict(zip(cts, lung_base_levels([air_profile(ct_window(v)) for v in cts.values()], spacing)))
 
 
-def implied_level(coords: np.ndarray, spacing: float, body: np.ndarray) -> float:
-    """Offset networks: where the network puts the common origin in the scan's frame, z (mm from the first
-    slice): median over body voxels of (physical z - coordinate z)."""
-    z = np.arange(coords.shape[1], dtype=np.float64)[:, None, None] * spacing
-    return float(np.median((z - coords[0])[body])) if body.any() else float("nan")
+def frame_origin(coords: np.ndarray, points: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Where the network puts a scan's common origin, in the frame of ``points`` (3, D, H, W) mm: the
+    median over body voxels of (position - coordinate), per axis (z, y, x); exact for offset maps."""
+    return np.median((points - coords)[:, body], axis=1) if body.any() else np.full(3, np.nan)
 
 
 def slab_level_errors(net, volume: np.ndarray, level: float, spacing: float, slab_mm: float = 40.0,
@@ -332,8 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     head_foot = {}
     if args.output == "offset":  # the network's head-foot origin per scan against its lung base (no labels)
         for name in [*train_cts, *validation_cts]:
-            implied = implied_level(predict_coordinates(net, ct_window(volumes[name]), spacing), args.spacing,
-                                    body_mask(volumes[name]))
+            # In the scan's own frame (mm from its first voxel), the frame lung bases are measured in.
+            own = scanner_points(grids[name]) - scanner_points(grids[name])[:, :1, :1, :1]
+            implied = float(frame_origin(predict_coordinates(net, ct_window(volumes[name]), spacing), own,
+                                         body_mask(volumes[name]))[0])
             head_foot[name] = {"role": "validation" if name in validation_cts else "training",
                                "lung_base_mm": None if np.isnan(levels[name]) else levels[name], "network_mm": implied}
             if name in validation_cts and not np.isnan(levels[name]):
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     best_shift, best_dice = best_translation(part_for_centroids, grids[partner], held_labels, grids[held], organs, shift)
     # The translation the coordinates imply between the two CTs: each CT's origin as the network sees it
     # (median over the body of scanner position - coordinate), held-out minus partner; exact for offset maps.
-    origins = {name: np.median((points[name] - coords[name])[:, body], axis=1)
+    origins = {name: frame_origin(coords[name], points[name], body)
                for name, body in ((held, held_body), (partner, partner_body))}
     implied_error = origins[held] - origins[partner] - best_shift
     transfer = {}

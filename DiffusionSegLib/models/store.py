@@ -131,7 +131,6 @@ DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for 
 # install or download still running (e.g. a background thread in Slicer).
 _TEMP_GRACE_S = 600.0
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_SHA256_RE = SHA256_PATTERN
 # Archive entries that desktop zip tools add and that are not part of a model.
 _ZIP_JUNK_DIRS = ("__MACOSX",)
 _ZIP_JUNK_FILES = (".DS_Store", "Thumbs.db")
@@ -168,7 +167,7 @@ def _validate_staged(staged: Path, load_check: LoadCheck | None) -> ModelCard:
     if not (staged / WEIGHTS_NAME).is_file():
         raise ModelLoadError(f"model '{card.name}' has no {WEIGHTS_NAME}")
     # Cheap check first: a wrong sha256 fails here without importing torch.
-    if not _SHA256_RE.fullmatch(card.weights_sha256 or ""):
+    if not SHA256_PATTERN.fullmatch(card.weights_sha256 or ""):
         raise ModelLoadError(f"model card of '{card.name}' has no valid weights_sha256")
     verify_weights(staged, card)  # not installed when it fails
     verify_members(staged, card)  # an ensemble's other networks, the same check
@@ -366,7 +365,7 @@ def download_model(url: str, sha256: str, name: str | None = None, overwrite: bo
     cancels the download (the partial file is removed) and propagates. Returns the installed folder.
     """
     digest_expected = sha256.strip().lower()
-    if not _SHA256_RE.fullmatch(digest_expected):
+    if not SHA256_PATTERN.fullmatch(digest_expected):
         raise ModelLoadError("sha256 must be 64 hexadecimal digits (the checksum published with the model)")
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https", "file"):
