@@ -8,7 +8,8 @@ on SYNTHETIC lesions in two patients only (example_ct, aorta_report), so a model
 patient's vessels and pleura for the first time at test. Here every real pyradiomics lung case that is
 not held out joins training, with its REAL tumour labelled: once as it is, and in ``--realisations``
 copies that also carry ``--lesions`` synthetic lesions inserted into its HU-threshold lung mask (kept
-``--margin-mm`` clear of the real tumour, the benchmark's lesion design). The held-out real case is the
+``--margin-mm`` clear of the real tumour, the benchmark's lesion design). The real cases come cropped
+to the lungs as in the benchmark, or uncropped with ``--real-cases data/lung_full_fov``. The held-out real case is the
 only test case; ``--held-out none`` puts both real cases in training (the model to ship; its test is
 the cases nobody here has).
 
@@ -78,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lesions", type=int, default=6, help="synthetic lesions requested per copy")
     p.add_argument("--margin-mm", type=float, default=15.0, help="synthetic lesions stay this far from the real tumour")
     p.add_argument("--seed", type=int, default=500)
+    p.add_argument("--real-cases", type=Path, default=None,
+                   help="folder whose imagesTs/labelsTs hold the real cases (default: the benchmark's, cropped "
+                        "to the lungs; data/lung_full_fov from scripts/make_lung_full_fov_test.py: uncropped)")
     args = p.parse_args(argv)
     lungs, checks = args.bench / "lung_lesions", args.bench / "lung_synthetic_check"
-    for needed in (lungs / "dataset.json", checks / "dataset.json"):
+    real = args.real_cases or lungs
+    for needed in (lungs / "dataset.json", checks / "dataset.json", real / "dataset.json"):
         if not needed.is_file():
             raise SystemExit(f"{needed} is missing: run `diffusionseg bench --suite real --prepare-only --data {args.bench}`")
     if args.out.exists():
@@ -95,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             case = Path(entry["image"]).name.split(".")[0]
             training.append(_copy(lungs, "imagesTr", "labelsTr", case, staging, "imagesTr", "labelsTr"))
         for n, case in enumerate(c for c in REAL_CASES if c != args.held_out):
-            training.append(_copy(lungs, "imagesTs", "labelsTs", case, staging, "imagesTr", "labelsTr"))
-            image = sitk.ReadImage(str(lungs / "imagesTs" / f"{case}.nii.gz"))
-            label = sitk.ReadImage(str(lungs / "labelsTs" / f"{case}.nii.gz"))
+            training.append(_copy(real, "imagesTs", "labelsTs", case, staging, "imagesTr", "labelsTr"))
+            image = sitk.ReadImage(str(real / "imagesTs" / f"{case}.nii.gz"))
+            label = sitk.ReadImage(str(real / "labelsTs" / f"{case}.nii.gz"))
             for k, (img, lab, meta) in enumerate(realisations(image, label, args.realisations, args.lesions,
                                                               args.margin_mm, args.seed + 100 * n, design)):
                 name = f"{case}_synth_r{k}"
@@ -108,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         validation = [_copy(checks, "imagesTs", "labelsTs", Path(e["image"]).name.split(".")[0], staging,
                             "imagesVal", "labelsVal") for e in json.loads((checks / "dataset.json").read_text())["test"]]
         test = [] if args.held_out == "none" else [
-            _copy(lungs, "imagesTs", "labelsTs", args.held_out, staging, "imagesTs", "labelsTs")]
+            _copy(real, "imagesTs", "labelsTs", args.held_out, staging, "imagesTs", "labelsTs")]
         (staging / "dataset.json").write_text(json.dumps({
             "name": f"Lung lesions, leave-one-patient-out (held out: {args.held_out})",
             "note": "Training: SYNTHETIC lesions in example_ct and aorta_report, plus the REAL pyradiomics lung "
-                    "tumour(s) not held out, as they are and with synthetic lesions added in their lungs. "
+                    "tumour(s) not held out, as they are and with synthetic lesions added in their lungs "
+                    f"(real cases from {real}). "
                     "Validation: the benchmark's synthetic check volumes (training anatomy). Test: the held-out "
                     "REAL tumour.",
             "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D",

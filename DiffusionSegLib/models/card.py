@@ -121,6 +121,9 @@ class ModelCard:
     # Labels whose fused / final mask keeps only its largest connected component (solid organs;
     # see postprocess.py). Empty: no post-processing.
     largest_component: list[str] = field(default_factory=list)
+    # Labels whose fused / final mask keeps only the connected pieces that hold a voxel every sample
+    # marks (lesions; see postprocess.py). Applied before ``largest_component``. Empty: none.
+    consistent_components: list[str] = field(default_factory=list)
     # How a run refines with DenseCRF unless told otherwise (decided on validation data: the CRF's
     # long-range appearance kernel can erase thin structures): a core.enums.CrfMode spelling
     # ("off", "mean", "published"), or true (= "mean") / false (= "off") as older cards say.

@@ -1,12 +1,19 @@
-"""Organ-aware post-processing of the fused mask: keep the largest connected component.
+"""Post-processing of the fused mask: the largest connected component, and consistent components.
 
-A solid organ (liver, spleen, one kidney) is one connected piece of tissue, so any other
+Largest component: a solid organ (liver, spleen, one kidney) is one connected piece of tissue, so any other
 component the model marks is a false positive: e.g. a kidney-shaped blob called "liver". Like
 nnU-Net's post-processing, this is applied per label only where the model card says so (chosen
 by measuring on validation data whether it helps), and only to the fused / final masks: the
 samples, and the consistency, ambiguity and uncertainty derived from them, are left as sampled.
 Components are found on the input grid with full (8 / 26) connectivity, so two pieces touching
 at a corner count as one.
+
+Consistent components (lesions): a piece of the fused (majority) mask is kept only if it holds at
+least one voxel where every sample agrees (the consistency region). This is hysteresis on the
+sample agreement: the high threshold (N of N) seeds a piece, the low one (majority) draws its
+outline. A lesion the samples agree on keeps its whole majority outline; a piece that only a bare
+majority of the samples marks anywhere, the typical false positive of a few samples or one
+ensemble member, goes. With one sample it changes nothing (consistency = fused).
 """
 
 from __future__ import annotations
@@ -56,6 +63,43 @@ def keep_largest_component(masks: np.ndarray, label_names: Sequence[str], apply_
         if name not in apply_to:
             continue
         kept = largest_component(out[i])
+        removed[name] = float((out[i].sum() - kept.sum()) * voxel_ml)
+        out[i] = kept
+    return out, removed
+
+
+def consistent_components(mask: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """Binary (*S) mask, binary (*S) core -> uint8 (*S): the mask's connected components that hold a core voxel."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    box = occupied_box(mask)
+    if box is None:
+        return out
+    components, _ = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, dtype=bool))
+    seeded = np.unique(components[np.asarray(core, dtype=bool)[box] & mask[box]])
+    out[box] = np.isin(components, seeded[seeded > 0])
+    return out
+
+
+def keep_consistent_components(masks: np.ndarray, counts: np.ndarray, n_samples: int, label_names: Sequence[str],
+                               apply_to: Sequence[str], voxel_ml: float,
+                               in_place: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    """Apply :func:`consistent_components` to the labels named in ``apply_to``.
+
+    masks (L, *S) binary; counts (L, *S): how many of the ``n_samples`` samples mark each voxel
+    (the core is counts == n_samples). Returns (masks (L, *S) uint8, removed volume per processed
+    label in mL); ``in_place`` as in :func:`keep_largest_component`.
+    """
+    if in_place and np.asarray(masks).dtype != np.uint8:
+        raise ValueError("in_place needs uint8 masks")
+    out = masks if in_place else np.asarray(masks).astype(np.uint8, copy=True)
+    removed: dict[str, float] = {}
+    for i, name in enumerate(label_names):
+        if name not in apply_to:
+            continue
+        kept = consistent_components(out[i], np.asarray(counts[i]) >= n_samples)
         removed[name] = float((out[i].sum() - kept.sum()) * voxel_ml)
         out[i] = kept
     return out, removed

@@ -277,15 +277,22 @@ def segment_image(
 
     fused = maps["fused"]
     removed: dict[str, dict[str, float]] = {}
-    if opts.postprocess and card.largest_component:
-        from DiffusionSegLib.pipeline.postprocess import keep_largest_component
+    if opts.postprocess and (card.consistent_components or card.largest_component):
+        from DiffusionSegLib.pipeline.postprocess import keep_consistent_components, keep_largest_component
 
         names = [lab.name for lab in labels]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        # In place: both arrays were made by this run.
-        fused, removed["fused"] = keep_largest_component(fused, names, card.largest_component, voxel_ml, True)
-        if refined is not None:
-            refined, removed["crf"] = keep_largest_component(refined, names, card.largest_component, voxel_ml, True)
+        # In place: both arrays were made by this run. Consistent pieces first, so that the largest
+        # component is chosen among the pieces the samples agree on.
+        for mask_name in ("fused", "crf"):
+            mask = fused if mask_name == "fused" else refined
+            if mask is None:
+                continue
+            _, by_consistency = keep_consistent_components(mask, maps["counts"], n_samples, names,
+                                                           card.consistent_components, voxel_ml, True)
+            _, by_size = keep_largest_component(mask, names, card.largest_component, voxel_ml, True)
+            removed[mask_name] = {k: by_consistency.get(k, 0.0) + by_size.get(k, 0.0)
+                                  for k in (*by_consistency, *by_size)}
     result = SegmentationResult(
         reference=image,
         labels=labels,
@@ -307,6 +314,7 @@ def segment_image(
                                  "statistic describes the ensemble"}
     result.report["postprocessing"] = {
         "largest_component": list(card.largest_component) if opts.postprocess else [],
+        "consistent_components": list(card.consistent_components) if opts.postprocess else [],
         ("removed_ml" if image.GetDimension() == 3 else "removed_mm2"):
             {mask: {k: round(v * (1.0 if image.GetDimension() == 3 else 1000.0), 4) for k, v in per.items()}
              for mask, per in removed.items()},

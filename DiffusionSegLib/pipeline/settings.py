@@ -72,8 +72,8 @@ class SegmentSettings:
                                        "p(1-p) of the sample mean p (default) or binary entropy in bits", "enum",
                                        enum=Uncertainty, choices=Uncertainty.values())
     keep_samples: bool = _option(False, "--keep-samples", "also write each sampled mask", "switch")
-    postprocess: bool = _option(True, "--no-postprocess", "skip the model card's organ post-processing "
-                                "(largest connected component)", "keep")
+    postprocess: bool = _option(True, "--no-postprocess", "skip the model card's post-processing "
+                                "(largest connected component, consistent components)", "keep")
     amp: bool | None = _option(None, "--amp", "mixed precision autocast (default: on CUDA only)", "tristate",
                                off_help="float32 everywhere")
     strict: bool = _option(False, "--strict", "refuse an input that does not fit the model (exit 2, one line "

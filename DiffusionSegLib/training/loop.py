@@ -102,6 +102,7 @@ class TrainConfig:
     # (mm; 0 = off), so that a diffusion model's samples learn to differ along boundaries (data.Augmentation).
     boundary_jitter_mm: float = 0.0
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
+    consistent_components: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
     # A folder from ``diffusionseg pretrain``: its encoder initialises the image encoder (3D MedSegDiff)
     pretrained_backbone: str | None = None
@@ -324,6 +325,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
         **defaults,
         largest_component=[n for n in config.largest_component if n in labels],
+        consistent_components=[n for n in config.consistent_components if n in labels],
         method_settings=dict(config.method_settings),
         shown_labels=[n for n in config.shown_labels if n in labels],
         description=config.description, limits=config.limits,

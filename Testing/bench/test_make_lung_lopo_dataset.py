@@ -94,3 +94,24 @@ def test_held_out_none_trains_on_both_real_cases_and_has_no_test_split(tmp_path)
     meta = json.loads((tmp_path / "all" / "dataset.json").read_text())
     assert meta["test"] == [] and {"lung1.nii.gz", "lung2.nii.gz"} <= {e["image"].split("/")[-1] for e in meta["training"]}
     assert _run("--bench", tmp_path / "missing", "--held-out", "none", "--out", tmp_path / "x").returncode != 0
+
+
+def test_real_cases_can_come_uncropped_from_another_folder(tmp_path):
+    """--real-cases: the real training case and the held-out test case are read from that folder
+    (data/lung_full_fov: the whole scan), not from the benchmark's crop."""
+    _bench(tmp_path / "bench")
+    full = tmp_path / "full"
+    for case, centre in (("lung1", (6, 30, 44)), ("lung2", (5, 24, 18))):
+        image, label = _chest(centre)
+        image, label = (sitk.ConstantPad(x, (8, 8, 0), (8, 8, 0), v) for x, v in ((image, -1000), (label, 0)))
+        for kind, item in (("images", image), ("labels", label)):
+            (full / f"{kind}Ts").mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(item, str(full / f"{kind}Ts" / f"{case}.nii.gz"))
+    (full / "dataset.json").write_text("{}")
+    out = tmp_path / "lopo"
+    done = _run("--bench", tmp_path / "bench", "--held-out", "lung1", "--out", out, "--realisations", "1",
+                "--lesions", "1", "--real-cases", full)
+    assert done.returncode == 0, done.stderr
+    for path in ("imagesTr/lung2.nii.gz", "labelsTr/lung2.nii.gz", "imagesTr/lung2_synth_r0.nii.gz", "imagesTs/lung1.nii.gz"):
+        assert sitk.ReadImage(str(out / path)).GetSize() == (80, 80, 12), path  # the padded, uncropped scans
+    assert sitk.ReadImage(str(out / "imagesTr/synth_chest_r0.nii.gz")).GetSize() == (64, 64, 12)  # the benchmark's own
