@@ -42,6 +42,7 @@ from scipy import ndimage
 from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.core.errors import DatasetError
 from DiffusionSegLib.core.files import atomic_write_json, sha256_of
+from DiffusionSegLib.pipeline.regions import threshold_lung_mask  # noqa: F401  (also used by scripts and tests from here)
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions
 
 ORGANS, LUNG, LUNG_CHECK = "organs", "lung_lesions", "lung_synthetic_check"
@@ -71,38 +72,6 @@ LUNG_NOTE = ("Training lesions are SYNTHETIC (inserted into real lungs); test le
 # ---------------------------------------------------------------------------------------------
 # Lung masks and crops
 # ---------------------------------------------------------------------------------------------
-
-
-def threshold_lung_mask(ct: np.ndarray, spacing_zyx: Sequence[float], threshold_hu: float = -400.0,
-                        min_volume_ml: float = 100.0, min_slice_area_mm2: float = 300.0) -> np.ndarray:
-    """Lung mask of a chest CT (z, y, x) by HU threshold: bool (z, y, x).
-
-    Air below ``threshold_hu`` that does not touch the in-plane border of the volume (outside
-    air), in 3D components above ``min_volume_ml`` (lungs; the trachea joins them), holes filled
-    per axial slice (vessels and nodules inside the lung belong to it, as in TotalSegmentator's
-    lung labels), then per-slice components below ``min_slice_area_mm2`` dropped (trachea and
-    bowel gas cross-sections, lung apex tips).
-    """
-    spacing = np.asarray(spacing_zyx, dtype=float)
-    air = np.asarray(ct) < threshold_hu
-    labels, n = ndimage.label(air)
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    inner = air & ~np.isin(labels, border)
-    labels, n = ndimage.label(inner)
-    if n == 0:
-        return np.zeros(air.shape, dtype=bool)
-    volumes_ml = ndimage.sum(inner, labels, range(1, n + 1)) * float(np.prod(spacing)) / 1000.0
-    lungs = np.isin(labels, [i + 1 for i, v in enumerate(volumes_ml) if v >= min_volume_ml])
-    pixel_mm2 = float(spacing[1] * spacing[2])
-    out = np.zeros_like(lungs)
-    for z in range(lungs.shape[0]):
-        filled = ndimage.binary_fill_holes(lungs[z])
-        parts, k = ndimage.label(filled)
-        if k:
-            areas = ndimage.sum(filled, parts, range(1, k + 1)) * pixel_mm2
-            out[z] = np.isin(parts, [i + 1 for i, a in enumerate(areas) if a >= min_slice_area_mm2])
-    return out
 
 
 def _bbox(mask: np.ndarray) -> list[tuple[int, int]]:

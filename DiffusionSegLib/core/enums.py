@@ -144,3 +144,9 @@ class Stage(Choice):
     CRF = "crf"
     RESTORE = "restore"
     WRITE = "write"
+
+
+class Region(Choice):
+    """Anatomical regions a model card may confine a label's pieces to (pipeline/regions.py)."""
+
+    LUNGS = "lungs"  # the chest cavity: per-slice hull of the lungs, grown by a margin

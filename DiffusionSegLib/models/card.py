@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from DiffusionSegLib.core.enums import CrfMode
+from DiffusionSegLib.core.enums import CrfMode, Region
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.core.files import atomic_write_bytes
 
@@ -124,6 +124,10 @@ class ModelCard:
     # Labels whose fused / final mask keeps only the connected pieces that hold a voxel every sample
     # marks (lesions; see postprocess.py). Applied before ``largest_component``. Empty: none.
     consistent_components: list[str] = field(default_factory=list)
+    # Label -> anatomical region (pipeline/regions.REGIONS, e.g. "lungs"): the label's fused / final
+    # mask keeps only the pieces that touch that region of the input (a lung lesion lies in the chest
+    # cavity). Applied first. Empty: none.
+    region_components: dict[str, str] = field(default_factory=dict)
     # How a run refines with DenseCRF unless told otherwise (decided on validation data: the CRF's
     # long-range appearance kernel can erase thin structures): a core.enums.CrfMode spelling
     # ("off", "mean", "published"), or true (= "mean") / false (= "off") as older cards say.
@@ -171,6 +175,19 @@ class ModelCard:
         if unknown:
             raise ModelLoadError(f"model card '{self.name}': shown_labels {unknown} are not labels of the model")
         return [i for i, n in enumerate(names) if n in self.shown_labels]
+
+    def labels_by_region(self) -> dict[Region, list[str]]:
+        """``region_components`` checked and grouped: region -> the labels confined to it."""
+        names = [lab.name for lab in self.labels]
+        out: dict[Region, list[str]] = {}
+        for label, region in self.region_components.items():
+            if label not in names:
+                raise ModelLoadError(f"model card '{self.name}': region_components names {label!r}, not a label of the model")
+            try:
+                out.setdefault(Region.parse(region, "region"), []).append(label)
+            except ValueError as err:
+                raise ModelLoadError(f"model card '{self.name}': {err}") from None
+        return out
 
     def patch_shape(self) -> tuple[int, ...] | None:
         """The training crop in the network's axis order, (H, W) or (D, H, W); None when unknown.

@@ -18,7 +18,7 @@ ensemble member, goes. With one sample it changes nothing (consistency = fused).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -46,6 +46,23 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _per_label(masks: np.ndarray, label_names: Sequence[str], apply_to: Sequence[str], voxel_ml: float,
+               in_place: bool, keep: Callable[[int, np.ndarray], np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
+    """masks (L, *S) -> (masks with ``keep(i, mask_i)`` for the labels named in ``apply_to``,
+    removed volume per processed label in mL); ``in_place`` (uint8 masks) changes ``masks`` itself."""
+    if in_place and np.asarray(masks).dtype != np.uint8:
+        raise ValueError("in_place needs uint8 masks")
+    out = masks if in_place else np.asarray(masks).astype(np.uint8, copy=True)
+    removed: dict[str, float] = {}
+    for i, name in enumerate(label_names):
+        if name not in apply_to:
+            continue
+        kept = keep(i, out[i])
+        removed[name] = float((out[i].sum() - kept.sum()) * voxel_ml)
+        out[i] = kept
+    return out, removed
+
+
 def keep_largest_component(masks: np.ndarray, label_names: Sequence[str], apply_to: Sequence[str],
                            voxel_ml: float, in_place: bool = False) -> tuple[np.ndarray, dict[str, float]]:
     """Apply :func:`largest_component` to the labels named in ``apply_to``.
@@ -55,21 +72,12 @@ def keep_largest_component(masks: np.ndarray, label_names: Sequence[str], apply_
     per processed label in mL), so the report can say what was taken away. ``in_place`` (masks
     must be uint8) changes and returns ``masks`` itself: no copy of a whole CT's masks.
     """
-    if in_place and np.asarray(masks).dtype != np.uint8:
-        raise ValueError("in_place needs uint8 masks")
-    out = masks if in_place else np.asarray(masks).astype(np.uint8, copy=True)
-    removed: dict[str, float] = {}
-    for i, name in enumerate(label_names):
-        if name not in apply_to:
-            continue
-        kept = largest_component(out[i])
-        removed[name] = float((out[i].sum() - kept.sum()) * voxel_ml)
-        out[i] = kept
-    return out, removed
+    return _per_label(masks, label_names, apply_to, voxel_ml, in_place, lambda i, mask: largest_component(mask))
 
 
-def consistent_components(mask: np.ndarray, core: np.ndarray) -> np.ndarray:
-    """Binary (*S) mask, binary (*S) core -> uint8 (*S): the mask's connected components that hold a core voxel."""
+def components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Binary (*S) mask, binary (*S) region -> uint8 (*S): the mask's connected pieces (full
+    connectivity) with at least one voxel in the region, each kept whole."""
     from scipy import ndimage
 
     mask = np.asarray(mask, dtype=bool)
@@ -77,29 +85,28 @@ def consistent_components(mask: np.ndarray, core: np.ndarray) -> np.ndarray:
     box = occupied_box(mask)
     if box is None:
         return out
-    components, _ = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, dtype=bool))
-    seeded = np.unique(components[np.asarray(core, dtype=bool)[box] & mask[box]])
-    out[box] = np.isin(components, seeded[seeded > 0])
+    pieces, _ = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, dtype=bool))
+    touching = np.unique(pieces[np.asarray(region, dtype=bool)[box] & mask[box]])
+    out[box] = np.isin(pieces, touching[touching > 0])
     return out
 
 
 def keep_consistent_components(masks: np.ndarray, counts: np.ndarray, n_samples: int, label_names: Sequence[str],
                                apply_to: Sequence[str], voxel_ml: float,
                                in_place: bool = False) -> tuple[np.ndarray, dict[str, float]]:
-    """Apply :func:`consistent_components` to the labels named in ``apply_to``.
+    """Keep, for the labels named in ``apply_to``, only the pieces that hold a voxel every sample marks.
 
     masks (L, *S) binary; counts (L, *S): how many of the ``n_samples`` samples mark each voxel
     (the core is counts == n_samples). Returns (masks (L, *S) uint8, removed volume per processed
     label in mL); ``in_place`` as in :func:`keep_largest_component`.
     """
-    if in_place and np.asarray(masks).dtype != np.uint8:
-        raise ValueError("in_place needs uint8 masks")
-    out = masks if in_place else np.asarray(masks).astype(np.uint8, copy=True)
-    removed: dict[str, float] = {}
-    for i, name in enumerate(label_names):
-        if name not in apply_to:
-            continue
-        kept = consistent_components(out[i], np.asarray(counts[i]) >= n_samples)
-        removed[name] = float((out[i].sum() - kept.sum()) * voxel_ml)
-        out[i] = kept
-    return out, removed
+    return _per_label(masks, label_names, apply_to, voxel_ml, in_place,
+                      lambda i, mask: components_touching(mask, np.asarray(counts[i]) >= n_samples))
+
+
+def keep_region_components(masks: np.ndarray, region: np.ndarray, label_names: Sequence[str],
+                           apply_to: Sequence[str], voxel_ml: float,
+                           in_place: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    """Keep, for the labels named in ``apply_to``, only the pieces that touch ``region`` (bool (*S),
+    e.g. regions.lung_region); masks (L, *S). Returns (masks uint8, removed mL per processed label)."""
+    return _per_label(masks, label_names, apply_to, voxel_ml, in_place, lambda i, mask: components_touching(mask, region))

@@ -95,6 +95,22 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
     return maps, {k: round(v, 4) for k, v in seconds.items()}
 
 
+def _card_regions(image: Any, card: Any) -> tuple[list[tuple[np.ndarray, list[str]]], list[str]]:
+    """The card's ``region_components`` found on the input: ([(region (*input) bool, labels confined
+    to it)], notes). A region that cannot be found (no lungs in the scan) confines nothing, and a
+    note in the report says so: better a false positive than a lesion erased."""
+    from DiffusionSegLib.pipeline.regions import find_region
+
+    found, notes = [], []
+    for region, confined in card.labels_by_region().items():
+        mask = find_region(region, image)
+        if mask is None:
+            notes.append(f"region {region} not found in the input: {', '.join(confined)} not confined to it")
+        else:
+            found.append((mask, confined))
+    return found, notes
+
+
 def _member_shares(samples: int, members: int) -> list[int]:
     """How many of ``samples`` each of ``members`` networks draws: as even as possible, the first ones
     one more; members beyond ``samples`` draw none and are left out (e.g. 5 over 3 -> [2, 2, 1])."""
@@ -189,6 +205,7 @@ def segment_image(
     except ValueError as err:
         raise ModelLoadError(f"model '{card.name}': {err}") from None
     crf_mode = card.crf_mode() if opts.crf is None else opts.crf  # a bad card default fails here, not after sampling
+    card.labels_by_region()  # so does a bad region_components
     warnings = check_input(image, card)
     if warnings and opts.strict:
         raise InputMismatchError(warnings)
@@ -277,22 +294,25 @@ def segment_image(
 
     fused = maps["fused"]
     removed: dict[str, dict[str, float]] = {}
-    if opts.postprocess and (card.consistent_components or card.largest_component):
-        from DiffusionSegLib.pipeline.postprocess import keep_consistent_components, keep_largest_component
+    region_notes: list[str] = []
+    if opts.postprocess and (card.region_components or card.consistent_components or card.largest_component):
+        from DiffusionSegLib.pipeline import postprocess
 
         names = [lab.name for lab in labels]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        # In place: both arrays were made by this run. Consistent pieces first, so that the largest
-        # component is chosen among the pieces the samples agree on.
-        for mask_name in ("fused", "crf"):
-            mask = fused if mask_name == "fused" else refined
+        regions, region_notes = _card_regions(image, card)
+        # In place: both arrays were made by this run. Region and consistency first, so that the
+        # largest component is chosen among the pieces that pass them.
+        for mask_name, mask in (("fused", fused), ("crf", refined)):
             if mask is None:
                 continue
-            _, by_consistency = keep_consistent_components(mask, maps["counts"], n_samples, names,
-                                                           card.consistent_components, voxel_ml, True)
-            _, by_size = keep_largest_component(mask, names, card.largest_component, voxel_ml, True)
-            removed[mask_name] = {k: by_consistency.get(k, 0.0) + by_size.get(k, 0.0)
-                                  for k in (*by_consistency, *by_size)}
+            taken: list[dict[str, float]] = [
+                postprocess.keep_region_components(mask, region, names, confined, voxel_ml, True)[1]
+                for region, confined in regions]
+            taken.append(postprocess.keep_consistent_components(mask, maps["counts"], n_samples, names,
+                                                                card.consistent_components, voxel_ml, True)[1])
+            taken.append(postprocess.keep_largest_component(mask, names, card.largest_component, voxel_ml, True)[1])
+            removed[mask_name] = {label: sum(t.get(label, 0.0) for t in taken) for t in taken for label in t}
     result = SegmentationResult(
         reference=image,
         labels=labels,
@@ -315,6 +335,8 @@ def segment_image(
     result.report["postprocessing"] = {
         "largest_component": list(card.largest_component) if opts.postprocess else [],
         "consistent_components": list(card.consistent_components) if opts.postprocess else [],
+        "region_components": dict(card.region_components) if opts.postprocess else {},
+        "region_notes": region_notes,
         ("removed_ml" if image.GetDimension() == 3 else "removed_mm2"):
             {mask: {k: round(v * (1.0 if image.GetDimension() == 3 else 1000.0), 4) for k, v in per.items()}
              for mask, per in removed.items()},

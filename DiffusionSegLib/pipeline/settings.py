@@ -73,7 +73,7 @@ class SegmentSettings:
                                        enum=Uncertainty, choices=Uncertainty.values())
     keep_samples: bool = _option(False, "--keep-samples", "also write each sampled mask", "switch")
     postprocess: bool = _option(True, "--no-postprocess", "skip the model card's post-processing "
-                                "(largest connected component, consistent components)", "keep")
+                                "(region, consistent and largest connected components)", "keep")
     amp: bool | None = _option(None, "--amp", "mixed precision autocast (default: on CUDA only)", "tristate",
                                off_help="float32 everywhere")
     strict: bool = _option(False, "--strict", "refuse an input that does not fit the model (exit 2, one line "

@@ -103,6 +103,7 @@ class TrainConfig:
     boundary_jitter_mm: float = 0.0
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     consistent_components: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
+    region_components: dict[str, str] = field(default_factory=dict)  # written to the card (regions.py)
     method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
     # A folder from ``diffusionseg pretrain``: its encoder initialises the image encoder (3D MedSegDiff)
     pretrained_backbone: str | None = None
@@ -326,6 +327,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         **defaults,
         largest_component=[n for n in config.largest_component if n in labels],
         consistent_components=[n for n in config.consistent_components if n in labels],
+        region_components={n: r for n, r in config.region_components.items() if n in labels},
         method_settings=dict(config.method_settings),
         shown_labels=[n for n in config.shown_labels if n in labels],
         description=config.description, limits=config.limits,

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from helpers import make_model
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings
-from DiffusionSegLib.pipeline.postprocess import (consistent_components, keep_consistent_components,
+from DiffusionSegLib.pipeline.postprocess import (components_touching, keep_consistent_components,
                                                   keep_largest_component, largest_component)
 
 
@@ -118,8 +118,8 @@ def test_consistent_components_keep_whole_pieces_that_every_sample_marks_somewhe
     mask[0, 0] = mask[1, 1] = mask[3, 3] = 1
     core = np.zeros((4, 4), bool)
     core[0, 0] = True
-    assert consistent_components(mask, core).tolist() == (mask * (np.arange(4)[:, None] < 2)).tolist()
-    assert consistent_components(np.zeros((3, 3)), core[:3, :3]).sum() == 0
+    assert components_touching(mask, core).tolist() == (mask * (np.arange(4)[:, None] < 2)).tolist()
+    assert components_touching(np.zeros((3, 3)), core[:3, :3]).sum() == 0
 
 
 def _agreed_and_unagreed_blobs(net, card, images, n_samples, steps, **kwargs):

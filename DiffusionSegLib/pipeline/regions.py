@@ -1,0 +1,114 @@
+"""Anatomical regions found by thresholds, and the pieces of a fused mask that lie in them.
+
+A lung lesion model trained on chest crops meets a whole scan in use: table, arms, shoulders, neck
+and upper abdomen, where lesion-like texture (the trachea's wall, an axilla's skin fold, the
+diaphragm's dome cut by a thick slice) draws false positives. A lung tumour lies in the chest
+cavity, which the lungs outline: per axial slice, the convex hull of the lung mask covers the lungs,
+the hila and the mediastinum between them, so a tumour growing into the mediastinum still touches it.
+postprocess.keep_region_components then drops a piece of the fused mask that does not touch that
+region (grown by a margin, for tumours that reach into the chest wall) and keeps a piece that touches
+it whole. The lung mask is an HU threshold, so the region is only defined for CT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage
+
+from DiffusionSegLib.core.enums import Region
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+def threshold_lung_mask(ct: np.ndarray, spacing_zyx: Sequence[float], threshold_hu: float = -400.0,
+                        min_volume_ml: float = 100.0, min_slice_area_mm2: float = 300.0) -> np.ndarray:
+    """Lung mask of a chest CT (z, y, x) by HU threshold: bool (z, y, x).
+
+    Air below ``threshold_hu`` that does not touch the in-plane border of the volume (outside
+    air), in 3D components above ``min_volume_ml`` (lungs; the trachea joins them), holes filled
+    per axial slice (vessels and nodules inside the lung belong to it, as in TotalSegmentator's
+    lung labels), then per-slice components below ``min_slice_area_mm2`` dropped (trachea and
+    bowel gas cross-sections, lung apex tips).
+    """
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    air = np.asarray(ct) < threshold_hu
+    labels, n = ndimage.label(air)
+    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    inner = air & ~np.isin(labels, border)
+    labels, n = ndimage.label(inner)
+    if n == 0:
+        return np.zeros(air.shape, dtype=bool)
+    volumes_ml = ndimage.sum(inner, labels, range(1, n + 1)) * float(np.prod(spacing)) / 1000.0
+    lungs = np.isin(labels, [i + 1 for i, v in enumerate(volumes_ml) if v >= min_volume_ml])
+    pixel_mm2 = float(spacing[1] * spacing[2])
+    out = np.zeros_like(lungs)
+    for z in range(lungs.shape[0]):
+        filled = ndimage.binary_fill_holes(lungs[z])
+        parts, k = ndimage.label(filled)
+        if k:
+            areas = ndimage.sum(filled, parts, range(1, k + 1)) * pixel_mm2
+            out[z] = np.isin(parts, [i + 1 for i, a in enumerate(areas) if a >= min_slice_area_mm2])
+    return out
+
+
+def slice_hulls(mask: np.ndarray) -> np.ndarray:
+    """Bool (z, y, x) -> bool (z, y, x): per axial slice, the convex hull of the slice's True pixels
+    (pixel centres; a slice whose pixels lie on one line keeps its pixels)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    mask = np.asarray(mask, dtype=bool)
+    out = mask.copy()
+    for z in range(mask.shape[0]):
+        points = np.argwhere(mask[z])
+        if len(points) < 3:
+            continue
+        # Only the outline's pixels can be hull vertices: fewer points for Qhull.
+        outline = points[~ndimage.binary_erosion(mask[z])[tuple(points.T)]]
+        try:
+            hull = ConvexHull(outline)
+        except QhullError:  # all on one line
+            continue
+        (y0, x0), (y1, x1) = points.min(axis=0), points.max(axis=0) + 1
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        inside = np.ones(yy.shape, dtype=bool)
+        for ny, nx, offset in hull.equations:  # inside: n . p + offset <= 0 for every facet
+            inside &= ny * yy + nx * xx + offset <= 1e-9
+        out[z, y0:y1, x0:x1] |= inside
+    return out
+
+
+def lung_region(ct: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float = 10.0) -> np.ndarray | None:
+    """The chest cavity of a CT (z, y, x) in HU: per-slice convex hull of the threshold lung mask,
+    grown in-plane by ``margin_mm``. Bool (z, y, x), or None when no lungs are found (then a caller
+    must not filter: the scan is not a chest CT, or not in HU)."""
+    lungs = threshold_lung_mask(ct, spacing_zyx)
+    if not lungs.any():
+        return None
+    hull = slice_hulls(lungs)
+    sampling = (float(spacing_zyx[-2]), float(spacing_zyx[-1]))
+    region = np.zeros_like(hull)
+    for z in np.flatnonzero(hull.any(axis=(1, 2))):  # in-plane only: slices keep their extent
+        region[z] = ndimage.distance_transform_edt(~hull[z], sampling=sampling) <= margin_mm
+    return region
+
+
+def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
+    """``region`` on the grid of ``image`` (a CT in HU): bool array in SimpleITK's array order
+    ((z, y, x); a 2D image as one slice, (1, y, x)), or None where it cannot be found."""
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return None
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    spacing = tuple(reversed(image.GetSpacing()))
+    if array.ndim == 2:
+        array, spacing = array[None], (1.0, *spacing)
+    if region == Region.LUNGS:
+        found = lung_region(array, spacing)
+    else:  # a Region the library has no finder for is a programming error
+        raise ValueError(f"no finder for region {region!r}")
+    return None if found is None else found.reshape(sitk.GetArrayViewFromImage(image).shape)
