@@ -43,3 +43,6 @@ def test_the_lung_lesion_model_finds_a_nodule_and_nothing_else(tmp_path):
     assert not (found & ~np.asarray(nodule)).reshape(20, -1).any(axis=1)[:5].any()  # slices far from it stay empty
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model"]["name"] == MODEL and report["crf_mode"] == "off"  # the card's default: CRF measured worse
+    post = report["postprocessing"]  # the card's filters ran, and found the phantom's lungs
+    assert post["region_components"] == {"lesion": "lungs"} and post["consistent_components"] == ["lesion"]
+    assert post["region_notes"] == []
