@@ -95,3 +95,17 @@ def test_a_bad_region_in_the_card_is_refused_before_sampling(tmp_path, monkeypat
     model = make_model(tmp_path / "bad", region_components=regions)
     with pytest.raises(ModelLoadError, match=words):
         segment_image(sitk.GetImageFromArray(_chest()), model, SegmentSettings(samples=2, steps=1, crf=False))
+
+
+def test_a_fine_scan_finds_its_region_on_a_coarser_grid_and_gets_it_back_on_its_own():
+    """0.75 mm pixels: the region is found every 2nd pixel (1.5 mm) and repeated back to 512 x 512-like grids."""
+    from DiffusionSegLib.core.enums import Region
+    from DiffusionSegLib.pipeline.regions import find_region
+
+    fine = np.repeat(np.repeat(_chest(), 4, axis=1), 4, axis=2)[:, :255, :255]  # odd size: the repeat is cropped
+    image = sitk.GetImageFromArray(fine)
+    image.SetSpacing((0.75, 0.75, 5.0))
+    region = find_region(Region.LUNGS, image)
+    assert region.shape == fine.shape
+    assert region[:, 64:192, 40:216].all()  # both lungs and the mediastinum (rows 16-47, columns 10-53 x 4)
+    assert not region[:, :20].any() and not region[:, :, :12].any() and not region[:, 215:].any()
