@@ -33,6 +33,17 @@ def make_model(folder: Path, **card_fields) -> Path:
     return folder
 
 
+def segment_with_and_without_postprocessing(image: sitk.Image, model: Path, samples: int,
+                                            steps: int) -> tuple[SegmentationResult, SegmentationResult]:
+    """One run with the card's post-processing and one with ``postprocess=False``, no CRF: (on, off)."""
+    from DiffusionSegLib.pipeline.segment import segment_image
+    from DiffusionSegLib.pipeline.settings import SegmentSettings
+
+    on = segment_image(image, model, SegmentSettings(samples=samples, steps=steps, crf=False))
+    off = segment_image(image, model, SegmentSettings(samples=samples, steps=steps, crf=False, postprocess=False))
+    return on, off
+
+
 def new_mrml_scene():
     """A real slicer-core MRML scene set up as SLICER.md describes: application logic, default
     color nodes and the segmentations logic (which also registers the representation converters).

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import make_model
-from DiffusionSegLib.pipeline.segment import segment_image
-from DiffusionSegLib.pipeline.settings import SegmentSettings
+from helpers import make_model, segment_with_and_without_postprocessing
 from DiffusionSegLib.pipeline.postprocess import (components_touching, keep_consistent_components,
                                                   keep_largest_component, largest_component)
 
@@ -61,8 +59,7 @@ def test_the_card_decides_and_the_report_says_so(tmp_path, monkeypatch):
     model = make_model(tmp_path / "lcc", largest_component=["lesion"])
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32))
     image.SetSpacing((1.0, 1.0, 2.0))
-    on = segment_image(image, model, SegmentSettings(samples=3, steps=2, crf=False))
-    off = segment_image(image, model, SegmentSettings(samples=3, steps=2, crf=False, postprocess=False))
+    on, off = segment_with_and_without_postprocessing(image, model, samples=3, steps=2)
     from scipy import ndimage
 
     n_on = ndimage.label(on.fused[0], structure=np.ones((3, 3, 3)))[1]
@@ -142,8 +139,7 @@ def test_the_card_asks_for_consistent_components_and_the_report_says_so(tmp_path
     model = make_model(tmp_path / "cc", consistent_components=["lesion"], largest_component=["lesion"])
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32))
     image.SetSpacing((1.0, 1.0, 2.0))
-    on = segment_image(image, model, SegmentSettings(samples=3, steps=2, crf=False))
-    off = segment_image(image, model, SegmentSettings(samples=3, steps=2, crf=False, postprocess=False))
+    on, off = segment_with_and_without_postprocessing(image, model, samples=3, steps=2)
     assert off.fused[0].sum() == 3 * (100 + 16)
     assert on.fused[0].sum() == 3 * 16 and on.fused[0, :, 20:24, 20:24].all()
     report = on.report["postprocessing"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import make_model
+from helpers import make_model, segment_with_and_without_postprocessing
 from DiffusionSegLib.core.errors import ModelLoadError
 from DiffusionSegLib.pipeline.regions import lung_region, slice_hulls
 from DiffusionSegLib.pipeline.segment import segment_image
@@ -67,8 +67,7 @@ def test_the_card_confines_a_label_to_the_lungs_and_says_when_it_cannot(tmp_path
         "kind": "ct_window", "center": -600, "width": 1500})
     image = sitk.GetImageFromArray(_chest())
     image.SetSpacing((3.0, 3.0, 5.0))
-    on = segment_image(image, model, SegmentSettings(samples=2, steps=1, crf=False))
-    off = segment_image(image, model, SegmentSettings(samples=2, steps=1, crf=False, postprocess=False))
+    on, off = segment_with_and_without_postprocessing(image, model, samples=2, steps=1)
     assert off.fused[0].sum() == 6 * (30 + 24)
     assert on.fused[0].sum() == 6 * 30 and on.fused[0, :, 28:34, 29:34].all()
     post = on.report["postprocessing"]
