@@ -19,6 +19,7 @@ ensemble member, goes. With one sample it changes nothing (consistency = fused).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,3 +111,18 @@ def keep_region_components(masks: np.ndarray, region: np.ndarray, label_names: S
     """Keep, for the labels named in ``apply_to``, only the pieces that touch ``region`` (bool (*S),
     e.g. regions.lung_region); masks (L, *S). Returns (masks uint8, removed mL per processed label)."""
     return _per_label(masks, label_names, apply_to, voxel_ml, in_place, lambda i, mask: components_touching(mask, region))
+
+
+def apply_card_filters(masks: np.ndarray, counts: np.ndarray, n_samples: int, label_names: Sequence[str],
+                       card: Any, regions: Sequence[tuple[np.ndarray, Sequence[str]]],
+                       voxel_ml: float) -> dict[str, float]:
+    """A model card's post-processing on uint8 masks (L, *S), in place: region components (``regions``:
+    [(region (*S) bool, labels confined to it)], as regions.find_card_regions gives), then consistent
+    components (``counts`` (L, *S) of ``n_samples``), then the largest component, so the largest piece
+    is chosen among those that pass the first two. Returns the removed volume per label in mL."""
+    taken = [keep_region_components(masks, region, label_names, confined, voxel_ml, True)[1]
+             for region, confined in regions]
+    taken.append(keep_consistent_components(masks, counts, n_samples, label_names, card.consistent_components,
+                                            voxel_ml, True)[1])
+    taken.append(keep_largest_component(masks, label_names, card.largest_component, voxel_ml, True)[1])
+    return {label: sum(t.get(label, 0.0) for t in taken) for t in taken for label in t}

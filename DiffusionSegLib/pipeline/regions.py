@@ -13,7 +13,7 @@ it whole. The lung mask is an HU threshold, so the region is only defined for CT
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -118,3 +118,17 @@ def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
     if found is not None:
         found = np.repeat(np.repeat(found, ky, axis=1), kx, axis=2)[:, :array.shape[1], :array.shape[2]]
     return None if found is None else found.reshape(sitk.GetArrayViewFromImage(image).shape)
+
+
+def find_card_regions(image: "sitk.Image", card: Any) -> tuple[list[tuple[np.ndarray, list[str]]], list[str]]:
+    """The card's ``region_components`` found on ``image``: ([(region bool (array order), labels
+    confined to it)], notes). A region that cannot be found (no lungs in the scan) confines nothing,
+    and a note says so: better a false positive than a lesion erased."""
+    found, notes = [], []
+    for region, confined in card.labels_by_region().items():
+        mask = find_region(region, image)
+        if mask is None:
+            notes.append(f"region {region} not found in the input: {', '.join(confined)} not confined to it")
+        else:
+            found.append((mask, confined))
+    return found, notes

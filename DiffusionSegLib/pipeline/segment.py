@@ -95,22 +95,6 @@ def _restore_and_ensemble(prepared: Any, samples_model: np.ndarray, spatial_dims
     return maps, {k: round(v, 4) for k, v in seconds.items()}
 
 
-def _card_regions(image: Any, card: Any) -> tuple[list[tuple[np.ndarray, list[str]]], list[str]]:
-    """The card's ``region_components`` found on the input: ([(region (*input) bool, labels confined
-    to it)], notes). A region that cannot be found (no lungs in the scan) confines nothing, and a
-    note in the report says so: better a false positive than a lesion erased."""
-    from DiffusionSegLib.pipeline.regions import find_region
-
-    found, notes = [], []
-    for region, confined in card.labels_by_region().items():
-        mask = find_region(region, image)
-        if mask is None:
-            notes.append(f"region {region} not found in the input: {', '.join(confined)} not confined to it")
-        else:
-            found.append((mask, confined))
-    return found, notes
-
-
 def _member_shares(samples: int, members: int) -> list[int]:
     """How many of ``samples`` each of ``members`` networks draws: as even as possible, the first ones
     one more; members beyond ``samples`` draw none and are left out (e.g. 5 over 3 -> [2, 2, 1])."""
@@ -296,23 +280,15 @@ def segment_image(
     removed: dict[str, dict[str, float]] = {}
     region_notes: list[str] = []
     if opts.postprocess and (card.region_components or card.consistent_components or card.largest_component):
-        from DiffusionSegLib.pipeline import postprocess
+        from DiffusionSegLib.pipeline.postprocess import apply_card_filters
+        from DiffusionSegLib.pipeline.regions import find_card_regions
 
         names = [lab.name for lab in labels]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        regions, region_notes = _card_regions(image, card)
-        # In place: both arrays were made by this run. Region and consistency first, so that the
-        # largest component is chosen among the pieces that pass them.
+        regions, region_notes = find_card_regions(image, card)
         for mask_name, mask in (("fused", fused), ("crf", refined)):
-            if mask is None:
-                continue
-            taken: list[dict[str, float]] = [
-                postprocess.keep_region_components(mask, region, names, confined, voxel_ml, True)[1]
-                for region, confined in regions]
-            taken.append(postprocess.keep_consistent_components(mask, maps["counts"], n_samples, names,
-                                                                card.consistent_components, voxel_ml, True)[1])
-            taken.append(postprocess.keep_largest_component(mask, names, card.largest_component, voxel_ml, True)[1])
-            removed[mask_name] = {label: sum(t.get(label, 0.0) for t in taken) for t in taken for label in t}
+            if mask is not None:  # in place: both arrays were made by this run
+                removed[mask_name] = apply_card_filters(mask, maps["counts"], n_samples, names, card, regions, voxel_ml)
     result = SegmentationResult(
         reference=image,
         labels=labels,

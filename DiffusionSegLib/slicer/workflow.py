@@ -102,6 +102,10 @@ class SegmentationWorkflow:
         self._summary: dict[str, Any] = {}
         self._agreement: int | None = None
         self._speed: MeasuredSpeed | None = None
+        # The card whose post-processing the run applied (None: none applied), and its regions on the
+        # volume, found at the first slider move: the slider's masks get the same filters.
+        self._card: Any = None
+        self._regions: list[tuple[np.ndarray, list[str]]] | None = None
 
     # -- running --------------------------------------------------------------------------------
 
@@ -253,7 +257,7 @@ class SegmentationWorkflow:
                                               segmentation_node=segmentation_node)
         finally:
             shutil.rmtree(run.workdir, ignore_errors=True)
-        self._remember(run.volume_node, result, outputs)
+        self._remember(run.volume_node, result, outputs, _card_of(run.settings))
         self._speed = _speed_of(result.report, run.settings.device) or self._speed
         return outputs
 
@@ -288,14 +292,24 @@ class SegmentationWorkflow:
 
         k = N is the consistency region, k = 1 the union of all samples. No resampling: only the
         fused segments of the last run's segmentation node change (their volumes in ``summary``
-        too); the CRF refinement is not re-run on these masks.
+        too); the CRF refinement is not re-run on these masks, the model card's post-processing
+        (region, consistent and largest components) is, when the run applied it.
         """
         from DiffusionSegLib.slicer import scene as mrml_bridge
         from DiffusionSegLib.pipeline.ensemble import agreement_mask, volumes_ml
 
         if self._samples is None or self._outputs is None:
             raise RuntimeError("no samples kept from a finished run; run with keep_samples=True first")
-        masks = agreement_mask(self._samples, k)  # (L, K, J, I)
+        masks = agreement_mask(self._samples, k)  # (L, K, J, I) uint8
+        if self._card is not None:
+            from DiffusionSegLib.pipeline.postprocess import apply_card_filters
+            from DiffusionSegLib.pipeline.regions import find_card_regions
+
+            if self._regions is None:
+                self._regions = find_card_regions(mrml_bridge.volume_to_image(self._volume_node), self._card)[0]
+            voxel_ml = float(np.prod(_node_spacing(self._volume_node))) / 1000.0
+            apply_card_filters(masks, self._samples.sum(axis=0, dtype=np.uint16), self.n_samples, self._labels,
+                               self._card, self._regions, voxel_ml)
         seg_node = self._outputs.segmentation_node
         for label, mask in zip(self._labels, masks):
             mrml_bridge.set_segment_mask(seg_node, self._volume_node, self._outputs.segment_ids[label]["fused"], mask)
@@ -340,10 +354,11 @@ class SegmentationWorkflow:
             return {}
         return {**self._summary, "agreement": self._agreement, "n_samples": self.n_samples}
 
-    def _remember(self, volume_node: Any, result: Any, outputs: Any) -> None:
+    def _remember(self, volume_node: Any, result: Any, outputs: Any, card: Any = None) -> None:
         from DiffusionSegLib.pipeline.ensemble import volumes_ml
 
         self._volume_node, self._outputs = volume_node, outputs
+        self._card, self._regions = card, None
         self._samples = result.samples
         self._labels = [label.name for label in result.labels]
         self._agreement = None
@@ -381,6 +396,17 @@ def _dicom_modality(scene: Any, volume_node: Any) -> str | None:
         return sh.GetItemAttribute(item, name).strip().upper() or None
     except (ImportError, AttributeError):  # no subject hierarchy: nothing recorded
         return None
+
+
+def _card_of(settings: SegmentSettings) -> Any:
+    """The card whose post-processing a run with ``settings`` applied; None when it applied none."""
+    from DiffusionSegLib.models.card import read_card
+    from DiffusionSegLib.models.store import resolve_model
+
+    if not settings.postprocess:
+        return None
+    card = read_card(resolve_model(settings.model))
+    return card if (card.region_components or card.consistent_components or card.largest_component) else None
 
 
 def _node_spacing(volume_node: Any) -> tuple[float, float, float]:

@@ -145,6 +145,38 @@ def test_agreement_slider_moves_from_union_to_consistency(scene, tiny_model):
         workflow.set_agreement(4)
 
 
+def test_agreement_slider_keeps_the_cards_consistent_components(scene, tmp_path):
+    """A card with consistent_components: a slider position shows only the k-of-N pieces that hold a
+    voxel all samples mark, as the run's own fused mask did. Hand-made samples on a real scene: piece
+    A (all 3 samples at its centre, 2 of 3 around it) and piece B (one sample only)."""
+    from helpers import make_model
+    from DiffusionSegLib.models.card import LabelInfo, read_card
+    from DiffusionSegLib.pipeline.result import SegmentationResult
+
+    card = read_card(make_model(tmp_path / "tiny_consistent", consistent_components=["lesion"]))
+    volume = add_volume(scene, blob_volume(), np.diag([1.0, 1.0, 3.0, 1.0]))
+    samples = np.zeros((3, 1, 6, 28, 32), np.uint8)
+    samples[:2, 0, 2:4, 5:10, 5:10] = 1
+    samples[2, 0, 3, 7, 7] = 1  # A's consistent voxel
+    samples[0, 0, 1:3, 20:25, 20:28] = 1  # B
+    counts = samples.sum(0, dtype=np.uint8)
+    result = SegmentationResult(reference=mrml_bridge.volume_to_image(volume), labels=[LabelInfo("lesion")],
+                                counts=counts, n_samples=3, fused=(counts >= 2).astype(np.uint8),
+                                samples=samples, sample_diversity=[0.5], report={"model": {"name": card.name}})
+    outputs = mrml_bridge.show_result(scene, volume, result)
+    workflow = SegmentationWorkflow(scene)
+    workflow._remember(volume, result, outputs, card)  # what finish() does after a run with this card
+    seg, ids = outputs.segmentation_node, outputs.segment_ids["lesion"]
+    workflow.set_agreement(1)
+    piece_a = np.zeros((6, 28, 32), bool)
+    piece_a[2:4, 5:10, 5:10] = True
+    assert np.array_equal(segment_array(seg, volume, ids["fused"]), piece_a)  # B dropped, A whole
+    assert workflow.summary()["volumes_ml"]["lesion"]["fused"] == pytest.approx(50 * 3.0 / 1000)
+    workflow._remember(volume, result, outputs, None)  # a run without the card's post-processing
+    workflow.set_agreement(1)
+    assert segment_array(seg, volume, ids["fused"])[1:3, 20:25, 20:28].all()
+
+
 def test_ged_against_reference_segments_drawn_in_the_scene(scene, tiny_model):
     """A reader's contour and a second reader's, as segments of another node: GED and its terms by hand."""
     from DiffusionSegLib.pipeline.ensemble import ged_terms
