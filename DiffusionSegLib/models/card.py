@@ -176,6 +176,10 @@ class ModelCard:
             raise ModelLoadError(f"model card '{self.name}': shown_labels {unknown} are not labels of the model")
         return [i for i, n in enumerate(names) if n in self.shown_labels]
 
+    def has_postprocessing(self) -> bool:
+        """True when the card asks for any post-processing of the fused mask (postprocess.apply_card_filters)."""
+        return bool(self.region_components or self.consistent_components or self.largest_component)
+
     def labels_by_region(self) -> dict[Region, list[str]]:
         """``region_components`` checked and grouped: region -> the labels confined to it."""
         names = [lab.name for lab in self.labels]

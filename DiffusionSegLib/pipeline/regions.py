@@ -1,4 +1,4 @@
-"""Anatomical regions found by thresholds, and the pieces of a fused mask that lie in them.
+"""Anatomical regions found by thresholds, to which a model card may confine a label's fused pieces.
 
 A lung lesion model trained on chest crops meets a whole scan in use: table, arms, shoulders, neck
 and upper abdomen, where lesion-like texture (the trachea's wall, an axilla's skin fold, the
@@ -22,6 +22,7 @@ from DiffusionSegLib.core.enums import Region
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+
 
 def threshold_lung_mask(ct: np.ndarray, spacing_zyx: Sequence[float], threshold_hu: float = -400.0,
                         min_volume_ml: float = 100.0, min_slice_area_mm2: float = 300.0) -> np.ndarray:

@@ -279,7 +279,7 @@ def segment_image(
     fused = maps["fused"]
     removed: dict[str, dict[str, float]] = {}
     region_notes: list[str] = []
-    if opts.postprocess and (card.region_components or card.consistent_components or card.largest_component):
+    if opts.postprocess and card.has_postprocessing():
         from DiffusionSegLib.pipeline.postprocess import apply_card_filters
         from DiffusionSegLib.pipeline.regions import find_card_regions
 

@@ -406,7 +406,7 @@ def _card_of(settings: SegmentSettings) -> Any:
     if not settings.postprocess:
         return None
     card = read_card(resolve_model(settings.model))
-    return card if (card.region_components or card.consistent_components or card.largest_component) else None
+    return card if card.has_postprocessing() else None
 
 
 def _node_spacing(volume_node: Any) -> tuple[float, float, float]:
