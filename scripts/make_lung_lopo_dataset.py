@@ -36,7 +36,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from DiffusionSegLib.bench.data import image_like, threshold_lung_mask, to_int16  # noqa: E402
+from DiffusionSegLib.bench.data import image_like, to_int16  # noqa: E402
+from DiffusionSegLib.pipeline.regions import threshold_lung_mask  # noqa: E402
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions  # noqa: E402
 
 REAL_CASES = ("lung1", "lung2")

@@ -42,7 +42,7 @@ from scipy import ndimage
 from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.core.errors import DatasetError
 from DiffusionSegLib.core.files import atomic_write_json, sha256_of
-from DiffusionSegLib.pipeline.regions import threshold_lung_mask  # noqa: F401  (also used by scripts and tests from here)
+from DiffusionSegLib.pipeline.regions import threshold_lung_mask
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions
 
 ORGANS, LUNG, LUNG_CHECK = "organs", "lung_lesions", "lung_synthetic_check"

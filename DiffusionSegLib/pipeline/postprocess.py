@@ -19,11 +19,14 @@ ensemble member, goes. With one sample it changes nothing (consistency = fused).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from DiffusionSegLib.pipeline.ensemble import occupied_box
+
+if TYPE_CHECKING:
+    from DiffusionSegLib.models.card import ModelCard
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -114,7 +117,7 @@ def keep_region_components(masks: np.ndarray, region: np.ndarray, label_names: S
 
 
 def apply_card_filters(masks: np.ndarray, counts: np.ndarray, n_samples: int, label_names: Sequence[str],
-                       card: Any, regions: Sequence[tuple[np.ndarray, Sequence[str]]],
+                       card: "ModelCard", regions: Sequence[tuple[np.ndarray, Sequence[str]]],
                        voxel_ml: float) -> dict[str, float]:
     """A model card's post-processing on uint8 masks (L, *S), in place: region components (``regions``:
     [(region (*S) bool, labels confined to it)], as regions.find_card_regions gives), then consistent

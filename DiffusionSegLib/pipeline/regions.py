@@ -12,8 +12,8 @@ it whole. The lung mask is an HU threshold, so the region is only defined for CT
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -22,6 +22,8 @@ from DiffusionSegLib.core.enums import Region
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+
+    from DiffusionSegLib.models.card import ModelCard
 
 
 def threshold_lung_mask(ct: np.ndarray, spacing_zyx: Sequence[float], threshold_hu: float = -400.0,
@@ -97,6 +99,10 @@ def lung_region(ct: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float =
     return region
 
 
+# Each Region's finder: (array (z, y, x), spacing zyx) -> bool (z, y, x) or None when not found.
+_FINDERS: dict[Region, Callable[[np.ndarray, Sequence[float]], np.ndarray | None]] = {Region.LUNGS: lung_region}
+
+
 def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
     """``region`` on the grid of ``image`` (a CT in HU): bool array in SimpleITK's array order
     ((z, y, x); a 2D image as one slice, (1, y, x)), or None where it cannot be found."""
@@ -112,16 +118,13 @@ def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
     # (every k-th pixel) and brought back by repetition: a 512 x 512 CT costs a ninth.
     ky, kx = (max(1, int(2.0 // spacing[axis])) for axis in (1, 2))
     coarse = array[:, ::ky, ::kx]
-    if region == Region.LUNGS:
-        found = lung_region(coarse, (spacing[0], spacing[1] * ky, spacing[2] * kx))
-    else:  # a Region the library has no finder for is a programming error
-        raise ValueError(f"no finder for region {region!r}")
+    found = _FINDERS[region](coarse, (spacing[0], spacing[1] * ky, spacing[2] * kx))
     if found is not None:
         found = np.repeat(np.repeat(found, ky, axis=1), kx, axis=2)[:, :array.shape[1], :array.shape[2]]
     return None if found is None else found.reshape(sitk.GetArrayViewFromImage(image).shape)
 
 
-def find_card_regions(image: "sitk.Image", card: Any) -> tuple[list[tuple[np.ndarray, list[str]]], list[str]]:
+def find_card_regions(image: "sitk.Image", card: "ModelCard") -> tuple[list[tuple[np.ndarray, list[str]]], list[str]]:
     """The card's ``region_components`` found on ``image``: ([(region bool (array order), labels
     confined to it)], notes). A region that cannot be found (no lungs in the scan) confines nothing,
     and a note says so: better a false positive than a lesion erased."""

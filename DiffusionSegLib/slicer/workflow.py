@@ -106,6 +106,7 @@ class SegmentationWorkflow:
         # volume, found at the first slider move: the slider's masks get the same filters.
         self._card: Any = None
         self._regions: list[tuple[np.ndarray, list[str]]] | None = None
+        self._counts: np.ndarray | None = None  # (L, K, J, I): how many samples mark each voxel
 
     # -- running --------------------------------------------------------------------------------
 
@@ -308,8 +309,7 @@ class SegmentationWorkflow:
             if self._regions is None:
                 self._regions = find_card_regions(mrml_bridge.volume_to_image(self._volume_node), self._card)[0]
             voxel_ml = float(np.prod(_node_spacing(self._volume_node))) / 1000.0
-            apply_card_filters(masks, self._samples.sum(axis=0, dtype=np.uint16), self.n_samples, self._labels,
-                               self._card, self._regions, voxel_ml)
+            apply_card_filters(masks, self._counts, self.n_samples, self._labels, self._card, self._regions, voxel_ml)
         seg_node = self._outputs.segmentation_node
         for label, mask in zip(self._labels, masks):
             mrml_bridge.set_segment_mask(seg_node, self._volume_node, self._outputs.segment_ids[label]["fused"], mask)
@@ -358,7 +358,7 @@ class SegmentationWorkflow:
         from DiffusionSegLib.pipeline.ensemble import volumes_ml
 
         self._volume_node, self._outputs = volume_node, outputs
-        self._card, self._regions = card, None
+        self._card, self._regions, self._counts = card, None, result.counts
         self._samples = result.samples
         self._labels = [label.name for label in result.labels]
         self._agreement = None
