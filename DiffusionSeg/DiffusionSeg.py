@@ -69,6 +69,7 @@ class DiffusionSegParameterNode:
     roi: vtkMRMLMarkupsROINode
     outputSegmentation: vtkMRMLSegmentationNode
     model: str = ""
+    task: str = ""  # a multi-task model's task (lesion site); "" for a single-task model
     samples: Annotated[int, WithinRange(0, 64)] = 0
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0

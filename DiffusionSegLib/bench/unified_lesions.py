@@ -688,7 +688,7 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
         order = {"training": 0, VALIDATION: 1, TEST: 2}
         cases = dict(sorted(cases.items(), key=lambda kv: (order[kv[1]["split"]], kv[0])))
         validation = [n for n, c in cases.items() if c["split"] == VALIDATION]
-        entry = lambda c: {"image": c["image"], "label": c["label"]}  # noqa: E731
+        entry = lambda c: {"image": c["image"], "label": c["label"], "task": c["task"]}  # noqa: E731
         dataset: dict[str, Any] = {
             "name": "Unified lesions: lung CT, liver CT, brain MR, breast MR",
             "description": "Synthetic lesions in real anatomy for training; real pyradiomics lesions for "

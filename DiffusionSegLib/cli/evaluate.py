@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-# The run settings evaluate takes (its model is the first argument, not --model).
-SETTINGS = ("samples", "steps", "sampler", "seed", "device", "batch_size", "crf")
+# The run settings evaluate takes (its model is the first argument, not --model). A multi-task model runs
+# each case with the task its dataset.json entry names; --task runs every case with one task.
+SETTINGS = ("task", "samples", "steps", "sampler", "seed", "device", "batch_size", "crf", "postprocess")
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from DiffusionSegLib.core.enums import CrfMode, Region
-from DiffusionSegLib.core.errors import ModelLoadError
+from DiffusionSegLib.core.errors import ModelLoadError, SettingsError
 from DiffusionSegLib.core.files import atomic_write_bytes
 
 CARD_NAME = "model.json"
@@ -34,6 +34,9 @@ WEIGHTS_NAME = "model.safetensors"
 _MEMBER_FILE = re.compile(r"member_[1-9][0-9]*\.safetensors")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 in hex, as cards and catalogues write it
 FORMAT_VERSION = 1
+# What a task of a multi-task card (``ModelCard.tasks``) may set for itself, over the card's value.
+TASK_FIELDS = ("modality", "normalization", "region_components", "consistent_components", "largest_component",
+               "description")
 
 
 @dataclass
@@ -135,6 +138,14 @@ class ModelCard:
     # Labels a run outputs; empty = all. The others are context classes: trained so the model tells
     # neighbouring structures apart (a kidney is not liver), sampled, and then dropped.
     shown_labels: list[str] = field(default_factory=list)
+    # A multi-task model (one network for several lesion sites, e.g. "lung", "liver", "brain"): task
+    # name -> what that task sets over the card's fields (TASK_FIELDS: its modality, normalization and
+    # post-processing). The network sees the run's task as one-hot input planes after the image
+    # channels (the task token, ``network_in_channels``), so every run names one (``for_task``).
+    # Empty: a single-task model.
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The task of this run: set by ``for_task`` on the card a run uses, None on a stored card.
+    task: str | None = None
     # Settings only one method reads (e.g. DiffSeg's noise levels and calibrated thresholds); the
     # method documents and checks its own keys.
     method_settings: dict[str, Any] = field(default_factory=dict)
@@ -156,8 +167,46 @@ class ModelCard:
 
     @property
     def network_in_channels(self) -> int:
-        """Channels the network takes: the image's ``in_channels`` once per slice of the 2.5D context."""
-        return self.in_channels * (2 * self.slice_context()[0] + 1)
+        """Channels the network takes: the image's ``in_channels`` once per slice of the 2.5D context,
+        then one task plane per task of a multi-task card."""
+        return self.in_channels * (2 * self.slice_context()[0] + 1) + len(self.tasks)
+
+    def check_tasks(self) -> None:
+        """``tasks`` checked: names, and only TASK_FIELDS set per task (ModelLoadError otherwise)."""
+        if not isinstance(self.tasks, dict):
+            raise ModelLoadError(f"model card '{self.name}': tasks must map task names to settings")
+        for name, settings in self.tasks.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ModelLoadError(f"model card '{self.name}': task name {name!r} must be lower-case letters, "
+                                     "digits and _")
+            if not isinstance(settings, dict) or set(settings) - set(TASK_FIELDS):
+                raise ModelLoadError(f"model card '{self.name}': task {name!r} may set only {', '.join(TASK_FIELDS)}; "
+                                     f"got {settings!r}")
+        if self.task is not None and self.task not in self.tasks:
+            raise ModelLoadError(f"model card '{self.name}': task {self.task!r} is not one of its tasks")
+
+    def for_task(self, task: str | None) -> "ModelCard":
+        """The card a run on ``task`` uses: the task's settings over the card's, ``task`` set.
+
+        A single-task card is returned as it is for task None; SettingsError when a multi-task card
+        gets no task or an unknown one, or a single-task card gets one, naming the choices.
+        """
+        if not self.tasks:
+            if task is not None:
+                raise SettingsError(f"model '{self.name}' has no tasks; run it without a task (got {task!r})")
+            return self
+        if task is None or task not in self.tasks:
+            what = "needs a task" if task is None else f"has no task {task!r}"
+            raise SettingsError(f"model '{self.name}' {what}: choose one of {', '.join(self.tasks)} (--task)")
+        return dataclasses.replace(self, task=task, **{k: v for k, v in self.tasks[task].items()})
+
+    def task_plane_values(self) -> list[float]:
+        """The task token: one value per task (1.0 for this card's task, 0.0 for the others); [] single-task."""
+        if not self.tasks:
+            return []
+        if self.task is None:
+            raise SettingsError(f"model '{self.name}' needs a task: choose one of {', '.join(self.tasks)} (--task)")
+        return [1.0 if name == self.task else 0.0 for name in self.tasks]
 
     def slice_context(self) -> tuple[int, float]:
         """(neighbouring slices on each side, mm between them), checked; (0, 0.0) without 2.5D context."""
@@ -253,6 +302,7 @@ class ModelCard:
             raise ModelLoadError("model card lists no labels")
         card = cls(**data)
         card.windows_overlap()  # refused when read, not after a long preprocessing
+        card.check_tasks()
         card.member_files()
         return card
 

@@ -97,16 +97,18 @@ class PreparedInput:
     normalization: dict[str, Any] = field(default_factory=dict)
     normalization_used: str | None = None
     context_slices: int = 0  # 2.5D: batch channels are (2k + 1) blocks of the image's C channels, centre block k
+    task_channels: int = 0  # a multi-task model: the last channels of the batch are its task planes
 
     @property
     def image_for_crf(self) -> np.ndarray:
         """The normalized padded image (its own slices, not the 2.5D neighbours) channel-first like the
         ensemble maps: (C, S, H, W) or (C, D, H, W)."""
+        image_channels = self.batch.shape[1] - self.task_channels
         if self.spatial_dims == 2:
-            per_slice = self.batch.shape[1] // (2 * self.context_slices + 1)
+            per_slice = image_channels // (2 * self.context_slices + 1)
             centre = self.batch[:, self.context_slices * per_slice:(self.context_slices + 1) * per_slice]
             return np.moveaxis(centre, 1, 0)
-        return self.batch[0]
+        return self.batch[0, :image_channels]
 
 
 def model_spacing(image: sitk.Image, card: ModelCard) -> tuple[float, ...]:
@@ -187,6 +189,18 @@ def add_slice_context(volume: np.ndarray, card: ModelCard, slice_axis: int | Non
         weight = (position - low).astype(np.float32).reshape(shape)
         blocks.append(np.take(volume, low, axis=axis) * (1 - weight) + np.take(volume, high, axis=axis) * weight)
     return np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
+
+
+def add_task_planes(volume: np.ndarray, card: ModelCard) -> np.ndarray:
+    """The task token of a multi-task card: (C, *spatial) -> (C + T, *spatial), one constant plane per
+    task (1 for the card's task, 0 for the others; ``ModelCard.task_plane_values``). Single-task cards:
+    ``volume`` itself."""
+    values = card.task_plane_values()
+    if not values:
+        return volume
+    planes = np.broadcast_to(np.asarray(values, dtype=np.float32).reshape(-1, *([1] * (volume.ndim - 1))),
+                             (len(values), *volume.shape[1:]))
+    return np.concatenate([volume.astype(np.float32, copy=False), planes], axis=0)
 
 
 def slice_spacing_of(image: sitk.Image, slice_axis: int | None) -> float:
@@ -345,6 +359,7 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
     volume = _normalized(array_with_channels(resampled), card, settings)  # (C, *model spatial)
     slice_axis = card.slice_axis if card.spatial_dims == 2 and image.GetDimension() == 3 else None
     volume = add_slice_context(volume, card, slice_axis, slice_spacing_of(resampled, slice_axis))
+    volume = add_task_planes(volume, card)
     if slice_axis is None:
         items = volume[None]  # (1, C, *spatial)
     else:
@@ -369,6 +384,7 @@ def prepare(image: sitk.Image, card: ModelCard, size_divisor: int = 1) -> Prepar
         normalization=dict(settings),
         normalization_used=used,
         context_slices=card.slice_context()[0],
+        task_channels=len(card.tasks),
     )
 
 

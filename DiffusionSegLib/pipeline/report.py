@@ -74,7 +74,9 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
                   "context_slices": card.context_slices, "context_spacing_mm": card.slice_context()[1] or None,
                   "normalization": card.normalization, "prediction_type": card.prediction_type,
                   "prediction_target": get_method(card.method).target_description(card),
-                  "weights_sha256": card.weights_sha256},
+                  "weights_sha256": card.weights_sha256,
+                  # a multi-task model: the run's task and the model's tasks (the task token the network saw)
+                  "task": card.task, "tasks": list(card.tasks)},
         "modality": modality,
         "normalization_used": modality_normalization(ref, card)[0],
         "warnings": [w.to_dict() for w in warnings],

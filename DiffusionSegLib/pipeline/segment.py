@@ -182,7 +182,7 @@ def segment_image(
     opts.check()
     validate_image(image, "input image")
     # The card alone (no weights) is enough to refuse a setting or an input in well under a second.
-    card = read_card(model_dir)
+    card = read_card(model_dir).for_task(opts.task)  # a multi-task model: this task's settings and token
     opts.check(card.num_train_timesteps)
     try:
         method = get_method(card.method)
@@ -201,6 +201,7 @@ def segment_image(
                 log.warning("the input does not fit the model: %s", warning.message)
     device = resolve_device(opts.device)
     net, card = load_model(model_dir, device)
+    card = card.for_task(opts.task)
     plan = method.plan(card, opts.samples, opts.steps, opts.sampler)
     if plan.note:
         log.info("%s", plan.note)

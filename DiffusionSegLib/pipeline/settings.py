@@ -47,6 +47,8 @@ class SegmentSettings:
 
     model: str | None = _option(None, "--model", "model folder or name (default: the bundled default model)",
                                 "value")
+    task: str | None = _option(None, "--task", "the task of a multi-task model, e.g. lung, liver or brain (one of "
+                               "the model card's tasks; a single-task model takes none)", "value")
     samples: int | None = _option(None, "--samples", "number of sampled masks N >= 1 (default: model card)",
                                   "value", type=int_at_least(1))
     steps: int | None = _option(None, "--steps", "denoising steps K per sample, 1 to the model's training "

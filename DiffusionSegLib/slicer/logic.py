@@ -74,6 +74,7 @@ class PanelParameters(Protocol):
     """
 
     model: str
+    task: str
     samples: int
     steps: int
     seed: int
@@ -87,7 +88,8 @@ def settings_from_parameters(parameters: PanelParameters) -> SegmentSettings:
     The DenseCRF checkbox says on or off; which CRF runs when it is on is the model card's choice
     (``default_crf``: the plain CRF of the fused map, or DiffSeg's published protocol).
     """
-    return SegmentSettings(model=parameters.model or None, samples=parameters.samples or None,
+    return SegmentSettings(model=parameters.model or None, task=parameters.task or None,
+                           samples=parameters.samples or None,
                            steps=parameters.steps or None, seed=int(parameters.seed), device=parameters.device,
                            crf=_panel_crf(parameters.model or None, bool(parameters.crf)), keep_samples=True)
 
@@ -245,6 +247,7 @@ class ModelEntry:
     summary: str  # the text under the list
     tooltip: str
     default_crf: bool  # the model card's recommendation for the DenseCRF checkbox
+    tasks: tuple[tuple[str, str], ...] = ()  # a multi-task model's (task, description); () for one task
 
 
 def catalogue_figures(entry: dict[str, Any] | None) -> str:
@@ -276,7 +279,8 @@ def available_models() -> list[ModelEntry]:
             is_default=origin == "bundled" and card.name == store.DEFAULT_MODEL,
             summary=summary + (f"\n{card.description}" if card.description else ""),
             tooltip=(card.description or card.name) + "\n" + summary,
-            default_crf=card.crf_mode() != CrfMode.OFF))
+            default_crf=card.crf_mode() != CrfMode.OFF,
+            tasks=tuple((name, str(settings.get("description", ""))) for name, settings in card.tasks.items())))
     return entries
 
 

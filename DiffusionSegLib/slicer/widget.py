@@ -60,6 +60,7 @@ class DiffusionSegPanel(VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskSelected)
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.clearModelsButton.connect("clicked(bool)", self.onClearModels)
@@ -149,7 +150,7 @@ class DiffusionSegPanel(VTKObservationMixin):
             self.ui.applyButton.toolTip = (_("Run the segmentation in the background.") if hasInput
                                            else _("Select an input volume."))
             self.ui.applyButton.enabled = hasInput
-        for widget in (self.ui.inputVolumeSelector, self.ui.roiSelector, self.ui.modelComboBox,
+        for widget in (self.ui.inputVolumeSelector, self.ui.roiSelector, self.ui.modelComboBox, self.ui.taskComboBox,
                        self.ui.addModelButton, self.ui.downloadModelButton, self.ui.clearModelsButton,
                        self.ui.samplesSpinBox, self.ui.stepsSpinBox, self.ui.seedSpinBox,
                        self.ui.deviceComboBox, self.ui.crfCheckBox, self.ui.showSamplesCheckBox,
@@ -171,7 +172,7 @@ class DiffusionSegPanel(VTKObservationMixin):
             return None
         volume, roi = params.inputVolume, params.roi
         return (volume.GetID(), volume.GetMTime(), volume.GetImageData().GetMTime() if volume.GetImageData() else 0,
-                roi.GetID() if roi else None, roi.GetMTime() if roi else 0, params.model, params.samples,
+                roi.GetID() if roi else None, roi.GetMTime() if roi else 0, params.model, params.task, params.samples,
                 params.steps, params.device)
 
     def _updateInputCheck(self) -> None:
@@ -189,8 +190,14 @@ class DiffusionSegPanel(VTKObservationMixin):
             self.ui.estimateLabel.text = ""
             return
         params = self._parameterNode
+        entry = self._modelEntries.get(params.model or "")
+        if entry is not None and entry.tasks and not params.task:
+            self._showInputWarnings([_("Choose the lesion site (task) this model should segment.")])
+            self.ui.estimateLabel.text = ""
+            return
         try:
-            warnings = self.workflow.check_input(params.inputVolume, params.model or None, roi_node=params.roi)
+            warnings = self.workflow.check_input(params.inputVolume, params.model or None, roi_node=params.roi,
+                                                 task=params.task or None)
             self._showInputWarnings([w.message for w in warnings])
         except Exception as err:  # an unusable node or model: Apply reports it properly
             logging.debug("DiffusionSeg: input check skipped: %s", err)
@@ -270,6 +277,30 @@ class DiffusionSegPanel(VTKObservationMixin):
     def _showModelInfo(self) -> None:
         entry = self._modelEntries.get(self.ui.modelComboBox.currentData or "")
         self.ui.modelInfoLabel.text = entry.summary if entry else self._modelListError
+        self._fillTasks(entry)
+
+    def _fillTasks(self, entry: Any) -> None:
+        """The task list of a multi-task model (hidden for a single-task one); the user chooses the site."""
+        combo = self.ui.taskComboBox
+        tasks = entry.tasks if entry is not None else ()
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        if tasks:
+            combo.addItem(_("Choose the lesion site..."), "")
+            for name, description in tasks:
+                combo.addItem(name, name)
+                combo.setItemData(combo.count - 1, description or name, qt.Qt.ToolTipRole)
+        current = self._parameterNode.task if self._parameterNode else ""
+        combo.currentIndex = max(combo.findData(current), 0) if tasks else -1
+        combo.blockSignals(wasBlocked)
+        combo.visible = self.ui.taskLabel.visible = bool(tasks)
+        chosen = (combo.currentData or "") if tasks else ""  # a task the new model lacks is dropped
+        if self._parameterNode and self._parameterNode.task != chosen:
+            self._parameterNode.task = chosen
+
+    def onTaskSelected(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.task = self.ui.taskComboBox.itemData(index) or ""
 
     def onModelSelected(self, index: int) -> None:
         folder = self.ui.modelComboBox.itemData(index) or ""

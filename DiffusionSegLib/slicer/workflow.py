@@ -159,8 +159,10 @@ class SegmentationWorkflow:
             image.SetMetaData(MODALITY_TAG, modality)  # NRRD keeps it: the child sees it too
         return box, image
 
-    def check_input(self, volume_node: Any, model: str | None = None, roi_node: Any = None) -> list[InputWarning]:
-        """What about ``volume_node`` (cropped to ``roi_node``) does not fit ``model``; [] when it fits.
+    def check_input(self, volume_node: Any, model: str | None = None, roi_node: Any = None,
+                    task: str | None = None) -> list[InputWarning]:
+        """What about ``volume_node`` (cropped to ``roi_node``) does not fit ``model`` (for a multi-task
+        model: its ``task``); [] when it fits.
 
         The checks the CLI runs before sampling (inputcheck.check_input), run here in the UI process:
         numpy statistics on a subsample, no torch, no model weights, well under a second.
@@ -171,7 +173,7 @@ class SegmentationWorkflow:
         from DiffusionSegLib.models.store import resolve_model
 
         _, image = self._export(volume_node, roi_node)
-        return check_input(image, read_card(resolve_model(model)))
+        return check_input(image, read_card(resolve_model(model)).for_task(task))
 
     def estimate(self, volume_node: Any, settings: SegmentSettings, roi_node: Any = None,
                  speed: MeasuredSpeed | None = None) -> RunEstimate | None:
@@ -186,7 +188,7 @@ class SegmentationWorkflow:
         from DiffusionSegLib.models.store import resolve_model
         from DiffusionSegLib.pipeline.inputcheck import model_grid_items
 
-        card = read_card(resolve_model(settings.model))
+        card = read_card(resolve_model(settings.model)).for_task(settings.task)
         speed = speed or self._speed
         if speed is None or speed.model != card.name or speed.device != settings.device:
             return None
@@ -405,7 +407,7 @@ def _card_of(settings: SegmentSettings) -> Any:
 
     if not settings.postprocess:
         return None
-    card = read_card(resolve_model(settings.model))
+    card = read_card(resolve_model(settings.model)).for_task(settings.task)  # a task sets its own filters
     return card if card.has_postprocessing() else None
 
 

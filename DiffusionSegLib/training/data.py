@@ -47,6 +47,7 @@ class CaseFiles:
     name: str
     image: Path
     label: Path | None
+    task: str | None = None  # the case's task for a multi-task model (dataset.json entry "task"), None: none given
 
 
 @dataclass
@@ -103,11 +104,13 @@ def read_dataset_json(dataset_dir: str | Path) -> dict[str, Any] | None:
 def _entry_files(dataset_dir: Path, entry: Any, split: str) -> CaseFiles:
     """A ``dataset.json`` list entry ({"image": ..., "label": ...} or an image path) -> CaseFiles."""
     if isinstance(entry, str):
-        image, label = entry, None
+        image, label, task = entry, None, None
     elif isinstance(entry, dict) and isinstance(entry.get("image"), str):
-        image, label = entry["image"], entry.get("label")
+        image, label, task = entry["image"], entry.get("label"), entry.get("task")
     else:
         raise DatasetError(f"dataset.json: {split} entry {entry!r} has no image path")
+    if task is not None and not isinstance(task, str):
+        raise DatasetError(f"dataset.json: {split} entry {image}: task must be a name, got {task!r}")
     image_path = (dataset_dir / image).resolve()
     if not image_path.is_file():
         raise DatasetError(f"dataset.json: image {image} of the {split} list does not exist")
@@ -116,7 +119,7 @@ def _entry_files(dataset_dir: Path, entry: Any, split: str) -> CaseFiles:
         label_path = (dataset_dir / label).resolve()
         if not label_path.is_file():
             raise DatasetError(f"dataset.json: label {label} (for image {image_path.name}) does not exist")
-    return CaseFiles(case_name(image_path), image_path, label_path)
+    return CaseFiles(case_name(image_path), image_path, label_path, task)
 
 
 def _folder_files(dataset_dir: Path, split: str) -> list[CaseFiles]:
@@ -263,13 +266,20 @@ def to_model_layout(array: np.ndarray, card: ModelCard) -> np.ndarray:
 
 
 def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
-    """Read, resample and normalize one case exactly as inference prepares its input."""
+    """Read, resample and normalize one case exactly as inference prepares its input (a multi-task
+    card: with the case's task, its settings and its task planes)."""
     import SimpleITK as sitk
 
     from DiffusionSegLib.pipeline.io import array_with_channels, read_image
-    from DiffusionSegLib.pipeline.preprocess import (add_slice_context, normalize, resample_labels_to_model_grid,
-                                                     resample_to_model_grid, slice_spacing_of)
+    from DiffusionSegLib.pipeline.preprocess import (add_slice_context, add_task_planes, normalize,
+                                                     resample_labels_to_model_grid, resample_to_model_grid,
+                                                     slice_spacing_of)
 
+    if card.tasks:
+        if files.task not in card.tasks:
+            raise DatasetError(f"case {files.name}: the model's tasks are {', '.join(card.tasks)}; the case's "
+                               f"dataset.json entry names {'no task' if files.task is None else repr(files.task)}")
+        card = card.for_task(files.task)
     label = read_label(files.label)
     try:
         image = read_image(files.image)
@@ -280,6 +290,7 @@ def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
         # 2.5D neighbours exactly as prepare() stacks them at inference (2D models only)
         slice_axis = card.slice_axis if card.spatial_dims == 2 and image_grid.GetDimension() == 3 else None
         array = add_slice_context(array, card, slice_axis, slice_spacing_of(image_grid, slice_axis))
+        array = add_task_planes(array, card)
     except DatasetError:
         raise
     except DiffusionSegError as err:  # InputImageError, ModelLoadError: name the case in the message
@@ -473,14 +484,15 @@ class PatchSampler(SeededSampler):
     background voxel whose intensity (channel 0) lies inside its case's foreground intensity band
     (10th-90th percentile), the look-alikes (vessels, bowel, pleura) a model must learn to reject.
     Otherwise the location is uniform (2D: uniform over all slices of all cases).
-    Images smaller than the patch are padded (image: its per-channel minimum, mask: 0).
+    Images smaller than the patch are padded (image: its per-channel minimum, mask: 0). The last
+    ``task_channels`` image channels are a multi-task model's task planes: no augmentation touches them.
     All randomness comes from ``seed``: a numpy Generator for locations and a RandomState shared
     by the MONAI transforms, both saved/restored by ``get_state``/``set_state``.
     """
 
     def __init__(self, cases: Sequence[Case], spatial_dims: int, patch_size: Sequence[int],
                  foreground_fraction: float = 0.67, augmentation: Augmentation | None = None, seed: int = 0,
-                 hard_negative_fraction: float = 0.0):
+                 hard_negative_fraction: float = 0.0, task_channels: int = 0):
         if not cases:
             raise DatasetError("no training cases to sample from")
         if len(patch_size) != spatial_dims:
@@ -491,6 +503,7 @@ class PatchSampler(SeededSampler):
             raise ValueError("hard_negative_fraction must be >= 0 and foreground_fraction + hard_negative_fraction <= 1")
         self.spatial_dims = spatial_dims
         self.hard_negative_fraction = hard_negative_fraction
+        self.task_channels = int(task_channels)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.foreground_fraction = foreground_fraction
         self.augmentation = augmentation or Augmentation(enabled=False)
@@ -550,6 +563,9 @@ class PatchSampler(SeededSampler):
                 starts.append(int(np.clip(int(centre[axis]) - p // 2, 0, n - p)))
         window = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
         image, mask = np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])
+        planes = None
+        if self.task_channels:  # the task token stays as it is: set aside, put back after augmentation
+            image, planes = image[:-self.task_channels], image[-self.task_channels:]
         if self.augmentation.enabled and self.augmentation.label_offsets:
             image = self._enhance_organs(image, mask)
         if self.augmentation.enabled and self.augmentation.boundary_jitter_mm > 0:
@@ -560,6 +576,8 @@ class PatchSampler(SeededSampler):
             out = self.transform({"image": torch.from_numpy(image), "mask": torch.from_numpy(mask.astype(np.float32))})
             image = out["image"].as_tensor().numpy().astype(np.float32, copy=False)
             mask = (out["mask"].as_tensor().numpy() > 0.5).astype(np.uint8)
+        if planes is not None:
+            image = np.concatenate([image, planes], axis=0)
         return image, mask
 
     def _enhance_organs(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -107,6 +107,7 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
         if len(not_scored) == len(shown):
             raise ModelLoadError(f"none of the model labels {shown} is a label of dataset {dataset} "
                                  f"({', '.join(label_values)})")
+    tasks: dict[str, str | None] = {}
     if model_dir is not None:
         import dataclasses
 
@@ -114,6 +115,11 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
 
         # The samples are needed for the GED (not written anywhere).
         options = dataclasses.replace(options or SegmentSettings(), keep_samples=True)
+        # A multi-task model runs each case with its dataset.json task unless the options name one;
+        # every case's task is checked before the first is segmented.
+        for case in cases:
+            tasks[case.name] = options.task if options.task is not None or not card.tasks else case.task
+            card.for_task(tasks[case.name])
     results = []
     report = progress or (lambda stage, done, total: None)
     report("cases", 0, len(cases))
@@ -123,13 +129,15 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
         if model_dir is not None:
             from DiffusionSegLib.pipeline.segment import segment_image
 
-            result = segment_image(image, model_dir, options, progress)
+            result = segment_image(image, model_dir, dataclasses.replace(options, task=tasks[case.name]), progress)
             pred = {lab.name: result.final_mask[i] for i, lab in enumerate(result.labels) if lab.name in label_values}
         else:
             pred_map = label_array(case, _find_prediction(source, case.name), image)
             pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
         ref = {name: np.isin(ref_map, label_values[name]) for name in pred}
         row = {"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))}
+        if tasks.get(case.name) is not None:
+            row["task"] = tasks[case.name]
         if model_dir is not None:
             from DiffusionSegLib.pipeline.ensemble import ged_terms
 

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from DiffusionSegLib.core.enums import Supervision
-from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError
+from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError, ModelLoadError
 from DiffusionSegLib.training.metrics import dice as dice_score  # public here: dice_score(pred, ref), both empty = 1.0
 from DiffusionSegLib.core.files import atomic_write_bytes
 from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size, slice_context
@@ -104,6 +104,9 @@ class TrainConfig:
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     consistent_components: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     region_components: dict[str, str] = field(default_factory=dict)  # written to the card (regions.py)
+    # A multi-task model: task name -> its card settings (ModelCard.tasks); every case's dataset.json
+    # entry then names its task. Empty: one task.
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
     # A folder from ``diffusionseg pretrain``: its encoder initialises the image encoder (3D MedSegDiff)
     pretrained_backbone: str | None = None
@@ -158,6 +161,13 @@ class TrainConfig:
                 problems.append(str(err))
             if self.method in Method.values() and get_method(self.method).supervision != Supervision.MASKS:
                 problems.append(f"context_slices with method '{self.method}' (2.5D input needs mask supervision)")
+        if self.tasks:
+            try:  # the check the card makes when it is read
+                ModelCard(name="tasks", tasks=self.tasks).check_tasks()
+            except ModelLoadError as err:
+                problems.append(str(err).replace("model card 'tasks': ", ""))
+            if self.method in Method.values() and get_method(self.method).supervision != Supervision.MASKS:
+                problems.append(f"tasks with method '{self.method}' (the task of a case comes with its mask)")
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_samples", "val_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} {getattr(self, name)} (must be >= 1)")
@@ -328,7 +338,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         largest_component=[n for n in config.largest_component if n in labels],
         consistent_components=[n for n in config.consistent_components if n in labels],
         region_components={n: r for n, r in config.region_components.items() if n in labels},
-        method_settings=dict(config.method_settings),
+        method_settings=dict(config.method_settings), tasks={k: dict(v) for k, v in config.tasks.items()},
         shown_labels=[n for n in config.shown_labels if n in labels],
         description=config.description, limits=config.limits,
     )
@@ -432,7 +442,7 @@ class _Run:
                               label_offsets=_label_offsets(config, list(labels)),
                               boundary_jitter_mm=config.boundary_jitter_mm,
                               voxel_mm=tuple(reversed(self.card.spacing or ()))), seed=config.seed,
-            hard_negative_fraction=config.hard_negative_fraction)
+            hard_negative_fraction=config.hard_negative_fraction, task_channels=len(self.card.tasks))
 
     def _load_image_label_data(self) -> None:
         """Images with lesion / healthy labels only (never a mask), the split and the item sampler."""

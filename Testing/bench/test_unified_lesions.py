@@ -276,6 +276,11 @@ def test_dataset_json_splits_modalities_and_validation_cases(built):
     assert set(meta["validation_cases"]) <= set(training) and not test & set(training)
     assert discover_cases(out, "validation") == []
     assert {c.name for c in discover_cases(out, "test")} == test
+    # Every case names its task, for a model with a task token (ModelCard.tasks).
+    tasks = {c.name: c.task for split in ("training", "test") for c in discover_cases(out, split)}
+    assert tasks == {name: case["task"] for name, case in meta["cases"].items()}
+    assert tasks["breast1_real"] == "breast" and tasks["liver_synth_example_ct_r0"] == "liver"
+    assert tasks["brain2_real"] == "brain" and tasks["lung1_real"] == "lung"
     for name, case in meta["cases"].items():
         label = _read(out / case["label"])
         assert label.dtype == np.uint8 and set(np.unique(label).tolist()) <= {0, 1}

@@ -38,7 +38,7 @@ SAMPLE = REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz"
 
 def panel(**values):
     """The parameter node's values as the panel holds them (DiffusionSegParameterNode's fields)."""
-    defaults = dict(model="", samples=0, steps=0, seed=0, device="auto", crf=True)
+    defaults = dict(model="", task="", samples=0, steps=0, seed=0, device="auto", crf=True)
     return SimpleNamespace(**{**defaults, **values})
 
 
@@ -403,6 +403,40 @@ def test_the_bundled_diffseg_model_is_selectable_with_its_figures_and_crf_defaul
     # the checked box runs the card's own (published) CRF: the setting leaves it to the card (None)
     from types import SimpleNamespace
 
-    panel = SimpleNamespace(model=entry.name, samples=0, steps=0, seed=0, device="cpu", crf=True)
+    panel = SimpleNamespace(model=entry.name, task="", samples=0, steps=0, seed=0, device="cpu", crf=True)
     assert logic.settings_from_parameters(panel).crf is None
     assert logic.settings_from_parameters(SimpleNamespace(**{**vars(panel), "crf": False})).crf == "off"
+
+
+def test_a_multi_task_model_lists_its_tasks_and_the_panels_task_reaches_the_run_and_the_input_check(
+        models_home, tmp_path):
+    """The task list under the model list, the chosen task on the child's command line, and the input check
+    of the chosen task (the brain task takes MR: a CT volume is flagged; the lung task takes CT)."""
+    from helpers import make_model
+
+    from DiffusionSegLib.core.errors import SettingsError
+
+    tasks = {"lung": {"modality": "CT", "normalization": {"kind": "ct_window", "center": -600, "width": 1500},
+                      "description": "Lung lesions on CT"},
+             "brain": {"modality": "MR", "normalization": {"kind": "zscore"}}}
+    model = make_model(tmp_path / "unified", method="unisegdiff", modality="CT+MR", tasks=tasks)
+    installed = logic.install_model(model)
+    entry = next(e for e in logic.available_models() if e.folder == str(installed))
+    assert entry.tasks == (("lung", "Lung lesions on CT"), ("brain", ""))
+    settings = logic.settings_from_parameters(panel(model=str(installed), task="lung"))
+    assert settings.task == "lung" and settings.to_argv()[:4] == ["--model", str(installed), "--task", "lung"]
+    assert logic.settings_from_parameters(panel(model=str(installed))).task is None
+
+    import slicer
+
+    scene = new_mrml_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    hu = np.full((4, 32, 32), -1000, np.int16)
+    hu[:, 6:26, 6:26] = 40
+    slicer.util.updateVolumeFromArray(node, hu)
+    workflow = logic.new_workflow(scene)
+    modality = [w for w in workflow.check_input(node, str(installed), task="brain") if w.code == "modality"]
+    assert modality and "MR" in modality[0].message
+    assert not [w for w in workflow.check_input(node, str(installed), task="lung") if w.code == "modality"]
+    with pytest.raises(SettingsError, match="needs a task: choose one of lung, brain"):
+        workflow.check_input(node, str(installed))

@@ -32,6 +32,8 @@ EXPECTED_CLASSES: dict[str, tuple[str, ...]] = {
     "roiSelector": ("qMRMLNodeComboBox",),
     "modelComboBox": ("QComboBox",),
     "modelInfoLabel": ("QLabel",),
+    "taskLabel": ("QLabel",),
+    "taskComboBox": ("QComboBox",),
     "addModelButton": ("QPushButton",),
     "downloadModelButton": ("QPushButton",),
     "clearModelsButton": ("QPushButton",),
