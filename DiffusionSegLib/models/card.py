@@ -144,6 +144,9 @@ class ModelCard:
     # channels (the task token, ``network_in_channels``), so every run names one (``for_task``).
     # Empty: a single-task model.
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The task a run takes when it names none and no single task fits the input's modality (``resolve_task``);
+    # None: such a run must name one.
+    default_task: str | None = None
     # The task of this run: set by ``for_task`` on the card a run uses, None on a stored card.
     task: str | None = None
     # Settings only one method reads (e.g. DiffSeg's noise levels and calibrated thresholds); the
@@ -182,8 +185,29 @@ class ModelCard:
             if not isinstance(settings, dict) or set(settings) - set(TASK_FIELDS):
                 raise ModelLoadError(f"model card '{self.name}': task {name!r} may set only {', '.join(TASK_FIELDS)}; "
                                      f"got {settings!r}")
-        if self.task is not None and self.task not in self.tasks:
-            raise ModelLoadError(f"model card '{self.name}': task {self.task!r} is not one of its tasks")
+        for field_name in ("task", "default_task"):
+            value = getattr(self, field_name)
+            if value is not None and value not in self.tasks:
+                raise ModelLoadError(f"model card '{self.name}': {field_name} {value!r} is not one of its tasks")
+
+    def resolve_task(self, task: str | None, input_modality: str | None = None) -> tuple[str | None, str]:
+        """(the task a run uses, why): ``task`` when the run names one; for a multi-task card without one,
+        the only task whose modality is the input's (``pipeline.modality.input_modality``: a DICOM code,
+        or "not CT" from the statistics, which fits every non-CT task), else ``default_task``. None
+        when nothing decides (``for_task`` then asks for a task)."""
+        if task is not None or not self.tasks:
+            return task, "named by the run" if task is not None else ""
+
+        def fits(settings: dict[str, Any]) -> bool:
+            modality = settings.get("modality", self.modality)
+            return modality == input_modality or (input_modality == "not CT" and modality not in ("CT", "RGB"))
+
+        matching = [name for name, settings in self.tasks.items() if fits(settings)]
+        if len(matching) == 1:
+            return matching[0], f"the model's only task for {input_modality} input"
+        if self.default_task is not None and (not matching or self.default_task in matching):
+            return self.default_task, "the model card's default_task"
+        return None, ""
 
     def for_task(self, task: str | None) -> "ModelCard":
         """The card a run on ``task`` uses: the task's settings over the card's, ``task`` set.

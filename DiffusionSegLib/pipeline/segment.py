@@ -182,7 +182,10 @@ def segment_image(
     opts.check()
     validate_image(image, "input image")
     # The card alone (no weights) is enough to refuse a setting or an input in well under a second.
-    card = read_card(model_dir).for_task(opts.task)  # a multi-task model: this task's settings and token
+    card = read_card(model_dir)
+    # A multi-task model: the named task, else the one the input's modality or the card decides.
+    task, task_source = card.resolve_task(opts.task, input_modality(image)["modality"])
+    card = card.for_task(task)
     opts.check(card.num_train_timesteps)
     try:
         method = get_method(card.method)
@@ -201,7 +204,7 @@ def segment_image(
                 log.warning("the input does not fit the model: %s", warning.message)
     device = resolve_device(opts.device)
     net, card = load_model(model_dir, device)
-    card = card.for_task(opts.task)
+    card = card.for_task(task)
     plan = method.plan(card, opts.samples, opts.steps, opts.sampler)
     if plan.note:
         log.info("%s", plan.note)
@@ -305,6 +308,7 @@ def segment_image(
     result.report = build_report(result, card, device, opts, plan, crf_mode, crf_backend,
                                  prepared.batch.shape[0], timings, warnings=warnings, estimate=estimate,
                                  item_shape=list(prepared.batch.shape[2:]), input_modality=input_modality(image))
+    result.report["model"]["task_source"] = task_source
     result.report["ensemble"] = {"members": len(members), "samples_per_member": shares,
                                  "note": "one network" if len(members) == 1 else
                                  "deep ensemble: the samples are split over the member networks, so every "

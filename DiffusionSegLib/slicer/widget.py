@@ -24,6 +24,7 @@ import vtk
 from slicer.i18n import tr as _
 from slicer.util import VTKObservationMixin
 
+from DiffusionSegLib.core.errors import SettingsError
 from DiffusionSegLib.slicer import logic as modulelogic
 
 POLL_INTERVAL_MS = 200
@@ -190,15 +191,12 @@ class DiffusionSegPanel(VTKObservationMixin):
             self.ui.estimateLabel.text = ""
             return
         params = self._parameterNode
-        entry = self._modelEntries.get(params.model or "")
-        if entry is not None and entry.tasks and not params.task:
-            self._showInputWarnings([_("Choose the lesion site (task) this model should segment.")])
-            self.ui.estimateLabel.text = ""
-            return
         try:
             warnings = self.workflow.check_input(params.inputVolume, params.model or None, roi_node=params.roi,
                                                  task=params.task or None)
             self._showInputWarnings([w.message for w in warnings])
+        except SettingsError as err:  # a multi-task model whose task the image does not decide
+            self._showInputWarnings([str(err)])
         except Exception as err:  # an unusable node or model: Apply reports it properly
             logging.debug("DiffusionSeg: input check skipped: %s", err)
             self._showInputWarnings([])
@@ -286,7 +284,7 @@ class DiffusionSegPanel(VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         if tasks:
-            combo.addItem(_("Choose the lesion site..."), "")
+            combo.addItem(_("Automatic (from the image's modality, else the model's default)"), "")
             for name, description in tasks:
                 combo.addItem(name, name)
                 combo.setItemData(combo.count - 1, description or name, qt.Qt.ToolTipRole)

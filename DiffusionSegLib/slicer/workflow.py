@@ -169,11 +169,9 @@ class SegmentationWorkflow:
         Raises ValueError for an unusable node, DiffusionSegError for a missing or broken model.
         """
         from DiffusionSegLib.pipeline.inputcheck import check_input
-        from DiffusionSegLib.models.card import read_card
-        from DiffusionSegLib.models.store import resolve_model
 
         _, image = self._export(volume_node, roi_node)
-        return check_input(image, read_card(resolve_model(model)).for_task(task))
+        return check_input(image, _run_card(model, task, image))
 
     def estimate(self, volume_node: Any, settings: SegmentSettings, roi_node: Any = None,
                  speed: MeasuredSpeed | None = None) -> RunEstimate | None:
@@ -184,15 +182,13 @@ class SegmentationWorkflow:
         grid); seconds per evaluation scale with the slice's pixels on the model grid.
         """
         from DiffusionSegLib.methods.registry import get_method
-        from DiffusionSegLib.models.card import read_card
-        from DiffusionSegLib.models.store import resolve_model
         from DiffusionSegLib.pipeline.inputcheck import model_grid_items
 
-        card = read_card(resolve_model(settings.model)).for_task(settings.task)
+        _, image = self._export(volume_node, roi_node)
+        card = _run_card(settings.model, settings.task, image)
         speed = speed or self._speed
         if speed is None or speed.model != card.name or speed.device != settings.device:
             return None
-        _, image = self._export(volume_node, roi_node)
         items, pixels = model_grid_items(image, card)
         plan = get_method(card.method).plan(card, settings.samples, settings.steps, settings.sampler)
         return RunEstimate(plan.samples, plan.steps, items,
@@ -260,7 +256,7 @@ class SegmentationWorkflow:
                                               segmentation_node=segmentation_node)
         finally:
             shutil.rmtree(run.workdir, ignore_errors=True)
-        self._remember(run.volume_node, result, outputs, _card_of(run.settings))
+        self._remember(run.volume_node, result, outputs, _card_of(run.settings, result.report["model"].get("task")))
         self._speed = _speed_of(result.report, run.settings.device) or self._speed
         return outputs
 
@@ -400,14 +396,26 @@ def _dicom_modality(scene: Any, volume_node: Any) -> str | None:
         return None
 
 
-def _card_of(settings: SegmentSettings) -> Any:
-    """The card whose post-processing a run with ``settings`` applied; None when it applied none."""
+def _run_card(model: str | None, task: str | None, image: Any) -> Any:
+    """The card a run of ``model`` on ``image`` uses: for a multi-task model, that of the named task or the
+    one the image decides (``ModelCard.resolve_task``); SettingsError when neither decides."""
+    from DiffusionSegLib.models.card import read_card
+    from DiffusionSegLib.models.store import resolve_model
+    from DiffusionSegLib.pipeline.modality import input_modality
+
+    card = read_card(resolve_model(model))
+    return card.for_task(card.resolve_task(task, input_modality(image)["modality"])[0])
+
+
+def _card_of(settings: SegmentSettings, task: str | None = None) -> Any:
+    """The card whose post-processing a run with ``settings`` applied (a multi-task model: the run's
+    ``task``, from its report); None when it applied none."""
     from DiffusionSegLib.models.card import read_card
     from DiffusionSegLib.models.store import resolve_model
 
     if not settings.postprocess:
         return None
-    card = read_card(resolve_model(settings.model)).for_task(settings.task)  # a task sets its own filters
+    card = read_card(resolve_model(settings.model)).for_task(task)  # a task sets its own filters
     return card if card.has_postprocessing() else None
 
 

@@ -115,11 +115,13 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
 
         # The samples are needed for the GED (not written anywhere).
         options = dataclasses.replace(options or SegmentSettings(), keep_samples=True)
-        # A multi-task model runs each case with its dataset.json task unless the options name one;
-        # every case's task is checked before the first is segmented.
+        # A multi-task model runs each case with its dataset.json task unless the options name one (a case
+        # with neither: the task its image decides, as in segment); every named task is checked before
+        # the first case is segmented.
         for case in cases:
             tasks[case.name] = options.task if options.task is not None or not card.tasks else case.task
-            card.for_task(tasks[case.name])
+            if tasks[case.name] is not None:
+                card.for_task(tasks[case.name])
     results = []
     report = progress or (lambda stage, done, total: None)
     report("cases", 0, len(cases))
@@ -136,8 +138,8 @@ def evaluate(pred_or_model: str | Path, dataset: str | Path, options: Any = None
             pred = {name: np.isin(pred_map, values) for name, values in label_values.items()}
         ref = {name: np.isin(ref_map, label_values[name]) for name in pred}
         row = {"case": case.name, "metrics": score_case(pred, ref, list(image.GetSpacing()))}
-        if tasks.get(case.name) is not None:
-            row["task"] = tasks[case.name]
+        if model_dir is not None and result.report["model"]["task"] is not None:
+            row["task"] = result.report["model"]["task"]
         if model_dir is not None:
             from DiffusionSegLib.pipeline.ensemble import ged_terms
 

@@ -107,6 +107,7 @@ class TrainConfig:
     # A multi-task model: task name -> its card settings (ModelCard.tasks); every case's dataset.json
     # entry then names its task. Empty: one task.
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_task: str | None = None  # written to the card: the task of a run that names none (ModelCard.resolve_task)
     method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
     # A folder from ``diffusionseg pretrain``: its encoder initialises the image encoder (3D MedSegDiff)
     pretrained_backbone: str | None = None
@@ -163,7 +164,7 @@ class TrainConfig:
                 problems.append(f"context_slices with method '{self.method}' (2.5D input needs mask supervision)")
         if self.tasks:
             try:  # the check the card makes when it is read
-                ModelCard(name="tasks", tasks=self.tasks).check_tasks()
+                ModelCard(name="tasks", tasks=self.tasks, default_task=self.default_task).check_tasks()
             except ModelLoadError as err:
                 problems.append(str(err).replace("model card 'tasks': ", ""))
             if self.method in Method.values() and get_method(self.method).supervision != Supervision.MASKS:
@@ -339,6 +340,7 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
         consistent_components=[n for n in config.consistent_components if n in labels],
         region_components={n: r for n, r in config.region_components.items() if n in labels},
         method_settings=dict(config.method_settings), tasks={k: dict(v) for k, v in config.tasks.items()},
+        default_task=config.default_task,
         shown_labels=[n for n in config.shown_labels if n in labels],
         description=config.description, limits=config.limits,
     )

@@ -9,6 +9,7 @@ before any work, and the report says which task ran.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +75,32 @@ def test_a_missing_or_unknown_task_is_refused_naming_the_choices(tasks, task, wo
         task_card(tasks=tasks).for_task(task)
 
 
+def test_a_run_without_a_task_takes_the_only_task_of_its_modality_else_the_cards_default():
+    liver = {"modality": "CT", "normalization": {"kind": "ct_window", "center": 50, "width": 350}}
+    card = task_card(tasks={"lung": LUNG, "liver": liver, "brain": BRAIN})
+    assert card.resolve_task("liver", "MR") == ("liver", "named by the run")  # a named task always wins
+    assert card.resolve_task(None, "MR") == ("brain", "the model's only task for MR input")
+    assert card.resolve_task(None, "not CT")[0] == "brain"  # an MR without a tag: told from its statistics
+    assert card.resolve_task(None, "CT") == (None, "")  # lung or liver: nothing decides
+    with_default = task_card(tasks={"lung": LUNG, "liver": liver, "brain": BRAIN}, default_task="lung")
+    assert with_default.resolve_task(None, "CT") == ("lung", "the model card's default_task")
+    assert with_default.resolve_task(None, "MR")[0] == "brain"  # the modality decides before the default
+    assert with_default.resolve_task(None, "PT")[0] == "lung"  # no task fits: the default (the input check warns)
+    assert task_card(tasks={}).resolve_task(None, "CT") == (None, "")
+
+
 @pytest.mark.parametrize("tasks, words", [
     ({"Lung": {}}, "task name 'Lung'"),
     ({"lung": {"spacing": [1.0, 1.0]}}, "task 'lung' may set only"),
     ({"lung": "ct"}, "task 'lung' may set only"),
+    ("default_task", "default_task 'liver' is not one of its tasks"),
 ])
 def test_a_card_with_malformed_tasks_is_refused_when_read(tasks, words):
     data = json.loads(task_card().to_json())
-    data["tasks"] = tasks
+    if tasks == "default_task":
+        data["default_task"] = "liver"
+    else:
+        data["tasks"] = tasks
     with pytest.raises(ModelLoadError, match=words):
         ModelCard.from_dict(data)
 
@@ -229,6 +248,15 @@ def test_segment_runs_the_chosen_task_and_refuses_a_run_without_one(trained, tmp
     assert cli("segment", image, "-o", tmp_path / "brain", "--model", model, "--task", "brain", "-q") == 0
     report = json.loads((tmp_path / "brain" / "report.json").read_text())
     assert report["model"]["task"] == "brain" and report["postprocessing"]["region_components"] == {}
+    assert report["model"]["task_source"] == "named by the run"
+    # A card with a default task runs a CT without --task (both tasks take CT here: the default decides).
+    default = tmp_path / "with_default"
+    shutil.copytree(model, default)
+    card = json.loads((default / "model.json").read_text())
+    (default / "model.json").write_text(json.dumps({**card, "default_task": "lung"}))
+    assert cli("segment", image, "-o", tmp_path / "auto", "--model", default, "-q") == 0
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert (report["model"]["task"], report["model"]["task_source"]) == ("lung", "the model card's default_task")
 
 
 def test_evaluate_runs_each_case_with_its_task_and_checks_them_all_first(trained, tmp_path, capsys):

@@ -418,11 +418,12 @@ def test_a_multi_task_model_lists_its_tasks_and_the_panels_task_reaches_the_run_
 
     tasks = {"lung": {"modality": "CT", "normalization": {"kind": "ct_window", "center": -600, "width": 1500},
                       "description": "Lung lesions on CT"},
+             "liver": {"modality": "CT", "normalization": {"kind": "ct_window", "center": 50, "width": 350}},
              "brain": {"modality": "MR", "normalization": {"kind": "zscore"}}}
     model = make_model(tmp_path / "unified", method="unisegdiff", modality="CT+MR", tasks=tasks)
     installed = logic.install_model(model)
     entry = next(e for e in logic.available_models() if e.folder == str(installed))
-    assert entry.tasks == (("lung", "Lung lesions on CT"), ("brain", ""))
+    assert entry.tasks == (("lung", "Lung lesions on CT"), ("liver", ""), ("brain", ""))
     settings = logic.settings_from_parameters(panel(model=str(installed), task="lung"))
     assert settings.task == "lung" and settings.to_argv()[:4] == ["--model", str(installed), "--task", "lung"]
     assert logic.settings_from_parameters(panel(model=str(installed))).task is None
@@ -438,5 +439,6 @@ def test_a_multi_task_model_lists_its_tasks_and_the_panels_task_reaches_the_run_
     modality = [w for w in workflow.check_input(node, str(installed), task="brain") if w.code == "modality"]
     assert modality and "MR" in modality[0].message
     assert not [w for w in workflow.check_input(node, str(installed), task="lung") if w.code == "modality"]
-    with pytest.raises(SettingsError, match="needs a task: choose one of lung, brain"):
+    # No task chosen ("Automatic"): two tasks take CT and the card names no default, so the panel shows why.
+    with pytest.raises(SettingsError, match="needs a task: choose one of lung, liver, brain"):
         workflow.check_input(node, str(installed))
