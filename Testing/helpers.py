@@ -191,3 +191,23 @@ def blob_phantom(shape=(24, 24, 24)) -> np.ndarray:
     for (cz, cy, cx), r, h in (((6, 8, 16), 5.0, 1.6), ((16, 16, 6), 7.0, 1.0), ((18, 5, 18), 3.0, 1.8)):
         out += h * np.exp(-((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
     return np.clip(out, -1.0, 1.0)
+
+
+def write_chest_phantom(path: Path) -> np.ndarray:
+    """(z, y, x) = (20, 160, 160) at 3 x 2 x 2 mm: a 40 HU body, two -850 HU lungs, an 18 mm 30 HU nodule in the
+    right lung, scanner-like noise. Writes the CT and returns the nodule mask."""
+    rng = np.random.default_rng(0)
+    shape = (20, 160, 160)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    ct = np.full(shape, -1000.0)
+    ct[:, (((y - 80) / 60.0) ** 2 + ((x - 80) / 75.0) ** 2 <= 1)[0]] = 40
+    for cx in (45, 115):
+        ct[:, (((y - 80) / 42.0) ** 2 + ((x - cx) / 25.0) ** 2 <= 1)[0]] = -850
+    ct += rng.normal(0, 20, shape)
+    nodule = ((z - 10) * 3.0) ** 2 + ((y - 70) * 2.0) ** 2 + ((x - 45) * 2.0) ** 2 <= 9.0 ** 2
+    ct[nodule] = 30 + rng.normal(0, 20, int(nodule.sum()))
+    image = sitk.GetImageFromArray(ct.astype(np.int16))
+    image.SetSpacing((2.0, 2.0, 3.0))
+    image.SetOrigin((-160.0, -160.0, 30.0))
+    sitk.WriteImage(image, str(path))
+    return nodule

@@ -24,8 +24,12 @@ PER_RUN_FIELDS = ("name", "description", "training", "metrics", "limits", "weigh
 
 
 def make_ensemble(out_dir: str | Path, model_dirs: Sequence[str | Path], name: str | None = None,
-                  overwrite: bool = False) -> ModelCard:
+                  overwrite: bool = False, half: bool = False) -> ModelCard:
     """Write a model folder whose networks are those of ``model_dirs`` (>= 2; the first is member 0).
+
+    ``half``: store the floating-point tensors as float16 (half the folder; a load casts them back into
+    the float32 network), so a bundled ensemble stays within the extension's size budget. Otherwise
+    the weight files are copied byte for byte.
 
     Every model must be a single network with intact weights (sha256) and a card equal to the first
     one's in every field but ``PER_RUN_FIELDS``; otherwise ModelLoadError, and nothing is written.
@@ -57,18 +61,36 @@ def make_ensemble(out_dir: str | Path, model_dirs: Sequence[str | Path], name: s
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     staging.chmod(0o755)  # mkdtemp makes it private; a model folder is read by other users too
     try:
-        shutil.copyfile(Path(model_dirs[0]) / WEIGHTS_NAME, staging / WEIGHTS_NAME)
-        for k, d in enumerate(model_dirs[1:], 1):
-            shutil.copyfile(Path(d) / WEIGHTS_NAME, staging / f"member_{k}.safetensors")
-        for entry, c in zip(card.members, cards[1:]):  # the copies are what the card promises
-            if sha256_of(staging / entry["file"]) != c.weights_sha256:
-                raise ModelLoadError(f"{entry['file']} changed while it was copied")
+        files = [WEIGHTS_NAME] + [entry["file"] for entry in card.members]
+        if half:
+            for d, file in zip(model_dirs, files):
+                _write_half(Path(d) / WEIGHTS_NAME, staging / file)
+            card.weights_sha256 = sha256_of(staging / WEIGHTS_NAME)
+            for entry in card.members:
+                entry["sha256"] = sha256_of(staging / entry["file"])
+            card.training["weights_storage"] = "float16 (floating-point tensors; loaded into the float32 network)"
+        else:
+            for d, file in zip(model_dirs, files):
+                shutil.copyfile(Path(d) / WEIGHTS_NAME, staging / file)
+            for entry, c in zip(card.members, cards[1:]):  # the copies are what the card promises
+                if sha256_of(staging / entry["file"]) != c.weights_sha256:
+                    raise ModelLoadError(f"{entry['file']} changed while it was copied")
         atomic_write_bytes(staging / CARD_NAME, card.to_json().encode())
         replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return card
+
+
+def _write_half(source: Path, target: Path) -> None:
+    """A safetensors file with its floating-point tensors as float16 (others unchanged)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in load_file(str(source)).items()}
+    save_file(tensors, str(target), metadata={"format": "diffusionseg", "storage": "float16"})
+    target.chmod(0o644)  # safetensors writes owner-only; a model folder is read by other users too
 
 
 def _recipe(card: ModelCard) -> dict[str, Any]:

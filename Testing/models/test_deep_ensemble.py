@@ -65,6 +65,27 @@ def test_assembled_folder_loads_every_member(members, tmp_path):
     assert load_members(members[0], read_card(members[0])) == []
 
 
+def test_a_half_precision_ensemble_is_half_the_size_and_loads_the_rounded_weights(members, tmp_path):
+    from safetensors.torch import load_file
+
+    full = make_ensemble(tmp_path / "full", members)
+    half = make_ensemble(tmp_path / "half", members, half=True)
+    for name in ("model.safetensors", "member_1.safetensors", "member_2.safetensors"):
+        assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "half" / name)).values())
+        assert (tmp_path / "half" / name).stat().st_size < 0.6 * (tmp_path / "full" / name).stat().st_size
+        assert (tmp_path / "half" / name).stat().st_mode & 0o044 == 0o044  # readable by other users
+    # The card's sha256 are those of the float16 files (a load checks them), and it says how they are stored.
+    assert half.weights_sha256 != full.weights_sha256 and "float16" in half.training["weights_storage"]
+    net, loaded = load_model(tmp_path / "half")
+    for got, source in zip([net, *load_members(tmp_path / "half", loaded)], members):
+        want, _ = load_model(source)
+        for a, b in zip(got.state_dict().values(), want.state_dict().values()):
+            assert a.dtype == torch.float32  # the network itself stays float32
+            torch.testing.assert_close(a, b.half().float(), rtol=0, atol=0)  # exactly the rounded weights
+    out = segment_image(_image(), tmp_path / "half", SegmentSettings(samples=3, steps=2, crf=False))
+    assert out.fused.shape == (1, 2, 24, 24)
+
+
 def test_a_run_loads_and_hashes_only_what_it_needs(members, tmp_path, monkeypatch):
     """One sample from a 3-member ensemble: the members that draw nothing are not loaded, and no
     member file is hashed twice (load_model checks them all once; the run loads without rehashing)."""

@@ -12,7 +12,7 @@ from DiffusionSegLib.core.errors import SettingsError
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 
 # Every field away from its default: the round trip then covers every option.
-EVERYTHING = SegmentSettings(model="some/model dir", samples=7, steps=12, sampler=Sampler.DDPM, seed=9,
+EVERYTHING = SegmentSettings(model="some/model dir", task="lung", samples=7, steps=12, sampler=Sampler.DDPM, seed=9,
                              device="cpu", batch_size=3, crf=False, crf_backend="torch-meanfield",
                              fusion=Fusion.STAPLE, uncertainty=Uncertainty.ENTROPY, keep_samples=True,
                              postprocess=False, amp=True, strict=True)
