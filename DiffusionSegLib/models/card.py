@@ -141,8 +141,8 @@ class ModelCard:
     # A multi-task model (one network for several lesion sites, e.g. "lung", "liver", "brain"): task
     # name -> what that task sets over the card's fields (TASK_FIELDS: its modality, normalization and
     # post-processing). The network sees the run's task as one-hot input planes after the image
-    # channels (the task token, ``network_in_channels``), so every run names one (``for_task``).
-    # Empty: a single-task model.
+    # channels (the task token, ``network_in_channels``), so every run has one: named, or decided by
+    # the input's modality or ``default_task`` (``resolve_task``). Empty: a single-task model.
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The task a run takes when it names none and no single task fits the input's modality (``resolve_task``);
     # None: such a run must name one.
@@ -220,8 +220,7 @@ class ModelCard:
                 raise SettingsError(f"model '{self.name}' has no tasks; run it without a task (got {task!r})")
             return self
         if task is None or task not in self.tasks:
-            what = "needs a task" if task is None else f"has no task {task!r}"
-            raise SettingsError(f"model '{self.name}' {what}: choose one of {', '.join(self.tasks)} (--task)")
+            raise self._task_error(task)
         return dataclasses.replace(self, task=task, **{k: v for k, v in self.tasks[task].items()})
 
     def task_plane_values(self) -> list[float]:
@@ -229,8 +228,12 @@ class ModelCard:
         if not self.tasks:
             return []
         if self.task is None:
-            raise SettingsError(f"model '{self.name}' needs a task: choose one of {', '.join(self.tasks)} (--task)")
+            raise self._task_error(None)
         return [1.0 if name == self.task else 0.0 for name in self.tasks]
+
+    def _task_error(self, task: str | None) -> SettingsError:
+        what = "needs a task" if task is None else f"has no task {task!r}"
+        return SettingsError(f"model '{self.name}' {what}: choose one of {', '.join(self.tasks)} (--task)")
 
     def slice_context(self) -> tuple[int, float]:
         """(neighbouring slices on each side, mm between them), checked; (0, 0.0) without 2.5D context."""

@@ -184,7 +184,8 @@ def segment_image(
     # The card alone (no weights) is enough to refuse a setting or an input in well under a second.
     card = read_card(model_dir)
     # A multi-task model: the named task, else the one the input's modality or the card decides.
-    task, task_source = card.resolve_task(opts.task, input_modality(image)["modality"])
+    modality = input_modality(image)
+    task, task_source = card.resolve_task(opts.task, modality["modality"])
     card = card.for_task(task)
     opts.check(card.num_train_timesteps)
     try:
@@ -307,7 +308,7 @@ def segment_image(
     timings["ensemble"] = round(timings["ensemble"] + time.perf_counter() - clock, 4)  # + post-processing
     result.report = build_report(result, card, device, opts, plan, crf_mode, crf_backend,
                                  prepared.batch.shape[0], timings, warnings=warnings, estimate=estimate,
-                                 item_shape=list(prepared.batch.shape[2:]), input_modality=input_modality(image))
+                                 item_shape=list(prepared.batch.shape[2:]), input_modality=modality)
     result.report["model"]["task_source"] = task_source
     result.report["ensemble"] = {"members": len(members), "samples_per_member": shares,
                                  "note": "one network" if len(members) == 1 else
