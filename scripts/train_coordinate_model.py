@@ -326,14 +326,22 @@ def main(argv: list[str] | None = None) -> int:
                              "labels_used": "none"}}
         save_coordinate_model(args.out, net, card)  # before the report: a failing report keeps the model
 
-    coords = {name: predict_coordinates(net, ct_window(volumes[name]), spacing) for name in (HELD_OUT[0], PARTNER)}
+    predicted: dict[str, np.ndarray] = {}
+
+    def coordinates_of(name: str) -> np.ndarray:
+        """The network's coordinates of one scan, computed once (the partner is a training scan too)."""
+        if name not in predicted:
+            predicted[name] = predict_coordinates(net, ct_window(volumes[name]), spacing)
+        return predicted[name]
+
+    coords = {name: coordinates_of(name) for name in (HELD_OUT[0], PARTNER)}
     held, partner = HELD_OUT[0], PARTNER
     head_foot = {}
     if args.output == "offset":  # the network's head-foot origin per scan against its lung base (no labels)
         for name in [*train_cts, *validation_cts]:
             # In the scan's own frame (mm from its first voxel), the frame lung bases are measured in.
             own = scanner_points(grids[name]) - scanner_points(grids[name])[:, :1, :1, :1]
-            implied = float(frame_origin(predict_coordinates(net, ct_window(volumes[name]), spacing), own,
+            implied = float(frame_origin(coordinates_of(name), own,
                                          body_mask(volumes[name]))[0])
             head_foot[name] = {"role": "validation" if name in validation_cts else "training",
                                "lung_base_mm": None if np.isnan(levels[name]) else levels[name], "network_mm": implied}
