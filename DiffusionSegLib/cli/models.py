@@ -58,6 +58,7 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps([{"name": p.name, "origin": o, "path": str(p), "method": c.method,
                            "modality": c.modality, "labels": [lab.name for lab in c.labels],
                            "spatial_dims": c.spatial_dims, "members": 1 + len(c.members), "metrics": c.metrics,
+                           "tasks": list(c.tasks), "default_task": c.default_task,
                            "catalogue": listed.get(p.name)} for o, p, c in found], indent=2))
         return 0
     if not found:
@@ -68,6 +69,9 @@ def _list(args: argparse.Namespace) -> int:
         networks = f" ensemble of {1 + len(card.members)}" if card.members else ""
         print(f"{path.name}{default} [{origin}] {card.method}{networks} {card.spatial_dims}D {card.modality}: {labels}"
               f"  {path}")
+        if card.tasks:  # a multi-task model: --task chooses among these
+            default_task = f" (default {card.default_task})" if card.default_task else ""
+            print(f"    tasks: {', '.join(card.tasks)}{default_task}")
         figures = summary_line(listed[path.name]) if path.name in listed else ""
         if figures:
             print(f"    measured: {figures} (Resources/Models.json)")

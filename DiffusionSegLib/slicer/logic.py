@@ -271,6 +271,9 @@ def available_models() -> list[ModelEntry]:
         labels = ", ".join(card.labels[i].name for i in card.output_label_indices())
         summary = _("{name}: {modality}; labels: {labels}").format(name=card.name, modality=card.modality,
                                                                   labels=labels)
+        if card.tasks:
+            summary += _("; tasks: {tasks}").format(tasks=", ".join(card.tasks)) + (
+                _(" (default {task})").format(task=card.default_task) if card.default_task else "")
         figures = catalogue_figures(measured.get(card.name))
         if figures:
             summary += "\n" + figures

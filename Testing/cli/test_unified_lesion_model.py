@@ -55,3 +55,14 @@ def test_an_mr_runs_the_brain_task_and_a_named_task_its_own_window(tmp_path):
     report = _report(tmp_path / "liver")
     assert report["model"]["task"] == "liver" and report["model"]["normalization"]["center"] == 50
     assert [w["code"] for w in report["warnings"]] == ["modality"]
+
+
+def test_the_model_list_names_its_tasks(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(MODEL + " "))
+    assert "unisegdiff ensemble of 3 2D CT+MR: lesion" in lines[at]
+    assert lines[at + 1] == "    tasks: lung, liver, brain (default lung)"
+    assert main(["models", "--json"]) == 0
+    entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == MODEL)
+    assert entry["tasks"] == ["lung", "liver", "brain"] and entry["default_task"] == "lung"

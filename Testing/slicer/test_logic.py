@@ -424,6 +424,7 @@ def test_a_multi_task_model_lists_its_tasks_and_the_panels_task_reaches_the_run_
     installed = logic.install_model(model)
     entry = next(e for e in logic.available_models() if e.folder == str(installed))
     assert entry.tasks == (("lung", "Lung lesions on CT"), ("liver", ""), ("brain", ""))
+    assert "; tasks: lung, liver, brain" in entry.summary.splitlines()[0]
     settings = logic.settings_from_parameters(panel(model=str(installed), task="lung"))
     assert settings.task == "lung" and settings.to_argv()[:4] == ["--model", str(installed), "--task", "lung"]
     assert logic.settings_from_parameters(panel(model=str(installed))).task is None
