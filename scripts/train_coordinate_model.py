@@ -41,7 +41,8 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.core.files import atomic_write_json, sha256_of  # noqa: E402
-from DiffusionSegLib.methods.pretrain3d.alignment import air_profile, lung_base_levels  # noqa: E402
+from DiffusionSegLib.methods.pretrain3d.alignment import (  # noqa: E402
+    LEFT_LUNG, RIGHT_LUNG, air_profile, lung_base_levels, lung_extent_mm, lung_halves)
 from DiffusionSegLib.methods.pretrain3d.coordinates import (  # noqa: E402
     BACKGROUND, ct_window, load_coordinate_model, organ_consistency, predict_coordinates, save_coordinate_model, smoothness, train_coordinates,
     transfer_labels)
@@ -163,6 +164,44 @@ def head_foot_levels(cts: dict[str, np.ndarray], spacing: float) -> dict[str, fl
     A scan's level depends on the others only through the median lung height used for scans that start
     inside the lungs, and only scans showing both lung ends give that height."""
     return dict(zip(cts, lung_base_levels([air_profile(ct_window(v)) for v in cts.values()], spacing)))
+
+
+def lung_consistency(validation_cts: dict, train_cts: dict, levels: dict, volumes: dict, grids: dict,
+                     coordinates_of, spacing: float) -> dict:
+    """Does the same organ land at the same coordinates in a held-out patient and a training patient? Without
+    labels: each lung (HU threshold, split at the body's centre) of every validation CT against every training
+    CT, over the stretch of lung both show (levels from each scan's own lung base), by organ_consistency:
+    distance between the lungs' mean coordinates (learned), against the scanner frame after one body-centroid
+    translation (scanner). Prints a table; returns {validation: {training: organ_consistency + range}}."""
+    organs = {"right_lung": RIGHT_LUNG, "left_lung": LEFT_LUNG}
+    out: dict = {}
+    for held in validation_cts:
+        if np.isnan(levels[held]):
+            continue
+        held_body = body_mask(volumes[held])
+        held_extent = lung_extent_mm(lung_halves(volumes[held], spacing, held_body), spacing, levels[held])
+        for other in train_cts:
+            other_body = body_mask(volumes[other])
+            other_extent = lung_extent_mm(lung_halves(volumes[other], spacing, other_body), spacing, levels[other])
+            if held_extent is None or other_extent is None or np.isnan(levels[other]):
+                continue
+            common = (max(held_extent[0], other_extent[0]), min(held_extent[1], other_extent[1]))
+            if common[1] - common[0] < 2 * spacing:
+                continue
+            halves = [lung_halves(volumes[n], spacing, b, common, levels[n]) for n, b in ((held, held_body),
+                                                                                         (other, other_body))]
+            row = organ_consistency(coordinates_of(held), halves[0], coordinates_of(other), halves[1], organs,
+                                    scanner_points(grids[held]), scanner_points(grids[other]), held_body, other_body)
+            out.setdefault(held, {})[other] = {"common_range_mm_above_lung_base": list(common), **row}
+    if out:
+        print("\nthe same lung in a held-out and a training patient (no labels; mm between the lung's mean positions)")
+        for held, rows in out.items():
+            for other, row in rows.items():
+                cells = "  ".join(f"{n}: learned {fmt(r['learned'])}, scanner {fmt(r['scanner'])}"
+                                  for n, r in row["organs"].items())
+                print(f"  {held} vs {other} (lung {row['common_range_mm_above_lung_base'][0]:.0f} to "
+                      f"{row['common_range_mm_above_lung_base'][1]:.0f} mm above its base): {cells}")
+    return out
 
 
 def frame_origin(coords: np.ndarray, points: np.ndarray, body: np.ndarray) -> np.ndarray:
@@ -356,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             if "slab_errors_mm" in row:
                 print(f"    40 mm slabs of it shown alone, every 20 mm from its first slice: head-foot error (mm) "
                       f"{[round(e) for e in row['slab_errors_mm']]}, median |error| {row['slab_median_abs_error_mm']:.0f}")
+    lungs = lung_consistency(validation_cts, train_cts, levels, volumes, grids, coordinates_of, args.spacing)
     held_body, partner_body = body_mask(volumes[held]), body_mask(volumes[partner])
     smooth = {"held_out_body": smoothness(coords[held], spacing, held_body),
               "held_out_all": smoothness(coords[held], spacing),
@@ -433,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
               "loss_curve": curve, "smoothness": smooth, "organ_consistency": consistency,
               "label_transfer_dice": transfer, "label_transfer_mean_dice": mean_dice,
               "best_translation_from_body_centroid_mm": (best_shift - shift).tolist(),
-              "head_foot_origin": head_foot, "implied_shift_error_mm": implied_error.tolist(),
+              "head_foot_origin": head_foot, "lung_consistency": lungs, "implied_shift_error_mm": implied_error.tolist(),
               "seconds": round(time.time() - started, 1)}
     atomic_write_json(args.out / "report.json", report)
     print(f"\nwrote {args.out}/ (coordinates.safetensors, coordinates.json, report.json) in {time.time() - started:.0f} s")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from DiffusionSegLib.methods.pretrain3d.alignment import air_profile, lung_base_levels, lung_run
+from DiffusionSegLib.methods.pretrain3d.alignment import (LEFT_LUNG, RIGHT_LUNG, air_profile, lung_base_levels,
+                                                          lung_extent_mm, lung_halves, lung_run)
 from DiffusionSegLib.methods.pretrain3d.coordinates import anchor_term, train_coordinates
 
 from helpers import blob_phantom
@@ -89,3 +90,22 @@ def test_anchors_are_checked():
     with pytest.raises(ValueError, match="one \\(z, y, x\\) per volume"):
         train_coordinates([(volume, (4.0, 4.0, 4.0))], steps=0, patch=(16, 16, 16), channels=(4, 8), output="offset",
                           anchors=[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+def test_lung_halves_split_at_the_body_centre_and_keep_a_common_stretch():
+    """Two -850 HU lungs in a 40 HU body on a 4 mm grid: the one at low x is the right lung (LPS)."""
+    hu = np.full((20, 40, 40), -1000.0)
+    hu[:, 5:35, 4:36] = 40.0
+    hu[6:16, 10:30, 7:18] = -850.0  # right lung: 10 slices x 20 x 11 voxels, 140.8 mL at 4 mm
+    hu[8:18, 10:30, 22:33] = -850.0  # left lung, two slices higher
+    body = hu > -500
+    body[:] = True  # the centroid of a symmetric body is x = 19.5 either way
+    halves = lung_halves(hu, 4.0, body)
+    assert np.array_equal(np.argwhere(halves == RIGHT_LUNG)[:, 2].min(), 7)
+    assert (halves == RIGHT_LUNG).sum() == 10 * 20 * 11 and (halves == LEFT_LUNG).sum() == 10 * 20 * 11
+    # Levels relative to a lung base at slice 6 (24 mm): the lungs span 0 .. 44 mm above it.
+    assert lung_extent_mm(halves, 4.0, 24.0) == (0.0, 44.0)
+    kept = lung_halves(hu, 4.0, body, z_range_mm=(8.0, 20.0), level_mm=24.0)  # slices 8-11
+    assert sorted(set(np.flatnonzero(kept.reshape(20, -1).any(axis=1)).tolist())) == [8, 9, 10, 11]
+    assert lung_extent_mm(np.zeros((3, 4, 4), np.int16), 4.0, 0.0) is None
+    assert not lung_halves(np.full((4, 10, 10), 40.0), 4.0, np.ones((4, 10, 10), bool)).any()

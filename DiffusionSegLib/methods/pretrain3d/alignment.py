@@ -99,3 +99,37 @@ def lung_base_levels(profiles: Sequence[np.ndarray], spacing_mm: float, threshol
         missing = np.isnan(base) & np.isfinite(apex)
         base[missing] = apex[missing] - float(np.median(heights))
     return base
+
+
+RIGHT_LUNG, LEFT_LUNG = 1, 2  # values of lung_halves' map
+
+
+def lung_halves(hu: np.ndarray, spacing_mm: float, body: np.ndarray, z_range_mm: tuple[float, float] | None = None,
+                level_mm: float = 0.0) -> np.ndarray:
+    """Label-free right and left lungs of an LPS CT (z, y, x) on an isotropic ``spacing_mm`` grid: int (z, y, x),
+    RIGHT_LUNG / LEFT_LUNG / 0. The HU-threshold lung mask (pipeline.regions) split at the body's centroid
+    in x (LPS: x grows toward the patient's left). ``z_range_mm``: keep only slices whose head-foot level
+    relative to ``level_mm`` (e.g. the scan's lung base, mm from its first slice) lies in [low, high], so
+    two scans are compared over the same stretch of lung rather than over what each happens to cover."""
+    from DiffusionSegLib.pipeline.regions import threshold_lung_mask
+
+    lungs = threshold_lung_mask(hu, (spacing_mm,) * 3)
+    out = np.zeros(lungs.shape, np.int16)
+    if not lungs.any() or not body.any():
+        return out
+    middle = float(np.argwhere(body)[:, 2].mean())
+    x = np.arange(lungs.shape[2])[None, None, :]
+    out[lungs & (x < middle)] = RIGHT_LUNG
+    out[lungs & (x >= middle)] = LEFT_LUNG
+    if z_range_mm is not None:
+        level = np.arange(lungs.shape[0]) * spacing_mm - level_mm
+        out[(level < z_range_mm[0]) | (level > z_range_mm[1])] = 0
+    return out
+
+
+def lung_extent_mm(halves: np.ndarray, spacing_mm: float, level_mm: float) -> tuple[float, float] | None:
+    """(lowest, highest) head-foot level of a lung_halves map's slices, relative to ``level_mm``; None without lung."""
+    slices = np.flatnonzero(halves.reshape(halves.shape[0], -1).any(axis=1))
+    if slices.size == 0:
+        return None
+    return float(slices[0] * spacing_mm - level_mm), float(slices[-1] * spacing_mm - level_mm)
