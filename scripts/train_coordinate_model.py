@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in validation_cts and not np.isnan(levels[name]):
                 errors = slab_level_errors(net, volumes[name], levels[name], args.spacing)
                 head_foot[name].update(slab_errors_mm=errors, slab_median_abs_error_mm=float(np.median(np.abs(errors))))
+            if name in validation_cts:  # smooth on a patient it never saw, not only on the held-out slab
+                head_foot[name]["smoothness_body"] = smoothness(coordinates_of(name), spacing, body_mask(volumes[name]))
         print("\nhead-foot origin per scan (mm from its first slice): lung base (no labels) vs the network's")
         for name, row in head_foot.items():
             gap = None if row["lung_base_mm"] is None else row["network_mm"] - row["lung_base_mm"]
@@ -395,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             if "slab_errors_mm" in row:
                 print(f"    40 mm slabs of it shown alone, every 20 mm from its first slice: head-foot error (mm) "
                       f"{[round(e) for e in row['slab_errors_mm']]}, median |error| {row['slab_median_abs_error_mm']:.0f}")
+            if "smoothness_body" in row:
+                smooth_row = row["smoothness_body"]
+                print(f"    smoothness over its body: {smooth_row['within_20pct']:.3f} of 4 mm steps within 20 %, "
+                      f"median ratio {smooth_row['median_ratio']:.3f}, folding {smooth_row['folding']:.3f}")
     lungs = lung_consistency(validation_cts, train_cts, levels, volumes, grids, coordinates_of, args.spacing)
     held_body, partner_body = body_mask(volumes[held]), body_mask(volumes[partner])
     smooth = {"held_out_body": smoothness(coords[held], spacing, held_body),
