@@ -41,6 +41,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.core.files import atomic_write_json, sha256_of  # noqa: E402
+from DiffusionSegLib.pipeline.regions import threshold_lung_mask  # noqa: E402
 from DiffusionSegLib.methods.pretrain3d.alignment import (  # noqa: E402
     LEFT_LUNG, RIGHT_LUNG, air_profile, lung_base_levels, lung_extent_mm, lung_halves)
 from DiffusionSegLib.methods.pretrain3d.coordinates import (  # noqa: E402
@@ -174,21 +175,22 @@ def lung_consistency(validation_cts: dict, train_cts: dict, levels: dict, volume
     distance between the lungs' mean coordinates (learned), against the scanner frame after one body-centroid
     translation (scanner). Prints a table; returns {validation: {training: organ_consistency + range}}."""
     organs = {"right_lung": RIGHT_LUNG, "left_lung": LEFT_LUNG}
+    masks = {n: threshold_lung_mask(volumes[n], (spacing,) * 3) for n in [*validation_cts, *train_cts]}
     out: dict = {}
     for held in validation_cts:
         if np.isnan(levels[held]):
             continue
         held_body = body_mask(volumes[held])
-        held_extent = lung_extent_mm(lung_halves(volumes[held], spacing, held_body), spacing, levels[held])
+        held_extent = lung_extent_mm(lung_halves(masks[held], spacing, held_body), spacing, levels[held])
         for other in train_cts:
             other_body = body_mask(volumes[other])
-            other_extent = lung_extent_mm(lung_halves(volumes[other], spacing, other_body), spacing, levels[other])
+            other_extent = lung_extent_mm(lung_halves(masks[other], spacing, other_body), spacing, levels[other])
             if held_extent is None or other_extent is None or np.isnan(levels[other]):
                 continue
             common = (max(held_extent[0], other_extent[0]), min(held_extent[1], other_extent[1]))
             if common[1] - common[0] < 2 * spacing:
                 continue
-            halves = [lung_halves(volumes[n], spacing, b, common, levels[n]) for n, b in ((held, held_body),
+            halves = [lung_halves(masks[n], spacing, b, common, levels[n]) for n, b in ((held, held_body),
                                                                                          (other, other_body))]
             row = organ_consistency(coordinates_of(held), halves[0], coordinates_of(other), halves[1], organs,
                                     scanner_points(grids[held]), scanner_points(grids[other]), held_body, other_body)

@@ -11,6 +11,7 @@ import torch
 from DiffusionSegLib.methods.pretrain3d.alignment import (LEFT_LUNG, RIGHT_LUNG, air_profile, lung_base_levels,
                                                           lung_extent_mm, lung_halves, lung_run)
 from DiffusionSegLib.methods.pretrain3d.coordinates import anchor_term, train_coordinates
+from DiffusionSegLib.pipeline.regions import threshold_lung_mask
 
 from helpers import blob_phantom
 
@@ -100,12 +101,13 @@ def test_lung_halves_split_at_the_body_centre_and_keep_a_common_stretch():
     hu[8:18, 10:30, 22:33] = -850.0  # left lung, two slices higher
     body = hu > -500
     body[:] = True  # the centroid of a symmetric body is x = 19.5 either way
-    halves = lung_halves(hu, 4.0, body)
+    lungs = threshold_lung_mask(hu, (4.0,) * 3)
+    halves = lung_halves(lungs, 4.0, body)
     assert np.array_equal(np.argwhere(halves == RIGHT_LUNG)[:, 2].min(), 7)
     assert (halves == RIGHT_LUNG).sum() == 10 * 20 * 11 and (halves == LEFT_LUNG).sum() == 10 * 20 * 11
     # Levels relative to a lung base at slice 6 (24 mm): the lungs span 0 .. 44 mm above it.
     assert lung_extent_mm(halves, 4.0, 24.0) == (0.0, 44.0)
-    kept = lung_halves(hu, 4.0, body, z_range_mm=(8.0, 20.0), level_mm=24.0)  # slices 8-11
+    kept = lung_halves(lungs, 4.0, body, z_range_mm=(8.0, 20.0), level_mm=24.0)  # slices 8-11
     assert sorted(set(np.flatnonzero(kept.reshape(20, -1).any(axis=1)).tolist())) == [8, 9, 10, 11]
     assert lung_extent_mm(np.zeros((3, 4, 4), np.int16), 4.0, 0.0) is None
-    assert not lung_halves(np.full((4, 10, 10), 40.0), 4.0, np.ones((4, 10, 10), bool)).any()
+    assert not lung_halves(np.zeros((4, 10, 10), bool), 4.0, np.ones((4, 10, 10), bool)).any()

@@ -104,16 +104,14 @@ def lung_base_levels(profiles: Sequence[np.ndarray], spacing_mm: float, threshol
 RIGHT_LUNG, LEFT_LUNG = 1, 2  # values of lung_halves' map
 
 
-def lung_halves(hu: np.ndarray, spacing_mm: float, body: np.ndarray, z_range_mm: tuple[float, float] | None = None,
+def lung_halves(lungs: np.ndarray, spacing_mm: float, body: np.ndarray, z_range_mm: tuple[float, float] | None = None,
                 level_mm: float = 0.0) -> np.ndarray:
     """Label-free right and left lungs of an LPS CT (z, y, x) on an isotropic ``spacing_mm`` grid: int (z, y, x),
-    RIGHT_LUNG / LEFT_LUNG / 0. The HU-threshold lung mask (pipeline.regions) split at the body's centroid
-    in x (LPS: x grows toward the patient's left). ``z_range_mm``: keep only slices whose head-foot level
-    relative to ``level_mm`` (e.g. the scan's lung base, mm from its first slice) lies in [low, high], so
-    two scans are compared over the same stretch of lung rather than over what each happens to cover."""
-    from DiffusionSegLib.pipeline.regions import threshold_lung_mask
-
-    lungs = threshold_lung_mask(hu, (spacing_mm,) * 3)
+    RIGHT_LUNG / LEFT_LUNG / 0. ``lungs`` (bool, e.g. pipeline.regions.threshold_lung_mask) split at the
+    body's centroid in x (LPS: x grows toward the patient's left). ``z_range_mm``: keep only slices whose
+    head-foot level relative to ``level_mm`` (e.g. the scan's lung base, mm from its first slice) lies in
+    [low, high], so two scans are compared over the same stretch of lung rather than over what each covers."""
+    lungs = np.asarray(lungs, bool)
     out = np.zeros(lungs.shape, np.int16)
     if not lungs.any() or not body.any():
         return out
