@@ -175,25 +175,21 @@ def lung_consistency(validation_cts: dict, train_cts: dict, levels: dict, volume
     distance between the lungs' mean coordinates (learned), against the scanner frame after one body-centroid
     translation (scanner). Prints a table; returns {validation: {training: organ_consistency + range}}."""
     organs = {"right_lung": RIGHT_LUNG, "left_lung": LEFT_LUNG}
-    masks = {n: threshold_lung_mask(volumes[n], (spacing,) * 3) for n in [*validation_cts, *train_cts]}
+    scans = [n for n in [*validation_cts, *train_cts] if not np.isnan(levels[n])]
+    # Once per scan: its body, lung mask and the head-foot stretch of its lungs (mm from its lung base).
+    bodies = {n: body_mask(volumes[n]) for n in scans}
+    masks = {n: threshold_lung_mask(volumes[n], (spacing,) * 3) for n in scans}
+    extents = {n: lung_extent_mm(lung_halves(masks[n], spacing, bodies[n]), spacing, levels[n]) for n in scans}
     out: dict = {}
-    for held in validation_cts:
-        if np.isnan(levels[held]):
-            continue
-        held_body = body_mask(volumes[held])
-        held_extent = lung_extent_mm(lung_halves(masks[held], spacing, held_body), spacing, levels[held])
-        for other in train_cts:
-            other_body = body_mask(volumes[other])
-            other_extent = lung_extent_mm(lung_halves(masks[other], spacing, other_body), spacing, levels[other])
-            if held_extent is None or other_extent is None or np.isnan(levels[other]):
-                continue
-            common = (max(held_extent[0], other_extent[0]), min(held_extent[1], other_extent[1]))
+    for held in (n for n in validation_cts if n in scans and extents[n] is not None):
+        for other in (n for n in train_cts if n in scans and extents[n] is not None):
+            common = (max(extents[held][0], extents[other][0]), min(extents[held][1], extents[other][1]))
             if common[1] - common[0] < 2 * spacing:
                 continue
-            halves = [lung_halves(masks[n], spacing, b, common, levels[n]) for n, b in ((held, held_body),
-                                                                                         (other, other_body))]
+            halves = [lung_halves(masks[n], spacing, bodies[n], common, levels[n]) for n in (held, other)]
             row = organ_consistency(coordinates_of(held), halves[0], coordinates_of(other), halves[1], organs,
-                                    scanner_points(grids[held]), scanner_points(grids[other]), held_body, other_body)
+                                    scanner_points(grids[held]), scanner_points(grids[other]), bodies[held],
+                                    bodies[other])
             out.setdefault(held, {})[other] = {"common_range_mm_above_lung_base": list(common), **row}
     if out:
         print("\nthe same lung in a held-out and a training patient (no labels; mm between the lung's mean positions)")

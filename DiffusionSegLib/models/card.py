@@ -74,6 +74,21 @@ def slice_context(spatial_dims: int, context_slices: Any, context_spacing: Any,
     return context_slices, float(step)
 
 
+def check_tasks(tasks: Any, default_task: Any = None, task: Any = None) -> None:
+    """Checked ``tasks`` of a card or training config: lower-case names, each setting only TASK_FIELDS,
+    and ``default_task`` / ``task`` among them; ValueError naming the key otherwise."""
+    if not isinstance(tasks, dict):
+        raise ValueError("tasks must map task names to settings")
+    for name, settings in tasks.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ValueError(f"task name {name!r} must be lower-case letters, digits and _")
+        if not isinstance(settings, dict) or set(settings) - set(TASK_FIELDS):
+            raise ValueError(f"task {name!r} may set only {', '.join(TASK_FIELDS)}; got {settings!r}")
+    for key, value in (("task", task), ("default_task", default_task)):
+        if value is not None and value not in tasks:
+            raise ValueError(f"{key} {value!r} is not one of its tasks")
+
+
 @dataclass
 class ModelCard:
     """Everything needed to rebuild, run and judge a model. Serialized as JSON.
@@ -175,20 +190,11 @@ class ModelCard:
         return self.in_channels * (2 * self.slice_context()[0] + 1) + len(self.tasks)
 
     def check_tasks(self) -> None:
-        """``tasks`` checked: names, and only TASK_FIELDS set per task (ModelLoadError otherwise)."""
-        if not isinstance(self.tasks, dict):
-            raise ModelLoadError(f"model card '{self.name}': tasks must map task names to settings")
-        for name, settings in self.tasks.items():
-            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-                raise ModelLoadError(f"model card '{self.name}': task name {name!r} must be lower-case letters, "
-                                     "digits and _")
-            if not isinstance(settings, dict) or set(settings) - set(TASK_FIELDS):
-                raise ModelLoadError(f"model card '{self.name}': task {name!r} may set only {', '.join(TASK_FIELDS)}; "
-                                     f"got {settings!r}")
-        for field_name in ("task", "default_task"):
-            value = getattr(self, field_name)
-            if value is not None and value not in self.tasks:
-                raise ModelLoadError(f"model card '{self.name}': {field_name} {value!r} is not one of its tasks")
+        """``tasks``, ``default_task`` and ``task`` checked (``check_tasks``); ModelLoadError naming the card."""
+        try:
+            check_tasks(self.tasks, self.default_task, self.task)
+        except ValueError as err:
+            raise ModelLoadError(f"model card '{self.name}': {err}") from None
 
     def resolve_task(self, task: str | None, input_modality: str | None = None) -> tuple[str | None, str]:
         """(the task a run uses, why): ``task`` when the run names one; for a multi-task card without one,

@@ -396,26 +396,29 @@ def _dicom_modality(scene: Any, volume_node: Any) -> str | None:
         return None
 
 
+def _stored_card(model: str | None) -> Any:
+    """The card of ``model`` (folder, name or None = the default model) as stored."""
+    from DiffusionSegLib.models.card import read_card
+    from DiffusionSegLib.models.store import resolve_model
+
+    return read_card(resolve_model(model))
+
+
 def _run_card(model: str | None, task: str | None, image: Any) -> Any:
     """The card a run of ``model`` on ``image`` uses: for a multi-task model, that of the named task or the
     one the image decides (``ModelCard.resolve_task``); SettingsError when neither decides."""
-    from DiffusionSegLib.models.card import read_card
-    from DiffusionSegLib.models.store import resolve_model
     from DiffusionSegLib.pipeline.modality import input_modality
 
-    card = read_card(resolve_model(model))
+    card = _stored_card(model)
     return card.for_task(card.resolve_task(task, input_modality(image)["modality"])[0])
 
 
 def _card_of(settings: SegmentSettings, task: str | None = None) -> Any:
     """The card whose post-processing a run with ``settings`` applied (a multi-task model: the run's
     ``task``, from its report); None when it applied none."""
-    from DiffusionSegLib.models.card import read_card
-    from DiffusionSegLib.models.store import resolve_model
-
     if not settings.postprocess:
         return None
-    card = read_card(resolve_model(settings.model)).for_task(task)  # a task sets its own filters
+    card = _stored_card(settings.model).for_task(task)  # a task sets its own filters
     return card if card.has_postprocessing() else None
 
 

@@ -39,10 +39,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from DiffusionSegLib.core.enums import Supervision
-from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError, ModelLoadError
+from DiffusionSegLib.core.errors import DatasetError, DiffusionSegError
 from DiffusionSegLib.training.metrics import dice as dice_score  # public here: dice_score(pred, ref), both empty = 1.0
 from DiffusionSegLib.core.files import atomic_write_bytes
-from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size, slice_context
+from DiffusionSegLib.models.card import LabelInfo, ModelCard, array_patch_size, check_tasks, slice_context
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,9 @@ class TrainConfig:
                 problems.append(f"context_slices with method '{self.method}' (2.5D input needs mask supervision)")
         if self.tasks:
             try:  # the check the card makes when it is read
-                ModelCard(name="tasks", tasks=self.tasks, default_task=self.default_task).check_tasks()
-            except ModelLoadError as err:
-                problems.append(str(err).replace("model card 'tasks': ", ""))
+                check_tasks(self.tasks, self.default_task)
+            except ValueError as err:
+                problems.append(str(err))
             if self.method in Method.values() and get_method(self.method).supervision != Supervision.MASKS:
                 problems.append(f"tasks with method '{self.method}' (the task of a case comes with its mask)")
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_samples", "val_steps"):
