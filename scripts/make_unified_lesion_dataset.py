@@ -1,7 +1,8 @@
 """Build the unified lesion dataset (lung CT, liver CT, brain MR, breast MR) for one UniSegDiff model.
 
     python3 scripts/make_unified_lesion_dataset.py [--out data/unified_lesions] [--bench data/bench]
-                                                   [--seed 0] [--rebuild]
+                                                   [--seed 0] [--rebuild] [--brain-iso-fraction F]
+                                                   [--brain-template]
 
 Needs the prepared benchmark folder (``diffusionseg bench --suite real --prepare-only --data data/bench``)
 and the pyradiomics sdist (from the cache in $DIFFUSIONSEG_DATA or ~/.cache/diffusionseg/data, pip otherwise).
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--brain-iso-fraction", type=float, default=0.0,
                         help="share of synthetic brain tumours made iso-intense and heterogeneous instead of bright")
+    parser.add_argument("--brain-template", action="store_true",
+                        help="also put synthetic brain tumours in the MNI T1 brain template (nilearn's sdist)")
     args = parser.parse_args(argv)
     needed = (benchdata.LUNG, benchdata.LUNG_CHECK, benchdata.ORGANS)
     if not all((args.bench / n / "dataset.json").is_file() for n in needed):
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         dataset = build_unified_lesion_dataset(args.out, args.bench, seed=args.seed, rebuild=args.rebuild,
-                                               brain_iso_fraction=args.brain_iso_fraction)
+                                               brain_iso_fraction=args.brain_iso_fraction,
+                                               brain_template=args.brain_template)
     except DiffusionSegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -61,7 +61,19 @@ ARCHIVES: dict[str, Archive] = {
         "pyradiomics_bhklab-3.1.4",
         "BSD-3-Clause (code); data provenance not stated",
     ),
+    # The MNI ICBM 2009a T1 brain template nilearn ships: brain anatomy (an average of 152 adults,
+    # skull-stripped) for synthetic brain tumours beyond the one pyradiomics patient that is not in test.
+    "nilearn": Archive(
+        "nilearn==0.14.1",
+        "nilearn-0.14.1.tar.gz",
+        "6f7ec639be2c9e4a3625ebc4f25c3de31ae3af21331c8d03e27201c482609672",
+        "nilearn-0.14.1",
+        "BSD-3-Clause (nilearn); MNI ICBM 2009a template: Copyright (C) 1993-2009 Louis Collins, McConnell "
+        "Brain Imaging Centre, Montreal Neurological Institute, McGill University (use, copy and modify "
+        "permitted with this notice)",
+    ),
 }
+MNI_T1 = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 ORGAN_LABELS: Mapping[str, int] = MappingProxyType({"liver": 5, "spleen": 1})
 LESION_CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
@@ -505,6 +517,23 @@ def write_sample_readme(sample_path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # pyradiomics lesion cases
 # ---------------------------------------------------------------------------------------------
+
+
+def extract_brain_template(out_dir: str | Path) -> Path:
+    """Extract the MNI ICBM 2009a T1 template (1 mm, skull-stripped, uint8; nilearn's sdist) into
+    ``out_dir``; returns its path. Checks it is a non-constant 3D image."""
+    out_dir = Path(out_dir)
+    archive = ARCHIVES["nilearn"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="diffusionseg-template-") as extract_tmp:
+        src = extract_members(fetch_package("nilearn"), archive.root, (MNI_T1,), Path(extract_tmp)) / MNI_T1
+        image = sitk.ReadImage(str(src))
+        values = sitk.GetArrayViewFromImage(image)
+        if image.GetDimension() != 3 or float(values.max()) <= float(values.min()):
+            raise DatasetError(f"{src.name}: expected a non-constant 3D template, got size {image.GetSize()}")
+        target = out_dir / src.name
+        atomic_write_bytes(target, src.read_bytes())  # 1.6 MB
+    return target
 
 
 def build_lesion_cases(out_dir: str | Path) -> list[tuple[Path, Path]]:

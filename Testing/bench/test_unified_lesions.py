@@ -342,3 +342,77 @@ def test_a_failed_build_leaves_nothing_behind(inputs, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         ul.build_unified_lesion_dataset(tmp_path / "out", bench, real_dir=real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken_bench"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The template brain (brain_template=True)
+# ---------------------------------------------------------------------------------------------
+
+
+def _template(path: Path) -> np.ndarray:
+    """A skull-stripped uint8 'template' at 1 mm: (z, y, x) = (40, 120, 110), a brain ellipsoid of
+    white matter 120 around grey matter 80, background 0; written to ``path``, returned."""
+    shape = (40, 120, 110)
+    brain = _ellipsoid(shape, (20, 60, 55), (30, 57, 52))
+    white = _ellipsoid(shape, (20, 60, 55), (20, 40, 36))
+    array = np.zeros(shape, np.uint8)
+    array[brain], array[white] = 80, 120
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin((10.0, 20.0, -30.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+    return array
+
+
+def test_template_slabs_average_thick_slices_on_the_right_grid(tmp_path):
+    array = _template(tmp_path / "t.nii.gz")
+    slabs, brain = ul.template_slabs(sitk.ReadImage(str(tmp_path / "t.nii.gz")), slab_mm=6.0)
+    values = sitk.GetArrayFromImage(slabs)
+    # 40 slices -> 6 slabs of 6; by hand: the middle slab is the mean of slices 18-23 times the scale.
+    expected = array[:36].reshape(6, 6, 120, 110).astype(np.float64).mean(axis=1) * ul.TEMPLATE_SCALE
+    # the brain of a slab: where at least half its slices are brain; its area in cm2 at 1 mm
+    areas = ((array[:36].reshape(6, 6, 120, 110) > 0).mean(axis=1) >= 0.5).sum(axis=(1, 2)) / 100.0
+    kept = np.flatnonzero(areas >= ul.MIN_BRAIN_SLICE_CM2)
+    assert values.shape[0] == kept[-1] - kept[0] + 1 and 0 < values.shape[0] < 6
+    assert np.allclose(values, expected[kept[0]:kept[-1] + 1], atol=1e-3)
+    assert slabs.GetSpacing() == (1.0, 1.0, 6.0)
+    # Each output slice sits at the centre of its slab: slab j covers template slices 6j..6j+5.
+    assert slabs.GetOrigin()[2] == pytest.approx(-30.0 + 6 * kept[0] + 2.5)
+    assert brain.shape == values.shape and brain.dtype == bool
+    assert (values[~brain] < 0.5 * 80 * ul.TEMPLATE_SCALE).all() and brain[values > 80].all()
+
+
+def test_brain_template_adds_tumours_in_the_template_brain_and_changes_nothing_else(built, inputs, tmp_path):
+    out, meta = built
+    bench, real = inputs
+    template = tmp_path / "template.nii.gz"
+    array = _template(template)
+    with_template = ul.build_unified_lesion_dataset(tmp_path / "mni", bench, seed=0, real_dir=real,
+                                                    brain_template=True, template_path=template)
+    new = {k for k in with_template["files"] if k not in meta["files"]}
+    assert {k: with_template["files"][k] for k in meta["files"]} == meta["files"]  # the rest byte-identical
+    assert new == {f"{folder}/brain_synth_mni_{n}.nii.gz" for folder in ("imagesTr", "labelsTr")
+                   for n in ("r0", "r1", "check")}
+    assert with_template["build"]["brain_template"] is True and "brain_template" not in meta["build"]
+    assert "brain_synth_mni_check" in with_template["validation_cases"]
+    entries = {Path(e["image"]).name: e for e in with_template["training"]}
+    assert entries["brain_synth_mni_r0.nii.gz"]["task"] == "brain"
+    assert with_template["case_modality"]["brain_synth_mni_r1"] == "MR"
+    tissue = float(np.median(array[array > 0])) * ul.TEMPLATE_SCALE
+    for name in ("brain_synth_mni_r0", "brain_synth_mni_r1", "brain_synth_mni_check"):
+        mr = _read(tmp_path / "mni" / with_template["cases"][name]["image"])
+        label = _read(tmp_path / "mni" / with_template["cases"][name]["label"]).astype(bool)
+        assert label.any() and mr.dtype == np.int16
+        assert (mr[label] > 0).all()  # inside the brain, never in the zero background
+        assert np.median(mr[label]) > tissue  # the bright design (iso fraction 0 here)
+        # Fine grain was added to the brain (the template itself is piecewise constant): by hand,
+        # the robust std of the residual around the white-matter level is near TEMPLATE_NOISE x median.
+        wm = (np.abs(mr - 120 * ul.TEMPLATE_SCALE) < 40) & ~label
+        assert 0.5 < ul.robust_std(mr[wm]) / (ul.TEMPLATE_NOISE * float(with_template["designs"]["brain"]
+                                                                          ["mni_template"]["tissue_median"])) < 1.5
+    again = ul.build_unified_lesion_dataset(tmp_path / "mni2", bench, seed=0, real_dir=real,
+                                            brain_template=True, template_path=template)
+    assert again["files"] == with_template["files"]
+    with pytest.raises(DatasetError, match="rebuild"):  # a folder built without the template is not reused
+        ul.build_unified_lesion_dataset(out, bench, seed=0, real_dir=real, brain_template=True,
+                                        template_path=template)
