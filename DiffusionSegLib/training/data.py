@@ -63,6 +63,7 @@ class Case:
     name: str
     image: np.ndarray
     mask: np.ndarray
+    task: str | None = None  # a multi-task model's task for this case (CaseFiles.task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +297,8 @@ def load_case(files: CaseFiles, card: ModelCard, labels: LabelValues) -> Case:
     except DiffusionSegError as err:  # InputImageError, ModelLoadError: name the case in the message
         raise DatasetError(f"case {files.name}: {err}") from err
     mask = np.stack([np.isin(label_grid, values) for values in labels.values()]).astype(np.uint8)
-    return Case(files.name, to_model_layout(array.astype(np.float32, copy=False), card), to_model_layout(mask, card))
+    return Case(files.name, to_model_layout(array.astype(np.float32, copy=False), card), to_model_layout(mask, card),
+                files.task)
 
 
 def load_cases(cases: Sequence[CaseFiles], card: ModelCard, labels: LabelValues) -> list[Case]:
@@ -480,7 +482,9 @@ class PatchSampler(SeededSampler):
     ``patch_size`` (H, W); 3D models: a (D, H, W) patch (array order: see ``models.card.array_patch_size``). With probability
     ``foreground_fraction`` the item is centred on a foreground voxel: a label present in a
     random foreground case, then (2D) a slice containing that label and a pixel of it, or (3D) a
-    voxel of it. With probability ``hard_negative_fraction`` it is centred on a hard negative: a
+    voxel of it. The foreground case is uniform over cases, or, with ``task_weights`` (task name ->
+    weight, every case's ``task`` named), a task is drawn by weight first and then one of its cases, so
+    that adding cases to one task does not take foreground items from the others. With probability ``hard_negative_fraction`` it is centred on a hard negative: a
     background voxel whose intensity (channel 0) lies inside its case's foreground intensity band
     (10th-90th percentile), the look-alikes (vessels, bowel, pleura) a model must learn to reject.
     Otherwise the location is uniform (2D: uniform over all slices of all cases).
@@ -492,7 +496,8 @@ class PatchSampler(SeededSampler):
 
     def __init__(self, cases: Sequence[Case], spatial_dims: int, patch_size: Sequence[int],
                  foreground_fraction: float = 0.67, augmentation: Augmentation | None = None, seed: int = 0,
-                 hard_negative_fraction: float = 0.0, task_channels: int = 0):
+                 hard_negative_fraction: float = 0.0, task_channels: int = 0,
+                 task_weights: Mapping[str, float] | None = None):
         if not cases:
             raise DatasetError("no training cases to sample from")
         if len(patch_size) != spatial_dims:
@@ -515,6 +520,7 @@ class PatchSampler(SeededSampler):
         # Foreground coordinates per case and label, sorted by first (slice) axis by np.argwhere.
         self.fg = [[np.argwhere(m[l]).astype(np.int32) for l in range(self.n_labels)] for m in self.masks]
         self.fg_cases = [i for i, per_label in enumerate(self.fg) if any(len(c) for c in per_label)]
+        self.fg_tasks, self.task_p = self._task_draw(cases, task_weights) if task_weights else ([], None)
         self.hard = [hard_negatives(img[0], m.any(axis=0)) for img, m in zip(self.images, self.masks)] \
             if hard_negative_fraction > 0 else []
         self.hard_cases = [i for i, coords in enumerate(self.hard) if len(coords)]
@@ -522,6 +528,20 @@ class PatchSampler(SeededSampler):
         self.slice_weights = slices / slices.sum()
         super().__init__(seed)
         self.transform = self._build_transform()
+
+    def _task_draw(self, cases: Sequence[Case], weights: Mapping[str, float]) -> tuple[list[list[int]], np.ndarray]:
+        """Foreground case indices per weighted task and the tasks' draw probabilities."""
+        unnamed = sorted({str(c.task) for c in cases if c.task not in weights})
+        if unnamed:
+            raise DatasetError(f"task_weights names no weight for the task(s) {', '.join(unnamed)} of the training cases")
+        names = [t for t in weights if weights[t] > 0]
+        groups = [[i for i in self.fg_cases if cases[i].task == t] for t in names]
+        empty = [t for t, g in zip(names, groups) if not g]
+        if empty:
+            raise DatasetError(f"task_weights gives foreground items to {', '.join(empty)}, "
+                               "but no training case of that task has foreground")
+        p = np.array([float(weights[t]) for t in names])
+        return groups, p / p.sum()
 
     def _build_transform(self):
         return augmentation_transform(self.augmentation, self.spatial_dims, ("image", "mask"), self.random_state)
@@ -534,7 +554,11 @@ class PatchSampler(SeededSampler):
             case = self.hard_cases[int(self.rng.integers(len(self.hard_cases)))]
             return case, self.hard[case][int(self.rng.integers(len(self.hard[case])))]
         if u < self.foreground_fraction:
-            case = self.fg_cases[int(self.rng.integers(len(self.fg_cases)))]
+            if self.task_p is not None:  # a task by weight, then one of its foreground cases
+                group = self.fg_tasks[int(self.rng.choice(len(self.fg_tasks), p=self.task_p))]
+                case = group[int(self.rng.integers(len(group)))]
+            else:
+                case = self.fg_cases[int(self.rng.integers(len(self.fg_cases)))]
             present = [l for l, coords in enumerate(self.fg[case]) if len(coords)]
             coords = self.fg[case][present[int(self.rng.integers(len(present)))]]
             if self.spatial_dims == 2:  # uniform over slices with the label, then over its pixels there

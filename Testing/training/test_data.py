@@ -254,6 +254,30 @@ def test_hard_negative_items_are_centred_on_look_alike_background():
         data.PatchSampler([case], 2, (8, 8), foreground_fraction=0.7, hard_negative_fraction=0.4)
 
 
+def _task_case(name: str, task: str, value: float) -> data.Case:
+    """A one-slice case whose image is constant ``value`` (so an item tells its case) with foreground."""
+    mask = np.zeros((1, 1, 8, 8), np.uint8)
+    mask[0, 0, 3:5, 3:5] = 1
+    return data.Case(name, np.full((1, 1, 8, 8), value, np.float32), mask, task)
+
+
+def test_task_weights_set_each_tasks_share_of_foreground_items():
+    # Three lung cases and one brain case: a uniform draw over cases gives brain 1/4 of the items;
+    # weights lung 1, brain 3 give brain 3/4, and each lung case 1/12. 2000 draws: sd <= 0.01, bound 0.04.
+    cases = [_task_case(f"l{i}", "lung", float(i)) for i in range(3)] + [_task_case("b", "brain", 9.0)]
+    plain = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=1.0, seed=2)
+    assert abs(np.mean([plain.sample()[0][0, 0, 0] == 9.0 for _ in range(2000)]) - 0.25) < 0.04
+    weighted = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=1.0, seed=2,
+                                 task_weights={"lung": 1.0, "brain": 3.0})
+    values = np.array([weighted.sample()[0][0, 0, 0] for _ in range(2000)])
+    assert abs(np.mean(values == 9.0) - 0.75) < 0.04
+    assert all(abs(np.mean(values == float(i)) - 1 / 12) < 0.04 for i in range(3))
+    with pytest.raises(DatasetError, match="brain"):  # a task of the cases without a weight
+        data.PatchSampler(cases, 2, (8, 8), task_weights={"lung": 1.0})
+    with pytest.raises(DatasetError, match="liver"):  # a weighted task with no foreground case
+        data.PatchSampler(cases, 2, (8, 8), task_weights={"lung": 1.0, "brain": 1.0, "liver": 1.0})
+
+
 def test_array_patch_size_follows_the_card_convention():
     assert array_patch_size([64, 48, 16], 3) == (16, 64, 48)  # card (H, W, D) -> array (D, H, W)
     assert array_patch_size([64, 48], 2) == (64, 48)
