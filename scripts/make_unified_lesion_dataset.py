@@ -2,7 +2,7 @@
 
     python3 scripts/make_unified_lesion_dataset.py [--out data/unified_lesions] [--bench data/bench]
                                                    [--seed 0] [--rebuild] [--brain-iso-fraction F]
-                                                   [--brain-template]
+                                                   [--brain-template] [--liver-enhanced N]
 
 Needs the prepared benchmark folder (``diffusionseg bench --suite real --prepare-only --data data/bench``)
 and the pyradiomics sdist (from the cache in $DIFFUSIONSEG_DATA or ~/.cache/diffusionseg/data, pip otherwise).
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of synthetic brain tumours made iso-intense and heterogeneous instead of bright")
     parser.add_argument("--brain-template", action="store_true",
                         help="also put synthetic brain tumours in the MNI T1 brain template (nilearn's sdist)")
+    parser.add_argument("--liver-enhanced", type=int, default=0, metavar="N",
+                        help="also N training cases per liver CT in a simulated portal-venous phase (liver and "
+                             "spleen raised by a textbook enhancement)")
     args = parser.parse_args(argv)
     needed = (benchdata.LUNG, benchdata.LUNG_CHECK, benchdata.ORGANS)
     if not all((args.bench / n / "dataset.json").is_file() for n in needed):
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dataset = build_unified_lesion_dataset(args.out, args.bench, seed=args.seed, rebuild=args.rebuild,
                                                brain_iso_fraction=args.brain_iso_fraction,
-                                               brain_template=args.brain_template)
+                                               brain_template=args.brain_template,
+                                               liver_enhanced=args.liver_enhanced)
     except DiffusionSegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -90,6 +90,11 @@ LIVER_DIAMETER_MM = (5.0, 40.0)
 LIVER_TEXTURE_HU = (5.0, 15.0)
 LIVER_TRAIN_REALISATIONS = 3
 LIVER_LESIONS = MappingProxyType({"training": 5, VALIDATION: 3})
+# Simulated portal-venous phase (liver_enhanced > 0): the training CT is non-contrast, while most
+# clinical liver CT is contrast-enhanced. Per extra realisation each organ's voxels are raised by one
+# uniform draw from a textbook range of portal-venous enhancement (the organ model's contrast_augment
+# ranges, without the unenhanced end), then lesions are designed from the raised liver median.
+PORTAL_VENOUS_LIFT_HU = MappingProxyType({"liver": (30.0, 80.0), "spleen": (40.0, 100.0)})
 
 # Template brain (brain_template=True): the MNI ICBM 2009a T1 template (realdata.extract_brain_template)
 # as thick axial slices, a second brain anatomy besides the validation patient's own slices.
@@ -99,7 +104,7 @@ TEMPLATE_NOISE = 0.036  # added fine grain / median tissue (brain2 measures 13.1
 TEMPLATE_TUMOURS = 4  # per volume: about 20 slabs of brain
 TEMPLATE_REALISATIONS = (("training", 2), (VALIDATION, 1))
 
-_TASK_CODES = {"liver": 1, "brain": 2, "core": 3, "template": 4}
+_TASK_CODES = {"liver": 1, "brain": 2, "core": 3, "template": 4, "portal_venous": 5}
 _ORGAN_LIVER = "liver"
 
 
@@ -485,13 +490,15 @@ def _add_lung(writer: _Writer, bench_dir: Path, split: Mapping[str, str]) -> Non
             "input_sha256": sha256_of(image)})
 
 
-def _add_liver(writer: _Writer, bench_dir: Path, seed: int) -> dict[str, Any]:
+def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0) -> dict[str, Any]:
+    """Liver cases: LIVER_TRAIN_REALISATIONS of each training CT and one of each other CT (validation)
+    as scanned, then ``enhanced`` more of each training CT in a simulated portal-venous phase
+    (``portal_venous_phase``). Returns the designs per CT for dataset.json."""
     organs = bench_dir / benchdata.ORGANS
     meta = _read_json(organs / "dataset.json")
-    ids = [int(k) for k, v in meta.get("labels", {}).items() if v == _ORGAN_LIVER]
-    if not ids:
+    ids = {organ: [int(k) for k, v in meta.get("labels", {}).items() if v == organ] for organ in PORTAL_VENOUS_LIFT_HU}
+    if not ids[_ORGAN_LIVER]:
         raise DatasetError(f"{organs / 'dataset.json'}: no '{_ORGAN_LIVER}' label")
-    ts = realdata.ARCHIVES["totalsegmentator"]
     plan = [(*entry, "training", LIVER_TRAIN_REALISATIONS) for entry in _entries(organs, "training")]
     plan += [(*entry, VALIDATION, 1) for entry in _entries(organs, "test")]
     designs: dict[str, Any] = {}
@@ -499,7 +506,8 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int) -> dict[str, Any]:
     for case, image_path, label_path, where, realisations in plan:
         ct = sitk.ReadImage(str(image_path))
         array = sitk.GetArrayFromImage(ct).astype(np.float32)
-        liver = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))), ids)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+        liver = np.isin(labels, ids[_ORGAN_LIVER])
         if not liver.any():
             raise DatasetError(f"{label_path}: no liver voxels")
         spacing = tuple(reversed(ct.GetSpacing()))
@@ -511,22 +519,60 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int) -> dict[str, Any]:
                          "design": asdict(design)}
         for r in range(realisations):
             index += 1
-            case_seed = _sub_seed(seed, _TASK_CODES["liver"], index)
-            result = insert_lesions(array, liver, spacing, LIVER_LESIONS[where], case_seed, design)
-            if not result.lesions:
-                raise DatasetError(f"{case}: no liver lesion could be placed (seed {case_seed})")
-            if (result.mask.astype(bool) & ~liver).any():
-                raise DatasetError(f"{case}: a synthetic lesion voxel lies outside the liver (bug)")
-            lesion = result.mask.astype(bool)
-            contrast = float(np.median(result.ct[lesion]) - median)
-            name = f"liver_synth_{case.replace('totalseg_', '')}_r{r}"
-            writer.add(name, where, "liver", "CT", _as_stored(result.ct, ct), _label_like(result.mask, ct), {
-                "kind": "synthetic", "anatomy": f"{benchdata.ORGANS}/{case} (TotalSegmentator reference CT)",
-                "confining_mask": "liver label of TotalSegmentator (its own prediction, not manual)",
-                "package": ts.requirement, "sha256": ts.sha256, "seed": case_seed,
-                "lesions": result.summary(), "lesion_median_minus_liver_median_hu": round(contrast, 1),
-                "input_sha256": sha256_of(image_path)})
+            _write_liver_case(writer, f"liver_synth_{case.replace('totalseg_', '')}_r{r}", where, ct, image_path,
+                              array, liver, median, _sub_seed(seed, _TASK_CODES["liver"], index), design, case)
+        if where != "training" or not enhanced:
+            continue
+        phases = []
+        for r in range(enhanced):
+            lift_seed = _sub_seed(seed, _TASK_CODES["portal_venous"], index, r)
+            phase, lifts = portal_venous_phase(array, {o: np.isin(labels, v) for o, v in ids.items() if v}, lift_seed)
+            phase_median = float(np.median(phase[liver]))
+            phase_design = liver_design(phase_median, noise)  # the organ lift keeps the noise
+            name = f"liver_synth_{case.replace('totalseg_', '')}_pv_r{r}"
+            lesion_seed = _sub_seed(seed, _TASK_CODES["portal_venous"], index, r, 1)
+            _write_liver_case(writer, name, where, ct, image_path, phase, liver, phase_median, lesion_seed,
+                              phase_design, case, {"portal_venous_lift_hu": lifts})
+            phases.append({"case": name, "lift_hu": lifts, "liver_median_hu": round(phase_median, 1),
+                           "design": asdict(phase_design)})
+        designs[case]["portal_venous"] = phases
     return designs
+
+
+def portal_venous_phase(array: np.ndarray, organs: Mapping[str, np.ndarray], seed: int
+                        ) -> tuple[np.ndarray, dict[str, float]]:
+    """A non-contrast CT (z, y, x) HU as if scanned in the portal-venous phase: each organ in
+    ``organs`` (name -> bool mask, names from PORTAL_VENOUS_LIFT_HU) raised by one uniform draw from
+    its range. Returns (the new float32 array, the lift per organ in HU, rounded to 0.1)."""
+    rng = np.random.default_rng(seed)
+    out = np.array(array, dtype=np.float32, copy=True)
+    lifts: dict[str, float] = {}
+    for organ, (low, high) in PORTAL_VENOUS_LIFT_HU.items():
+        lift = round(float(rng.uniform(low, high)), 1)  # drawn for every organ: the stream does not depend on masks
+        if organ in organs:
+            out[organs[organ]] += lift
+            lifts[organ] = lift
+    return out, lifts
+
+
+def _write_liver_case(writer: _Writer, name: str, where: str, ct: sitk.Image, image_path: Path, array: np.ndarray,
+                      liver: np.ndarray, median: float, case_seed: int, design: LesionDesign, case: str,
+                      extra: Mapping[str, Any] | None = None) -> None:
+    """Synthetic lesions in ``array`` (z, y, x HU on ``ct``'s grid) confined to ``liver``; one case."""
+    spacing = tuple(reversed(ct.GetSpacing()))
+    result = insert_lesions(array, liver, spacing, LIVER_LESIONS[where], case_seed, design)
+    if not result.lesions:
+        raise DatasetError(f"{case}: no liver lesion could be placed (seed {case_seed})")
+    if (result.mask.astype(bool) & ~liver).any():
+        raise DatasetError(f"{case}: a synthetic lesion voxel lies outside the liver (bug)")
+    contrast = float(np.median(result.ct[result.mask.astype(bool)]) - median)
+    ts = realdata.ARCHIVES["totalsegmentator"]
+    writer.add(name, where, "liver", "CT", _as_stored(result.ct, ct), _label_like(result.mask, ct), {
+        "kind": "synthetic", "anatomy": f"{benchdata.ORGANS}/{case} (TotalSegmentator reference CT)",
+        "confining_mask": "liver label of TotalSegmentator (its own prediction, not manual)",
+        "package": ts.requirement, "sha256": ts.sha256, "seed": case_seed, **(extra or {}),
+        "lesions": result.summary(), "lesion_median_minus_liver_median_hu": round(contrast, 1),
+        "input_sha256": sha256_of(image_path)})
 
 
 def _real_pair(real_dir: Path, case: str) -> tuple[sitk.Image, sitk.Image]:
@@ -711,20 +757,22 @@ Test cases are in imagesTs/labelsTs. Per-case modality: `case_modality`; provena
 
 
 def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float = 0.0,
-                brain_template: bool = False) -> dict[str, Any]:
+                brain_template: bool = False, liver_enhanced: int = 0) -> dict[str, Any]:
     meta = {"format_version": FORMAT_VERSION, "seed": int(seed), "split": dict(sorted(split.items()))}
     if brain_iso_fraction:  # absent when 0: folders built before the option still match
         meta["brain_iso_fraction"] = float(brain_iso_fraction)
     if brain_template:  # likewise
         meta["brain_template"] = True
+    if liver_enhanced:  # likewise
+        meta["liver_enhanced"] = int(liver_enhanced)
     return meta
 
 
 def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, seed: int = 0, rebuild: bool = False,
                                  split: Mapping[str, str] | None = None,
                                  real_dir: str | Path | None = None, brain_iso_fraction: float = 0.0,
-                                 brain_template: bool = False, template_path: str | Path | None = None
-                                 ) -> dict[str, Any]:
+                                 brain_template: bool = False, template_path: str | Path | None = None,
+                                 liver_enhanced: int = 0) -> dict[str, Any]:
     """Write the unified lesion dataset into ``out_dir``; returns its dataset.json content.
 
     bench_dir: the prepared benchmark folder (``lung_lesions``, ``lung_synthetic_check``,
@@ -738,6 +786,9 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     brain_template: also synthetic tumours in the MNI brain template (``_add_template_brain``: two
     training volumes, one validation volume), read from ``template_path`` or extracted from nilearn's
     sdist (``realdata.extract_brain_template``); False (default) adds nothing.
+    liver_enhanced: this many more training cases per training CT in a simulated portal-venous phase
+    (``portal_venous_phase``: liver and spleen raised by PORTAL_VENOUS_LIFT_HU, lesions designed from
+    the raised liver); 0 (default) adds nothing.
     An existing ``out_dir`` built with the same seed and split is reused unless ``rebuild``; one
     built otherwise is refused without ``rebuild``. Nothing is left behind when the build fails.
     """
@@ -746,7 +797,9 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     chosen = _check_split(split)
     if not 0.0 <= brain_iso_fraction <= 1.0:
         raise DatasetError(f"brain_iso_fraction must be in [0, 1], not {brain_iso_fraction}")
-    wanted = _build_meta(seed, chosen, brain_iso_fraction, brain_template)
+    if not (isinstance(liver_enhanced, int) and 0 <= liver_enhanced <= 20):
+        raise DatasetError(f"liver_enhanced must be a count from 0 to 20, not {liver_enhanced!r}")
+    wanted = _build_meta(seed, chosen, brain_iso_fraction, brain_template, liver_enhanced)
     if out_dir.exists():
         meta_path = out_dir / "dataset.json"
         if not meta_path.is_file():
@@ -763,7 +816,7 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     try:
         writer = _Writer(staging)
         _add_lung(writer, bench_dir, chosen)
-        liver = _add_liver(writer, bench_dir, seed)
+        liver = _add_liver(writer, bench_dir, seed, liver_enhanced)
         if real_path is None:
             real_path = staging / ".pyradiomics"
             realdata.build_lesion_cases(real_path)
@@ -799,7 +852,11 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
             "case_source": {n: c["source"] for n, c in cases.items()},
             "designs": {"liver": liver, "brain": brain, "lung": "bench.data (synthetic_lesions.LesionDesign defaults)",
                         "liver_rule": f"lesion mean density {LIVER_BELOW_HU[0]:g}-{LIVER_BELOW_HU[1]:g} HU below the "
-                                      "CT's median liver HU; fine noise = the liver's measured noise",
+                                      "CT's median liver HU; fine noise = the liver's measured noise"
+                                      + (f"; portal-venous cases: liver raised {PORTAL_VENOUS_LIFT_HU['liver'][0]:g}-"
+                                         f"{PORTAL_VENOUS_LIFT_HU['liver'][1]:g} HU, spleen "
+                                         f"{PORTAL_VENOUS_LIFT_HU['spleen'][0]:g}-{PORTAL_VENOUS_LIFT_HU['spleen'][1]:g}"
+                                         " HU first" if liver_enhanced else ""),
                         "brain_rule": f"tumour mean {BRAIN_FACTOR[0]:g}-{BRAIN_FACTOR[1]:g} x median brain tissue; "
                                       f"necrotic core {CORE_FACTOR[0]:g}-{CORE_FACTOR[1]:g} x in "
                                       f"{CORE_PROBABILITY:.0%} of tumours >= {CORE_MIN_DIAMETER_MM:g} mm"

@@ -416,3 +416,52 @@ def test_brain_template_adds_tumours_in_the_template_brain_and_changes_nothing_e
     with pytest.raises(DatasetError, match="rebuild"):  # a folder built without the template is not reused
         ul.build_unified_lesion_dataset(out, bench, seed=0, real_dir=real, brain_template=True,
                                         template_path=template)
+
+
+def test_portal_venous_phase_raises_each_organ_by_its_drawn_lift():
+    ct = np.zeros((2, 3, 4), np.float32)
+    liver = np.zeros(ct.shape, bool)
+    spleen = np.zeros(ct.shape, bool)
+    liver[0, :2] = spleen[1, 2] = True
+    out, lifts = ul.portal_venous_phase(ct, {"liver": liver, "spleen": spleen}, seed=5)
+    low, high = ul.PORTAL_VENOUS_LIFT_HU["liver"]
+    assert low <= lifts["liver"] <= high and ul.PORTAL_VENOUS_LIFT_HU["spleen"][0] <= lifts["spleen"]
+    assert np.all(out[liver] == np.float32(lifts["liver"])) and np.all(out[spleen] == np.float32(lifts["spleen"]))
+    assert not out[~(liver | spleen)].any() and not ct.any()  # the rest unchanged; the input is not modified
+    alone, only = ul.portal_venous_phase(ct, {"liver": liver}, seed=5)  # same draw without the spleen mask
+    assert only == {"liver": lifts["liver"]} and not alone[spleen].any()
+
+
+def test_liver_enhanced_adds_portal_venous_cases_and_changes_nothing_else(built, inputs, tmp_path):
+    out, meta = built
+    bench, real = inputs
+    enhanced = ul.build_unified_lesion_dataset(tmp_path / "pv", bench, seed=0, real_dir=real, liver_enhanced=2)
+    assert {k: enhanced["files"][k] for k in meta["files"]} == meta["files"]  # the rest byte-identical
+    names = {f"liver_synth_example_ct_pv_r{r}" for r in range(2)}
+    assert {k for k in enhanced["files"] if k not in meta["files"]} == \
+        {f"{folder}/{n}.nii.gz" for folder in ("imagesTr", "labelsTr") for n in names}
+    assert enhanced["build"]["liver_enhanced"] == 2 and "liver_enhanced" not in meta["build"]
+    assert not names & set(enhanced["validation_cases"])  # training cases
+    original = _read(bench / "organs" / "imagesTr" / "totalseg_example_ct.nii.gz").astype(np.float32)
+    organs = _read(bench / "organs" / "labelsTr" / "totalseg_example_ct.nii.gz")
+    phases = enhanced["designs"]["liver"]["totalseg_example_ct"]["portal_venous"]
+    assert [p["case"] for p in phases] == sorted(names)
+    for phase in phases:
+        ct = _read(tmp_path / "pv" / enhanced["cases"][phase["case"]]["image"]).astype(np.float32)
+        label = _read(tmp_path / "pv" / enhanced["cases"][phase["case"]]["label"]).astype(bool)
+        lift = phase["lift_hu"]
+        assert label.any() and not (label & (organs != 1)).any()  # lesions in the liver only
+        # By hand: away from the lesions (their soft edge reaches past the label) each organ is the original
+        # plus its lift (int16 rounding), the rest equal.
+        near = ndimage.binary_dilation(label, iterations=2)
+        for value, organ in ((1, "liver"), (2, "spleen")):
+            inside = (organs == value) & ~near
+            assert np.abs(ct[inside] - (original[inside] + lift[organ])).max() <= 0.5
+        assert np.array_equal(ct[organs == 0], original[organs == 0])
+        raised = float(np.median(original[organs == 1])) + lift["liver"]
+        assert phase["liver_median_hu"] == pytest.approx(raised, abs=1.0)
+        # Hypodense against the RAISED liver (the design), not against the unenhanced one.
+        assert -65.0 <= float(np.median(ct[label])) - raised <= -5.0
+    assert phases[0]["lift_hu"] != phases[1]["lift_hu"]
+    with pytest.raises(DatasetError, match="liver_enhanced"):
+        ul.build_unified_lesion_dataset(tmp_path / "bad", bench, seed=0, real_dir=real, liver_enhanced=-1)
