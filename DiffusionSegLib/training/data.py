@@ -475,6 +475,16 @@ def hard_negatives(image: np.ndarray, foreground: np.ndarray, limit: int = 65536
     return coords
 
 
+@dataclass(frozen=True)
+class _Pool:
+    """Case indices a training item is drawn from: all, foreground, hard-negative; 2D slice weights."""
+
+    cases: list[int]
+    fg: list[int]
+    hard: list[int]
+    slice_weights: np.ndarray
+
+
 class PatchSampler(SeededSampler):
     """Draws (image, mask) training items from in-memory cases.
 
@@ -482,12 +492,13 @@ class PatchSampler(SeededSampler):
     ``patch_size`` (H, W); 3D models: a (D, H, W) patch (array order: see ``models.card.array_patch_size``). With probability
     ``foreground_fraction`` the item is centred on a foreground voxel: a label present in a
     random foreground case, then (2D) a slice containing that label and a pixel of it, or (3D) a
-    voxel of it. The foreground case is uniform over cases, or, with ``task_weights`` (task name ->
-    weight, every case's ``task`` named), a task is drawn by weight first and then one of its cases, so
-    that adding cases to one task does not take foreground items from the others. With probability ``hard_negative_fraction`` it is centred on a hard negative: a
+    voxel of it. With probability ``hard_negative_fraction`` it is centred on a hard negative: a
     background voxel whose intensity (channel 0) lies inside its case's foreground intensity band
     (10th-90th percentile), the look-alikes (vessels, bowel, pleura) a model must learn to reject.
     Otherwise the location is uniform (2D: uniform over all slices of all cases).
+    ``task_weights`` (task name -> weight, every case's ``task`` named): each item first draws a task by
+    weight, then all of the above happens among that task's cases, so each task's share of the items
+    is its weight whatever its number of cases or slices. None: one pool of all cases.
     Images smaller than the patch are padded (image: its per-channel minimum, mask: 0). The last
     ``task_channels`` image channels are a multi-task model's task planes: no augmentation touches them.
     All randomness comes from ``seed``: a numpy Generator for locations and a RandomState shared
@@ -519,46 +530,48 @@ class PatchSampler(SeededSampler):
         self.n_labels = self.masks[0].shape[0]
         # Foreground coordinates per case and label, sorted by first (slice) axis by np.argwhere.
         self.fg = [[np.argwhere(m[l]).astype(np.int32) for l in range(self.n_labels)] for m in self.masks]
-        self.fg_cases = [i for i, per_label in enumerate(self.fg) if any(len(c) for c in per_label)]
-        self.fg_tasks, self.task_p = self._task_draw(cases, task_weights) if task_weights else ([], None)
         self.hard = [hard_negatives(img[0], m.any(axis=0)) for img, m in zip(self.images, self.masks)] \
             if hard_negative_fraction > 0 else []
-        self.hard_cases = [i for i, coords in enumerate(self.hard) if len(coords)]
-        slices = np.array([img.shape[1] for img in self.images])
-        self.slice_weights = slices / slices.sum()
+        self.pools, self.task_p = self._task_pools(cases, task_weights) if task_weights \
+            else ([self._pool(range(len(cases)))], None)
         super().__init__(seed)
         self.transform = self._build_transform()
 
-    def _task_draw(self, cases: Sequence[Case], weights: Mapping[str, float]) -> tuple[list[list[int]], np.ndarray]:
-        """Foreground case indices per weighted task and the tasks' draw probabilities."""
+    def _pool(self, indices: Sequence[int]) -> "_Pool":
+        fg = [i for i in indices if any(len(c) for c in self.fg[i])]
+        hard = [i for i in indices if self.hard and len(self.hard[i])]
+        slices = np.array([self.images[i].shape[1] for i in indices], dtype=np.float64)
+        return _Pool(list(indices), fg, hard, slices / slices.sum())
+
+    def _task_pools(self, cases: Sequence[Case], weights: Mapping[str, float]) -> tuple[list["_Pool"], np.ndarray]:
+        """One pool of case indices per task with weight > 0, and the tasks' draw probabilities."""
         unnamed = sorted({str(c.task) for c in cases if c.task not in weights})
         if unnamed:
             raise DatasetError(f"task_weights names no weight for the task(s) {', '.join(unnamed)} of the training cases")
         names = [t for t in weights if weights[t] > 0]
-        groups = [[i for i in self.fg_cases if cases[i].task == t] for t in names]
-        empty = [t for t, g in zip(names, groups) if not g]
+        pools = [self._pool([i for i, c in enumerate(cases) if c.task == t]) if any(c.task == t for c in cases)
+                 else None for t in names]
+        empty = [t for t, pool in zip(names, pools) if pool is None or (self.foreground_fraction > 0 and not pool.fg)]
         if empty:
-            raise DatasetError(f"task_weights gives foreground items to {', '.join(empty)}, "
-                               "but no training case of that task has foreground")
+            raise DatasetError(f"task_weights gives items to {', '.join(empty)}, but no training case of that task "
+                               "has foreground")
         p = np.array([float(weights[t]) for t in names])
-        return groups, p / p.sum()
+        return pools, p / p.sum()
 
     def _build_transform(self):
         return augmentation_transform(self.augmentation, self.spatial_dims, ("image", "mask"), self.random_state)
 
     def _location(self) -> tuple[int, np.ndarray | None]:
         """(case index, centre voxel or None for a uniform location); 2D centre is (slice, y, x)."""
+        # Without task weights no task is drawn, so the random stream is the one of a single pool.
+        pool = self.pools[0] if self.task_p is None else self.pools[int(self.rng.choice(len(self.pools), p=self.task_p))]
         # One uniform draw decides the kind, so hard_negative_fraction 0 keeps the earlier random stream.
-        u = self.rng.random() if self.fg_cases else 1.0
-        if self.hard_cases and self.foreground_fraction <= u < self.foreground_fraction + self.hard_negative_fraction:
-            case = self.hard_cases[int(self.rng.integers(len(self.hard_cases)))]
+        u = self.rng.random() if pool.fg else 1.0
+        if pool.hard and self.foreground_fraction <= u < self.foreground_fraction + self.hard_negative_fraction:
+            case = pool.hard[int(self.rng.integers(len(pool.hard)))]
             return case, self.hard[case][int(self.rng.integers(len(self.hard[case])))]
         if u < self.foreground_fraction:
-            if self.task_p is not None:  # a task by weight, then one of its foreground cases
-                group = self.fg_tasks[int(self.rng.choice(len(self.fg_tasks), p=self.task_p))]
-                case = group[int(self.rng.integers(len(group)))]
-            else:
-                case = self.fg_cases[int(self.rng.integers(len(self.fg_cases)))]
+            case = pool.fg[int(self.rng.integers(len(pool.fg)))]
             present = [l for l, coords in enumerate(self.fg[case]) if len(coords)]
             coords = self.fg[case][present[int(self.rng.integers(len(present)))]]
             if self.spatial_dims == 2:  # uniform over slices with the label, then over its pixels there
@@ -567,8 +580,8 @@ class PatchSampler(SeededSampler):
                 return case, coords[first[k] + int(self.rng.integers(counts[k]))]
             return case, coords[int(self.rng.integers(len(coords)))]
         if self.spatial_dims == 2:
-            return int(self.rng.choice(len(self.images), p=self.slice_weights)), None
-        return int(self.rng.integers(len(self.images))), None
+            return pool.cases[int(self.rng.choice(len(pool.cases), p=pool.slice_weights))], None
+        return pool.cases[int(self.rng.integers(len(pool.cases)))], None
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """One item: image (C, *patch) float32 and mask (L, *patch) uint8."""

@@ -93,9 +93,9 @@ class TrainConfig:
     # Share of items centred on background that looks like foreground (intensity inside the
     # foreground's band): teaches the model to reject look-alikes; 0 = off (data.hard_negatives).
     hard_negative_fraction: float = 0.0
-    # A multi-task model: task name -> weight of its share of the foreground items (every task named);
-    # empty = a uniform draw over foreground cases, so a task with more cases gets more items.
-    foreground_task_weights: dict[str, float] = field(default_factory=dict)
+    # A multi-task model: task name -> weight of its share of the training items (every task named;
+    # data.PatchSampler); empty = one pool of all cases, so a task with more cases or slices gets more items.
+    task_weights: dict[str, float] = field(default_factory=dict)
     augment: bool = True
     flips: bool = False  # left-right flips (off: organs are lateralized)
     # Contrast-phase augmentation (ct_window models): label name -> [low, high] HU added to that
@@ -184,16 +184,16 @@ class TrainConfig:
                 and self.foreground_fraction + self.hard_negative_fraction <= 1.0):
             problems.append(f"foreground_fraction {self.foreground_fraction}, hard_negative_fraction "
                             f"{self.hard_negative_fraction} (each >= 0, together <= 1)")
-        if self.foreground_task_weights:
-            weights = self.foreground_task_weights
+        if self.task_weights:
+            weights = self.task_weights
             if not self.tasks:
-                problems.append("foreground_task_weights without tasks (it weights the tasks of a multi-task model)")
+                problems.append("task_weights without tasks (it weights the tasks of a multi-task model)")
             elif set(weights) != set(self.tasks):
-                problems.append(f"foreground_task_weights names {', '.join(sorted(weights))}; "
+                problems.append(f"task_weights names {', '.join(sorted(weights))}; "
                                 f"name every task: {', '.join(sorted(self.tasks))}")
             if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights.values()) \
                     or not any(w > 0 for w in weights.values()):
-                problems.append(f"foreground_task_weights {weights} (weights >= 0, at least one > 0)")
+                problems.append(f"task_weights {weights} (weights >= 0, at least one > 0)")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay {self.ema_decay} (use 0 <= decay < 1)")
         if self.pretrained_backbone and self.spatial_dims != 3:
@@ -458,7 +458,7 @@ class _Run:
                               boundary_jitter_mm=config.boundary_jitter_mm,
                               voxel_mm=tuple(reversed(self.card.spacing or ()))), seed=config.seed,
             hard_negative_fraction=config.hard_negative_fraction, task_channels=len(self.card.tasks),
-            task_weights=config.foreground_task_weights or None)
+            task_weights=config.task_weights or None)
 
     def _load_image_label_data(self) -> None:
         """Images with lesion / healthy labels only (never a mask), the split and the item sampler."""

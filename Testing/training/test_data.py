@@ -254,28 +254,47 @@ def test_hard_negative_items_are_centred_on_look_alike_background():
         data.PatchSampler([case], 2, (8, 8), foreground_fraction=0.7, hard_negative_fraction=0.4)
 
 
-def _task_case(name: str, task: str, value: float) -> data.Case:
-    """A one-slice case whose image is constant ``value`` (so an item tells its case) with foreground."""
-    mask = np.zeros((1, 1, 8, 8), np.uint8)
-    mask[0, 0, 3:5, 3:5] = 1
-    return data.Case(name, np.full((1, 1, 8, 8), value, np.float32), mask, task)
+def _task_case(name: str, task: str, value: float, slices: int = 1, fg: bool = True) -> data.Case:
+    """A case whose image is constant ``value`` (so an item tells its case); foreground on slice 0 if ``fg``."""
+    mask = np.zeros((1, slices, 8, 8), np.uint8)
+    mask[0, 0, 3:5, 3:5] = fg
+    return data.Case(name, np.full((1, slices, 8, 8), value, np.float32), mask, task)
 
 
-def test_task_weights_set_each_tasks_share_of_foreground_items():
-    # Three lung cases and one brain case: a uniform draw over cases gives brain 1/4 of the items;
-    # weights lung 1, brain 3 give brain 3/4, and each lung case 1/12. 2000 draws: sd <= 0.01, bound 0.04.
-    cases = [_task_case(f"l{i}", "lung", float(i)) for i in range(3)] + [_task_case("b", "brain", 9.0)]
+def test_task_weights_set_each_tasks_share_of_the_items():
+    # Lung: three one-slice cases with foreground. Brain: one 9-slice case with foreground on one slice,
+    # and a 30-slice case with none. Without weights, foreground items go 3:1 to lung (uniform over
+    # foreground cases) and background items 3:39 (uniform over slices). Weights lung 1, brain 3 give
+    # brain 3/4 of ALL items; in its pool the foreground case gets every foreground item and, of the
+    # background items, the slice share 9/39. 3000 draws: sd <= 0.009, bound 0.04.
+    cases = [_task_case(f"l{i}", "lung", float(i)) for i in range(3)]
+    cases += [_task_case("b", "brain", 9.0, slices=9), _task_case("e", "brain", 7.0, slices=30, fg=False)]
     plain = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=1.0, seed=2)
-    assert abs(np.mean([plain.sample()[0][0, 0, 0] == 9.0 for _ in range(2000)]) - 0.25) < 0.04
-    weighted = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=1.0, seed=2,
-                                 task_weights={"lung": 1.0, "brain": 3.0})
-    values = np.array([weighted.sample()[0][0, 0, 0] for _ in range(2000)])
-    assert abs(np.mean(values == 9.0) - 0.75) < 0.04
+    assert abs(np.mean([plain.sample()[0][0, 0, 0] == 9.0 for _ in range(3000)]) - 0.25) < 0.04
+    background = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=0.0, seed=2)
+    lung_share = np.mean([background.sample()[0][0, 0, 0] < 3 for _ in range(3000)])
+    assert abs(lung_share - 3 / 42) < 0.04
+    weights = {"lung": 1.0, "brain": 3.0}
+    fg = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=1.0, seed=2, task_weights=weights)
+    values = np.array([fg.sample()[0][0, 0, 0] for _ in range(3000)])
+    assert abs(np.mean(values == 9.0) - 0.75) < 0.04 and not np.any(values == 7.0)
     assert all(abs(np.mean(values == float(i)) - 1 / 12) < 0.04 for i in range(3))
+    bg = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=0.0, seed=2, task_weights=weights)
+    values = np.array([bg.sample()[0][0, 0, 0] for _ in range(3000)])
+    assert abs(np.mean(values < 3) - 0.25) < 0.04
+    assert abs(np.mean(values == 9.0) - 0.75 * 9 / 39) < 0.04 and abs(np.mean(values == 7.0) - 0.75 * 30 / 39) < 0.04
     with pytest.raises(DatasetError, match="brain"):  # a task of the cases without a weight
         data.PatchSampler(cases, 2, (8, 8), task_weights={"lung": 1.0})
-    with pytest.raises(DatasetError, match="liver"):  # a weighted task with no foreground case
+    with pytest.raises(DatasetError, match="liver"):  # a weighted task with no case
         data.PatchSampler(cases, 2, (8, 8), task_weights={"lung": 1.0, "brain": 1.0, "liver": 1.0})
+
+
+def test_a_sampler_without_task_weights_keeps_its_random_stream():
+    # The items of a single-pool sampler are fixed by its seed: a refactor that adds draws would change them.
+    cases = [_task_case(f"l{i}", "lung", float(i), slices=i + 1) for i in range(4)]
+    sampler = data.PatchSampler(cases, 2, (8, 8), foreground_fraction=0.5, seed=3)
+    # the items of the code before task weights existed (measured once at commit 03d4efe)
+    assert [int(sampler.sample()[0][0, 0, 0]) for _ in range(12)] == [0, 2, 0, 1, 2, 2, 3, 3, 1, 0, 0, 2]
 
 
 def test_array_patch_size_follows_the_card_convention():

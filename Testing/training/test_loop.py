@@ -179,15 +179,15 @@ def test_bad_settings_fail_before_training(small_dataset, tmp_path):
     TrainConfig(foreground_fraction=0.5, hard_negative_fraction=0.5).check()
 
 
-def test_foreground_task_weights_are_checked_before_training():
+def test_task_weights_are_checked_before_training():
     tasks = {"lung": {"modality": "CT"}, "brain": {"modality": "MR"}}
-    TrainConfig(method="unisegdiff", tasks=tasks, foreground_task_weights={"lung": 5, "brain": 4}).check()
+    TrainConfig(method="unisegdiff", tasks=tasks, task_weights={"lung": 5, "brain": 4}).check()
     for weights, problem in [({"lung": 1.0}, "name every task"), ({"lung": 1, "brain": -1}, "weights >= 0"),
                              ({"lung": 0, "brain": 0}, "at least one > 0")]:
         with pytest.raises(DiffusionSegError, match=problem):
-            TrainConfig(method="unisegdiff", tasks=tasks, foreground_task_weights=weights).check()
+            TrainConfig(method="unisegdiff", tasks=tasks, task_weights=weights).check()
     with pytest.raises(DiffusionSegError, match="without tasks"):
-        TrainConfig(foreground_task_weights={"lung": 1.0}).check()
+        TrainConfig(task_weights={"lung": 1.0}).check()
 
 
 def test_config_from_cli_overrides_and_resume_base(small_dataset, tmp_path):
