@@ -3,8 +3,10 @@ in the real format, a real slicer-core MRML scene, synthetic images, results and
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,6 +20,14 @@ from DiffusionSegLib.training.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "Resources" / "Sample" / "ct_abdomen_sample.nii.gz"
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/NAME.py`` imported as a module (the scripts folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 def make_model(folder: Path, **card_fields) -> Path:
     """Write a randomly initialised (seeded) tiny model; card_fields override the card."""

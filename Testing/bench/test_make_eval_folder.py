@@ -1,7 +1,6 @@
 """scripts/make_eval_folder.py: chosen cases of a dataset become the test split of a folder of links,
 each entry with its task, so ``diffusionseg evaluate`` scores them; bad choices are refused first."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -10,14 +9,11 @@ import SimpleITK as sitk
 
 from DiffusionSegLib.core.errors import DatasetError
 from DiffusionSegLib.training.data import discover_cases
-from helpers import REPO
+from helpers import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_eval_folder", REPO / "scripts" / "make_eval_folder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_eval_folder")
 
 
 def _dataset(root):

@@ -1,20 +1,16 @@
 """scripts/make_lung_full_fov_test.py: the real lung cases exactly as the package holds them (no crop),
 as the test split, and nothing else."""
 
-import importlib.util
 import json
 
 import numpy as np
 import SimpleITK as sitk
 
-from helpers import REPO
+from helpers import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_lung_full_fov_test", REPO / "scripts" / "make_lung_full_fov_test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_lung_full_fov_test")
 
 
 def _fake_cases(folder):
