@@ -507,7 +507,8 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0) -
         ct = sitk.ReadImage(str(image_path))
         array = sitk.GetArrayFromImage(ct).astype(np.float32)
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
-        liver = np.isin(labels, ids[_ORGAN_LIVER])
+        masks = {organ: np.isin(labels, values) for organ, values in ids.items() if values}
+        liver = masks[_ORGAN_LIVER]
         if not liver.any():
             raise DatasetError(f"{label_path}: no liver voxels")
         spacing = tuple(reversed(ct.GetSpacing()))
@@ -517,22 +518,22 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0) -
                          round(robust_std(array[liver]), 1), "liver_fine_noise_hu": round(noise, 1),
                          "liver_ml": round(float(liver.sum()) * float(np.prod(spacing)) / 1000.0, 1),
                          "design": asdict(design)}
+        stem, source = f"liver_synth_{case.replace('totalseg_', '')}", (case, sha256_of(image_path))
         for r in range(realisations):
             index += 1
-            _write_liver_case(writer, f"liver_synth_{case.replace('totalseg_', '')}_r{r}", where, ct, image_path,
-                              array, liver, median, _sub_seed(seed, _TASK_CODES["liver"], index), design, case)
+            _write_liver_case(writer, f"{stem}_r{r}", where, ct, source, array, liver, median,
+                              _sub_seed(seed, _TASK_CODES["liver"], index), design)
         if where != "training" or not enhanced:
             continue
         phases = []
         for r in range(enhanced):
             lift_seed = _sub_seed(seed, _TASK_CODES["portal_venous"], index, r)
-            phase, lifts = portal_venous_phase(array, {o: np.isin(labels, v) for o, v in ids.items() if v}, lift_seed)
+            phase, lifts = portal_venous_phase(array, masks, lift_seed)
             phase_median = float(np.median(phase[liver]))
             phase_design = liver_design(phase_median, noise)  # the organ lift keeps the noise
-            name = f"liver_synth_{case.replace('totalseg_', '')}_pv_r{r}"
-            lesion_seed = _sub_seed(seed, _TASK_CODES["portal_venous"], index, r, 1)
-            _write_liver_case(writer, name, where, ct, image_path, phase, liver, phase_median, lesion_seed,
-                              phase_design, case, {"portal_venous_lift_hu": lifts})
+            name, lesion_seed = f"{stem}_pv_r{r}", _sub_seed(seed, _TASK_CODES["portal_venous"], index, r, 1)
+            _write_liver_case(writer, name, where, ct, source, phase, liver, phase_median, lesion_seed,
+                              phase_design, {"portal_venous_lift_hu": lifts})
             phases.append({"case": name, "lift_hu": lifts, "liver_median_hu": round(phase_median, 1),
                            "design": asdict(phase_design)})
         designs[case]["portal_venous"] = phases
@@ -555,10 +556,12 @@ def portal_venous_phase(array: np.ndarray, organs: Mapping[str, np.ndarray], see
     return out, lifts
 
 
-def _write_liver_case(writer: _Writer, name: str, where: str, ct: sitk.Image, image_path: Path, array: np.ndarray,
-                      liver: np.ndarray, median: float, case_seed: int, design: LesionDesign, case: str,
+def _write_liver_case(writer: _Writer, name: str, where: str, ct: sitk.Image, source: tuple[str, str],
+                      array: np.ndarray, liver: np.ndarray, median: float, case_seed: int, design: LesionDesign,
                       extra: Mapping[str, Any] | None = None) -> None:
-    """Synthetic lesions in ``array`` (z, y, x HU on ``ct``'s grid) confined to ``liver``; one case."""
+    """Synthetic lesions in ``array`` (z, y, x HU on ``ct``'s grid) confined to ``liver``; one case.
+    source: (the organ CT's case name, the sha256 of its file)."""
+    case, input_sha256 = source
     spacing = tuple(reversed(ct.GetSpacing()))
     result = insert_lesions(array, liver, spacing, LIVER_LESIONS[where], case_seed, design)
     if not result.lesions:
@@ -572,7 +575,7 @@ def _write_liver_case(writer: _Writer, name: str, where: str, ct: sitk.Image, im
         "confining_mask": "liver label of TotalSegmentator (its own prediction, not manual)",
         "package": ts.requirement, "sha256": ts.sha256, "seed": case_seed, **(extra or {}),
         "lesions": result.summary(), "lesion_median_minus_liver_median_hu": round(contrast, 1),
-        "input_sha256": sha256_of(image_path)})
+        "input_sha256": input_sha256})
 
 
 def _real_pair(real_dir: Path, case: str) -> tuple[sitk.Image, sitk.Image]:
