@@ -3,6 +3,7 @@
     python3 scripts/make_unified_lesion_dataset.py [--out data/unified_lesions] [--bench data/bench]
                                                    [--seed 0] [--rebuild] [--brain-iso-fraction F]
                                                    [--brain-template] [--liver-enhanced N]
+                                                   [--liver-lesions N] [--liver-diameter-mm LOW HIGH]
 
 Needs the prepared benchmark folder (``diffusionseg bench --suite real --prepare-only --data data/bench``)
 and the pyradiomics sdist (from the cache in $DIFFUSIONSEG_DATA or ~/.cache/diffusionseg/data, pip otherwise).
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liver-enhanced", type=int, default=0, metavar="N",
                         help="also N training cases per liver CT in a simulated portal-venous phase (liver and "
                              "spleen raised by a textbook enhancement)")
+    parser.add_argument("--liver-lesions", type=int, default=5, metavar="N",
+                        help="lesions asked for per training liver case (default 5; fewer when they do not fit)")
+    parser.add_argument("--liver-diameter-mm", type=float, nargs=2, default=[5.0, 40.0], metavar=("LOW", "HIGH"),
+                        help="diameter range of the training liver lesions, log-uniform (default 5 40); the "
+                             "validation livers keep the default")
     args = parser.parse_args(argv)
     needed = (benchdata.LUNG, benchdata.LUNG_CHECK, benchdata.ORGANS)
     if not all((args.bench / n / "dataset.json").is_file() for n in needed):
@@ -48,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = build_unified_lesion_dataset(args.out, args.bench, seed=args.seed, rebuild=args.rebuild,
                                                brain_iso_fraction=args.brain_iso_fraction,
                                                brain_template=args.brain_template,
-                                               liver_enhanced=args.liver_enhanced)
+                                               liver_enhanced=args.liver_enhanced, liver_lesions=args.liver_lesions,
+                                               liver_diameter_mm=tuple(args.liver_diameter_mm))
     except DiffusionSegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -199,12 +199,13 @@ def fine_noise(image: np.ndarray, mask: np.ndarray) -> float:
     return robust_std(residual[inner])
 
 
-def liver_design(liver_median_hu: float, noise_hu: float) -> LesionDesign:
+def liver_design(liver_median_hu: float, noise_hu: float,
+                 diameter_mm: tuple[float, float] = LIVER_DIAMETER_MM) -> LesionDesign:
     """Hypodense liver lesion (metastasis/cyst-like) for one CT: mean density ``LIVER_BELOW_HU``
-    below the measured liver median, ``LIVER_DIAMETER_MM``, coarse texture ``LIVER_TEXTURE_HU``
+    below the measured liver median, ``diameter_mm`` (log-uniform), coarse texture ``LIVER_TEXTURE_HU``
     and the liver's own measured fine noise (the lesion replaces the voxels, so it must carry the
     scanner grain of its surroundings)."""
-    return LesionDesign(diameter_mm=LIVER_DIAMETER_MM,
+    return LesionDesign(diameter_mm=(float(diameter_mm[0]), float(diameter_mm[1])),
                         density_hu=(liver_median_hu - LIVER_BELOW_HU[1], liver_median_hu - LIVER_BELOW_HU[0]),
                         texture_hu=LIVER_TEXTURE_HU, texture_mm=2.0, noise_hu=float(noise_hu), edge_mm=1.5,
                         min_inside_lung=0.85, margin_mm=5.0)
@@ -490,10 +491,14 @@ def _add_lung(writer: _Writer, bench_dir: Path, split: Mapping[str, str]) -> Non
             "input_sha256": sha256_of(image)})
 
 
-def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0) -> dict[str, Any]:
+def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0,
+               training_lesions: int = LIVER_LESIONS["training"],
+               training_diameter_mm: tuple[float, float] = LIVER_DIAMETER_MM) -> dict[str, Any]:
     """Liver cases: LIVER_TRAIN_REALISATIONS of each training CT and one of each other CT (validation)
     as scanned, then ``enhanced`` more of each training CT in a simulated portal-venous phase
-    (``portal_venous_phase``). Returns the designs per CT for dataset.json."""
+    (``portal_venous_phase``). Training cases get up to ``training_lesions`` lesions of
+    ``training_diameter_mm``; the validation cases keep LIVER_LESIONS and LIVER_DIAMETER_MM, so that
+    they stay the same files whatever the training design. Returns the designs per CT for dataset.json."""
     organs = bench_dir / benchdata.ORGANS
     meta = _read_json(organs / "dataset.json")
     ids = {organ: [int(k) for k, v in meta.get("labels", {}).items() if v == organ] for organ in PORTAL_VENOUS_LIFT_HU}
@@ -513,7 +518,9 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0) -
             raise DatasetError(f"{label_path}: no liver voxels")
         spacing = tuple(reversed(ct.GetSpacing()))
         median, noise = float(np.median(array[liver])), fine_noise(array, liver)
-        design = liver_design(median, noise)
+        diameter = training_diameter_mm if where == "training" else LIVER_DIAMETER_MM
+        count = training_lesions if where == "training" else LIVER_LESIONS[where]
+        design = liver_design(median, noise, diameter)
         designs[case] = {"split": where, "liver_median_hu": round(median, 1), "liver_robust_std_hu":
                          round(robust_std(array[liver]), 1), "liver_fine_noise_hu": round(noise, 1),
                          "liver_ml": round(float(liver.sum()) * float(np.prod(spacing)) / 1000.0, 1),
@@ -522,7 +529,7 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0) -
         for r in range(realisations):
             index += 1
             _write_liver_case(writer, f"{stem}_r{r}", where, ct, source, array, liver, median,
-                              _sub_seed(seed, _TASK_CODES["liver"], index), design)
+                              _sub_seed(seed, _TASK_CODES["liver"], index), design, count)
         if where != "training" or not enhanced:
             continue
         phases = []
@@ -530,10 +537,10 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0) -
             lift_seed = _sub_seed(seed, _TASK_CODES["portal_venous"], index, r)
             phase, lifts = portal_venous_phase(array, masks, lift_seed)
             phase_median = float(np.median(phase[liver]))
-            phase_design = liver_design(phase_median, noise)  # the organ lift keeps the noise
+            phase_design = liver_design(phase_median, noise, diameter)  # the organ lift keeps the noise
             name, lesion_seed = f"{stem}_pv_r{r}", _sub_seed(seed, _TASK_CODES["portal_venous"], index, r, 1)
             _write_liver_case(writer, name, where, ct, source, phase, liver, phase_median, lesion_seed,
-                              phase_design, {"portal_venous_lift_hu": lifts})
+                              phase_design, count, {"portal_venous_lift_hu": lifts})
             phases.append({"case": name, "lift_hu": lifts, "liver_median_hu": round(phase_median, 1),
                            "design": asdict(phase_design)})
         designs[case]["portal_venous"] = phases
@@ -558,12 +565,12 @@ def portal_venous_phase(array: np.ndarray, organs: Mapping[str, np.ndarray], see
 
 def _write_liver_case(writer: _Writer, name: str, where: str, ct: sitk.Image, source: tuple[str, str],
                       array: np.ndarray, liver: np.ndarray, median: float, case_seed: int, design: LesionDesign,
-                      extra: Mapping[str, Any] | None = None) -> None:
-    """Synthetic lesions in ``array`` (z, y, x HU on ``ct``'s grid) confined to ``liver``; one case.
-    source: (the organ CT's case name, the sha256 of its file)."""
+                      n_lesions: int, extra: Mapping[str, Any] | None = None) -> None:
+    """Up to ``n_lesions`` synthetic lesions in ``array`` (z, y, x HU on ``ct``'s grid) confined to
+    ``liver``; one case. source: (the organ CT's case name, the sha256 of its file)."""
     case, input_sha256 = source
     spacing = tuple(reversed(ct.GetSpacing()))
-    result = insert_lesions(array, liver, spacing, LIVER_LESIONS[where], case_seed, design)
+    result = insert_lesions(array, liver, spacing, n_lesions, case_seed, design)
     if not result.lesions:
         raise DatasetError(f"{case}: no liver lesion could be placed (seed {case_seed})")
     if (result.mask.astype(bool) & ~liver).any():
@@ -760,7 +767,9 @@ Test cases are in imagesTs/labelsTs. Per-case modality: `case_modality`; provena
 
 
 def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float = 0.0,
-                brain_template: bool = False, liver_enhanced: int = 0) -> dict[str, Any]:
+                brain_template: bool = False, liver_enhanced: int = 0,
+                liver_lesions: int = LIVER_LESIONS["training"],
+                liver_diameter_mm: tuple[float, float] = LIVER_DIAMETER_MM) -> dict[str, Any]:
     meta = {"format_version": FORMAT_VERSION, "seed": int(seed), "split": dict(sorted(split.items()))}
     if brain_iso_fraction:  # absent when 0: folders built before the option still match
         meta["brain_iso_fraction"] = float(brain_iso_fraction)
@@ -768,6 +777,10 @@ def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float =
         meta["brain_template"] = True
     if liver_enhanced:  # likewise
         meta["liver_enhanced"] = int(liver_enhanced)
+    if liver_lesions != LIVER_LESIONS["training"]:  # likewise
+        meta["liver_lesions"] = int(liver_lesions)
+    if tuple(liver_diameter_mm) != LIVER_DIAMETER_MM:  # likewise
+        meta["liver_diameter_mm"] = [float(d) for d in liver_diameter_mm]
     return meta
 
 
@@ -775,7 +788,8 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
                                  split: Mapping[str, str] | None = None,
                                  real_dir: str | Path | None = None, brain_iso_fraction: float = 0.0,
                                  brain_template: bool = False, template_path: str | Path | None = None,
-                                 liver_enhanced: int = 0) -> dict[str, Any]:
+                                 liver_enhanced: int = 0, liver_lesions: int = LIVER_LESIONS["training"],
+                                 liver_diameter_mm: Sequence[float] = LIVER_DIAMETER_MM) -> dict[str, Any]:
     """Write the unified lesion dataset into ``out_dir``; returns its dataset.json content.
 
     bench_dir: the prepared benchmark folder (``lung_lesions``, ``lung_synthetic_check``,
@@ -792,6 +806,9 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     liver_enhanced: this many more training cases per training CT in a simulated portal-venous phase
     (``portal_venous_phase``: liver and spleen raised by PORTAL_VENOUS_LIFT_HU, lesions designed from
     the raised liver); 0 (default) adds nothing.
+    liver_lesions, liver_diameter_mm: the lesions asked for per training liver case and their diameter
+    range (mm, log-uniform); the defaults (LIVER_LESIONS, LIVER_DIAMETER_MM) give the original dataset.
+    The validation livers keep the defaults whatever these are.
     An existing ``out_dir`` built with the same seed and split is reused unless ``rebuild``; one
     built otherwise is refused without ``rebuild``. Nothing is left behind when the build fails.
     """
@@ -802,7 +819,12 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
         raise DatasetError(f"brain_iso_fraction must be in [0, 1], not {brain_iso_fraction}")
     if not (isinstance(liver_enhanced, int) and 0 <= liver_enhanced <= 20):
         raise DatasetError(f"liver_enhanced must be a count from 0 to 20, not {liver_enhanced!r}")
-    wanted = _build_meta(seed, chosen, brain_iso_fraction, brain_template, liver_enhanced)
+    if not (isinstance(liver_lesions, int) and 1 <= liver_lesions <= 20):
+        raise DatasetError(f"liver_lesions must be a count from 1 to 20, not {liver_lesions!r}")
+    diameter = tuple(float(d) for d in liver_diameter_mm)
+    if len(diameter) != 2 or not 0 < diameter[0] <= diameter[1] <= 150:
+        raise DatasetError(f"liver_diameter_mm must be (low, high) mm with 0 < low <= high <= 150, not {liver_diameter_mm!r}")
+    wanted = _build_meta(seed, chosen, brain_iso_fraction, brain_template, liver_enhanced, liver_lesions, diameter)
     if out_dir.exists():
         meta_path = out_dir / "dataset.json"
         if not meta_path.is_file():
@@ -819,7 +841,7 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     try:
         writer = _Writer(staging)
         _add_lung(writer, bench_dir, chosen)
-        liver = _add_liver(writer, bench_dir, seed, liver_enhanced)
+        liver = _add_liver(writer, bench_dir, seed, liver_enhanced, liver_lesions, diameter)
         if real_path is None:
             real_path = staging / ".pyradiomics"
             realdata.build_lesion_cases(real_path)

@@ -465,3 +465,26 @@ def test_liver_enhanced_adds_portal_venous_cases_and_changes_nothing_else(built,
     assert phases[0]["lift_hu"] != phases[1]["lift_hu"]
     with pytest.raises(DatasetError, match="liver_enhanced"):
         ul.build_unified_lesion_dataset(tmp_path / "bad", bench, seed=0, real_dir=real, liver_enhanced=-1)
+
+
+def test_liver_lesion_options_change_the_training_livers_only(built, inputs, tmp_path):
+    out, meta = built
+    bench, real = inputs
+    larger = ul.build_unified_lesion_dataset(tmp_path / "big", bench, seed=0, real_dir=real, liver_lesions=8,
+                                             liver_diameter_mm=(20.0, 40.0))
+    assert larger["build"]["liver_lesions"] == 8 and larger["build"]["liver_diameter_mm"] == [20.0, 40.0]
+    assert "liver_lesions" not in meta["build"] and "liver_diameter_mm" not in meta["build"]
+    training = {n for n, c in larger["cases"].items() if c["task"] == "liver" and c["split"] == "training"}
+    assert training and set(larger["files"]) == set(meta["files"])
+    changed = {k for k in meta["files"] if larger["files"][k] != meta["files"][k]}
+    # Only the training livers' files differ: the validation liver and every other site are the same files.
+    assert changed == {f"{folder}/{n}.nii.gz" for folder in ("imagesTr", "labelsTr") for n in training}
+    for name in training:
+        lesions = larger["case_source"][name]["lesions"]
+        assert 1 <= len(lesions) <= 8 and all(20.0 <= les["diameter_mm"] <= 40.0 for les in lesions)
+    for name, case in larger["cases"].items():
+        if case["task"] == "liver" and case["split"] != "training":
+            assert larger["case_source"][name] == meta["case_source"][name]
+    for bad in ({"liver_lesions": 0}, {"liver_diameter_mm": (30.0, 20.0)}, {"liver_diameter_mm": (0.0, 10.0)}):
+        with pytest.raises(DatasetError, match="liver_"):
+            ul.build_unified_lesion_dataset(tmp_path / "bad", bench, seed=0, real_dir=real, **bad)
