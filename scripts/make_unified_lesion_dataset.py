@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 from DiffusionSegLib.bench import data as benchdata  # noqa: E402
-from DiffusionSegLib.bench.unified_lesions import build_unified_lesion_dataset  # noqa: E402
+from DiffusionSegLib.bench.unified_lesions import LIVER_DIAMETER_MM, LIVER_LESIONS, build_unified_lesion_dataset  # noqa: E402
 from DiffusionSegLib.core.errors import DiffusionSegError  # noqa: E402
 
 
@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liver-enhanced", type=int, default=0, metavar="N",
                         help="also N training cases per liver CT in a simulated portal-venous phase (liver and "
                              "spleen raised by a textbook enhancement)")
-    parser.add_argument("--liver-lesions", type=int, default=5, metavar="N",
-                        help="lesions asked for per training liver case (default 5; fewer when they do not fit)")
-    parser.add_argument("--liver-diameter-mm", type=float, nargs=2, default=[5.0, 40.0], metavar=("LOW", "HIGH"),
-                        help="diameter range of the training liver lesions, log-uniform (default 5 40); the "
-                             "validation livers keep the default")
+    parser.add_argument("--liver-lesions", type=int, default=LIVER_LESIONS["training"], metavar="N",
+                        help="lesions asked for per training liver case (default %(default)s; fewer when they do "
+                             "not fit)")
+    parser.add_argument("--liver-diameter-mm", type=float, nargs=2, default=list(LIVER_DIAMETER_MM),
+                        metavar=("LOW", "HIGH"), help="diameter range of the training liver lesions, log-uniform "
+                        "(default %(default)s mm); the validation livers keep the default")
     args = parser.parse_args(argv)
     needed = (benchdata.LUNG, benchdata.LUNG_CHECK, benchdata.ORGANS)
     if not all((args.bench / n / "dataset.json").is_file() for n in needed):
