@@ -354,6 +354,14 @@ class Augmentation:
     boundary_jitter_mm: float = 0.0
     boundary_jitter_scale_mm: float = 12.0
     voxel_mm: tuple[float, ...] = ()
+    # MR intensity augmentation (vary_intensity), each with probability ``prob``: a gamma drawn
+    # log-uniform in ``gamma`` (low, high) and a smooth multiplicative bias field of log-amplitude
+    # ``bias_field`` (standard deviation), on the items of the tasks in ``intensity_tasks`` (empty:
+    # every item). MR intensities are not calibrated: another scanner or sequence changes the contrast
+    # between tissues and shades the image, which a model trained on one patient's scans never saw.
+    gamma: tuple[float, float] | None = None
+    bias_field: float = 0.0
+    intensity_tasks: tuple[str, ...] = ()
 
 
 def pad_to(array: np.ndarray, size: Sequence[int], value: np.ndarray | float) -> np.ndarray:
@@ -401,6 +409,39 @@ def augmentation_transform(aug: Augmentation, spatial_dims: int, keys: Sequence[
     for t in transforms:
         t.set_random_state(state=random_state)
     return compose
+
+
+BIAS_FIELD_GRID = 4  # control points per axis of the bias field: a few smooth bumps across a patch
+
+
+def vary_intensity(image: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """MR intensity augmentation of one item: image (C, *patch) float32 -> same shape.
+
+    Gamma (with probability ``aug.prob``): each channel is rescaled to [0, 1] over its own range,
+    raised to a power drawn log-uniform in ``aug.gamma`` and scaled back, so its range is kept and
+    only the contrast between tissues changes. Bias field (with probability ``aug.prob``): above each
+    channel's minimum the image is multiplied by exp(f), f a smooth field (a grid of
+    ``BIAS_FIELD_GRID`` values per axis, N(0, ``aug.bias_field``), cubic-interpolated to the patch),
+    the slow shading of a receive coil. Random numbers come from ``rng``; nothing is drawn for a
+    transform that is off.
+    """
+    from scipy import ndimage
+
+    axes = tuple(range(1, image.ndim))
+    out = image.astype(np.float32, copy=True)
+    if aug.gamma is not None and rng.random() < aug.prob:
+        gamma = math.exp(rng.uniform(math.log(aug.gamma[0]), math.log(aug.gamma[1])))
+        low, high = out.min(axis=axes, keepdims=True), out.max(axis=axes, keepdims=True)
+        span = np.maximum(high - low, 1e-6)
+        out = ((out - low) / span) ** gamma * span + low
+    if aug.bias_field > 0 and rng.random() < aug.prob:
+        spatial = out.shape[1:]
+        grid = rng.normal(0.0, aug.bias_field, (BIAS_FIELD_GRID,) * len(spatial))
+        field = ndimage.zoom(grid, [n / BIAS_FIELD_GRID for n in spatial], order=3, mode="nearest",
+                             grid_mode=True)[tuple(slice(0, n) for n in spatial)]
+        low = out.min(axis=axes, keepdims=True)
+        out = (out - low) * np.exp(field)[None] + low
+    return out.astype(np.float32, copy=False)
 
 
 def jitter_boundaries(mask: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
@@ -527,6 +568,7 @@ class PatchSampler(SeededSampler):
         self.images = [pad_to(c.image, self.patch_size, c.image.reshape(c.image.shape[0], -1).min(axis=1))
                        for c in cases]
         self.masks = [pad_to(c.mask, self.patch_size, 0) for c in cases]
+        self.case_tasks = [c.task for c in cases]
         self.n_labels = self.masks[0].shape[0]
         # Foreground coordinates per case and label, sorted by first (slice) axis by np.argwhere.
         self.fg = [[np.argwhere(m[l]).astype(np.int32) for l in range(self.n_labels)] for m in self.masks]
@@ -605,6 +647,8 @@ class PatchSampler(SeededSampler):
             image, planes = image[:-self.task_channels], image[-self.task_channels:]
         if self.augmentation.enabled and self.augmentation.label_offsets:
             image = self._enhance_organs(image, mask)
+        if self._varies_intensity(case):
+            image = vary_intensity(image, self.augmentation, self.rng)
         if self.augmentation.enabled and self.augmentation.boundary_jitter_mm > 0:
             mask = jitter_boundaries(mask, self.augmentation, self.rng)
         if self.transform is not None:
@@ -616,6 +660,13 @@ class PatchSampler(SeededSampler):
         if planes is not None:
             image = np.concatenate([image, planes], axis=0)
         return image, mask
+
+    def _varies_intensity(self, case: int) -> bool:
+        """Whether the items of ``case`` get the MR intensity augmentation (its task is listed, or none is)."""
+        aug = self.augmentation
+        if not aug.enabled or (aug.gamma is None and aug.bias_field <= 0):
+            return False
+        return not aug.intensity_tasks or self.case_tasks[case] in aug.intensity_tasks
 
     def _enhance_organs(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Contrast-phase augmentation: image (C, *patch) + a random offset inside each organ's mask (L, *patch).

@@ -104,6 +104,12 @@ class TrainConfig:
     # Label noise: every label's boundary moved by a smooth random field of this standard deviation
     # (mm; 0 = off), so that a diffusion model's samples learn to differ along boundaries (data.Augmentation).
     boundary_jitter_mm: float = 0.0
+    # MR intensity augmentation (training only, data.vary_intensity): a gamma drawn log-uniform in
+    # [low, high] ([] = off) and a smooth multiplicative bias field of this log-amplitude (0 = off), on
+    # the items of the tasks in intensity_augment_tasks (empty: every item), e.g. the brain task only.
+    gamma_augment: list[float] = field(default_factory=list)
+    bias_field_augment: float = 0.0
+    intensity_augment_tasks: list[str] = field(default_factory=list)
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     consistent_components: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     region_components: dict[str, str] = field(default_factory=dict)  # written to the card (regions.py)
@@ -128,6 +134,27 @@ class TrainConfig:
     default_samples: int = 5
     description: str = ""
     limits: str = ""
+
+    def _intensity_augment_problems(self) -> list[str]:
+        """What is wrong with gamma_augment, bias_field_augment and intensity_augment_tasks."""
+        from DiffusionSegLib.methods.registry import Method, get_method
+
+        problems = []
+        gamma = self.gamma_augment
+        if gamma and not (len(gamma) == 2 and all(isinstance(g, (int, float)) and math.isfinite(g) for g in gamma)
+                          and 0 < gamma[0] <= gamma[1]):
+            problems.append(f"gamma_augment {gamma} (use [low, high] with 0 < low <= high, e.g. [0.7, 1.5])")
+        if not (isinstance(self.bias_field_augment, (int, float)) and math.isfinite(self.bias_field_augment)
+                and self.bias_field_augment >= 0):
+            problems.append(f"bias_field_augment {self.bias_field_augment} (use a log-amplitude >= 0, e.g. 0.3)")
+        unknown = sorted(set(self.intensity_augment_tasks) - set(self.tasks))
+        if unknown:
+            problems.append(f"intensity_augment_tasks names {', '.join(unknown)}, not a task of this model"
+                            + (f" ({', '.join(sorted(self.tasks))})" if self.tasks else ""))
+        if (gamma or self.bias_field_augment) and self.method in Method.values() \
+                and get_method(self.method).supervision != Supervision.MASKS:
+            problems.append(f"gamma_augment / bias_field_augment with method '{self.method}' (mask-supervised methods only)")
+        return problems
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -180,6 +207,7 @@ class TrainConfig:
         elif self.boundary_jitter_mm > 0 and self.method in Method.values() \
                 and get_method(self.method).supervision != Supervision.MASKS:
             problems.append(f"boundary_jitter_mm with method '{self.method}' (it moves mask boundaries: needs masks)")
+        problems += self._intensity_augment_problems()
         if not (0.0 <= self.foreground_fraction <= 1.0 and self.hard_negative_fraction >= 0.0
                 and self.foreground_fraction + self.hard_negative_fraction <= 1.0):
             problems.append(f"foreground_fraction {self.foreground_fraction}, hard_negative_fraction "
@@ -456,7 +484,10 @@ class _Run:
             data.Augmentation(enabled=config.augment, flips=config.flips,
                               label_offsets=_label_offsets(config, list(labels)),
                               boundary_jitter_mm=config.boundary_jitter_mm,
-                              voxel_mm=tuple(reversed(self.card.spacing or ()))), seed=config.seed,
+                              voxel_mm=tuple(reversed(self.card.spacing or ())),
+                              gamma=tuple(config.gamma_augment) if config.gamma_augment else None,
+                              bias_field=float(config.bias_field_augment),
+                              intensity_tasks=tuple(config.intensity_augment_tasks)), seed=config.seed,
             hard_negative_fraction=config.hard_negative_fraction, task_channels=len(self.card.tasks),
             task_weights=config.task_weights or None)
 
