@@ -98,6 +98,10 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=dict)
     augment: bool = True
     flips: bool = False  # left-right flips (off: organs are lateralized)
+    # Strength of the random affine (data.Augmentation): in-plane rotation up to +- this many degrees,
+    # and a scale factor in 1 +- scale_augment per axis; more of both mimics other patients' sizes.
+    rotate_augment_deg: float = 10.0
+    scale_augment: float = 0.1
     # Contrast-phase augmentation (ct_window models): label name -> [low, high] HU added to that
     # organ's voxels, e.g. {"liver": [0, 80]} lets a model trained on non-contrast CT see enhanced livers.
     contrast_augment: dict[str, list[float]] = field(default_factory=dict)
@@ -135,8 +139,8 @@ class TrainConfig:
     description: str = ""
     limits: str = ""
 
-    def _intensity_augment_problems(self) -> list[str]:
-        """What is wrong with gamma_augment, bias_field_augment and intensity_augment_tasks."""
+    def _augment_problems(self) -> list[str]:
+        """What is wrong with the augmentation strengths (affine, gamma, bias field) and intensity_augment_tasks."""
         from DiffusionSegLib.methods.registry import Method, get_method
 
         problems = []
@@ -147,6 +151,11 @@ class TrainConfig:
         if not (isinstance(self.bias_field_augment, (int, float)) and math.isfinite(self.bias_field_augment)
                 and self.bias_field_augment >= 0):
             problems.append(f"bias_field_augment {self.bias_field_augment} (use a log-amplitude >= 0, e.g. 0.3)")
+        rotate, scale = self.rotate_augment_deg, self.scale_augment
+        if not (isinstance(rotate, (int, float)) and math.isfinite(rotate) and 0 <= rotate <= 180):
+            problems.append(f"rotate_augment_deg {rotate} (use degrees in [0, 180], e.g. 10)")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 <= scale < 1):
+            problems.append(f"scale_augment {scale} (use a fraction in [0, 1), e.g. 0.1 for factors 0.9-1.1)")
         unknown = sorted(set(self.intensity_augment_tasks) - set(self.tasks))
         if unknown:
             problems.append(f"intensity_augment_tasks names {', '.join(unknown)}, not a task of this model"
@@ -207,7 +216,7 @@ class TrainConfig:
         elif self.boundary_jitter_mm > 0 and self.method in Method.values() \
                 and get_method(self.method).supervision != Supervision.MASKS:
             problems.append(f"boundary_jitter_mm with method '{self.method}' (it moves mask boundaries: needs masks)")
-        problems += self._intensity_augment_problems()
+        problems += self._augment_problems()
         if not (0.0 <= self.foreground_fraction <= 1.0 and self.hard_negative_fraction >= 0.0
                 and self.foreground_fraction + self.hard_negative_fraction <= 1.0):
             problems.append(f"foreground_fraction {self.foreground_fraction}, hard_negative_fraction "
@@ -482,6 +491,7 @@ class _Run:
             self.train_cases, config.spatial_dims, array_patch_size(config.patch_size, config.spatial_dims),
             config.foreground_fraction,
             data.Augmentation(enabled=config.augment, flips=config.flips,
+                              rotate_deg=float(config.rotate_augment_deg), scale=float(config.scale_augment),
                               label_offsets=_label_offsets(config, list(labels)),
                               boundary_jitter_mm=config.boundary_jitter_mm,
                               voxel_mm=tuple(reversed(self.card.spacing or ())),
@@ -514,7 +524,9 @@ class _Run:
         self.val_cases = [weak.load_weak_case(f, self.card) for f in val_files]
         patch = array_patch_size(config.patch_size, 2)
         self.sampler = weak.ImageLabelSampler(self.train_cases, patch,
-                                              Augmentation(enabled=config.augment, flips=config.flips), seed=config.seed)
+                                              Augmentation(enabled=config.augment, flips=config.flips,
+                                                           rotate_deg=float(config.rotate_augment_deg),
+                                                           scale=float(config.scale_augment)), seed=config.seed)
         if self.val_cases:
             try:  # the same held-out items at every validation, so the losses compare
                 self.val_batch = weak.ImageLabelSampler(self.val_cases, patch, None, seed=config.seed + 2).batch(VAL_ITEMS)
