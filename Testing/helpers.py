@@ -4,6 +4,7 @@ in the real format, a real slicer-core MRML scene, synthetic images, results and
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from types import ModuleType
@@ -175,6 +176,19 @@ def train_config(**kwargs) -> TrainConfig:
     base = dict(network=TINY_NET, patch_size=[32, 32], batch_size=4, lr=1e-3, steps=6, val_every=3,
                 checkpoint_every=3, val_cases=2, val_samples=1, val_steps=2, seed=0)
     return TrainConfig(**{**base, **kwargs})
+
+
+def short_run_losses(root: Path, runs: dict[str, dict]) -> list[list[float]]:
+    """The training losses of 2-step runs on a shapes dataset, one run per name -> extra settings."""
+    from DiffusionSegLib.training.loop import train
+
+    write_shapes(root / "shapes", 6, seed=0)
+    losses = []
+    for name, extra in runs.items():
+        train(root / "shapes", root / name, train_config(steps=2, val_every=2, checkpoint_every=2, **extra),
+              progress=False)
+        losses.append(json.loads((root / name / "training_log.json").read_text())["losses"])
+    return losses
 
 
 def write_body_ct(path: Path, flip: bool = False, size: tuple[int, int, int] = (24, 20, 12),

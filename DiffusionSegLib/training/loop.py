@@ -145,16 +145,14 @@ class TrainConfig:
 
         problems = []
         gamma = self.gamma_augment
-        if gamma and not (len(gamma) == 2 and all(isinstance(g, (int, float)) and math.isfinite(g) for g in gamma)
-                          and 0 < gamma[0] <= gamma[1]):
+        if gamma and not (len(gamma) == 2 and all(_is_number(g) for g in gamma) and 0 < gamma[0] <= gamma[1]):
             problems.append(f"gamma_augment {gamma} (use [low, high] with 0 < low <= high, e.g. [0.7, 1.5])")
-        if not (isinstance(self.bias_field_augment, (int, float)) and math.isfinite(self.bias_field_augment)
-                and self.bias_field_augment >= 0):
+        if not (_is_number(self.bias_field_augment) and self.bias_field_augment >= 0):
             problems.append(f"bias_field_augment {self.bias_field_augment} (use a log-amplitude >= 0, e.g. 0.3)")
         rotate, scale = self.rotate_augment_deg, self.scale_augment
-        if not (isinstance(rotate, (int, float)) and math.isfinite(rotate) and 0 <= rotate <= 180):
+        if not (_is_number(rotate) and 0 <= rotate <= 180):
             problems.append(f"rotate_augment_deg {rotate} (use degrees in [0, 180], e.g. 10)")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 <= scale < 1):
+        if not (_is_number(scale) and 0 <= scale < 1):
             problems.append(f"scale_augment {scale} (use a fraction in [0, 1), e.g. 0.1 for factors 0.9-1.1)")
         unknown = sorted(set(self.intensity_augment_tasks) - set(self.tasks))
         if unknown:
@@ -349,6 +347,20 @@ def _split_validation(dataset_dir: Path, cases: list, config: TrainConfig) -> tu
     return [c for i, c in enumerate(cases) if i not in held], [c for i, c in enumerate(cases) if i in held]
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float: what a numeric setting read from JSON must be."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _augmentation(config: TrainConfig, **extra: Any) -> Any:
+    """The run's data.Augmentation: switch, flips and affine strength from ``config``, plus ``extra`` fields
+    (mask-supervised runs add the label-level ones), so every sampler gets the same affine."""
+    from DiffusionSegLib.training.data import Augmentation
+
+    return Augmentation(enabled=config.augment, flips=config.flips, rotate_deg=float(config.rotate_augment_deg),
+                        scale=float(config.scale_augment), **extra)
+
+
 def _label_offsets(config: TrainConfig, label_names: list[str]) -> tuple[tuple[float, float] | None, ...]:
     """``contrast_augment`` (HU per label name) as offsets in normalized units, per label index."""
     if not config.contrast_augment:
@@ -490,14 +502,12 @@ class _Run:
         self.sampler = data.PatchSampler(
             self.train_cases, config.spatial_dims, array_patch_size(config.patch_size, config.spatial_dims),
             config.foreground_fraction,
-            data.Augmentation(enabled=config.augment, flips=config.flips,
-                              rotate_deg=float(config.rotate_augment_deg), scale=float(config.scale_augment),
-                              label_offsets=_label_offsets(config, list(labels)),
-                              boundary_jitter_mm=config.boundary_jitter_mm,
-                              voxel_mm=tuple(reversed(self.card.spacing or ())),
-                              gamma=tuple(config.gamma_augment) if config.gamma_augment else None,
-                              bias_field=float(config.bias_field_augment),
-                              intensity_tasks=tuple(config.intensity_augment_tasks)), seed=config.seed,
+            _augmentation(config, label_offsets=_label_offsets(config, list(labels)),
+                          boundary_jitter_mm=config.boundary_jitter_mm,
+                          voxel_mm=tuple(reversed(self.card.spacing or ())),
+                          gamma=tuple(config.gamma_augment) if config.gamma_augment else None,
+                          bias_field=float(config.bias_field_augment),
+                          intensity_tasks=tuple(config.intensity_augment_tasks)), seed=config.seed,
             hard_negative_fraction=config.hard_negative_fraction, task_channels=len(self.card.tasks),
             task_weights=config.task_weights or None)
 
@@ -505,7 +515,7 @@ class _Run:
         """Images with lesion / healthy labels only (never a mask), the split and the item sampler."""
         from DiffusionSegLib.training import distributed
         from DiffusionSegLib.training import weak_labels as weak
-        from DiffusionSegLib.training.data import Augmentation, image_channels
+        from DiffusionSegLib.training.data import image_channels
 
         dataset_dir, config = self.dataset_dir, self.config
         if not weak.is_weak_dataset(dataset_dir):
@@ -524,9 +534,7 @@ class _Run:
         self.val_cases = [weak.load_weak_case(f, self.card) for f in val_files]
         patch = array_patch_size(config.patch_size, 2)
         self.sampler = weak.ImageLabelSampler(self.train_cases, patch,
-                                              Augmentation(enabled=config.augment, flips=config.flips,
-                                                           rotate_deg=float(config.rotate_augment_deg),
-                                                           scale=float(config.scale_augment)), seed=config.seed)
+                                              _augmentation(config), seed=config.seed)
         if self.val_cases:
             try:  # the same held-out items at every validation, so the losses compare
                 self.val_batch = weak.ImageLabelSampler(self.val_cases, patch, None, seed=config.seed + 2).batch(VAL_ITEMS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -51,13 +50,8 @@ def test_the_settings_are_checked():
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_training_run_passes_the_strengths_to_its_sampler(tmp_path):
-    from helpers import train_config, write_shapes
-    from DiffusionSegLib.training.loop import train
+    from helpers import short_run_losses
 
-    write_shapes(tmp_path / "shapes", 6, seed=0)
-    losses = []
-    for name, extra in [("plain", {}), ("again", {}), ("strong", {"rotate_augment_deg": 90, "scale_augment": 0.5})]:
-        train(tmp_path / "shapes", tmp_path / name, train_config(steps=2, val_every=2, checkpoint_every=2, **extra),
-              progress=False)
-        losses.append(json.loads((tmp_path / name / "training_log.json").read_text())["losses"])
+    losses = short_run_losses(tmp_path, {"plain": {}, "again": {},
+                                         "strong": {"rotate_augment_deg": 90, "scale_augment": 0.5}})
     assert losses[0] == losses[1] and losses[2] != losses[0]  # same seed: only the affine's strength differs

@@ -88,13 +88,8 @@ def test_training_settings_are_checked_and_reach_the_sampler(tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_training_run_passes_the_settings_to_its_sampler(tmp_path):
-    from helpers import train_config, write_shapes
-    from DiffusionSegLib.training.loop import train
+    from helpers import short_run_losses
 
-    write_shapes(tmp_path / "shapes", 6, seed=0)
-    losses = []
-    for name, extra in [("plain", {}), ("again", {}), ("gamma", {"gamma_augment": [0.5, 2.0], "bias_field_augment": 0.3})]:
-        train(tmp_path / "shapes", tmp_path / name, train_config(steps=2, val_every=2, checkpoint_every=2, **extra),
-              progress=False)
-        losses.append(json.loads((tmp_path / name / "training_log.json").read_text())["losses"])
+    losses = short_run_losses(tmp_path, {"plain": {}, "again": {},
+                                         "gamma": {"gamma_augment": [0.5, 2.0], "bias_field_augment": 0.3}})
     assert losses[0] == losses[1] and losses[2] != losses[0]  # same seed: only the augmentation differs
