@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from helpers import make_model, segment_with_and_without_postprocessing
 from DiffusionSegLib.core.errors import ModelLoadError
-from DiffusionSegLib.pipeline.regions import lung_region, slice_hulls
+from DiffusionSegLib.pipeline.regions import lung_region, slice_hulls, threshold_lung_mask
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 
@@ -46,6 +46,33 @@ def test_the_lung_region_holds_lungs_and_mediastinum_and_grows_by_the_margin_in_
     assert not region[:, 13, 30].any() and not region[:, 30, 7].any()
     assert not region[:, :8].any() and not region[:, :, :4].any()  # outside the body
     assert lung_region(_chest(lungs=False), (5.0, 3.0, 3.0)) is None  # no lungs: no region
+
+
+def _abdomen_with_lung_bases() -> np.ndarray:
+    """(z, y, x) = (12, 64, 64) HU at 3 x 3 x 5 mm: a 40 HU body (rows 8-55, columns 4-59); on the top
+    3 slices two -800 HU lung bases (rows 16-35; columns 10-23 and 40-53: 38 mL each, under the 100 mL
+    that keeps stray air out); on slices 0-8 a -1000 HU bowel loop (rows 40-51, columns 14-49: 170 mL)."""
+    ct = np.full((12, 64, 64), -1000.0, np.float32)
+    ct[:, 8:56, 4:60] = 40.0
+    ct[9:, 16:36, 10:24] = -800.0
+    ct[9:, 16:36, 40:54] = -800.0
+    ct[:9, 40:52, 14:50] = -1000.0
+    return ct
+
+
+def test_the_lung_region_of_an_abdominal_scan_is_its_lung_bases_not_its_bowel_gas():
+    """example_ct's defect: its lung bases (42, 62 mL) were under the lung finder's 100 mL and its bowel
+    gas (238 mL) was taken for the lungs, so the region dropped every lung-base lesion. Gas (median at or
+    below -950 HU) is not lung, and lungs of 20 mL count."""
+    region = lung_region(_abdomen_with_lung_bases(), (5.0, 3.0, 3.0))
+    assert region is not None
+    assert region[9:, 16:36, 10:54].all()  # both lung bases and the gap between them
+    assert not region[:9].any()  # the bowel slices: no lungs there
+    bowel_only = _abdomen_with_lung_bases()
+    bowel_only[9:] = 40.0
+    assert lung_region(bowel_only, (5.0, 3.0, 3.0)) is None  # gas alone is no chest: nothing to confine to
+    # The dataset builders' finder is unchanged (their published crops stay): by default gas of 100 mL counts.
+    assert threshold_lung_mask(bowel_only, (5.0, 3.0, 3.0))[:9, 40:52, 14:50].all()
 
 
 def _inside_and_outside(net, card, images, n_samples, steps, **kwargs):

@@ -1,0 +1,141 @@
+"""Whole-scan VALIDATION volumes for the lung task: the synthetic check lesions in uncropped scans (issue 13).
+
+    python3 scripts/make_lung_full_fov_validation.py --bench data/bench --out data/lung_full_fov_val
+
+The lung check volumes (``data/bench/lung_synthetic_check``) are crops: ``check_chest`` is the
+TotalSegmentator chest CT at 3 mm slices cropped to its lungs plus 10 mm on every axis, and
+``check_base`` is example_ct cut to its lung slices plus 8 below. A filter for the false positives
+of whole scans (table, arms, shoulders, neck, upper abdomen) must be chosen on whole scans that are
+not test cases. This pastes each check volume, voxel for voxel, back into the scan it was cut from
+(the chest CT at the same 3 mm slices; example_ct with all its slices), so that the lesions, their
+labels and the voxels inside the crop are those of the check set, and everything outside is the
+source scan. It checks that the source matches the check volume wherever no lesion was inserted
+(a wrong grid or a changed package fails loudly). The result is the test split of an nnU-Net style
+folder (``diffusionseg evaluate MODEL OUT --split test --task lung``); written to a temporary
+sibling and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from DiffusionSegLib.bench import data as benchdata  # noqa: E402
+from DiffusionSegLib.bench import realdata  # noqa: E402
+from DiffusionSegLib.core.errors import DatasetError  # noqa: E402
+
+# check case -> (source file in the TotalSegmentator sdist, slice step in mm or None for every slice)
+SOURCES = {"check_chest": (benchdata.CHEST_CT, benchdata.CHEST_SLICE_MM),
+           "check_base": (benchdata.BASE_CT, None)}
+
+
+def source_scan(path: Path, slice_mm: float | None) -> sitk.Image:
+    """The source CT as the check set's builder read it: every k-th slice for ``slice_mm``."""
+    ct = sitk.ReadImage(str(path))
+    if slice_mm is None:
+        return ct
+    step = max(1, int(round(slice_mm / ct.GetSpacing()[2])))
+    return ct[:, :, ::step]
+
+
+def paste(whole: sitk.Image, crop_image: sitk.Image, crop_label: sitk.Image, case: str) -> tuple[sitk.Image, sitk.Image]:
+    """``crop_image``/``crop_label`` written into ``whole``'s grid at their origin; returns (image, label).
+
+    Raises DatasetError unless the crop lies on ``whole``'s grid and equals it outside the lesions
+    (grown 3 voxels: insertion blends a rim)."""
+    index = whole.TransformPhysicalPointToContinuousIndex(crop_image.GetOrigin())
+    start = [int(round(i)) for i in index]
+    if (max(abs(i - s) for i, s in zip(index, start)) > 1e-3
+            or not np.allclose(whole.GetSpacing(), crop_image.GetSpacing(), atol=1e-4)
+            or not np.allclose(whole.GetDirection(), crop_image.GetDirection(), atol=1e-6)):
+        raise DatasetError(f"{case}: the check volume does not lie on its source scan's grid")
+    size = crop_image.GetSize()
+    if any(s < 0 or s + n > w for s, n, w in zip(start, size, whole.GetSize())):
+        raise DatasetError(f"{case}: the check volume reaches outside its source scan")
+    image = sitk.GetArrayFromImage(whole).astype(np.int16)
+    box = tuple(slice(s, s + n) for s, n in zip(reversed(start), reversed(size)))
+    crop = sitk.GetArrayFromImage(crop_image).astype(np.int16)
+    label_crop = sitk.GetArrayFromImage(crop_label) > 0
+    untouched = ~ndimage.binary_dilation(label_crop, iterations=3)
+    if not np.array_equal(image[box][untouched], crop[untouched]):
+        raise DatasetError(f"{case}: the source scan differs from the check volume outside its lesions")
+    image[box] = crop
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[box] = label_crop
+    out_image, out_label = sitk.GetImageFromArray(image), sitk.GetImageFromArray(label)
+    out_image.CopyInformation(whole)
+    out_label.CopyInformation(whole)
+    return out_image, out_label
+
+
+def build(bench: Path, out: Path) -> list[dict[str, str]]:
+    """Write ``out`` (imagesTs/labelsTs/dataset.json) from ``bench``'s check set; returns the test list."""
+    check_dir = bench / benchdata.LUNG_CHECK
+    if not (check_dir / "dataset.json").is_file():
+        raise DatasetError(f"{check_dir}: missing; build it with 'diffusionseg bench --suite real "
+                           f"--prepare-only --data {bench}'")
+    ts = realdata.ARCHIVES["totalsegmentator"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="diffusionseg-fullfov-val-") as tmp:
+            src = realdata.extract_members(realdata.fetch_package("totalsegmentator"), ts.root,
+                                           tuple(f for f, _ in SOURCES.values()), Path(tmp))
+            test, info = [], {}
+            for case, (member, slice_mm) in SOURCES.items():
+                whole = source_scan(src / member, slice_mm)
+                image, label = paste(whole, sitk.ReadImage(str(check_dir / "imagesTs" / f"{case}.nii.gz")),
+                                     sitk.ReadImage(str(check_dir / "labelsTs" / f"{case}.nii.gz")), case)
+                name = f"{case}_whole"
+                for folder, item in (("imagesTs", image), ("labelsTs", label)):
+                    (staging / folder).mkdir(exist_ok=True)
+                    sitk.WriteImage(item, str(staging / folder / f"{name}.nii.gz"), True)
+                test.append({"image": f"./imagesTs/{name}.nii.gz", "label": f"./labelsTs/{name}.nii.gz",
+                             "task": "lung"})
+                info[name] = {"check_case": case, "source": member, "size": list(image.GetSize()),
+                              "spacing": [round(s, 3) for s in image.GetSpacing()],
+                              "slices": f"every {slice_mm:g} mm" if slice_mm else "all"}
+        (staging / "dataset.json").write_text(json.dumps({
+            "name": "Lung check lesions in whole scans (validation)",
+            "note": "SYNTHETIC lesions (the benchmark's lung check set, seeds not used in training) pasted back "
+                    "into the uncropped scans they were cut from: same patients as the lung training anatomy. "
+                    "For choosing whole-scan filters; not a test set.",
+            "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D",
+            "source": {"package": ts.requirement, "sha256": ts.sha256}, "cases": info,
+            "command": f"python3 scripts/make_lung_full_fov_validation.py --bench {bench} --out {out}",
+            "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return test
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", type=Path, default=Path("data/bench"), help="the prepared benchmark folder")
+    p.add_argument("--out", type=Path, default=Path("data/lung_full_fov_val"))
+    args = p.parse_args(argv)
+    try:
+        test = build(args.bench, args.out)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {len(test)} validation cases (test split)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
