@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,15 +23,14 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.bench import realdata  # noqa: E402
+from DiffusionSegLib.core.files import staged_folder  # noqa: E402
 
 CASES = ("lung1", "lung2")
 
 
 def build(out: Path) -> list[dict[str, str]]:
     """Write ``out`` (imagesTs/labelsTs/dataset.json); returns the test list."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as staging:
         with tempfile.TemporaryDirectory(prefix="diffusionseg-fullfov-") as tmp:
             pairs = realdata.build_lesion_cases(tmp)  # checks geometry and binary labels
             test = []
@@ -55,12 +53,6 @@ def build(out: Path) -> list[dict[str, str]]:
                        "sha256": realdata.ARCHIVES["pyradiomics"].sha256},
             "command": "python3 scripts/make_lung_full_fov_test.py --out " + str(out),
             "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return test
 
 

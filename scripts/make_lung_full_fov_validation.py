@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.bench import data as benchdata  # noqa: E402
 from DiffusionSegLib.bench import realdata  # noqa: E402
+from DiffusionSegLib.core.files import staged_folder  # noqa: E402
 from DiffusionSegLib.core.errors import DatasetError  # noqa: E402
 
 # check case -> (source file in the TotalSegmentator sdist, slice step in mm or None for every slice)
@@ -85,9 +85,7 @@ def build(bench: Path, out: Path) -> list[dict[str, str]]:
         raise DatasetError(f"{check_dir}: missing; build it with 'diffusionseg bench --suite real "
                            f"--prepare-only --data {bench}'")
     ts = realdata.ARCHIVES["totalsegmentator"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as staging:
         with tempfile.TemporaryDirectory(prefix="diffusionseg-fullfov-val-") as tmp:
             src = realdata.extract_members(realdata.fetch_package("totalsegmentator"), ts.root,
                                            tuple(f for f, _ in SOURCES.values()), Path(tmp))
@@ -114,12 +112,6 @@ def build(bench: Path, out: Path) -> list[dict[str, str]]:
             "source": {"package": ts.requirement, "sha256": ts.sha256}, "cases": info,
             "command": f"python3 scripts/make_lung_full_fov_validation.py --bench {bench} --out {out}",
             "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return test
 
 

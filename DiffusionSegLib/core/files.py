@@ -7,6 +7,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -55,3 +57,20 @@ def replace_folder(staging: str | os.PathLike, out_dir: str | os.PathLike) -> No
     else:
         os.replace(staging, out_dir)
 
+
+
+@contextmanager
+def staged_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty sibling folder of ``out_dir`` to write into; when the block ends normally it
+    replaces ``out_dir`` (:func:`replace_folder`), when it raises it is removed and ``out_dir`` is left."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a dataset is shared like its siblings
+    try:
+        yield staging
+        replace_folder(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a replace
