@@ -4,7 +4,7 @@
     python3 scripts/describe_lesion_pieces.py OUT CT LABEL
 
 One line per connected piece (full connectivity) of ``OUT/fused.nii.gz``: its voxels, the slices it
-spans, how many of its voxels the reference marks, the share inside the HU-threshold lung mask and
+spans, how many of its voxels the reference marks, the share inside the HU-threshold lung mask (the one the region is built on, gas left out) and
 inside the lungs region (pipeline/regions.py), and the largest share of samples that marks one of its
 voxels (``probability_lesion.nii.gz``; 1.0 = a voxel every sample marks, which
 ``consistent_components`` asks for). Then the share of the reference inside the lung mask and the region.
@@ -23,7 +23,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.core.enums import Region  # noqa: E402
-from DiffusionSegLib.pipeline.regions import find_region, threshold_lung_mask  # noqa: E402
+from DiffusionSegLib.pipeline.regions import find_region, region_lung_mask  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(args.label))) > 0
     fused = sitk.GetArrayFromImage(sitk.ReadImage(str(args.outputs / "fused.nii.gz"))) > 0
     probability = sitk.GetArrayFromImage(sitk.ReadImage(str(args.outputs / "probability_lesion.nii.gz")))
-    lungs = threshold_lung_mask(ct, tuple(reversed(image.GetSpacing())))
+    lungs = region_lung_mask(ct, tuple(reversed(image.GetSpacing())))  # the lungs the region is built on
     region = find_region(Region.LUNGS, image)
     if region is None:
         region = np.zeros_like(lungs)

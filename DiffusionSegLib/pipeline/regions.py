@@ -102,12 +102,17 @@ REGION_MIN_LUNG_ML = 20.0
 REGION_GAS_MEDIAN_HU = -950.0
 
 
+def region_lung_mask(ct: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """The lungs the region is built on: :func:`threshold_lung_mask` with gas left out and lungs of
+    ``REGION_MIN_LUNG_ML`` counted. CT (z, y, x) in HU -> bool (z, y, x)."""
+    return threshold_lung_mask(ct, spacing_zyx, min_volume_ml=REGION_MIN_LUNG_ML, min_median_hu=REGION_GAS_MEDIAN_HU)
+
+
 def lung_region(ct: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float = 10.0) -> np.ndarray | None:
     """The chest cavity of a CT (z, y, x) in HU: per-slice convex hull of the threshold lung mask
     (gas-filled bowel and stomach left out), grown in-plane by ``margin_mm``. Bool (z, y, x), or None
     when no lungs are found (then a caller must not filter: the scan is not a chest CT, or not in HU)."""
-    lungs = threshold_lung_mask(ct, spacing_zyx, min_volume_ml=REGION_MIN_LUNG_ML,
-                                min_median_hu=REGION_GAS_MEDIAN_HU)
+    lungs = region_lung_mask(ct, spacing_zyx)
     if not lungs.any():
         return None
     hull = slice_hulls(lungs)
