@@ -4,10 +4,11 @@
     python3 scripts/describe_lesion_pieces.py OUT CT LABEL
 
 One line per connected piece (full connectivity) of ``OUT/fused.nii.gz``: its voxels, the slices it
-spans, how many of its voxels the reference marks, the share inside the HU-threshold lung mask (the one the region is built on, gas left out) and
-inside the lungs region (pipeline/regions.py), and the largest share of samples that marks one of its
-voxels (``probability_lesion.nii.gz``; 1.0 = a voxel every sample marks, which
-``consistent_components`` asks for). Then the share of the reference inside the lung mask and the region.
+spans, how many of its voxels the reference marks, the share inside the HU-threshold lung mask (the
+one the region is built on, gas left out) and inside the lungs region (pipeline/regions.py), and the
+largest share of samples that marks one of its voxels (``probability_lesion.nii.gz``; 1.0 = a voxel
+every sample marks, which ``consistent_components`` asks for). Then the share of the reference inside
+the lung mask and the region.
 """
 
 from __future__ import annotations

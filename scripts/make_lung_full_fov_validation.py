@@ -34,18 +34,15 @@ from DiffusionSegLib.bench import realdata  # noqa: E402
 from DiffusionSegLib.core.files import staged_folder  # noqa: E402
 from DiffusionSegLib.core.errors import DatasetError  # noqa: E402
 
-# check case -> (source file in the TotalSegmentator sdist, slice step in mm or None for every slice)
-SOURCES = {"check_chest": (benchdata.CHEST_CT, benchdata.CHEST_SLICE_MM),
-           "check_base": (benchdata.BASE_CT, None)}
+# check case -> (source file in the TotalSegmentator sdist, True where the check set's builder kept
+# only the chest CT's 3 mm slices, bench.data.chest_slices)
+SOURCES = {"check_chest": (benchdata.CHEST_CT, True), "check_base": (benchdata.BASE_CT, False)}
 
 
-def source_scan(path: Path, slice_mm: float | None) -> sitk.Image:
-    """The source CT as the check set's builder read it: every k-th slice for ``slice_mm``."""
+def source_scan(path: Path, thinned: bool) -> sitk.Image:
+    """The source CT as the check set's builder read it."""
     ct = sitk.ReadImage(str(path))
-    if slice_mm is None:
-        return ct
-    step = max(1, int(round(slice_mm / ct.GetSpacing()[2])))
-    return ct[:, :, ::step]
+    return benchdata.chest_slices(ct) if thinned else ct
 
 
 def paste(whole: sitk.Image, crop_image: sitk.Image, crop_label: sitk.Image, case: str) -> tuple[sitk.Image, sitk.Image]:
@@ -90,8 +87,8 @@ def build(bench: Path, out: Path) -> list[dict[str, str]]:
             src = realdata.extract_members(realdata.fetch_package("totalsegmentator"), ts.root,
                                            tuple(f for f, _ in SOURCES.values()), Path(tmp))
             test, info = [], {}
-            for case, (member, slice_mm) in SOURCES.items():
-                whole = source_scan(src / member, slice_mm)
+            for case, (member, thinned) in SOURCES.items():
+                whole = source_scan(src / member, thinned)
                 image, label = paste(whole, sitk.ReadImage(str(check_dir / "imagesTs" / f"{case}.nii.gz")),
                                      sitk.ReadImage(str(check_dir / "labelsTs" / f"{case}.nii.gz")), case)
                 name = f"{case}_whole"
@@ -102,7 +99,7 @@ def build(bench: Path, out: Path) -> list[dict[str, str]]:
                              "task": "lung"})
                 info[name] = {"check_case": case, "source": member, "size": list(image.GetSize()),
                               "spacing": [round(s, 3) for s in image.GetSpacing()],
-                              "slices": f"every {slice_mm:g} mm" if slice_mm else "all"}
+                              "slices": f"every {benchdata.CHEST_SLICE_MM:g} mm" if thinned else "all"}
         (staging / "dataset.json").write_text(json.dumps({
             "name": "Lung check lesions in whole scans (validation)",
             "note": "SYNTHETIC lesions (the benchmark's lung check set, seeds not used in training) pasted back "

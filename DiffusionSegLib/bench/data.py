@@ -117,14 +117,18 @@ def to_int16(array: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def chest_slices(ct: sitk.Image) -> sitk.Image:
+    """Every k-th axial slice of ``ct``, k = CHEST_SLICE_MM / slice spacing rounded (at least 1):
+    original voxels, slices about CHEST_SLICE_MM apart (SimpleITK slicing keeps the geometry)."""
+    step = max(1, int(round(CHEST_SLICE_MM / ct.GetSpacing()[2])))
+    return ct[:, :, ::step]
+
+
 def chest_anatomy(path: Path) -> tuple[sitk.Image, np.ndarray, str]:
     """The chest CT at 3 mm slices, cropped to its lungs + margin, and its threshold lung mask."""
-    ct = sitk.ReadImage(str(path))
-    sx, sy, sz = ct.GetSpacing()
-    step = max(1, int(round(CHEST_SLICE_MM / sz)))
-    ct = ct[:, :, ::step]  # every step-th slice: original voxels, slice spacing step * sz
+    ct = chest_slices(sitk.ReadImage(str(path)))
     array = sitk.GetArrayFromImage(ct).astype(np.float32)
-    spacing = (sz * step, sy, sx)
+    spacing = tuple(reversed(ct.GetSpacing()))
     lung = threshold_lung_mask(array, spacing)
     if lung.sum() * np.prod(spacing) / 1000.0 < 1000.0:
         raise DatasetError(f"{CHEST_CT}: threshold lung mask below 1 L; not a chest CT as expected")

@@ -6,9 +6,9 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -56,7 +56,6 @@ def replace_folder(staging: str | os.PathLike, out_dir: str | os.PathLike) -> No
         shutil.rmtree(old)
     else:
         os.replace(staging, out_dir)
-
 
 
 @contextmanager

@@ -52,9 +52,8 @@ def threshold_lung_mask(ct: np.ndarray, spacing_zyx: Sequence[float], threshold_
     volumes_ml = ndimage.sum(inner, labels, index) * float(np.prod(spacing)) / 1000.0
     keep = volumes_ml >= min_volume_ml
     if min_median_hu is not None and keep.any():
-        medians = np.full(n, -np.inf)
-        medians[keep] = ndimage.median(np.asarray(ct, dtype=np.float32), labels, index[keep])
-        keep &= medians > min_median_hu
+        kept = index[keep]  # medians only of the components large enough to be lungs
+        keep[kept - 1] = np.asarray(ndimage.median(np.asarray(ct, np.float32), labels, kept)) > min_median_hu
     lungs = np.isin(labels, index[keep])
     pixel_mm2 = float(spacing[1] * spacing[2])
     out = np.zeros_like(lungs)
