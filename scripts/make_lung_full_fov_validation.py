@@ -23,9 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -45,36 +43,6 @@ def source_scan(path: Path, thinned: bool) -> sitk.Image:
     return benchdata.chest_slices(ct) if thinned else ct
 
 
-def paste(whole: sitk.Image, crop_image: sitk.Image, crop_label: sitk.Image, case: str) -> tuple[sitk.Image, sitk.Image]:
-    """``crop_image``/``crop_label`` written into ``whole``'s grid at their origin; returns (image, label).
-
-    Raises DatasetError unless the crop lies on ``whole``'s grid and equals it outside the lesions
-    (grown 3 voxels: insertion blends a rim)."""
-    index = whole.TransformPhysicalPointToContinuousIndex(crop_image.GetOrigin())
-    start = [int(round(i)) for i in index]
-    if (max(abs(i - s) for i, s in zip(index, start)) > 1e-3
-            or not np.allclose(whole.GetSpacing(), crop_image.GetSpacing(), atol=1e-4)
-            or not np.allclose(whole.GetDirection(), crop_image.GetDirection(), atol=1e-6)):
-        raise DatasetError(f"{case}: the check volume does not lie on its source scan's grid")
-    size = crop_image.GetSize()
-    if any(s < 0 or s + n > w for s, n, w in zip(start, size, whole.GetSize())):
-        raise DatasetError(f"{case}: the check volume reaches outside its source scan")
-    image = sitk.GetArrayFromImage(whole).astype(np.int16)
-    box = tuple(slice(s, s + n) for s, n in zip(reversed(start), reversed(size)))
-    crop = sitk.GetArrayFromImage(crop_image).astype(np.int16)
-    label_crop = sitk.GetArrayFromImage(crop_label) > 0
-    untouched = ~ndimage.binary_dilation(label_crop, iterations=3)
-    if not np.array_equal(image[box][untouched], crop[untouched]):
-        raise DatasetError(f"{case}: the source scan differs from the check volume outside its lesions")
-    image[box] = crop
-    label = np.zeros(image.shape, dtype=np.uint8)
-    label[box] = label_crop
-    out_image, out_label = sitk.GetImageFromArray(image), sitk.GetImageFromArray(label)
-    out_image.CopyInformation(whole)
-    out_label.CopyInformation(whole)
-    return out_image, out_label
-
-
 def build(bench: Path, out: Path) -> list[dict[str, str]]:
     """Write ``out`` (imagesTs/labelsTs/dataset.json) from ``bench``'s check set; returns the test list."""
     check_dir = bench / benchdata.LUNG_CHECK
@@ -89,8 +57,8 @@ def build(bench: Path, out: Path) -> list[dict[str, str]]:
             test, info = [], {}
             for case, (member, thinned) in SOURCES.items():
                 whole = source_scan(src / member, thinned)
-                image, label = paste(whole, sitk.ReadImage(str(check_dir / "imagesTs" / f"{case}.nii.gz")),
-                                     sitk.ReadImage(str(check_dir / "labelsTs" / f"{case}.nii.gz")), case)
+                image, label = benchdata.paste_crop(whole, sitk.ReadImage(str(check_dir / "imagesTs" / f"{case}.nii.gz")),
+                                                    sitk.ReadImage(str(check_dir / "labelsTs" / f"{case}.nii.gz")), case)
                 name = f"{case}_whole"
                 for folder, item in (("imagesTs", image), ("labelsTs", label)):
                     (staging / folder).mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ import SimpleITK as sitk
 
 from helpers import load_script
 from DiffusionSegLib.core.errors import DatasetError
+from DiffusionSegLib.bench import data as benchdata
 
 
 def _script():
@@ -97,7 +98,7 @@ def test_a_check_volume_off_the_source_grid_is_refused():
     whole = _image(np.zeros((4, 10, 10), np.int16), (2.0, 2.0, 2.0))
     crop = _image(np.zeros((2, 4, 4), np.int16), (2.0, 2.0, 2.0), origin=(1.0, 0.0, 0.0))  # half a voxel off
     with pytest.raises(DatasetError, match="does not lie on its source scan's grid"):
-        script.paste(whole, crop, crop, "case")
+        benchdata.paste_crop(whole, crop, crop, "case")
     outside = _image(np.zeros((2, 4, 4), np.int16), (2.0, 2.0, 2.0), origin=(16.0, 0.0, 0.0))  # columns 8-11 of 10
     with pytest.raises(DatasetError, match="reaches outside"):
-        script.paste(whole, outside, outside, "case")
+        benchdata.paste_crop(whole, outside, outside, "case")
