@@ -49,7 +49,6 @@ from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, SynthesisResult, insert_lesions
 from DiffusionSegLib.core.errors import DatasetError
 from DiffusionSegLib.core.files import atomic_write_bytes, atomic_write_json, replace_folder, sha256_of
-from DiffusionSegLib.pipeline.regions import brain_mask, otsu_thresholds, per_slice
 
 __all__ = [
     "DEFAULT_SPLIT", "REAL_CASES", "LESION_GAP_SLICES", "otsu_thresholds", "brain_mask", "robust_std",
@@ -124,6 +123,73 @@ _ORGAN_LIVER = "liver"
 # ---------------------------------------------------------------------------------------------
 
 
+def otsu_thresholds(values: np.ndarray, classes: int = 2, bins: int = 256) -> tuple[float, ...]:
+    """Otsu's thresholds of a set of intensities: 1 threshold for 2 classes, 2 for 3 classes (the
+    pair that maximises the between-class variance over a ``bins``-bin histogram). A value above a
+    threshold belongs to the brighter class. Raises ValueError for an empty or constant input."""
+    if classes not in (2, 3):
+        raise ValueError(f"classes must be 2 or 3, got {classes}")
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0 or values.min() == values.max():
+        raise ValueError("Otsu's threshold needs at least two distinct values")
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    weight, total = np.cumsum(counts).astype(np.float64), np.cumsum(counts * centres)
+
+    def spread(w: np.ndarray, s: np.ndarray) -> np.ndarray:  # sum of a class's S^2 / W, 0 when empty
+        return np.where(w > 0, s ** 2 / np.where(w > 0, w, 1.0), 0.0)
+
+    if classes == 2:  # the between-class variance is sum_k S_k^2 / W_k up to a constant
+        score = spread(weight, total) + spread(weight[-1] - weight, total[-1] - total)
+        score[(weight == 0) | (weight == weight[-1])] = -np.inf
+        return (float(edges[int(np.argmax(score)) + 1]),)
+    w0, s0 = weight[:, None], total[:, None]
+    w1, s1 = weight[None, :] - w0, total[None, :] - s0
+    w2, s2 = weight[-1] - weight[None, :], total[-1] - total[None, :]
+    score = spread(w0, s0) + spread(w1, s1) + spread(w2, s2)
+    index = np.arange(bins)
+    score[~((index[:, None] < index[None, :]) & (w0 > 0) & (w1 > 0) & (w2 > 0))] = -np.inf
+    if not np.isfinite(score).any():
+        raise ValueError("three Otsu classes need at least three distinct values")
+    low, high = np.unravel_index(int(np.argmax(score)), score.shape)
+    return float(edges[low + 1]), float(edges[high + 1])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask.copy()
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def _per_slice(op, mask: np.ndarray, **kwargs) -> np.ndarray:
+    return np.stack([op(s, **kwargs) for s in mask]) if mask.shape[0] else mask.copy()
+
+
+def brain_mask(image: np.ndarray, spacing_zyx: Sequence[float], thresholds: tuple[float, float] | None = None,
+               opening_mm: float = 2.0) -> np.ndarray:
+    """Brain mask of a head MR (z, y, x): bool (z, y, x).
+
+    1. Three-class Otsu thresholds of the image: dark (air, bone, CSF), tissue (brain, muscle) and
+       bright (scalp fat, marrow, enhancing vessels on T1); tissue = between the two thresholds.
+    2. Per axial slice, an erosion by ``opening_mm`` cuts thin bridges of tissue-like voxels
+       (muscle, dura) to the brain; the largest 3D component is kept, dilated back within the
+       tissue, and its holes are filled per slice (ventricles, sulci, a lesion inside the brain).
+    ``thresholds`` (low, high) replaces step 1 (e.g. thresholds measured on other slices).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) image, got shape {image.shape}")
+    low, high = otsu_thresholds(image, classes=3) if thresholds is None else thresholds
+    tissue = (image > low) & (image < high)
+    steps = max(1, int(round(opening_mm / float(min(spacing_zyx[1], spacing_zyx[2])))))
+    cross = ndimage.generate_binary_structure(2, 1)
+    core = _largest_component(_per_slice(ndimage.binary_erosion, tissue, structure=cross, iterations=steps))
+    core = _per_slice(ndimage.binary_dilation, core, structure=cross, iterations=steps) & tissue
+    return _per_slice(ndimage.binary_fill_holes, core).astype(bool)
+
+
 def robust_std(values: np.ndarray) -> float:
     """1.4826 x median absolute deviation (the std of a gaussian, insensitive to outliers)."""
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -136,7 +202,7 @@ def fine_noise(image: np.ndarray, mask: np.ndarray) -> float:
     """Robust std of the in-plane high-pass residual (image minus its gaussian blur, sigma one
     voxel) inside ``mask`` eroded by one voxel per slice: the fine, scanner-like grain."""
     image = np.asarray(image, dtype=np.float32)
-    inner = per_slice(ndimage.binary_erosion, np.asarray(mask, dtype=bool))
+    inner = _per_slice(ndimage.binary_erosion, np.asarray(mask, dtype=bool))
     if not inner.any():
         inner = np.asarray(mask, dtype=bool)
     residual = image - ndimage.gaussian_filter(image, sigma=(0.0, 1.0, 1.0))
@@ -244,7 +310,7 @@ def template_slabs(template: sitk.Image, slab_mm: float = TEMPLATE_SLICE_MM) -> 
     spacing = template.GetSpacing()
     blocks = _thin_slices_by_slab(array, spacing[2], slab_mm, "brain template")
     slabs = blocks.mean(axis=1) * TEMPLATE_SCALE
-    brain = per_slice(ndimage.binary_fill_holes, (blocks > 0).mean(axis=1) >= 0.5)
+    brain = _per_slice(ndimage.binary_fill_holes, (blocks > 0).mean(axis=1) >= 0.5)
     areas = brain.sum(axis=(1, 2)) * spacing[0] * spacing[1] / 100.0
     good = np.flatnonzero(areas >= MIN_BRAIN_SLICE_CM2)
     if good.size < MIN_GOOD_SLICES:

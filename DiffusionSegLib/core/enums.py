@@ -150,4 +150,3 @@ class Region(Choice):
     """Anatomical regions a model card may confine a label's pieces to (pipeline/regions.py)."""
 
     LUNGS = "lungs"  # the chest cavity: per-slice hull of the lungs, grown by a margin
-    BRAIN = "brain"  # the brain of a head MR: intensity classes, scalp cut off

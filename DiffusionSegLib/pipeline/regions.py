@@ -8,15 +8,12 @@ the hila and the mediastinum between them, so a tumour growing into the mediasti
 postprocess.keep_region_components then drops a piece of the fused mask that does not touch that
 region (grown by a margin, for tumours that reach into the chest wall) and keeps a piece that touches
 it whole. The lung mask is an HU threshold, so the region is only defined for CT.
-
-The brain region does the same for brain tumours on a head MR (``brain_region``): a piece of the
-fused mask is kept when at least half of it lies in the brain, found by three intensity classes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -95,75 +92,6 @@ def slice_hulls(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def otsu_thresholds(values: np.ndarray, classes: int = 2, bins: int = 256) -> tuple[float, ...]:
-    """Otsu's thresholds of a set of intensities: 1 threshold for 2 classes, 2 for 3 classes (the
-    pair that maximises the between-class variance over a ``bins``-bin histogram). A value above a
-    threshold belongs to the brighter class. Raises ValueError for an empty or constant input."""
-    if classes not in (2, 3):
-        raise ValueError(f"classes must be 2 or 3, got {classes}")
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if values.size == 0 or values.min() == values.max():
-        raise ValueError("Otsu's threshold needs at least two distinct values")
-    counts, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2.0
-    weight, total = np.cumsum(counts).astype(np.float64), np.cumsum(counts * centres)
-
-    def spread(w: np.ndarray, s: np.ndarray) -> np.ndarray:  # sum of a class's S^2 / W, 0 when empty
-        return np.where(w > 0, s ** 2 / np.where(w > 0, w, 1.0), 0.0)
-
-    if classes == 2:  # the between-class variance is sum_k S_k^2 / W_k up to a constant
-        score = spread(weight, total) + spread(weight[-1] - weight, total[-1] - total)
-        score[(weight == 0) | (weight == weight[-1])] = -np.inf
-        return (float(edges[int(np.argmax(score)) + 1]),)
-    w0, s0 = weight[:, None], total[:, None]
-    w1, s1 = weight[None, :] - w0, total[None, :] - s0
-    w2, s2 = weight[-1] - weight[None, :], total[-1] - total[None, :]
-    score = spread(w0, s0) + spread(w1, s1) + spread(w2, s2)
-    index = np.arange(bins)
-    score[~((index[:, None] < index[None, :]) & (w0 > 0) & (w1 > 0) & (w2 > 0))] = -np.inf
-    if not np.isfinite(score).any():
-        raise ValueError("three Otsu classes need at least three distinct values")
-    low, high = np.unravel_index(int(np.argmax(score)), score.shape)
-    return float(edges[low + 1]), float(edges[high + 1])
-
-
-def largest_component_3d(mask: np.ndarray) -> np.ndarray:
-    """Bool (z, y, x) -> bool: its largest connected component (face connectivity); a copy when empty."""
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask.copy()
-    sizes = ndimage.sum(mask, labels, range(1, n + 1))
-    return labels == int(np.argmax(sizes)) + 1
-
-
-def per_slice(op: Callable[..., np.ndarray], mask: np.ndarray, **kwargs: Any) -> np.ndarray:
-    """``op`` applied to each axial slice of ``mask`` (z, y, x), restacked."""
-    return np.stack([op(s, **kwargs) for s in mask]) if mask.shape[0] else mask.copy()
-
-
-def brain_mask(image: np.ndarray, spacing_zyx: Sequence[float], thresholds: tuple[float, float] | None = None,
-               opening_mm: float = 2.0) -> np.ndarray:
-    """Brain mask of a head MR (z, y, x): bool (z, y, x).
-
-    1. Three-class Otsu thresholds of the image: dark (air, bone, CSF), tissue (brain, muscle) and
-       bright (scalp fat, marrow, enhancing vessels on T1); tissue = between the two thresholds.
-    2. Per axial slice, an erosion by ``opening_mm`` cuts thin bridges of tissue-like voxels
-       (muscle, dura) to the brain; the largest 3D component is kept, dilated back within the
-       tissue, and its holes are filled per slice (ventricles, sulci, a lesion inside the brain).
-    ``thresholds`` (low, high) replaces step 1 (e.g. thresholds measured on other slices).
-    """
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3:
-        raise ValueError(f"expected a (z, y, x) image, got shape {image.shape}")
-    low, high = otsu_thresholds(image, classes=3) if thresholds is None else thresholds
-    tissue = (image > low) & (image < high)
-    steps = max(1, int(round(opening_mm / float(min(spacing_zyx[1], spacing_zyx[2])))))
-    cross = ndimage.generate_binary_structure(2, 1)
-    core = largest_component_3d(per_slice(ndimage.binary_erosion, tissue, structure=cross, iterations=steps))
-    core = per_slice(ndimage.binary_dilation, core, structure=cross, iterations=steps) & tissue
-    return per_slice(ndimage.binary_fill_holes, core).astype(bool)
-
-
 # The region's lung finder (not the dataset builders', whose crops stay as published): an abdominal
 # CT holds only the lung bases, 42 and 62 mL in TotalSegmentator's example_ct, under the 100 mL that
 # keeps stray air out; there the largest "lungs" were bowel gas (238 mL, median -967 HU), and the region
@@ -194,36 +122,12 @@ def lung_region(ct: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float =
     return region
 
 
-# A head MR given to a brain-tumour model holds the orbits, sinuses, skull base and scalp, where bright
-# fat and marrow on a post-contrast T1 draw false positives (docs/BENCHMARKS.md, brain region). A brain
-# tumour lies in the brain; the brain mask is coarse at the skull base (muscle joins it there), so a
-# piece is kept when at least half of it lies in the mask rather than when it merely touches it.
-BRAIN_REGION_MIN_ML = 100.0
-BRAIN_REGION_MIN_INSIDE = 0.5
-
-
-def brain_region(mr: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray | None:
-    """The brain of a head MR (z, y, x), any intensity unit: :func:`brain_mask` (three Otsu classes,
-    the tissue class cut from scalp and muscle by an opening). Bool (z, y, x), or None when it is under
-    ``BRAIN_REGION_MIN_ML`` (a crop or not a head: then a caller must not filter)."""
-    try:
-        mask = brain_mask(mr, spacing_zyx)
-    except ValueError:  # constant or near-constant image: no three classes
-        return None
-    if mask.sum() * float(np.prod(spacing_zyx)) / 1000.0 < BRAIN_REGION_MIN_ML:
-        return None
-    return mask
-
-
 # Each Region's finder: (array (z, y, x), spacing zyx) -> bool (z, y, x) or None when not found.
-_FINDERS: dict[Region, Callable[[np.ndarray, Sequence[float]], np.ndarray | None]] = {
-    Region.LUNGS: lung_region, Region.BRAIN: brain_region}
-# The fraction of a piece that must lie in the region for it to be kept (0: touching it is enough).
-_MIN_INSIDE: dict[Region, float] = {Region.LUNGS: 0.0, Region.BRAIN: BRAIN_REGION_MIN_INSIDE}
+_FINDERS: dict[Region, Callable[[np.ndarray, Sequence[float]], np.ndarray | None]] = {Region.LUNGS: lung_region}
 
 
 def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
-    """``region`` on the grid of ``image`` (a CT in HU for the lungs, an MR for the brain): bool array in SimpleITK's array order
+    """``region`` on the grid of ``image`` (a CT in HU): bool array in SimpleITK's array order
     ((z, y, x); a 2D image as one slice, (1, y, x)), or None where it cannot be found."""
     import SimpleITK as sitk
 
@@ -243,17 +147,15 @@ def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
     return None if found is None else found.reshape(sitk.GetArrayViewFromImage(image).shape)
 
 
-def find_card_regions(image: "sitk.Image",
-                      card: "ModelCard") -> tuple[list[tuple[np.ndarray, list[str], float]], list[str]]:
+def find_card_regions(image: "sitk.Image", card: "ModelCard") -> tuple[list[tuple[np.ndarray, list[str]]], list[str]]:
     """The card's ``region_components`` found on ``image``: ([(region bool (array order), labels
-    confined to it, fraction of a piece that must lie in it)], notes). A region that cannot be found
-    (no lungs in the scan) confines nothing, and a note says so: better a false positive than a lesion
-    erased."""
+    confined to it)], notes). A region that cannot be found (no lungs in the scan) confines nothing,
+    and a note says so: better a false positive than a lesion erased."""
     found, notes = [], []
     for region, confined in card.labels_by_region().items():
         mask = find_region(region, image)
         if mask is None:
             notes.append(f"region {region} not found in the input: {', '.join(confined)} not confined to it")
         else:
-            found.append((mask, confined, _MIN_INSIDE[region]))
+            found.append((mask, confined))
     return found, notes
