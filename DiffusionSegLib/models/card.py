@@ -36,7 +36,7 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 in hex, as cards and ca
 FORMAT_VERSION = 1
 # What a task of a multi-task card (``ModelCard.tasks``) may set for itself, over the card's value.
 TASK_FIELDS = ("modality", "normalization", "region_components", "consistent_components", "largest_component",
-               "description")
+               "member_flips", "description")
 
 
 @dataclass
@@ -177,6 +177,11 @@ class ModelCard:
     # its N samples over the members, so the masks, their agreement and the uncertainty describe the
     # ensemble (docs/BENCHMARKS.md: seed spread was larger than any other lever). Empty: one network.
     members: list[dict[str, str]] = field(default_factory=list)
+    # Test-time flips of a run's networks: entry k lists the spatial axes of the model item (2D: 0 rows,
+    # 1 columns = left-right of an LPS axial slice) along which network k (0 = model.safetensors) sees
+    # its input mirrored; its masks are mirrored back. The ensemble then averages over the image and its
+    # mirror at no extra network evaluation. Networks beyond the list, or [], see the image as it is.
+    member_flips: list[list[int]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -309,6 +314,22 @@ class ModelCard:
             out.append((name, digest))
         if len({n for n, _ in out}) != len(out):
             raise ModelLoadError(f"model card '{self.name}': a member file is listed twice")
+        return out
+
+    def member_flip_axes(self) -> list[tuple[int, ...]]:
+        """``member_flips`` checked, one tuple of spatial axes per network (0 = model.safetensors), at
+        most one entry per network, each axis in [0, spatial_dims) and listed once; ModelLoadError otherwise."""
+        flips = self.member_flips
+        if not isinstance(flips, list) or len(flips) > 1 + len(self.members):
+            raise ModelLoadError(f"model card '{self.name}': member_flips must be a list of at most one entry per "
+                                 f"network ({1 + len(self.members)}), got {flips!r}")
+        out: list[tuple[int, ...]] = []
+        for axes in flips:
+            if (not isinstance(axes, list) or len(set(axes)) != len(axes)
+                    or any(isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < self.spatial_dims for a in axes)):
+                raise ModelLoadError(f"model card '{self.name}': member_flips entry {axes!r} must list distinct "
+                                     f"spatial axes in [0, {self.spatial_dims})")
+            out.append(tuple(axes))
         return out
 
     def crf_mode(self) -> CrfMode:

@@ -105,15 +105,23 @@ def _member_shares(samples: int, members: int) -> list[int]:
 def _sample_members(method: Any, members: list[Any], plans: list[Any], card: Any, batch: Any, opts: SegmentSettings,
                     amp: bool, report_progress: StageProgress, total_evaluations: int) -> np.ndarray:
     """Each member draws its plan's samples (member k with seed + k, so members do not share noise);
-    (N, B, L, *spatial) uint8, the members' samples one after the other. Progress counts all members."""
+    (N, B, L, *spatial) uint8, the members' samples one after the other. Progress counts all members.
+
+    A member with ``card.member_flips`` axes draws on the mirrored batch (B, C, *spatial) and its masks
+    are mirrored back, so every sample lies on the batch's grid."""
+    import torch
+
+    flips = card.member_flip_axes()
     parts = []
     done_before = 0
     for k, (member, member_plan) in enumerate(zip(members, plans)):
         share = member_plan.samples * member_plan.steps * int(batch.shape[0])
         own = _evaluation_progress(
             lambda stage, done, total, base=done_before: report_progress(stage, base + done, total_evaluations), share)
-        parts.append(method.sample(member, card, batch, member_plan, seed=opts.seed + k,
-                                   batch_size=opts.batch_size, amp=amp, progress=own).numpy())
+        axes = flips[k] if k < len(flips) else ()
+        drawn = method.sample(member, card, torch.flip(batch, [2 + a for a in axes]) if axes else batch, member_plan,
+                              seed=opts.seed + k, batch_size=opts.batch_size, amp=amp, progress=own)
+        parts.append((torch.flip(drawn, [3 + a for a in axes]) if axes else drawn).numpy())  # (n, B, L, *spatial)
         done_before += share
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
@@ -194,6 +202,7 @@ def segment_image(
         raise ModelLoadError(f"model '{card.name}': {err}") from None
     crf_mode = card.crf_mode() if opts.crf is None else opts.crf  # a bad card default fails here, not after sampling
     card.labels_by_region()  # so does a bad region_components
+    card.member_flip_axes()  # and bad member_flips
     warnings = check_input(image, card)
     if warnings and opts.strict:
         raise InputMismatchError(warnings)
@@ -310,6 +319,7 @@ def segment_image(
                                  item_shape=list(prepared.batch.shape[2:]), input_modality=modality)
     result.report["model"]["task_source"] = task_source
     result.report["ensemble"] = {"members": len(members), "samples_per_member": shares,
+                                 "member_flips": [list(a) for a in card.member_flip_axes()[:len(members)]],
                                  "note": "one network" if len(members) == 1 else
                                  "deep ensemble: the samples are split over the member networks, so every "
                                  "statistic describes the ensemble"}

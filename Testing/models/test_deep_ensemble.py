@@ -177,3 +177,40 @@ def test_the_model_list_says_it_is_an_ensemble(members, tmp_path, monkeypatch, c
     assert main(["models", "--json"]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert listed["lungs3"]["members"] == 3 and listed["lungs3"]["method"] == "medsegdiff"
+
+
+def _set_member_flips(folder, flips) -> None:
+    card = json.loads((folder / "model.json").read_text())
+    card["member_flips"] = flips
+    (folder / "model.json").write_text(json.dumps(card))
+
+
+def test_a_mirrored_member_draws_on_the_mirrored_image_and_its_masks_come_back_mirrored(members, tmp_path):
+    """member_flips [[], [1]]: member 1 sees each slice mirrored left-right (the last array axis) and
+    its samples are mirrored back, so the counts are member 0 on the image plus member 1 run alone on
+    the mirrored image (same seed), mirrored."""
+    ens = tmp_path / "flip2"
+    make_ensemble(ens, members[:2])
+    plain = segment_image(_image(), ens, SegmentSettings(samples=3, steps=2, crf=False, seed=4, device="cpu"))
+    _set_member_flips(ens, [[], [1]])
+    image = _image()
+    mirrored = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayFromImage(image)[:, :, ::-1]))
+    mirrored.CopyInformation(image)
+    run = segment_image(image, ens, SegmentSettings(samples=3, steps=2, crf=False, seed=4, device="cpu"))
+    a = segment_image(image, members[0], SegmentSettings(samples=2, steps=2, crf=False, seed=4, device="cpu"))
+    b = segment_image(mirrored, members[1], SegmentSettings(samples=1, steps=2, crf=False, seed=5, device="cpu"))
+    assert np.array_equal(run.counts, a.counts + b.counts[..., ::-1])
+    assert not np.array_equal(run.counts, plain.counts)  # the flip took effect
+    assert run.report["ensemble"]["member_flips"] == [[], [1]]
+
+
+@pytest.mark.parametrize("flips", [[[2]], [[1, 1]], [[True]], [[], [1], [0]], [1], "lr"])
+def test_bad_member_flips_are_refused_before_any_weights_load(members, tmp_path, monkeypatch, flips):
+    import DiffusionSegLib.methods.registry as registry
+
+    ens = tmp_path / "badflip"
+    make_ensemble(ens, members[:2])
+    _set_member_flips(ens, flips)
+    monkeypatch.setattr(registry, "_load_network", lambda *a: pytest.fail("weights loaded for a bad card"))
+    with pytest.raises(ModelLoadError, match="member_flips"):
+        segment_image(_image(), ens, SegmentSettings(samples=2, steps=2, crf=False, device="cpu"))
