@@ -310,6 +310,7 @@ def test_bundled_models_and_sample_are_packaged(module):
     expected |= {m.relative_to(ROOT).as_posix() for d in model_dirs for m in d.glob("member_*.safetensors")}  # ensembles
     expected.add("Resources/Sample/ct_abdomen_sample.nii.gz")
     expected.add("Resources/Models.json")  # the model catalogue (DiffusionSegLib.models.catalogue)
+    expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "Resources" / "Atlases").iterdir()}  # brain atlas + NOTICE
     assert expected <= set(listed), f"not packaged: {sorted(expected - set(listed))}"
     for relative in listed:
         assert (ROOT / relative).is_file(), f"listed but missing: {relative}"
@@ -336,6 +337,9 @@ def test_installed_layout_matches_where_the_library_looks():
     from DiffusionSegLib.models import catalogue
 
     assert catalogue.CATALOGUE_PATH == ROOT / "Resources" / "Models.json"
+    from DiffusionSegLib.pipeline import brain_atlas
+
+    assert brain_atlas.ATLAS_PATH.parent == ROOT / "Resources" / "Atlases"
 
 
 def test_every_resource_the_module_loads_is_packaged(module):

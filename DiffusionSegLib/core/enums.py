@@ -150,3 +150,4 @@ class Region(Choice):
     """Anatomical regions a model card may confine a label's pieces to (pipeline/regions.py)."""
 
     LUNGS = "lungs"  # the chest cavity: per-slice hull of the lungs, grown by a margin
+    BRAIN = "brain"  # the brain of a head MR: a brain template registered to it (pipeline/brain_atlas.py)

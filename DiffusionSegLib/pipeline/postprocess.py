@@ -79,9 +79,10 @@ def keep_largest_component(masks: np.ndarray, label_names: Sequence[str], apply_
     return _per_label(masks, label_names, apply_to, voxel_ml, in_place, lambda i, mask: largest_component(mask))
 
 
-def components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+def components_touching(mask: np.ndarray, region: np.ndarray, min_inside: float = 0.0) -> np.ndarray:
     """Binary (*S) mask, binary (*S) region -> uint8 (*S): the mask's connected pieces (full
-    connectivity) with at least one voxel in the region, each kept whole."""
+    connectivity) with at least one voxel in the region, each kept whole; with ``min_inside`` > 0,
+    only the pieces with at least that fraction of their voxels in the region."""
     from scipy import ndimage
 
     mask = np.asarray(mask, dtype=bool)
@@ -90,8 +91,14 @@ def components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
     if box is None:
         return out
     pieces, _ = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, dtype=bool))
-    touching = np.unique(pieces[np.asarray(region, dtype=bool)[box] & mask[box]])
-    out[box] = np.isin(pieces, touching[touching > 0])
+    inside = np.asarray(region, dtype=bool)[box] & mask[box]
+    if min_inside <= 0.0:
+        touching = np.unique(pieces[inside])
+        out[box] = np.isin(pieces, touching[touching > 0])
+        return out
+    index = np.arange(1, int(pieces.max()) + 1)
+    fraction = ndimage.sum(inside, pieces, index) / ndimage.sum(mask[box], pieces, index)
+    out[box] = np.isin(pieces, index[fraction >= min_inside])
     return out
 
 
@@ -109,22 +116,25 @@ def keep_consistent_components(masks: np.ndarray, counts: np.ndarray, n_samples:
 
 
 def keep_region_components(masks: np.ndarray, region: np.ndarray, label_names: Sequence[str],
-                           apply_to: Sequence[str], voxel_ml: float,
-                           in_place: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+                           apply_to: Sequence[str], voxel_ml: float, in_place: bool = False,
+                           min_inside: float = 0.0) -> tuple[np.ndarray, dict[str, float]]:
     """Keep, for the labels named in ``apply_to``, only the pieces that touch ``region`` (bool (*S),
-    e.g. regions.lung_region); masks (L, *S). Returns (masks uint8, removed mL per processed label)."""
-    return _per_label(masks, label_names, apply_to, voxel_ml, in_place, lambda i, mask: components_touching(mask, region))
+    e.g. regions.lung_region), or with ``min_inside`` > 0 that have at least that fraction inside it;
+    masks (L, *S). Returns (masks uint8, removed mL per processed label)."""
+    return _per_label(masks, label_names, apply_to, voxel_ml, in_place,
+                      lambda i, mask: components_touching(mask, region, min_inside))
 
 
 def apply_card_filters(masks: np.ndarray, counts: np.ndarray, n_samples: int, label_names: Sequence[str],
-                       card: "ModelCard", regions: Sequence[tuple[np.ndarray, Sequence[str]]],
+                       card: "ModelCard", regions: Sequence[tuple[np.ndarray, Sequence[str], float]],
                        voxel_ml: float) -> dict[str, float]:
     """A model card's post-processing on uint8 masks (L, *S), in place: region components (``regions``:
-    [(region (*S) bool, labels confined to it)], as regions.find_card_regions gives), then consistent
+    [(region (*S) bool, labels confined to it, fraction of a piece that must lie in it)], as
+    regions.find_card_regions gives), then consistent
     components (``counts`` (L, *S) of ``n_samples``), then the largest component, so the largest piece
     is chosen among those that pass the first two. Returns the removed volume per label in mL."""
-    taken = [keep_region_components(masks, region, label_names, confined, voxel_ml, True)[1]
-             for region, confined in regions]
+    taken = [keep_region_components(masks, region, label_names, confined, voxel_ml, True, min_inside)[1]
+             for region, confined, min_inside in regions]
     taken.append(keep_consistent_components(masks, counts, n_samples, label_names, card.consistent_components,
                                             voxel_ml, True)[1])
     taken.append(keep_largest_component(masks, label_names, card.largest_component, voxel_ml, True)[1])

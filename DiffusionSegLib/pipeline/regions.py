@@ -8,6 +8,10 @@ the hila and the mediastinum between them, so a tumour growing into the mediasti
 postprocess.keep_region_components then drops a piece of the fused mask that does not touch that
 region (grown by a margin, for tumours that reach into the chest wall) and keeps a piece that touches
 it whole. The lung mask is an HU threshold, so the region is only defined for CT.
+
+The brain region does the same for brain tumours on a head MR: a brain template registered to the
+input (pipeline/brain_atlas.py). There a piece is kept when at least half of it lies in the brain, not
+when it merely touches it: the false positives it is for (orbit, sinuses, skull base) abut the brain.
 """
 
 from __future__ import annotations
@@ -122,17 +126,29 @@ def lung_region(ct: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float =
     return region
 
 
-# Each Region's finder: (array (z, y, x), spacing zyx) -> bool (z, y, x) or None when not found.
+# Each array Region's finder: (array (z, y, x), spacing zyx) -> bool (z, y, x) or None when not found.
 _FINDERS: dict[Region, Callable[[np.ndarray, Sequence[float]], np.ndarray | None]] = {Region.LUNGS: lung_region}
+# The fraction of a piece that must lie in the region for it to be kept (0: touching it is enough).
+MIN_INSIDE: dict[Region, float] = {Region.LUNGS: 0.0, Region.BRAIN: 0.5}
 
 
 def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
-    """``region`` on the grid of ``image`` (a CT in HU): bool array in SimpleITK's array order
-    ((z, y, x); a 2D image as one slice, (1, y, x)), or None where it cannot be found."""
+    """``region`` on the grid of ``image`` (a CT in HU for the lungs, a head MR for the brain): bool
+    array in SimpleITK's array order ((z, y, x); a 2D image as one slice, (1, y, x)), or None where it
+    cannot be found."""
+    return find_region_why(region, image)[0]
+
+
+def find_region_why(region: Region, image: "sitk.Image") -> tuple[np.ndarray | None, str]:
+    """:func:`find_region` and, when it is None, why (a sentence for report.json)."""
     import SimpleITK as sitk
 
+    if region == Region.BRAIN:
+        from DiffusionSegLib.pipeline.brain_atlas import find_brain
+
+        return find_brain(image)
     if image.GetNumberOfComponentsPerPixel() != 1:
-        return None
+        return None, "not a scalar image"
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     spacing = tuple(reversed(image.GetSpacing()))
     if array.ndim == 2:
@@ -144,18 +160,22 @@ def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
     found = _FINDERS[region](coarse, (spacing[0], spacing[1] * ky, spacing[2] * kx))
     if found is not None:
         found = np.repeat(np.repeat(found, ky, axis=1), kx, axis=2)[:, :array.shape[1], :array.shape[2]]
-    return None if found is None else found.reshape(sitk.GetArrayViewFromImage(image).shape)
+    if found is None:
+        return None, f"no {region} found"
+    return found.reshape(sitk.GetArrayViewFromImage(image).shape), ""
 
 
-def find_card_regions(image: "sitk.Image", card: "ModelCard") -> tuple[list[tuple[np.ndarray, list[str]]], list[str]]:
+def find_card_regions(image: "sitk.Image",
+                      card: "ModelCard") -> tuple[list[tuple[np.ndarray, list[str], float]], list[str]]:
     """The card's ``region_components`` found on ``image``: ([(region bool (array order), labels
-    confined to it)], notes). A region that cannot be found (no lungs in the scan) confines nothing,
-    and a note says so: better a false positive than a lesion erased."""
+    confined to it, fraction of a piece that must lie in it)], notes). A region that cannot be found
+    (no lungs in the scan) confines nothing, and a note says so: better a false positive than a lesion
+    erased."""
     found, notes = [], []
     for region, confined in card.labels_by_region().items():
-        mask = find_region(region, image)
+        mask, why = find_region_why(region, image)
         if mask is None:
-            notes.append(f"region {region} not found in the input: {', '.join(confined)} not confined to it")
+            notes.append(f"region {region} not found in the input ({why}): {', '.join(confined)} not confined to it")
         else:
-            found.append((mask, confined))
+            found.append((mask, confined, MIN_INSIDE[region]))
     return found, notes

@@ -105,7 +105,7 @@ class SegmentationWorkflow:
         # The card whose post-processing the run applied (None: none applied), and its regions on the
         # volume, found at the first slider move: the slider's masks get the same filters.
         self._card: Any = None
-        self._regions: list[tuple[np.ndarray, list[str]]] | None = None
+        self._regions: list[tuple[np.ndarray, list[str], float]] | None = None
         self._counts: np.ndarray | None = None  # (L, K, J, I): how many samples mark each voxel
 
     # -- running --------------------------------------------------------------------------------

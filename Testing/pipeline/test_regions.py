@@ -106,7 +106,7 @@ def test_the_card_confines_a_label_to_the_lungs_and_says_when_it_cannot(tmp_path
     no_lungs.SetSpacing((3.0, 3.0, 5.0))
     kept = segment_image(no_lungs, model, SegmentSettings(samples=2, steps=1, crf=False))
     assert kept.fused[0].sum() == 6 * (30 + 24)
-    assert kept.report["postprocessing"]["region_notes"] == ["region lungs not found in the input: lesion not confined to it"]
+    assert kept.report["postprocessing"]["region_notes"] == ["region lungs not found in the input (no lungs found): lesion not confined to it"]
 
 
 @pytest.mark.parametrize("regions, words", [({"lesion": "liver"}, "unknown region 'liver'"),
