@@ -47,6 +47,11 @@ def test_an_mr_runs_the_brain_task_and_a_named_task_its_own_window(tmp_path):
     report = _report(tmp_path / "mr")
     assert (report["model"]["task"], report["model"]["task_source"]) == ("brain", "the model's only task for not CT input")
     assert report["model"]["normalization"] == {"kind": "zscore"} and report["warnings"] == []
+    # The brain task confines its pieces to the brain; this 30 mm slab is too thin to place the atlas on.
+    post = report["postprocessing"]
+    assert post["region_components"] == {"lesion": "brain"}
+    assert post["region_notes"] == ["region brain not found in the input (the image spans 30 mm along one axis, under "
+                                    "the 100 mm the brain atlas needs to be placed): lesion not confined to it"]
     fused = sitk.ReadImage(str(tmp_path / "mr" / "fused.nii.gz"))
     assert fused.GetSize() == (96, 96, 6) and fused.GetOrigin() == (10.0, -20.0, 3.0)
     # --task names the task: liver on the same image (the input check says it is no CT) with the liver window.
