@@ -124,6 +124,20 @@ def test_a_card_with_the_brain_region_drops_pieces_outside_the_brain(tmp_path):
     assert notes == [] and len(regions) == 1
     region, labels, min_inside = regions[0]
     assert labels == ["lesion"] and min_inside == 0.5 and region.shape == brain.shape
+    # A blob in the brain's middle and one in the scalp: the card's filters keep the first only.
+    from DiffusionSegLib.pipeline.postprocess import apply_card_filters
+
+    masks = np.zeros((1, *brain.shape), np.uint8)
+    z, y, x = (int(np.median(a)) for a in np.nonzero(brain))
+    masks[0, z - 1:z + 2, y - 3:y + 3, x - 3:x + 3] = 1
+    scalp = ndimage.binary_dilation(brain, iterations=5) & ~ndimage.binary_dilation(brain, iterations=3)
+    sz, sy, sx = (a[0] for a in np.nonzero(scalp))
+    masks[0, sz, sy:sy + 2, sx:sx + 2] = 1  # on the scalp rim: at most a corner of it can touch the brain
+    inside = masks.copy()
+    inside[0, sz, sy:sy + 2, sx:sx + 2] = 0
+    removed = apply_card_filters(masks, masks * 3, 3, ["lesion"], read_card(model), regions, 0.001)
+    np.testing.assert_array_equal(masks, inside)
+    assert removed["lesion"] > 0
     slab, _ = _head(sitk.Euler3DTransform(), size=(128, 150, 10))
     assert find_card_regions(slab, read_card(model)) == ([], [
         "region brain not found in the input (the image spans 50 mm along one axis, under the 100 mm the brain "
