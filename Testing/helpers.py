@@ -235,3 +235,36 @@ def write_chest_phantom(path: Path) -> np.ndarray:
     image.SetOrigin((-160.0, -160.0, 30.0))
     sitk.WriteImage(image, str(path))
     return nodule
+
+
+def tilted_pose() -> sitk.Euler3DTransform:
+    """Head point -> atlas point: 8 degrees about the slice axis and a shift of (6, -8, 10) mm."""
+    pose = sitk.Euler3DTransform()
+    pose.SetCenter((0.0, -18.0, 18.0))  # about the template brain's middle
+    pose.SetRotation(0.0, 0.0, np.deg2rad(8.0))
+    pose.SetTranslation((6.0, -8.0, 10.0))
+    return pose
+
+
+def synthetic_head_mr(pose: sitk.Transform, spacing=(1.5, 1.5, 5.0),
+                      size=(128, 150, 34)) -> tuple[sitk.Image, np.ndarray]:
+    """A synthetic head MR on its own grid and the atlas brain it holds (bool (z, y, x)), for the brain
+    atlas tests: the atlas T1 moved by ``pose`` in the brain, a 4 mm dark gap (CSF, skull), a 6 mm bright
+    scalp, air outside, and noise."""
+    from scipy import ndimage
+
+    from DiffusionSegLib.pipeline import brain_atlas
+
+    atlas = brain_atlas.load_atlas()
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing(spacing)
+    grid.SetOrigin((-96.0, -130.0, -60.0))
+    t1 = sitk.GetArrayFromImage(sitk.Resample(atlas, grid, pose, sitk.sitkLinear, 0.0))
+    brain = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(atlas > brain_atlas.BRAIN_LEVEL, sitk.sitkFloat32),
+                                                 grid, pose, sitk.sitkLinear, 0.0)) > 0.5
+    outside = ndimage.distance_transform_edt(~brain, sampling=spacing[::-1])
+    head = np.where(brain, t1, 0.0) + np.where((outside > 4) & (outside <= 10), 200.0, 0.0)
+    head += np.random.default_rng(0).normal(0, 5, head.shape)
+    image = sitk.GetImageFromArray(head.astype(np.float32))
+    image.CopyInformation(grid)
+    return image, brain

@@ -15,33 +15,9 @@ from DiffusionSegLib.core.enums import Region
 from DiffusionSegLib.pipeline import brain_atlas
 from DiffusionSegLib.pipeline.postprocess import components_touching
 from DiffusionSegLib.pipeline.regions import find_card_regions
+from helpers import synthetic_head_mr, tilted_pose
 
-
-def _pose() -> sitk.Euler3DTransform:
-    """Head point -> atlas point: 8 degrees about the slice axis and a shift of (6, -8, 10) mm."""
-    pose = sitk.Euler3DTransform()
-    pose.SetCenter((0.0, -18.0, 18.0))  # about the template brain's middle
-    pose.SetRotation(0.0, 0.0, np.deg2rad(8.0))
-    pose.SetTranslation((6.0, -8.0, 10.0))
-    return pose
-
-
-def _head(pose: sitk.Transform, spacing=(1.5, 1.5, 5.0), size=(128, 150, 34)) -> tuple[sitk.Image, np.ndarray]:
-    """A synthetic head MR on its own grid and the atlas brain it holds (bool (z, y, x)): the atlas T1
-    in the brain, a 4 mm dark gap (CSF, skull), a 6 mm bright scalp, air outside, and noise."""
-    atlas = brain_atlas.load_atlas()
-    grid = sitk.Image(size, sitk.sitkFloat32)
-    grid.SetSpacing(spacing)
-    grid.SetOrigin((-96.0, -130.0, -60.0))
-    t1 = sitk.GetArrayFromImage(sitk.Resample(atlas, grid, pose, sitk.sitkLinear, 0.0))
-    brain = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(atlas > brain_atlas.BRAIN_LEVEL, sitk.sitkFloat32),
-                                                 grid, pose, sitk.sitkLinear, 0.0)) > 0.5
-    outside = ndimage.distance_transform_edt(~brain, sampling=spacing[::-1])
-    head = np.where(brain, t1, 0.0) + np.where((outside > 4) & (outside <= 10), 200.0, 0.0)
-    head += np.random.default_rng(0).normal(0, 5, head.shape)
-    image = sitk.GetImageFromArray(head.astype(np.float32))
-    image.CopyInformation(grid)
-    return image, brain
+_POSE = tilted_pose()
 
 
 def test_the_bundled_atlas_is_the_file_the_script_makes_and_a_changed_one_is_refused(tmp_path):
@@ -74,12 +50,12 @@ def test_downsampling_keeps_origin_and_direction_and_rounds_to_bytes():
 def test_a_head_in_another_pose_gets_the_atlas_brain_back():
     """The registration recovers a known rotation and shift: the brain found overlaps the brain the
     synthetic head was made with (Dice >= 0.9), on the head's own grid."""
-    head, brain = _head(_pose())
+    head, brain = synthetic_head_mr(_POSE)
     found, why = brain_atlas.find_brain(head)
     assert why == "" and found.shape == brain.shape
     dice = 2 * (found & brain).sum() / (found.sum() + brain.sum())
     assert dice >= 0.9, dice
-    identity, _ = brain_atlas.find_brain(_head(sitk.Euler3DTransform())[0])
+    identity, _ = brain_atlas.find_brain(synthetic_head_mr(sitk.Euler3DTransform())[0])
     assert 2 * (identity & found).sum() / (identity.sum() + found.sum()) < 0.9  # the pose mattered
 
 
@@ -87,7 +63,7 @@ def test_a_head_in_another_pose_gets_the_atlas_brain_back():
                                          ("constant", "could not be registered|does not match")])
 def test_inputs_the_atlas_cannot_be_placed_on_get_no_region_and_a_reason(case, words):
     if case == "slab":
-        image, _ = _head(sitk.Euler3DTransform(), size=(128, 150, 10))  # 10 slices of 5 mm
+        image, _ = synthetic_head_mr(sitk.Euler3DTransform(), size=(128, 150, 10))  # 10 slices of 5 mm
     elif case == "flat":
         image = sitk.GetImageFromArray(np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32))
     else:
@@ -116,7 +92,7 @@ def test_a_piece_is_kept_when_at_least_half_of_it_lies_in_the_brain():
 def test_a_card_with_the_brain_region_drops_pieces_outside_the_brain(tmp_path):
     from helpers import make_model
 
-    head, brain = _head(_pose())
+    head, brain = synthetic_head_mr(_POSE)
     model = make_model(tmp_path / "brain", region_components={"lesion": "brain"})
     from DiffusionSegLib.models.card import read_card
 
@@ -138,7 +114,7 @@ def test_a_card_with_the_brain_region_drops_pieces_outside_the_brain(tmp_path):
     removed = apply_card_filters(masks, masks * 3, 3, ["lesion"], read_card(model), regions, 0.001)
     np.testing.assert_array_equal(masks, inside)
     assert removed["lesion"] > 0
-    slab, _ = _head(sitk.Euler3DTransform(), size=(128, 150, 10))
+    slab, _ = synthetic_head_mr(sitk.Euler3DTransform(), size=(128, 150, 10))
     assert find_card_regions(slab, read_card(model)) == ([], [
         "region brain not found in the input (the image spans 50 mm along one axis, under the 100 mm the brain "
         "atlas needs to be placed): lesion not confined to it"])
