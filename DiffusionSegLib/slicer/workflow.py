@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,13 @@ class SegmentationWorkflow:
         self._agreement: int | None = None
         self._speed: MeasuredSpeed | None = None
         # The card whose post-processing the run applied (None: none applied), and its regions on the
-        # volume, found at the first slider move: the slider's masks get the same filters.
+        # volume: the slider's masks get the same filters. A region can take seconds to find (the brain
+        # atlas is registered to the head), so it is found in a worker thread as soon as the run is
+        # shown (ITK releases the GIL) and the first slider move waits only for what is left of it.
         self._card: Any = None
         self._regions: list[tuple[np.ndarray, list[str], float]] | None = None
+        self._regions_pending: Future | None = None
+        self._region_worker: ThreadPoolExecutor | None = None
         self._counts: np.ndarray | None = None  # (L, K, J, I): how many samples mark each voxel
 
     # -- running --------------------------------------------------------------------------------
@@ -305,7 +310,9 @@ class SegmentationWorkflow:
             from DiffusionSegLib.pipeline.regions import find_card_regions
 
             if self._regions is None:
-                self._regions = find_card_regions(mrml_bridge.volume_to_image(self._volume_node), self._card)[0]
+                pending, self._regions_pending = self._regions_pending, None
+                self._regions = (pending.result() if pending is not None else
+                                 find_card_regions(mrml_bridge.volume_to_image(self._volume_node), self._card))[0]
             voxel_ml = float(np.prod(_node_spacing(self._volume_node))) / 1000.0
             apply_card_filters(masks, self._counts, self.n_samples, self._labels, self._card, self._regions, voxel_ml)
         seg_node = self._outputs.segmentation_node
@@ -358,6 +365,16 @@ class SegmentationWorkflow:
         self._volume_node, self._outputs = volume_node, outputs
         self._card, self._regions, self._counts = card, None, result.counts
         self._samples = result.samples
+        self._regions_pending = None
+        if card is not None and card.region_components and result.samples is not None:
+            from DiffusionSegLib.pipeline.regions import find_card_regions
+            from DiffusionSegLib.slicer import scene as mrml_bridge
+
+            # The image is read from the node here, on the main thread; the worker touches no MRML.
+            if self._region_worker is None:
+                self._region_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusionseg-regions")
+            self._regions_pending = self._region_worker.submit(
+                find_card_regions, mrml_bridge.volume_to_image(volume_node), card)
         self._labels = [label.name for label in result.labels]
         self._agreement = None
         spacing = _node_spacing(volume_node)

@@ -177,6 +177,49 @@ def test_agreement_slider_keeps_the_cards_consistent_components(scene, tmp_path)
     assert segment_array(seg, volume, ids["fused"])[1:3, 20:25, 20:28].all()
 
 
+def test_the_cards_region_is_found_off_the_main_thread_and_confines_the_slider(scene, tmp_path, monkeypatch):
+    """A card with region_components: the region (seconds for the brain atlas) is found in a worker
+    thread as soon as the run is remembered, once, and the slider's masks keep only the pieces in it."""
+    import threading
+
+    from helpers import make_model
+    from DiffusionSegLib.models.card import LabelInfo, read_card
+    from DiffusionSegLib.pipeline import regions
+    from DiffusionSegLib.pipeline.result import SegmentationResult
+
+    card = read_card(make_model(tmp_path / "tiny_region", region_components={"lesion": "lungs"}))
+    volume = add_volume(scene, blob_volume(), np.diag([1.0, 1.0, 3.0, 1.0]))
+    inside = np.zeros((6, 28, 32), bool)
+    inside[:, :, :16] = True  # the "lungs": the left half
+    calls, release = [], threading.Event()
+
+    def find(image, card):
+        calls.append(threading.current_thread().name)
+        release.wait(30)  # still running when _remember returns: the main thread did not wait for it
+        return [(inside, ["lesion"], 0.0)], []
+
+    monkeypatch.setattr(regions, "find_card_regions", find)
+    samples = np.zeros((3, 1, 6, 28, 32), np.uint8)
+    samples[:, 0, 2:4, 5:10, 5:10] = 1  # in the region
+    samples[:, 0, 2:4, 5:10, 20:25] = 1  # outside it
+    counts = samples.sum(0, dtype=np.uint8)
+    result = SegmentationResult(reference=mrml_bridge.volume_to_image(volume), labels=[LabelInfo("lesion")],
+                                counts=counts, n_samples=3, fused=(counts >= 2).astype(np.uint8),
+                                samples=samples, sample_diversity=[0.0], report={"model": {"name": card.name}})
+    outputs = mrml_bridge.show_result(scene, volume, result)
+    workflow = SegmentationWorkflow(scene)
+    workflow._remember(volume, result, outputs, card)
+    assert not release.is_set()
+    release.set()
+    workflow.set_agreement(2)
+    workflow.set_agreement(3)
+    fused = segment_array(outputs.segmentation_node, volume, outputs.segment_ids["lesion"]["fused"])
+    expected = np.zeros((6, 28, 32), bool)
+    expected[2:4, 5:10, 5:10] = True
+    assert np.array_equal(fused, expected)
+    assert len(calls) == 1 and calls[0].startswith("diffusionseg-regions")
+
+
 def test_ged_against_reference_segments_drawn_in_the_scene(scene, tiny_model):
     """A reader's contour and a second reader's, as segments of another node: GED and its terms by hand."""
     from DiffusionSegLib.pipeline.ensemble import ged_terms
