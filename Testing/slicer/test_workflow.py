@@ -145,13 +145,29 @@ def test_agreement_slider_moves_from_union_to_consistency(scene, tiny_model):
         workflow.set_agreement(4)
 
 
+def _shown_run(scene, volume, samples: np.ndarray, card):
+    """Hand-made samples (N, 1, K, J, I) shown in the scene as a run's result (fused: the majority) and
+    remembered with ``card``, as finish() does after a run with that card: (workflow, outputs, result)."""
+    from DiffusionSegLib.models.card import LabelInfo
+    from DiffusionSegLib.pipeline.result import SegmentationResult
+
+    counts = samples.sum(0, dtype=np.uint8)
+    result = SegmentationResult(reference=mrml_bridge.volume_to_image(volume), labels=[LabelInfo("lesion")],
+                                counts=counts, n_samples=samples.shape[0],
+                                fused=(2 * counts > samples.shape[0]).astype(np.uint8),
+                                samples=samples, sample_diversity=[0.5], report={"model": {"name": card.name}})
+    outputs = mrml_bridge.show_result(scene, volume, result)
+    workflow = SegmentationWorkflow(scene)
+    workflow._remember(volume, result, outputs, card)
+    return workflow, outputs, result
+
+
 def test_agreement_slider_keeps_the_cards_consistent_components(scene, tmp_path):
     """A card with consistent_components: a slider position shows only the k-of-N pieces that hold a
     voxel all samples mark, as the run's own fused mask did. Hand-made samples on a real scene: piece
     A (all 3 samples at its centre, 2 of 3 around it) and piece B (one sample only)."""
     from helpers import make_model
-    from DiffusionSegLib.models.card import LabelInfo, read_card
-    from DiffusionSegLib.pipeline.result import SegmentationResult
+    from DiffusionSegLib.models.card import read_card
 
     card = read_card(make_model(tmp_path / "tiny_consistent", consistent_components=["lesion"]))
     volume = add_volume(scene, blob_volume(), np.diag([1.0, 1.0, 3.0, 1.0]))
@@ -159,13 +175,7 @@ def test_agreement_slider_keeps_the_cards_consistent_components(scene, tmp_path)
     samples[:2, 0, 2:4, 5:10, 5:10] = 1
     samples[2, 0, 3, 7, 7] = 1  # A's consistent voxel
     samples[0, 0, 1:3, 20:25, 20:28] = 1  # B
-    counts = samples.sum(0, dtype=np.uint8)
-    result = SegmentationResult(reference=mrml_bridge.volume_to_image(volume), labels=[LabelInfo("lesion")],
-                                counts=counts, n_samples=3, fused=(counts >= 2).astype(np.uint8),
-                                samples=samples, sample_diversity=[0.5], report={"model": {"name": card.name}})
-    outputs = mrml_bridge.show_result(scene, volume, result)
-    workflow = SegmentationWorkflow(scene)
-    workflow._remember(volume, result, outputs, card)  # what finish() does after a run with this card
+    workflow, outputs, result = _shown_run(scene, volume, samples, card)
     seg, ids = outputs.segmentation_node, outputs.segment_ids["lesion"]
     workflow.set_agreement(1)
     piece_a = np.zeros((6, 28, 32), bool)
@@ -183,9 +193,8 @@ def test_the_cards_region_is_found_off_the_main_thread_and_confines_the_slider(s
     import threading
 
     from helpers import make_model
-    from DiffusionSegLib.models.card import LabelInfo, read_card
+    from DiffusionSegLib.models.card import read_card
     from DiffusionSegLib.pipeline import regions
-    from DiffusionSegLib.pipeline.result import SegmentationResult
 
     card = read_card(make_model(tmp_path / "tiny_region", region_components={"lesion": "lungs"}))
     volume = add_volume(scene, blob_volume(), np.diag([1.0, 1.0, 3.0, 1.0]))
@@ -202,13 +211,7 @@ def test_the_cards_region_is_found_off_the_main_thread_and_confines_the_slider(s
     samples = np.zeros((3, 1, 6, 28, 32), np.uint8)
     samples[:, 0, 2:4, 5:10, 5:10] = 1  # in the region
     samples[:, 0, 2:4, 5:10, 20:25] = 1  # outside it
-    counts = samples.sum(0, dtype=np.uint8)
-    result = SegmentationResult(reference=mrml_bridge.volume_to_image(volume), labels=[LabelInfo("lesion")],
-                                counts=counts, n_samples=3, fused=(counts >= 2).astype(np.uint8),
-                                samples=samples, sample_diversity=[0.0], report={"model": {"name": card.name}})
-    outputs = mrml_bridge.show_result(scene, volume, result)
-    workflow = SegmentationWorkflow(scene)
-    workflow._remember(volume, result, outputs, card)
+    workflow, outputs, _ = _shown_run(scene, volume, samples, card)
     assert not release.is_set()
     release.set()
     workflow.set_agreement(2)
