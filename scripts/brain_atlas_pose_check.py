@@ -5,7 +5,7 @@
 For each whole head of an nnU-Net style test split (imagesTs/, labelsTs/: e.g. the output of
 scripts/make_brain_whole_validation.py) the brain is found once as the head lies, then the head and its
 label are moved rigidly within the same grid (pitch, roll and yaw of 10-20 degrees about the grid's
-centre, shifts of 15 mm) and the brain is found again. Printed per pose: the Dice between the brain
+centre, shifts of 15 and 30 mm) and the brain is found again. Printed per pose: the Dice between the brain
 found on the moved head and the first brain carried by the same motion, and the fraction of the
 moved tumour inside the brain found (pipeline/brain_atlas.py; a piece is kept when at least half of it
 is inside). Nothing is written.
@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from DiffusionSegLib.pipeline.brain_atlas import find_brain  # noqa: E402
 
 # (axis of the rotation: 0 = x, left-right (pitch); 1 = y (roll); 2 = z (yaw), degrees, shift along y in mm)
-POSES = ((0, 10.0, 0.0), (0, -10.0, 0.0), (0, 20.0, 0.0), (0, -20.0, 0.0), (1, 10.0, 0.0), (2, 15.0, 0.0),
-         (2, -15.0, 0.0), (0, 0.0, 15.0), (0, 0.0, -15.0))
+POSES = ((0, 10.0, 0.0), (0, -10.0, 0.0), (0, 20.0, 0.0), (0, -20.0, 0.0), (0, 30.0, 0.0), (0, -30.0, 0.0),
+         (1, 10.0, 0.0), (2, 15.0, 0.0), (2, -15.0, 0.0), (2, 30.0, 0.0), (0, 0.0, 15.0), (0, 0.0, -15.0),
+         (0, 0.0, 30.0), (0, 0.0, -30.0))
 
 
 def pose_rows(image: sitk.Image, label: sitk.Image, poses=POSES) -> list[dict[str, float]]:

@@ -37,6 +37,23 @@ def test_the_bundled_atlas_is_the_file_the_script_makes_and_a_changed_one_is_ref
         brain_atlas.load_atlas(tmp_path / "missing.nii.gz")
 
 
+def test_the_registration_runs_on_one_itk_thread_and_restores_the_setting(monkeypatch):
+    """Several ITK threads sum the metric in a varying order: the same head gave brains a few voxels
+    apart between runs. The metric reads the global default, so that is what must be 1 during Execute."""
+    seen = []
+    execute = sitk.ImageRegistrationMethod.Execute
+
+    def recording(self, fixed, moving):
+        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        return execute(self, fixed, moving)
+
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", recording)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    atlas = brain_atlas.load_atlas()
+    brain_atlas.register_rigid(atlas, atlas)
+    assert seen == [1] and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+
+
 def test_downsampling_keeps_origin_and_direction_and_rounds_to_bytes():
     template = sitk.GetImageFromArray(np.pad(np.full((30, 30, 30), 200.0, np.float32), 15))
     template.SetOrigin((-5.0, 3.0, 7.0))
@@ -55,6 +72,10 @@ def test_a_head_in_another_pose_gets_the_atlas_brain_back():
     assert why == "" and found.shape == brain.shape
     dice = 2 * (found & brain).sum() / (found.sum() + brain.sum())
     assert dice >= 0.9, dice
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    again, _ = brain_atlas.find_brain(head)
+    assert np.array_equal(again, found)  # the same head, the same brain (one ITK thread while registering)
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # and the thread setting restored
     identity, _ = brain_atlas.find_brain(synthetic_head_mr(sitk.Euler3DTransform())[0])
     assert 2 * (identity & found).sum() / (identity.sum() + found.sum()) < 0.9  # the pose mattered
 
