@@ -11,7 +11,8 @@ Rigid, not affine: the template has no skull or scalp, and with a scale the opti
 over the scalp (3.7 and 4.3 L on two heads), while heads differ from the template by a few percent.
 The fit is refused (None, with the reason) when it cannot be trusted: a 2D image or a slab (under
 ``MIN_EXTENT_MM`` along an axis: the template's position along it is then a guess), a poor match
-(final metric above ``MAX_METRIC``; heads measured -0.46 to -0.72, a chest CT -0.12), or too little
+(final metric above ``MAX_METRIC``; the two whole validation heads measured -0.50 and -0.49, three
+chest CTs -0.07 to -0.14: docs/BENCHMARKS.md), or too little
 brain in the field of view.
 """
 
