@@ -8,12 +8,11 @@ T1 template (skull-stripped, an average of 152 adults; ``Resources/Atlases``, ma
 information, and its brain (template intensity above ``BRAIN_LEVEL``) is carried onto the input's grid.
 
 Rigid, not affine: the template has no skull or scalp, and with a scale the optimiser grows its brain
-over the scalp (3.7 and 4.3 L on two heads), while heads differ from the template by a few percent.
+over the scalp (3.7 and 4.3 L on two heads), while the rigid fit followed the inner table of the skull.
 The fit is refused (None, with the reason) when it cannot be trusted: a 2D image or a slab (under
 ``MIN_EXTENT_MM`` along an axis: the template's position along it is then a guess), a poor match
 (final metric above ``MAX_METRIC``; the two whole validation heads measured -0.50 and -0.49, three
-chest CTs -0.07 to -0.14: docs/BENCHMARKS.md), or too little
-brain in the field of view.
+chest CTs -0.07 to -0.14: docs/BENCHMARKS.md), or too little brain in the field of view.
 """
 
 from __future__ import annotations
