@@ -75,7 +75,8 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transfor
     method.SetInitialTransform(initial, inPlace=False)
     # One ITK thread while it runs: the metric sums its per-thread parts in an order that varies, which
     # moved the brain found by up to 3 voxels between runs of the same head. The metric takes its thread
-    # count from the global default, not from the method, so that is set here and restored; a single
+    # count from the global default, not from the method, so that is set here and restored (SimpleITK
+    # filters that another thread starts meanwhile also get one thread: slower, not different); a single
     # thread cost 2.7 s against 1.95 s on brain2's head (2-core VM).
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
