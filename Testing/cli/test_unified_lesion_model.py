@@ -30,7 +30,7 @@ def test_a_chest_ct_without_a_task_runs_the_lung_task_and_finds_the_nodule(tmp_p
     assert post["region_components"] == {"lesion": "lungs"} and post["region_notes"] == []
 
 
-def test_an_mr_runs_the_brain_task_and_a_named_task_its_own_window(tmp_path):
+def test_an_mr_runs_the_brain_task_and_a_named_task_its_own_window(tmp_path, capsys):
     # A head-like MR volume (positive intensities, no air at -1000): the input's statistics say "not CT",
     # and brain is the model's only task that is not CT. Synthetic MR phantoms do not look like the brain
     # MR it was trained on, so no accuracy is asserted here (the real brain1 tumour: docs/BENCHMARKS.md).
@@ -52,6 +52,7 @@ def test_an_mr_runs_the_brain_task_and_a_named_task_its_own_window(tmp_path):
     assert post["region_components"] == {"lesion": "brain"}
     assert post["region_notes"] == ["region brain not found in the input (the image spans 30 mm along one axis, under "
                                     "the 100 mm the brain atlas needs to be placed): lesion not confined to it"]
+    assert f"  {post['region_notes'][0]}" in capsys.readouterr().out.splitlines()  # the CLI says so too
     fused = sitk.ReadImage(str(tmp_path / "mr" / "fused.nii.gz"))
     assert fused.GetSize() == (96, 96, 6) and fused.GetOrigin() == (10.0, -20.0, 3.0)
     # --task names the task: liver on the same image (the input check says it is no CT) with the liver window.
