@@ -386,9 +386,16 @@ def stage_text(status: JobStatus) -> str:
     return text
 
 
+def done_text(seconds: float, report: dict[str, Any] | None) -> str:
+    """The status label after a run: its time, then each post-processing note of its report (e.g. a
+    card's brain region that could not be placed on a slab, so nothing was confined to it)."""
+    notes = ((report or {}).get("postprocessing") or {}).get("region_notes") or []
+    return _("Done in {seconds:.0f} s.").format(seconds=seconds) + "".join(f"\n{note}" for note in notes)
+
+
 __all__ = ["SPEED_SETTINGS_GROUP", "STAGE_PERCENT", "ModelEntry", "PanelParameters", "available_models",
            "catalogue_figures", "child_python", "clear_models", "device_note", "download_model",
-           "ensure_dependencies", "gpu_available", "install_message", "install_model",
+           "done_text", "ensure_dependencies", "gpu_available", "install_message", "install_model",
            "install_torch_with_extension", "missing_dependencies", "new_workflow", "pip_install_in_slicer",
            "progress_percent", "settings_from_parameters", "speed_key", "speed_setting", "stage_text",
            "stored_speed"]

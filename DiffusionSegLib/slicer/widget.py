@@ -478,7 +478,7 @@ class DiffusionSegPanel(VTKObservationMixin):
             succeeded = True
         self.ui.progressBar.setVisible(False)
         if succeeded:
-            self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=elapsed)
+            self.ui.statusLabel.text = modulelogic.done_text(elapsed, self.workflow.summary().get("report"))
             self._storeSpeed()
             self._inputCheckKey = None  # the estimate can now use this run's speed
             self._showResults(resetAgreement=True)

@@ -290,6 +290,13 @@ def test_progress_follows_the_stages_in_order():
     assert logic.progress_percent(status("cancelled")) == 0
 
 
+def test_the_done_text_carries_the_runs_region_notes():
+    assert logic.done_text(12.4, {"postprocessing": {"region_notes": []}}) == "Done in 12 s."
+    note = "region brain not found in the input (...): lesion not confined to it"
+    assert logic.done_text(3.0, {"postprocessing": {"region_notes": [note]}}) == f"Done in 3 s.\n{note}"
+    assert logic.done_text(1.0, None) == "Done in 1 s."  # a summary without a report
+
+
 def test_stage_text():
     texts = {stage: logic.stage_text(status(stage)) for stage in Stage}
     assert len(set(texts.values())) == len(Stage), "each stage has its own line"
