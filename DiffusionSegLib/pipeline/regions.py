@@ -126,10 +126,37 @@ def lung_region(ct: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float =
     return region
 
 
-# Each array Region's finder: (array (z, y, x), spacing zyx) -> bool (z, y, x) or None when not found.
-_FINDERS: dict[Region, Callable[[np.ndarray, Sequence[float]], np.ndarray | None]] = {Region.LUNGS: lung_region}
-# The fraction of a piece that must lie in the region for it to be kept (0: touching it is enough).
-MIN_INSIDE: dict[Region, float] = {Region.LUNGS: 0.0, Region.BRAIN: 0.5}
+def _lungs_in(image: "sitk.Image") -> tuple[np.ndarray | None, str]:
+    """:func:`lung_region` on the grid of a CT ``image`` in HU: (bool array in SimpleITK's array order,
+    "") or (None, why not). A 2D image is one slice, (1, y, x)."""
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return None, "not a scalar image"
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    spacing = tuple(reversed(image.GetSpacing()))
+    if array.ndim == 2:
+        array, spacing = array[None], (1.0, *spacing)
+    # The region is coarse (a hull grown 10 mm), so it is found on a grid of about 2 mm in-plane
+    # (every k-th pixel) and brought back by repetition: a 512 x 512 CT costs a ninth.
+    ky, kx = (max(1, int(2.0 // spacing[axis])) for axis in (1, 2))
+    found = lung_region(array[:, ::ky, ::kx], (spacing[0], spacing[1] * ky, spacing[2] * kx))
+    if found is None:
+        return None, f"no {Region.LUNGS} found"
+    found = np.repeat(np.repeat(found, ky, axis=1), kx, axis=2)[:, :array.shape[1], :array.shape[2]]
+    return found.reshape(sitk.GetArrayViewFromImage(image).shape), ""
+
+
+def _brain_in(image: "sitk.Image") -> tuple[np.ndarray | None, str]:
+    from DiffusionSegLib.pipeline.brain_atlas import find_brain  # SimpleITK registration: loaded when used
+
+    return find_brain(image)
+
+
+# Each Region: its finder (image -> (bool array in SimpleITK's array order, "") or (None, why not)) and
+# the fraction of a piece that must lie in it for the piece to be kept (0: touching it is enough).
+_FINDERS: dict[Region, tuple[Callable[["sitk.Image"], tuple[np.ndarray | None, str]], float]] = {
+    Region.LUNGS: (_lungs_in, 0.0), Region.BRAIN: (_brain_in, 0.5)}
 
 
 def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
@@ -141,28 +168,7 @@ def find_region(region: Region, image: "sitk.Image") -> np.ndarray | None:
 
 def find_region_why(region: Region, image: "sitk.Image") -> tuple[np.ndarray | None, str]:
     """:func:`find_region` and, when it is None, why (a sentence for report.json)."""
-    import SimpleITK as sitk
-
-    if region == Region.BRAIN:
-        from DiffusionSegLib.pipeline.brain_atlas import find_brain
-
-        return find_brain(image)
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        return None, "not a scalar image"
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    spacing = tuple(reversed(image.GetSpacing()))
-    if array.ndim == 2:
-        array, spacing = array[None], (1.0, *spacing)
-    # The region is coarse (a hull grown 10 mm), so it is found on a grid of about 2 mm in-plane
-    # (every k-th pixel) and brought back by repetition: a 512 x 512 CT costs a ninth.
-    ky, kx = (max(1, int(2.0 // spacing[axis])) for axis in (1, 2))
-    coarse = array[:, ::ky, ::kx]
-    found = _FINDERS[region](coarse, (spacing[0], spacing[1] * ky, spacing[2] * kx))
-    if found is not None:
-        found = np.repeat(np.repeat(found, ky, axis=1), kx, axis=2)[:, :array.shape[1], :array.shape[2]]
-    if found is None:
-        return None, f"no {region} found"
-    return found.reshape(sitk.GetArrayViewFromImage(image).shape), ""
+    return _FINDERS[region][0](image)
 
 
 def find_card_regions(image: "sitk.Image",
@@ -177,5 +183,5 @@ def find_card_regions(image: "sitk.Image",
         if mask is None:
             notes.append(f"region {region} not found in the input ({why}): {', '.join(confined)} not confined to it")
         else:
-            found.append((mask, confined, MIN_INSIDE[region]))
+            found.append((mask, confined, _FINDERS[region][1]))
     return found, notes
