@@ -99,7 +99,11 @@ def find_brain(image: sitk.Image, atlas: sitk.Image | None = None) -> tuple[np.n
     if min(extent) < MIN_EXTENT_MM:
         return None, (f"the image spans {min(extent):.0f} mm along one axis, under the {MIN_EXTENT_MM:.0f} mm "
                       "the brain atlas needs to be placed")
-    atlas = load_atlas() if atlas is None else atlas
+    if atlas is None:
+        try:  # a damaged install: a note after the sampling, not a failed run that loses it
+            atlas = load_atlas(ATLAS_PATH)
+        except (OSError, ValueError) as err:
+            return None, f"the brain atlas cannot be used ({err})"
     fixed = downsample_template(_rescaled(image), ATLAS_SPACING_MM)
     try:
         transform, metric = register_rigid(sitk.Cast(fixed, sitk.sitkFloat32), atlas)

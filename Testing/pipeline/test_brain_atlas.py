@@ -54,6 +54,13 @@ def test_the_registration_runs_on_one_itk_thread_and_restores_the_setting(monkey
     assert seen == [1] and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
 
 
+def test_a_damaged_atlas_gives_no_region_and_says_why(monkeypatch, tmp_path):
+    head, _ = synthetic_head_mr(_POSE)
+    monkeypatch.setattr(brain_atlas, "ATLAS_PATH", tmp_path / "missing.nii.gz")
+    found, why = brain_atlas.find_brain(head)
+    assert found is None and why.startswith("the brain atlas cannot be used (brain atlas missing")
+
+
 def test_downsampling_keeps_origin_and_direction_and_rounds_to_bytes():
     template = sitk.GetImageFromArray(np.pad(np.full((30, 30, 30), 200.0, np.float32), 15))
     template.SetOrigin((-5.0, 3.0, 7.0))
