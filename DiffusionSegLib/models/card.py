@@ -36,7 +36,7 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 in hex, as cards and ca
 FORMAT_VERSION = 1
 # What a task of a multi-task card (``ModelCard.tasks``) may set for itself, over the card's value.
 TASK_FIELDS = ("modality", "normalization", "region_components", "consistent_components", "largest_component",
-               "member_flips", "description")
+               "member_flips", "crop_to_region", "description")
 
 
 @dataclass
@@ -146,6 +146,11 @@ class ModelCard:
     # mask keeps only the pieces that touch that region of the input (a lung lesion lies in the chest
     # cavity). Applied first. Empty: none.
     region_components: dict[str, str] = field(default_factory=dict)
+    # An anatomical region (as in ``region_components``) whose in-plane bounding box is all a run samples:
+    # a model trained on crops (the lungs plus 10 mm) then sees a whole scan as it saw its training
+    # crops, every slice kept; the outputs are written back on the whole input grid (pipeline/crop.py).
+    # Not found in an input: the whole image is sampled, and the report says so. None: no crop.
+    crop_to_region: str | None = None
     # How a run refines with DenseCRF unless told otherwise (decided on validation data: the CRF's
     # long-range appearance kernel can erase thin structures): a core.enums.CrfMode spelling
     # ("off", "mean", "published"), or true (= "mean") / false (= "off") as older cards say.
@@ -279,6 +284,15 @@ class ModelCard:
             except ValueError as err:
                 raise ModelLoadError(f"model card '{self.name}': {err}") from None
         return out
+
+    def crop_region(self) -> Region | None:
+        """``crop_to_region`` checked: the Region a run samples in, or None; ModelLoadError for an unknown one."""
+        if self.crop_to_region is None:
+            return None
+        try:
+            return Region.parse(self.crop_to_region, "crop_to_region")
+        except ValueError as err:
+            raise ModelLoadError(f"model card '{self.name}': {err}") from None
 
     def patch_shape(self) -> tuple[int, ...] | None:
         """The training crop in the network's axis order, (H, W) or (D, H, W); None when unknown.

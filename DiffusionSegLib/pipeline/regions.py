@@ -171,15 +171,16 @@ def find_region_why(region: Region, image: "sitk.Image") -> tuple[np.ndarray | N
     return _FINDERS[region][0](image)
 
 
-def find_card_regions(image: "sitk.Image",
-                      card: "ModelCard") -> tuple[list[tuple[np.ndarray, list[str], float]], list[str]]:
+def find_card_regions(image: "sitk.Image", card: "ModelCard",
+                      known: dict[Region, tuple[np.ndarray | None, str]] | None = None,
+                      ) -> tuple[list[tuple[np.ndarray, list[str], float]], list[str]]:
     """The card's ``region_components`` found on ``image``: ([(region bool (array order), labels
     confined to it, fraction of a piece that must lie in it)], notes). A region that cannot be found
     (no lungs in the scan) confines nothing, and a note says so: better a false positive than a lesion
-    erased."""
+    erased. ``known``: regions already found on this image (:func:`find_region_why`'s answers), reused."""
     found, notes = [], []
     for region, confined in card.labels_by_region().items():
-        mask, why = find_region_why(region, image)
+        mask, why = (known or {}).get(region) or find_region_why(region, image)
         if mask is None:
             notes.append(f"region {region} not found in the input ({why}): {', '.join(confined)} not confined to it")
         else:

@@ -148,6 +148,28 @@ def _evaluation_progress(report_progress: StageProgress, total_evaluations: int)
     return progress
 
 
+def _crop_to_card_region(image: Any, card: Any, crop: bool) -> tuple[Any, Any, dict[str, Any], dict[Any, Any]]:
+    """The part of ``image`` a run samples: (image or its crop, the crop's box or None, report entry,
+    {region: find_region_why's answer} for reuse). The card's ``crop_to_region`` decides (pipeline/crop.py);
+    ``crop`` False or a region not found: the whole image, and the entry says why."""
+    region = card.crop_region()
+    if region is None:
+        return image, None, {}, {}
+    if not crop:
+        return image, None, {"region": str(region), "note": "crop turned off (--no-crop): the whole image was sampled"}, {}
+    from DiffusionSegLib.pipeline.crop import box_report, crop_image, region_box
+    from DiffusionSegLib.pipeline.regions import find_region_why
+
+    mask, why = find_region_why(region, image)
+    box = None if mask is None else region_box(mask)
+    if box is None:
+        note = f"region {region} not found in the input ({why or 'empty'}): the whole image was sampled"
+        return image, None, {"region": str(region), "note": note}, {region: (mask, why)}
+    entry = {"region": str(region), **box_report(box, image),
+             "note": "sampled inside this box only; every output is zero outside it"}
+    return crop_image(image, box), box, entry, {region: (mask, why)}
+
+
 def segment_image(
     image: Any,
     model_dir: str | Path,
@@ -203,6 +225,7 @@ def segment_image(
     crf_mode = card.crf_mode() if opts.crf is None else opts.crf  # a bad card default fails here, not after sampling
     card.labels_by_region()  # so does a bad region_components
     card.member_flip_axes()  # and bad member_flips
+    card.crop_region()  # and a bad crop_to_region
     warnings = check_input(image, card)
     if warnings and opts.strict:
         raise InputMismatchError(warnings)
@@ -212,6 +235,10 @@ def segment_image(
         else:
             for warning in warnings:
                 log.warning("the input does not fit the model: %s", warning.message)
+    # The region to sample in is found before the weights load (a threshold for the lungs: well under a second).
+    work, box, crop_entry, known_regions = _crop_to_card_region(image, card, opts.crop)
+    if crop_entry:
+        lap("crop")
     device = resolve_device(opts.device)
     net, card = load_model(model_dir, device, card=card)  # the task's card, read once above
     plan = method.plan(card, opts.samples, opts.steps, opts.sampler)
@@ -232,7 +259,7 @@ def segment_image(
     lap("load_model")
     report_progress(Stage.LOAD, 1, 1)
 
-    prepared = prepare(image, card, net.size_divisor)
+    prepared = prepare(work, card, net.size_divisor)
     batch = torch.from_numpy(prepared.batch).to(device)
     lap("preprocess")
 
@@ -286,6 +313,13 @@ def segment_image(
     report_progress(Stage.RESTORE, 0, n_samples)
     maps, stage_seconds = _restore_and_ensemble(prepared, samples_model, card.spatial_dims, opts)
     timings.update(stage_seconds)
+    if box is not None:  # back on the whole input grid, zero where nothing was sampled
+        from DiffusionSegLib.pipeline.crop import paste
+
+        shape = tuple(reversed(image.GetSize()))  # spatial, array order
+        maps = {name: paste(value, box, shape) if isinstance(value, np.ndarray) else value
+                for name, value in maps.items()}
+        refined = None if refined is None else paste(refined, box, shape)
     clock = time.perf_counter()
     report_progress(Stage.RESTORE, n_samples, n_samples)
 
@@ -298,7 +332,7 @@ def segment_image(
 
         names = [lab.name for lab in labels]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        regions, region_notes = find_card_regions(image, card)
+        regions, region_notes = find_card_regions(image, card, known_regions)
         for mask_name, mask in (("fused", fused), ("crf", refined)):
             if mask is not None:  # in place: both arrays were made by this run
                 removed[mask_name] = apply_card_filters(mask, maps["counts"], n_samples, names, card, regions, voxel_ml)
@@ -323,6 +357,8 @@ def segment_image(
                                  "note": "one network" if len(members) == 1 else
                                  "deep ensemble: the samples are split over the member networks, so every "
                                  "statistic describes the ensemble"}
+    if crop_entry:
+        result.report["crop"] = crop_entry
     result.report["postprocessing"] = {
         "largest_component": list(card.largest_component) if opts.postprocess else [],
         "consistent_components": list(card.consistent_components) if opts.postprocess else [],

@@ -76,6 +76,8 @@ class SegmentSettings:
     keep_samples: bool = _option(False, "--keep-samples", "also write each sampled mask", "switch")
     postprocess: bool = _option(True, "--no-postprocess", "skip the model card's post-processing "
                                 "(region, consistent and largest connected components)", "keep")
+    crop: bool = _option(True, "--no-crop", "sample the whole image even where the model card crops it to a "
+                         "region first (crop_to_region, e.g. a lung model to the chest cavity)", "keep")
     amp: bool | None = _option(None, "--amp", "mixed precision autocast (default: on CUDA only)", "tristate",
                                off_help="float32 everywhere")
     strict: bool = _option(False, "--strict", "refuse an input that does not fit the model (exit 2, one line "

@@ -15,7 +15,7 @@ from DiffusionSegLib.pipeline.settings import SegmentSettings
 EVERYTHING = SegmentSettings(model="some/model dir", task="lung", samples=7, steps=12, sampler=Sampler.DDPM, seed=9,
                              device="cpu", batch_size=3, crf=False, crf_backend="torch-meanfield",
                              fusion=Fusion.STAPLE, uncertainty=Uncertainty.ENTROPY, keep_samples=True,
-                             postprocess=False, amp=True, strict=True)
+                             postprocess=False, crop=False, amp=True, strict=True)
 
 
 def parse_segment(argv: list[str]) -> SegmentSettings:
