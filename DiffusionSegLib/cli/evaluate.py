@@ -7,7 +7,7 @@ import json
 
 # The run settings evaluate takes (its model is the first argument, not --model). A multi-task model runs
 # each case with the task its dataset.json entry names; --task runs every case with one task.
-SETTINGS = ("task", "samples", "steps", "sampler", "seed", "device", "batch_size", "crf", "postprocess")
+SETTINGS = ("task", "samples", "steps", "sampler", "seed", "device", "batch_size", "crf", "postprocess", "crop")
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
