@@ -5,6 +5,9 @@ use: table, arms, back, neck and abdomen, which it never saw and where it draws 
 ``crop_to_region`` a run samples only the in-plane bounding box of the card's region (for the lungs,
 the per-slice lung hull grown 10 mm: the training crop) and keeps every slice, as the crops did. Every
 output is then written back on the whole input grid, zero (not sampled) outside the box.
+
+Measured on the unified model's lung task (docs/BENCHMARKS.md, "Whole chest scans cropped"): a whole
+scan's false positives went, but a tumour already cropped scored lower, so no bundled card sets it.
 """
 
 from __future__ import annotations
