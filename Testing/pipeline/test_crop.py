@@ -119,3 +119,11 @@ def test_an_unknown_crop_region_is_refused_before_sampling(tmp_path, monkeypatch
     model = make_model(tmp_path / "bad", crop_to_region="liver")
     with pytest.raises(ModelLoadError, match="unknown crop_to_region 'liver'"):
         segment_image(_chest(), model, SegmentSettings(samples=2, steps=1, crf=False))
+
+
+def test_evaluate_takes_no_crop_like_segment():
+    from DiffusionSegLib.cli.main import build_parser
+
+    for command in (["segment", "in.nii.gz", "-o", "out"], ["evaluate", "model", "data"]):
+        assert SegmentSettings.from_args(build_parser().parse_args([*command, "--no-crop"])).crop is False
+        assert SegmentSettings.from_args(build_parser().parse_args(command)).crop is True
