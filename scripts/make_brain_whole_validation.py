@@ -65,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=Path, default=Path("data/unified_head_val"), help="the seven-case validation folder")
     p.add_argument("--out", type=Path, default=Path("data/brain_whole_val"))
     args = p.parse_args(argv)
-    try:
-        test = build(args.val, args.out)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(test)} validation cases (test split)")
-    return 0
+    return benchdata.run_builder(lambda: build(args.val, args.out), args.out)
 
 
 if __name__ == "__main__":

@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", type=Path, default=Path("data/bench"), help="the prepared benchmark folder")
     p.add_argument("--out", type=Path, default=Path("data/lung_full_fov_val"))
     args = p.parse_args(argv)
-    try:
-        test = build(args.bench, args.out)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(test)} validation cases (test split)")
-    return 0
+    return benchdata.run_builder(lambda: build(args.bench, args.out), args.out)
 
 
 if __name__ == "__main__":

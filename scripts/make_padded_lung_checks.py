@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("data/lung_check_padded"))
     p.add_argument("--pad-mm", type=float, default=60.0, help="air added on each in-plane side, mm (default 60)")
     args = p.parse_args(argv)
-    try:
-        test = build(args.bench, args.out, args.pad_mm)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(test)} validation cases (test split)")
-    return 0
+    return benchdata.run_builder(lambda: build(args.bench, args.out, args.pad_mm), args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -373,3 +373,18 @@ def write_test_split(folder: Path, cases: dict[str, tuple[sitk.Image, sitk.Image
     (folder / "dataset.json").write_text(json.dumps(
         {**meta, "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
     return test
+
+
+def run_builder(build: Callable[[], list[dict[str, str]]], out: Path) -> int:
+    """A validation-set script's exit status: ``build()`` run, then 0 and a line saying what was written
+    to ``out``, or 2 and the DatasetError on stderr (``build`` writes through a staged folder, so nothing
+    half-written is left)."""
+    import sys
+
+    try:
+        test = build()
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {len(test)} validation cases (test split)")
+    return 0
