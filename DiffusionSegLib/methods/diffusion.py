@@ -238,7 +238,7 @@ def sample_masks(
     if auto_batch:
         batch_size = auto_batch_size(device, bytes_per_item(card, spatial), cap=64 if device.type != "cpu" else 32)
 
-    window = card.patch_shape() if card.spatial_dims == 3 else None
+    window = card.inference_window()
     windowed, labels = needs_windows(spatial, window), card.out_channels
     overlap = card.windows_overlap()
     if windowed:  # memory is one window per item, not the whole volume
@@ -267,7 +267,7 @@ def sample_masks(
         for k, t in enumerate(timesteps):
             t_batch = torch.full((stop - start,), t, device=device, dtype=torch.long)
             with autocast(device, amp):
-                if windowed:  # a 3D volume larger than the training crop: crop-sized windows, one step
+                if windowed:  # larger than the training crop (3D, or 2D with slice_windows): crop-sized windows
                     pred = in_windows(lambda patch: net(patch[:, :labels], patch[:, labels:],
                                                         t_batch[:1].expand(patch.shape[0])),
                                       torch.cat([x, cond], dim=1), window, x.shape[0], overlap)

@@ -130,6 +130,12 @@ class ModelCard:
     # 3D models: how far neighbouring inference windows (crop-sized) overlap, as a fraction of the crop.
     # 0.5 (half-crop steps, as nnU-Net) evaluates 8x the volume in windows, 0.25 (MONAI's default) 2.4x.
     window_overlap: float = 0.5
+    # 2D models: the network sees each slice in overlapping ``patch_size`` windows (``window_overlap``),
+    # Gaussian-blended, as it saw its training crops, instead of the whole slice at once. Its group
+    # normalisation then takes statistics over a crop-sized window, so air, table or arms far from the
+    # anatomy cannot change them. Costs about (1 / (1 - overlap))^2 x the network compute. 3D models
+    # always use windows.
+    slice_windows: bool = False
     prediction_type: str = "sample"
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear_beta"
@@ -306,6 +312,13 @@ class ModelCard:
                                  f"{self.spatial_dims} entries")
         return array_patch_size(self.patch_size, self.spatial_dims)
 
+    def inference_window(self) -> tuple[int, ...] | None:
+        """The window (network axis order) a run's network calls are split into: the training crop for a 3D
+        model, or a 2D one with ``slice_windows``; None (whole items) otherwise or without ``patch_size``."""
+        if not isinstance(self.slice_windows, bool):
+            raise ModelLoadError(f"model card '{self.name}': slice_windows {self.slice_windows!r} must be true or false")
+        return self.patch_shape() if self.spatial_dims == 3 or self.slice_windows else None
+
     def windows_overlap(self) -> float:
         """``window_overlap`` checked: a fraction in [0, 1)."""
         value = self.window_overlap
@@ -370,6 +383,7 @@ class ModelCard:
             raise ModelLoadError("model card lists no labels")
         card = cls(**data)
         card.windows_overlap()  # refused when read, not after a long preprocessing
+        card.inference_window()
         card.check_tasks()
         card.member_files()
         return card

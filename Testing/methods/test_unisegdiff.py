@@ -530,3 +530,90 @@ def test_the_time_estimate_counts_the_encoder_once_per_image_and_the_denoiser_pe
     with torch.inference_mode():
         assert METHOD.item_seconds(net, c, _images(4), plan, timed) == pytest.approx(0.3)
     assert calls[1].shape == (4, 1, 16, 16)  # the second timed call is the denoiser's output
+
+
+# ---------------------------------------------------------------------------------------------
+# Slice windows: the network sees training-sized windows of a slice, not the whole slice
+# ---------------------------------------------------------------------------------------------
+
+
+def windowed_card(**settings) -> ModelCard:
+    return ModelCard(name="tiny_unisegdiff", method="unisegdiff", in_channels=1, labels=[LabelInfo("a")],
+                     network=dict(NET), default_samples=3, default_steps=3, method_settings=settings,
+                     patch_size=[8, 8], window_overlap=0.5, slice_windows=True)
+
+
+class _Shapes:
+    """Wraps ``net.encode`` and ``net.denoise``: the spatial size of every call's input."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.seen: set[tuple[int, ...]] = set()
+        encode, denoise = net.encode, net.denoise
+
+        def seen_encode(image):
+            self.seen.add(tuple(image.shape[2:]))
+            return encode(image)
+
+        def seen_denoise(x_t, condition, t):
+            self.seen.add(tuple(x_t.shape[2:]))
+            return denoise(x_t, condition, t)
+
+        net.encode, net.denoise = seen_encode, seen_denoise
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_with_slice_windows_the_network_sees_only_training_sized_windows_and_the_masks_are_whole(shared):
+    c = windowed_card(coarse_shared=shared)
+    net = tiny_net(c)
+    shapes = _Shapes(net)
+    images = torch.randn((2, 1, 12, 20), generator=torch.Generator().manual_seed(5))
+    masks = [sample_staged(net, c, images, 3, 3, seed=0, batch_size=bs) for bs in (1, 4, None)]
+    assert shapes.seen == {(8, 8)}  # windows at rows 0, 4 and columns 0, 4, 8, 12
+    first = masks[0]
+    assert first.shape == (3, 2, 1, 12, 20) and first.dtype == torch.uint8
+    assert 0 < int(first.sum()) < first.numel()
+    assert all(torch.equal(first, m) for m in masks[1:])  # the seed decides, not the chunking
+    whole = sample_staged(tiny_net(c), card(coarse_shared=shared), images, 3, 3, seed=0)
+    assert not torch.equal(first, whole)
+
+
+def test_slice_windows_change_nothing_for_a_slice_no_larger_than_the_window():
+    images = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(5))
+    net = tiny_net(card())
+    torch.testing.assert_close(sample_staged(net, windowed_card(), images, 2, 3, seed=3),
+                               sample_staged(net, card(), images, 2, 3, seed=3), rtol=0, atol=0)
+
+
+def test_with_slice_windows_what_is_added_far_away_does_not_change_the_prediction_here():
+    """The defect windows guard: a whole slice goes through group normalisation at once, so air added
+    beside the anatomy changes the prediction everywhere. Windowed, a pixel depends only on the windows
+    holding it: columns 0-3 lie in the windows starting at column 0 only, for 16 columns and for 24."""
+    from DiffusionSegLib.methods.unisegdiff.sampling import Encoded, window_grid
+
+    c = windowed_card()
+    net = tiny_net(c)
+    generator = torch.Generator().manual_seed(2)
+    image, x = torch.randn((1, 1, 8, 16), generator=generator), torch.randn((1, 1, 8, 16), generator=generator)
+    air = torch.full((1, 1, 8, 8), -3.0)
+    padded_image, padded_x = torch.cat([image, air], dim=3), torch.cat([x, torch.zeros(1, 1, 8, 8)], dim=3)
+    t = torch.tensor([500])
+    with torch.inference_mode():
+        def predict(use_card, img, noisy):
+            return Encoded.of(net, img, window_grid(use_card, tuple(img.shape[2:]))).denoise(net, noisy, t)
+
+        windowed = predict(c, image, x)[..., :4], predict(c, padded_image, padded_x)[..., :4]
+        whole = predict(card(), image, x)[..., :4], predict(card(), padded_image, padded_x)[..., :4]
+    torch.testing.assert_close(windowed[0], windowed[1], rtol=1e-5, atol=1e-5)
+    assert float((whole[0] - whole[1]).abs().max()) > 1e-3  # whole slices: the air changes these columns
+
+
+def test_the_time_estimate_times_the_windows_a_run_uses():
+    c = windowed_card()
+    net = tiny_net(c)
+    shapes = _Shapes(net)
+    plan = METHOD.plan(c, 2, 3, None)
+    with torch.inference_mode():
+        out = METHOD.example_call(net, c, torch.randn(2, 1, 12, 20))
+    assert out.shape == (2, 1, 12, 20) and shapes.seen == {(8, 8)}
+    with torch.inference_mode():
+        assert METHOD.item_seconds(net, c, torch.randn(2, 1, 12, 20), plan, lambda call: (call(), 1.0)) > 0

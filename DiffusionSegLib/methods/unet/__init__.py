@@ -47,7 +47,7 @@ class SupervisedUNetMethod(SegmentationMethod):
                progress: ProgressFn | None = None) -> "torch.Tensor":
         from DiffusionSegLib.methods.unet.network import predict_supervised
 
-        window = card.patch_shape() if card.spatial_dims == 3 else None
+        window = card.inference_window()
         return predict_supervised(net, images, batch_size, amp, progress, binary=True, window=window,
                                   overlap=card.windows_overlap())
 

@@ -162,26 +162,32 @@ class UniSegDiff(SegmentationMethod):
                              progress=progress)
 
     def example_call(self, net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor") -> "torch.Tensor":
-        """The encoder and one denoiser call at the noisiest step on ``images`` (k, C, *spatial)."""
-        return self._denoise_once(net, card, images, net.encode(images))
+        """The encoder and one denoiser call at the noisiest step on ``images`` (k, C, *spatial), in the
+        windows a run would use."""
+        from DiffusionSegLib.methods.unisegdiff.sampling import Encoded, window_grid
+
+        encoded = Encoded.of(net, images, window_grid(card, tuple(images.shape[2:])))
+        return self._denoise_once(net, card, images, encoded)
 
     @staticmethod
-    def _denoise_once(net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor", condition: Any) -> "torch.Tensor":
+    def _denoise_once(net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor", encoded: Any) -> "torch.Tensor":
         import torch
 
         noise = torch.randn((images.shape[0], card.out_channels, *images.shape[2:]),
                             generator=torch.Generator("cpu").manual_seed(0)).to(images.device)
         t = torch.full((images.shape[0],), card.num_train_timesteps - 1, device=images.device, dtype=torch.long)
-        return net.denoise(noise, condition, t)
+        return encoded.denoise(net, noise, t)
 
     def item_seconds(self, net: "torch.nn.Module", card: "ModelCard", items: "torch.Tensor", plan: SamplingPlan,
                      timed: Callable[[Callable[[], Any]], tuple[Any, float]]) -> float:
         """The sampler runs the encoder once per image and the denoiser ``nfe_per_sample`` times per
-        sample (the steps plus a share of the coarse jump): both timed, spread over the samples x steps
-        evaluations the estimate counts per image."""
-        k = items.shape[0]
-        condition, encode_s = timed(lambda: net.encode(items))
-        _, denoise_s = timed(lambda: self._denoise_once(net, card, items, condition))
+        sample (the steps plus a share of the coarse jump): both timed (in the run's windows), spread over
+        the samples x steps evaluations the estimate counts per image."""
+        from DiffusionSegLib.methods.unisegdiff.sampling import Encoded, window_grid
+
+        k, grid = items.shape[0], window_grid(card, tuple(items.shape[2:]))
+        encoded, encode_s = timed(lambda: Encoded.of(net, items, grid))
+        _, denoise_s = timed(lambda: self._denoise_once(net, card, items, encoded))
         per_image = encode_s / k + denoise_s / k * plan.nfe_per_sample * plan.samples
         return per_image / (plan.samples * plan.steps)
 
