@@ -228,20 +228,23 @@ def test_masks_are_binary_and_depend_on_the_seed_only_not_on_the_batch_size():
 
 
 class _Counting:
-    """Wraps ``net.encode`` and ``net.denoise``: the batch size and t of every call."""
+    """Wraps ``net.encode`` and ``net.denoise``: the batch size and t of every call, and the spatial sizes seen."""
 
     def __init__(self, net: torch.nn.Module):
         self.encoded: list[int] = []
         self.denoised: list[tuple[int, list[int]]] = []
+        self.seen: set[tuple[int, ...]] = set()
         encode, denoise = net.encode, net.denoise
 
         def counted_encode(image):
             self.encoded.append(image.shape[0])
+            self.seen.add(tuple(image.shape[2:]))
             return encode(image)
 
         def counted_denoise(x_t, condition, t):
             assert x_t.shape[0] == t.shape[0] == condition.prior_logits.shape[0]
             self.denoised.append((x_t.shape[0], sorted(set(t.tolist()))))
+            self.seen.add(tuple(x_t.shape[2:]))
             return denoise(x_t, condition, t)
 
         net.encode, net.denoise = counted_encode, counted_denoise
@@ -543,29 +546,11 @@ def windowed_card(**settings) -> ModelCard:
                      patch_size=[8, 8], window_overlap=0.5, slice_windows=True)
 
 
-class _Shapes:
-    """Wraps ``net.encode`` and ``net.denoise``: the spatial size of every call's input."""
-
-    def __init__(self, net: torch.nn.Module):
-        self.seen: set[tuple[int, ...]] = set()
-        encode, denoise = net.encode, net.denoise
-
-        def seen_encode(image):
-            self.seen.add(tuple(image.shape[2:]))
-            return encode(image)
-
-        def seen_denoise(x_t, condition, t):
-            self.seen.add(tuple(x_t.shape[2:]))
-            return denoise(x_t, condition, t)
-
-        net.encode, net.denoise = seen_encode, seen_denoise
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_with_slice_windows_the_network_sees_only_training_sized_windows_and_the_masks_are_whole(shared):
     c = windowed_card(coarse_shared=shared)
     net = tiny_net(c)
-    shapes = _Shapes(net)
+    shapes = _Counting(net)
     images = torch.randn((2, 1, 12, 20), generator=torch.Generator().manual_seed(5))
     masks = [sample_staged(net, c, images, 3, 3, seed=0, batch_size=bs) for bs in (1, 4, None)]
     assert shapes.seen == {(8, 8)}  # windows at rows 0, 4 and columns 0, 4, 8, 12
@@ -610,7 +595,7 @@ def test_with_slice_windows_what_is_added_far_away_does_not_change_the_predictio
 def test_the_time_estimate_times_the_windows_a_run_uses():
     c = windowed_card()
     net = tiny_net(c)
-    shapes = _Shapes(net)
+    shapes = _Counting(net)
     plan = METHOD.plan(c, 2, 3, None)
     with torch.inference_mode():
         out = METHOD.example_call(net, c, torch.randn(2, 1, 12, 20))
