@@ -36,7 +36,7 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 in hex, as cards and ca
 FORMAT_VERSION = 1
 # What a task of a multi-task card (``ModelCard.tasks``) may set for itself, over the card's value.
 TASK_FIELDS = ("modality", "normalization", "region_components", "consistent_components", "largest_component",
-               "member_flips", "crop_to_region", "description")
+               "member_flips", "crop_to_region", "slice_windows", "description")
 
 
 @dataclass
@@ -134,7 +134,7 @@ class ModelCard:
     # Gaussian-blended, as it saw its training crops, instead of the whole slice at once. Its group
     # normalisation then takes statistics over a crop-sized window, so air, table or arms far from the
     # anatomy cannot change them. Costs about (1 / (1 - overlap))^2 x the network compute. 3D models
-    # always use windows.
+    # always use windows. A task may set its own.
     slice_windows: bool = False
     prediction_type: str = "sample"
     num_train_timesteps: int = 1000
@@ -383,7 +383,8 @@ class ModelCard:
             raise ModelLoadError("model card lists no labels")
         card = cls(**data)
         card.windows_overlap()  # refused when read, not after a long preprocessing
-        card.inference_window()
+        for task in [None, *card.tasks]:  # a task may set its own slice_windows
+            (card.for_task(task) if task else card).inference_window()
         card.check_tasks()
         card.member_files()
         return card

@@ -43,6 +43,15 @@ def test_a_card_with_a_malformed_slice_windows_is_refused_when_read():
     for bad in ("yes", 1, None):
         with pytest.raises(ModelLoadError, match="slice_windows"):
             ModelCard.from_dict({**data, "slice_windows": bad})
+        with pytest.raises(ModelLoadError, match="slice_windows"):
+            ModelCard.from_dict({**data, "tasks": {"lung": {"slice_windows": bad}}, "default_task": "lung"})
+
+
+def test_a_task_may_set_its_own_slice_windows():
+    card = ModelCard(name="f", spatial_dims=2, patch_size=[32, 32], default_task="lung",
+                     tasks={"lung": {"slice_windows": True}, "liver": {}})
+    assert card.for_task("lung").inference_window() == (32, 32)
+    assert card.for_task("liver").inference_window() is None
 
 
 def test_window_starts_by_hand():
