@@ -124,6 +124,10 @@ class TrainConfig:
     method_settings: dict[str, Any] = field(default_factory=dict)  # written to the card; the method checks them
     # A folder from ``diffusionseg pretrain``: its encoder initialises the image encoder (3D MedSegDiff)
     pretrained_backbone: str | None = None
+    # Fine-tuning: a model folder (model.json + weights) whose network starts the run, member
+    # ``fine_tune_member`` of an ensemble (0 = model.safetensors). Same method and network, or refused.
+    fine_tune_from: str | None = None
+    fine_tune_member: int = 0
     # written to the card: "off" | "mean" | "published" (true = "mean", false = "off"); None = the method's default
     default_crf: bool | str | None = None
     shown_labels: list[str] = field(default_factory=list)  # written to the card; empty = output every label
@@ -236,6 +240,11 @@ class TrainConfig:
         elif self.pretrained_backbone and not Path(self.pretrained_backbone, "backbone.json").is_file():
             problems.append(f"pretrained_backbone {self.pretrained_backbone} (no backbone.json there: "
                             "a folder written by diffusionseg pretrain is needed)")
+        if self.fine_tune_from and not Path(self.fine_tune_from, "model.json").is_file():
+            problems.append(f"fine_tune_from {self.fine_tune_from} (no model.json there: a model folder is needed)")
+        if isinstance(self.fine_tune_member, bool) or not isinstance(self.fine_tune_member, int) \
+                or self.fine_tune_member < 0:
+            problems.append(f"fine_tune_member {self.fine_tune_member!r} (0 = model.safetensors, K = member_K)")
         if problems:
             raise DiffusionSegError("invalid training settings: " + "; ".join(problems))
 
@@ -408,6 +417,32 @@ def _build_card(name: str, config: TrainConfig, in_channels: int, labels: Mappin
     )
 
 
+def load_fine_tune_weights(net: Any, card: ModelCard, folder: str | os.PathLike, member: int = 0) -> dict[str, Any]:
+    """Load member ``member`` of the model folder ``folder`` into ``net`` (the run's network, built from
+    ``card``), after checking that the folder's model has the same method and network (widths, input
+    channels, labels) and the weights their sha256. Returns what the card records; DiffusionSegError
+    before any training otherwise."""
+    from DiffusionSegLib.methods.registry import load_members, load_model
+    from DiffusionSegLib.models.card import read_card
+
+    source = read_card(folder)
+    differs = [what for what, a, b in (("method", source.method, card.method), ("network", source.network, card.network),
+                                       ("spatial_dims", source.spatial_dims, card.spatial_dims),
+                                       ("input channels", source.network_in_channels, card.network_in_channels),
+                                       ("labels", source.out_channels, card.out_channels)) if a != b]
+    if differs:
+        raise DiffusionSegError(f"cannot fine-tune from {folder}: its model differs from this run's in "
+                                f"{', '.join(differs)}")
+    if member > len(source.members):
+        raise DiffusionSegError(f"cannot fine-tune from member {member} of {folder}: it has "
+                                f"{len(source.members) + 1} network(s) (0-{len(source.members)})")
+    loaded = load_model(folder, card=source)[0] if member == 0 else \
+        load_members(folder, source, count=member)[member - 1]
+    net.load_state_dict(loaded.state_dict(), strict=True)
+    sha = source.weights_sha256 if member == 0 else source.member_files()[member - 1][1]
+    return {"model": source.name, "folder": str(folder), "member": member, "weights_sha256": sha}
+
+
 def _ema_update(ema: Any, net: Any, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * net for floating tensors; other buffers are copied."""
     import torch
@@ -464,6 +499,9 @@ class _Run:
             from DiffusionSegLib.training.pretrain import load_pretrained_encoder
 
             self.pretrained = load_pretrained_encoder(self.method, self.net, self.card, config.pretrained_backbone)
+        self.fine_tuned = None
+        if config.fine_tune_from:  # before the EMA copy, so the EMA starts from these weights too
+            self.fine_tuned = load_fine_tune_weights(self.net, self.card, config.fine_tune_from, config.fine_tune_member)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         # One group per part the method trains at its own rate (``start_step`` sets each group's factor).
         self.optimizer = torch.optim.AdamW([{"params": group} for group in self.method.parameter_groups(self.net)],
@@ -807,6 +845,7 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, device: Any,
         "config": dataclasses.asdict(config),
         **({"processes": run.world} if run.world > 1 else {}),  # data-parallel: batch_size is the global batch
         **({"pretrained_backbone": run.pretrained} if run.pretrained else {}),
+        **({"fine_tuned_from": run.fine_tuned} if run.fine_tuned else {}),
     }
     if run.method.supervision == Supervision.IMAGE_LABELS:
         _finish_image_label_run(run, final_state)
