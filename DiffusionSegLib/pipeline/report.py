@@ -75,6 +75,9 @@ def build_report(result: SegmentationResult, card: Any, device: Any, opts: Segme
                   "normalization": card.normalization, "prediction_type": card.prediction_type,
                   "prediction_target": get_method(card.method).target_description(card),
                   "weights_sha256": card.weights_sha256,
+                  # the network's window (3D, or 2D with slice_windows; None: whole items) and its overlap
+                  "inference_window": list(card.inference_window() or []) or None,
+                  "window_overlap": card.windows_overlap(),
                   # a multi-task model: the run's task and the model's tasks (the task token the network saw)
                   "task": card.task, "tasks": list(card.tasks)},
         "modality": modality,

@@ -212,6 +212,7 @@ def test_report_is_readable_and_keyed_by_label(tiny_ct_model):
     assert set(rep["sample_diversity"]) == set(rep["volumes_ml"]) == {"liver", "spleen"}
     assert set(rep["volumes_ml"]["liver"]) == {"fused", "consistency", "ambiguity", "crf"}
     assert rep["seconds_per_network_evaluation"] > 0 and rep["model_grid_item_shape"] == [16, 16]
+    assert rep["model"]["inference_window"] is None  # a 2D card without slice_windows: whole slices
 
 
 def test_warnings_and_estimate_come_before_sampling(tiny_ct_model, monkeypatch):
@@ -344,3 +345,15 @@ def test_the_result_holds_sample_counts_not_float_maps(tiny_model):
     assert int(result.counts.max()) <= 3 and result.n_samples == 3
     voxels_per_label = int(np.prod(image.GetSize()))
     assert sum(array.nbytes for array in stored.values()) == 2 * len(result.labels) * voxels_per_label
+
+
+def test_a_slice_windows_model_segments_a_whole_image_in_windows_and_says_so(tmp_path):
+    """End to end: a UniSegDiff card with slice_windows samples a 40 x 48 slice in 16 x 16 windows; the
+    outputs are on the input grid and report.json names the window."""
+    model = make_model(tmp_path / "windowed", method="unisegdiff", patch_size=[16, 16], slice_windows=True)
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(2, 40, 48)).astype(np.float32))
+    result = segment_image(image, model, SegmentSettings(samples=2, steps=3, crf=False))
+    assert result.report["model"]["inference_window"] == [16, 16]
+    assert result.report["model"]["window_overlap"] == 0.5
+    assert result.report["model_grid_item_shape"] == [40, 48]
+    assert result.fused.shape == (1, 2, 40, 48)  # (L, z, y, x) on the input grid
