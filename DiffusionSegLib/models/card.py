@@ -316,7 +316,8 @@ class ModelCard:
         """The window (network axis order) a run's network calls are split into: the training crop for a 3D
         model, or a 2D one with ``slice_windows``; None (whole items) otherwise or without ``patch_size``."""
         if not isinstance(self.slice_windows, bool):
-            raise ModelLoadError(f"model card '{self.name}': slice_windows {self.slice_windows!r} must be true or false")
+            raise ModelLoadError(f"model card '{self.name}': slice_windows {self.slice_windows!r} must be true or "
+                                 "false")
         return self.patch_shape() if self.spatial_dims == 3 or self.slice_windows else None
 
     def windows_overlap(self) -> float:

@@ -426,10 +426,11 @@ def load_fine_tune_weights(net: Any, card: ModelCard, folder: str | os.PathLike,
     from DiffusionSegLib.models.card import read_card
 
     source = read_card(folder)
-    differs = [what for what, a, b in (("method", source.method, card.method), ("network", source.network, card.network),
-                                       ("spatial_dims", source.spatial_dims, card.spatial_dims),
-                                       ("input channels", source.network_in_channels, card.network_in_channels),
-                                       ("labels", source.out_channels, card.out_channels)) if a != b]
+    pairs = (("method", source.method, card.method), ("network", source.network, card.network),
+             ("spatial_dims", source.spatial_dims, card.spatial_dims),
+             ("input channels", source.network_in_channels, card.network_in_channels),
+             ("labels", source.out_channels, card.out_channels))
+    differs = [what for what, a, b in pairs if a != b]
     if differs:
         raise DiffusionSegError(f"cannot fine-tune from {folder}: its model differs from this run's in "
                                 f"{', '.join(differs)}")
@@ -501,7 +502,8 @@ class _Run:
             self.pretrained = load_pretrained_encoder(self.method, self.net, self.card, config.pretrained_backbone)
         self.fine_tuned = None
         if config.fine_tune_from:  # before the EMA copy, so the EMA starts from these weights too
-            self.fine_tuned = load_fine_tune_weights(self.net, self.card, config.fine_tune_from, config.fine_tune_member)
+            self.fine_tuned = load_fine_tune_weights(self.net, self.card, config.fine_tune_from,
+                                                     config.fine_tune_member)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         # One group per part the method trains at its own rate (``start_step`` sets each group's factor).
         self.optimizer = torch.optim.AdamW([{"params": group} for group in self.method.parameter_groups(self.net)],

@@ -170,7 +170,8 @@ class UniSegDiff(SegmentationMethod):
         return self._denoise_once(net, card, images, encoded)
 
     @staticmethod
-    def _denoise_once(net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor", encoded: Any) -> "torch.Tensor":
+    def _denoise_once(net: "torch.nn.Module", card: "ModelCard", images: "torch.Tensor",
+                      encoded: Any) -> "torch.Tensor":
         import torch
 
         noise = torch.randn((images.shape[0], card.out_channels, *images.shape[2:]),
