@@ -384,9 +384,9 @@ class ModelCard:
             raise ModelLoadError("model card lists no labels")
         card = cls(**data)
         card.windows_overlap()  # refused when read, not after a long preprocessing
-        for task in [None, *card.tasks]:  # a task may set its own slice_windows
-            (card.for_task(task) if task else card).inference_window()
         card.check_tasks()
+        for task in [None, *card.tasks]:  # a task may set its own slice_windows (tasks checked first)
+            (card.for_task(task) if task else card).inference_window()
         card.member_files()
         return card
 
