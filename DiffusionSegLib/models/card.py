@@ -133,7 +133,7 @@ class ModelCard:
     # 2D models: the network sees each slice in overlapping ``patch_size`` windows (``window_overlap``),
     # Gaussian-blended, as it saw its training crops, instead of the whole slice at once. Its group
     # normalisation then takes statistics over a crop-sized window, so air, table or arms far from the
-    # anatomy cannot change them. Costs about (1 / (1 - overlap))^2 x the network compute. 3D models
+    # anatomy cannot change them. Costs up to (1 / (1 - overlap))^2 x the network compute. 3D models
     # always use windows. A task may set its own.
     slice_windows: bool = False
     prediction_type: str = "sample"
