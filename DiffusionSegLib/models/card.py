@@ -36,7 +36,7 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 in hex, as cards and ca
 FORMAT_VERSION = 1
 # What a task of a multi-task card (``ModelCard.tasks``) may set for itself, over the card's value.
 TASK_FIELDS = ("modality", "normalization", "region_components", "consistent_components", "largest_component",
-               "member_flips", "crop_to_region", "slice_windows", "description")
+               "member_flips", "crop_to_region", "crop_min_removed", "slice_windows", "description")
 
 
 @dataclass
@@ -157,6 +157,11 @@ class ModelCard:
     # crops, every slice kept; the outputs are written back on the whole input grid (pipeline/crop.py).
     # Not found in an input: the whole image is sampled, and the report says so. None: no crop.
     crop_to_region: str | None = None
+    # With ``crop_to_region``: the crop applies only when its box leaves out at least this fraction of
+    # the slice area. An input already cut to the region (less left out) is sampled as it is: a 2D
+    # model's Dice on a tumour moved by 0.1 when its sampling grid moved by a few pixels
+    # (docs/BENCHMARKS.md, "Whole chest scans cropped"). 0: every box found crops.
+    crop_min_removed: float = 0.0
     # How a run refines with DenseCRF unless told otherwise (decided on validation data: the CRF's
     # long-range appearance kernel can erase thin structures): a core.enums.CrfMode spelling
     # ("off", "mean", "published"), or true (= "mean") / false (= "off") as older cards say.
@@ -292,7 +297,12 @@ class ModelCard:
         return out
 
     def crop_region(self) -> Region | None:
-        """``crop_to_region`` checked: the Region a run samples in, or None; ModelLoadError for an unknown one."""
+        """``crop_to_region`` checked: the Region a run samples in, or None; ModelLoadError for an unknown one
+        or a ``crop_min_removed`` outside [0, 1)."""
+        share = self.crop_min_removed
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+            raise ModelLoadError(f"model card '{self.name}': crop_min_removed {share!r} must be a fraction of the "
+                                 "slice area in [0, 1)")
         if self.crop_to_region is None:
             return None
         try:

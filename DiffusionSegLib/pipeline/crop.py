@@ -7,7 +7,9 @@ the per-slice lung hull grown 10 mm: the training crop) and keeps every slice, a
 output is then written back on the whole input grid, zero (not sampled) outside the box.
 
 Measured on the unified model's lung task (docs/BENCHMARKS.md, "Whole chest scans cropped"): a whole
-scan's false positives went, but a tumour already cropped scored lower, so no bundled card sets it.
+scan's false positives went, but a tumour already cropped scored lower: cut again to a box a few pixels
+different. ``crop_min_removed`` leaves such an input as it is: the crop applies only when its box leaves
+out at least that share of the slice.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def region_box(mask: np.ndarray) -> Box | None:
     if rows.size == 0:
         return None
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def removed_fraction(box: Box, plane: Sequence[int]) -> float:
+    """The share of a (rows, columns) slice's area that ``box`` leaves out, in [0, 1)."""
+    rows, cols = box
+    return 1.0 - (rows.stop - rows.start) * (cols.stop - cols.start) / (int(plane[0]) * int(plane[1]))
 
 
 def crop_image(image: "sitk.Image", box: Box) -> "sitk.Image":

@@ -151,13 +151,14 @@ def _evaluation_progress(report_progress: StageProgress, total_evaluations: int)
 def _crop_to_card_region(image: Any, card: Any, crop: bool) -> tuple[Any, Any, dict[str, Any], dict[Any, Any]]:
     """The part of ``image`` a run samples: (image or its crop, the crop's box or None, report entry,
     {region: find_region_why's answer} for reuse). The card's ``crop_to_region`` decides (pipeline/crop.py);
-    ``crop`` False or a region not found: the whole image, and the entry says why."""
+    ``crop`` False, a region not found or a box that leaves out less than ``crop_min_removed`` of the
+    slice: the whole image, and the entry says why."""
     region = card.crop_region()
     if region is None:
         return image, None, {}, {}
     if not crop:
         return image, None, {"region": str(region), "note": "crop turned off (--no-crop): the whole image was sampled"}, {}
-    from DiffusionSegLib.pipeline.crop import box_report, crop_image, region_box
+    from DiffusionSegLib.pipeline.crop import box_report, crop_image, region_box, removed_fraction
     from DiffusionSegLib.pipeline.regions import find_region_why
 
     mask, why = find_region_why(region, image)
@@ -165,8 +166,14 @@ def _crop_to_card_region(image: Any, card: Any, crop: bool) -> tuple[Any, Any, d
     if box is None:
         note = f"region {region} not found in the input ({why or 'empty'}): the whole image was sampled"
         return image, None, {"region": str(region), "note": note}, {region: (mask, why)}
-    entry = {"region": str(region), **box_report(box, image),
-             "note": "sampled inside this box only; every output is zero outside it"}
+    removed = removed_fraction(box, mask.shape[-2:])
+    entry = {"region": str(region), **box_report(box, image), "removed_fraction": round(removed, 3)}
+    if removed < card.crop_min_removed:  # already cut to the region: a re-cut only moves the sampling grid
+        entry["note"] = (f"the box leaves out {removed:.0%} of the slice, less than crop_min_removed "
+                         f"({card.crop_min_removed:.0%}): the input is taken as already cut to the region, "
+                         "and the whole image was sampled")
+        return image, None, entry, {region: (mask, why)}
+    entry["note"] = "sampled inside this box only; every output is zero outside it"
     return crop_image(image, box), box, entry, {region: (mask, why)}
 
 

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from helpers import make_model
 from DiffusionSegLib.core.errors import ModelLoadError
-from DiffusionSegLib.pipeline.crop import crop_image, paste, region_box
+from DiffusionSegLib.pipeline.crop import crop_image, paste, region_box, removed_fraction
 from DiffusionSegLib.pipeline.segment import segment_image
 from DiffusionSegLib.pipeline.settings import SegmentSettings
 
@@ -118,6 +118,47 @@ def test_an_unknown_crop_region_is_refused_before_sampling(tmp_path, monkeypatch
     monkeypatch.setattr(diffusion, "sample_masks", never)
     model = make_model(tmp_path / "bad", crop_to_region="liver")
     with pytest.raises(ModelLoadError, match="unknown crop_to_region 'liver'"):
+        segment_image(_chest(), model, SegmentSettings(samples=2, steps=1, crf=False))
+
+
+def test_removed_fraction_is_the_share_of_the_slice_area_outside_the_box():
+    # The test chest's box: 38 x 50 of 64 x 64 pixels, 1 - 1900 / 4096 = 0.5361 left out.
+    assert removed_fraction(BOX, (64, 64)) == pytest.approx(1 - 1900 / 4096)
+    assert removed_fraction((slice(0, 10), slice(0, 20)), (10, 20)) == 0.0
+
+
+def test_an_input_already_cut_to_the_region_is_sampled_as_it_is(tmp_path, monkeypatch):
+    """``crop_min_removed``: a box that leaves out less of the slice than that share does not crop, so an
+    input already cut to the region is not cut again on a grid a few pixels off; a larger one crops."""
+    from DiffusionSegLib.methods import diffusion
+
+    seen: list[tuple[int, ...]] = []
+    monkeypatch.setattr(diffusion, "sample_masks", _mark_everything(seen))
+    image = _chest()  # the box leaves out 0.536 of each slice
+    kept = make_model(tmp_path / "keep", crop_to_region="lungs", crop_min_removed=0.6, normalization=CT_WINDOW)
+    result = segment_image(image, kept, SegmentSettings(samples=2, steps=1, crf=False))
+    assert seen[0][-2:] == (64, 64) and result.fused[0].all()
+    crop = result.report["crop"]
+    assert crop["removed_fraction"] == 0.536 and crop["size_xyz"] == [50, 38, 6]
+    assert "less than crop_min_removed (60%)" in crop["note"] and "whole image was sampled" in crop["note"]
+
+    seen.clear()
+    cut = make_model(tmp_path / "cut", crop_to_region="lungs", crop_min_removed=0.5, normalization=CT_WINDOW)
+    result = segment_image(image, cut, SegmentSettings(samples=2, steps=1, crf=False))
+    assert sorted(seen[0][-2:]) == [38, 50] and result.fused[0][:, :13].sum() == 0
+    assert result.report["crop"]["note"].startswith("sampled inside this box only")
+
+
+@pytest.mark.parametrize("share", [1.0, -0.1, "0.3", True])
+def test_a_crop_min_removed_outside_zero_to_one_is_refused_before_sampling(tmp_path, monkeypatch, share):
+    from DiffusionSegLib.methods import diffusion
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(diffusion, "sample_masks", never)
+    model = make_model(tmp_path / "bad", crop_to_region="lungs", crop_min_removed=share, normalization=CT_WINDOW)
+    with pytest.raises(ModelLoadError, match="crop_min_removed .* must be a fraction of the slice area"):
         segment_image(_chest(), model, SegmentSettings(samples=2, steps=1, crf=False))
 
 
