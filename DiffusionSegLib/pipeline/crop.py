@@ -9,7 +9,8 @@ output is then written back on the whole input grid, zero (not sampled) outside 
 Measured on the unified model's lung task (docs/BENCHMARKS.md, "Whole chest scans cropped"): a whole
 scan's false positives went, but a tumour already cropped scored lower: cut again to a box a few pixels
 different. ``crop_min_removed`` leaves such an input as it is: the crop applies only when its box leaves
-out at least that share of the slice.
+out at least that share of the slice. Both bundled lung models crop so (0.25; docs/BENCHMARKS.md, "A crop
+that leaves an input already cut to the region as it is").
 """
 
 from __future__ import annotations
