@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         codes = ", ".join(dict.fromkeys(w["code"] for w in rep["warnings"]))
         print(f"  the input does not fit the model ({codes}): the masks may be meaningless, see 'warnings' "
               f"in report.json")
+    if rep.get("crop"):  # where the card's crop sampled, or why it sampled the whole image
+        print(f"  crop to {rep['crop']['region']}: {rep['crop']['note']}")
     for note in rep.get("postprocessing", {}).get("region_notes", []):  # a card filter that could not apply
         print(f"  {note}")
     print(f"outputs in {Path(args.output).resolve()}:")

@@ -12,7 +12,7 @@ from DiffusionSegLib.cli.main import main
 MODEL = "ct_lung_lesion_unisegdiff_2d"
 
 
-def test_the_lung_lesion_model_finds_a_nodule_and_nothing_else(tmp_path):
+def test_the_lung_lesion_model_finds_a_nodule_and_nothing_else(tmp_path, capsys):
     nodule = write_chest_phantom(tmp_path / "chest.nii.gz")
     assert main(["segment", str(tmp_path / "chest.nii.gz"), "-o", str(tmp_path / "out"), "--model", MODEL,
                  "--samples", "2", "-q"]) == 0
@@ -27,3 +27,9 @@ def test_the_lung_lesion_model_finds_a_nodule_and_nothing_else(tmp_path):
     post = report["postprocessing"]  # the card's filters ran, and found the phantom's lungs
     assert post["region_components"] == {"lesion": "lungs"} and post["consistent_components"] == ["lesion"]
     assert post["region_notes"] == []
+    # The card crops to the chest cavity: the phantom's box (131 x 95 of 160 x 160) leaves out more than a
+    # quarter of each slice, so only the box was sampled; the nodule found above is on the whole grid.
+    crop = report["crop"]
+    assert crop["removed_fraction"] == 0.514 and crop["size_xyz"] == [131, 95, 20]
+    assert crop["note"] == "sampled inside this box only; every output is zero outside it"
+    assert f"  crop to lungs: {crop['note']}" in capsys.readouterr().out.splitlines()  # the CLI says so
