@@ -387,9 +387,12 @@ def stage_text(status: JobStatus) -> str:
 
 
 def done_text(seconds: float, report: dict[str, Any] | None) -> str:
-    """The status label after a run: its time, then each post-processing note of its report (e.g. a
-    card's brain region that could not be placed on a slab, so nothing was confined to it)."""
-    notes = ((report or {}).get("postprocessing") or {}).get("region_notes") or []
+    """The status label after a run: its time, where the card's crop sampled (nothing outside the box
+    was looked at) or why it did not, then each post-processing note of its report (e.g. a card's
+    brain region that could not be placed on a slab, so nothing was confined to it)."""
+    crop = (report or {}).get("crop") or {}
+    notes = [_("Crop to {region}: {note}").format(region=crop["region"], note=crop["note"])] if crop else []
+    notes += ((report or {}).get("postprocessing") or {}).get("region_notes") or []
     return _("Done in {seconds:.0f} s.").format(seconds=seconds) + "".join(f"\n{note}" for note in notes)
 
 

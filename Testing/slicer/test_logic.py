@@ -295,6 +295,10 @@ def test_the_done_text_carries_the_runs_region_notes():
     note = "region brain not found in the input (...): lesion not confined to it"
     assert logic.done_text(3.0, {"postprocessing": {"region_notes": [note]}}) == f"Done in 3 s.\n{note}"
     assert logic.done_text(1.0, None) == "Done in 1 s."  # a summary without a report
+    # A card that crops says where it sampled: nothing outside the box was looked at.
+    crop = {"region": "lungs", "note": "sampled inside this box only; every output is zero outside it"}
+    assert logic.done_text(3.0, {"crop": crop, "postprocessing": {"region_notes": [note]}}) == (
+        f"Done in 3 s.\nCrop to lungs: {crop['note']}\n{note}")
 
 
 def test_stage_text():
