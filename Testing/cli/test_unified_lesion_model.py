@@ -40,7 +40,7 @@ def test_an_mr_runs_the_brain_task_and_a_named_task_its_own_window(tmp_path, cap
     mr = rng.normal(5, 3, (6, 96, 96))
     mr[:, head] = 360 + rng.normal(0, 30, (6, int(head.sum())))
     image = sitk.GetImageFromArray(np.clip(mr, 0, None).astype(np.int16))
-    image.SetSpacing((1.0, 1.0, 5.0))
+    image.SetSpacing((2.0, 2.0, 5.0))  # 192 mm in-plane, a head's width (over the model's 128 mm training view)
     image.SetOrigin((10.0, -20.0, 3.0))
     sitk.WriteImage(image, str(tmp_path / "mr.nii.gz"))
     assert main(["segment", str(tmp_path / "mr.nii.gz"), "-o", str(tmp_path / "mr"), "--model", MODEL, "-q"]) == 0

@@ -149,6 +149,16 @@ def test_a_tiny_crop_and_a_volume_larger_than_a_body():
     assert "unit" in check_input(huge, ct_card())[0].message and "25, 25, 50" in check_input(huge, ct_card())[0].message
 
 
+def test_a_crop_narrower_than_the_training_view_warns():
+    """The warning starts below the training crop's width (288 mm here), not at half of it: lung models lost
+    0.1-0.3 Dice on crops of 60-70 % of theirs (docs/BENCHMARKS.md, "A small field of view")."""
+    narrow = ct_volume(shape=(6, 80, 80), spacing=(2.5, 2.5, 5.0))  # 200 mm: 69 % of 288 mm
+    warnings = check_input(narrow, ct_card())
+    assert codes(warnings) == ["field_of_view"]
+    assert "200 x 200 mm, less than the 288 mm views of CT slices" in warnings[0].message
+    assert check_input(ct_volume(shape=(6, 120, 120), spacing=(2.5, 2.5, 5.0)), ct_card()) == []  # 300 mm
+
+
 def test_field_of_view_uses_the_models_slice_plane():
     # A long thin column: 40 x 40 mm axially, 400 mm head to foot. A 2D axial model sees 40 x 40 mm
     # slices, too little context, although the volume's largest extent is 400 mm.
