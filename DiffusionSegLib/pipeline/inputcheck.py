@@ -35,8 +35,9 @@ _MODALITY_NAMES = {"CT": "CT", "MR": "MR", "PT": "PET", "US": "ultrasound", "CR"
 _FOV_MAX_MM = 1000.0  # no body cross-section is wider: larger means a spacing in the wrong unit
 _FOV_MIN_MM = 64.0  # smallest sensible view when the card states no training crop
 # An input narrower than the training crop leaves the model less context than it learned with: on
-# lesion-centred crops of the lung checks the unified lung task (128 mm crops) lost 0.11 Dice at 80 mm and
-# the lung model (192 mm crops) 0.3 at 130 mm (docs/BENCHMARKS.md, "A small field of view").
+# lesion-centred crops of the lung checks the unified lung task (128 mm crops) lost 0.11 Dice at 80 mm
+# against 130 mm, the lung model (192 mm crops) 0.12 at 130 mm against 200 mm and everything at 80 mm
+# (docs/BENCHMARKS.md, "A small field of view").
 _FOV_CROP_SHARE = 1.0
 _BODY_MODALITIES = ("CT", "MR")
 

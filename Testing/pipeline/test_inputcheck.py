@@ -151,7 +151,7 @@ def test_a_tiny_crop_and_a_volume_larger_than_a_body():
 
 def test_a_crop_narrower_than_the_training_view_warns():
     """The warning starts below the training crop's width (288 mm here), not at half of it: lung models lost
-    0.1-0.3 Dice on crops of 60-70 % of theirs (docs/BENCHMARKS.md, "A small field of view")."""
+    about 0.1 Dice on crops of 60-70 % of theirs (docs/BENCHMARKS.md, "A small field of view")."""
     narrow = ct_volume(shape=(6, 80, 80), spacing=(2.5, 2.5, 5.0))  # 200 mm: 69 % of 288 mm
     warnings = check_input(narrow, ct_card())
     assert codes(warnings) == ["field_of_view"]
