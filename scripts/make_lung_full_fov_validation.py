@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from DiffusionSegLib.bench import data as benchdata  # noqa: E402
 from DiffusionSegLib.bench import realdata  # noqa: E402
 from DiffusionSegLib.core.files import staged_folder  # noqa: E402
-from DiffusionSegLib.core.errors import DatasetError  # noqa: E402
 
 # check case -> (source file in the TotalSegmentator sdist, True where the check set's builder kept
 # only the chest CT's 3 mm slices, bench.data.chest_slices)
@@ -44,10 +43,7 @@ def source_scan(path: Path, thinned: bool) -> sitk.Image:
 
 def build(bench: Path, out: Path) -> list[dict[str, str]]:
     """Write ``out`` (imagesTs/labelsTs/dataset.json) from ``bench``'s check set; returns the test list."""
-    check_dir = bench / benchdata.LUNG_CHECK
-    if not (check_dir / "dataset.json").is_file():
-        raise DatasetError(f"{check_dir}: missing; build it with 'diffusionseg bench --suite real "
-                           f"--prepare-only --data {bench}'")
+    check_dir = benchdata.lung_check_dir(bench)
     ts = realdata.ARCHIVES["totalsegmentator"]
     with staged_folder(out) as staging:
         with tempfile.TemporaryDirectory(prefix="diffusionseg-fullfov-val-") as tmp:
@@ -67,7 +63,7 @@ def build(bench: Path, out: Path) -> list[dict[str, str]]:
             "note": "SYNTHETIC lesions (the benchmark's lung check set, seeds not used in training) pasted back "
                     "into the uncropped scans they were cut from: same patients as the lung training anatomy. "
                     "For choosing whole-scan filters; not a test set.",
-            "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D",
+            **benchdata.LESION_CT_META,
             "source": {"package": ts.requirement, "sha256": ts.sha256}, "cases": info,
             "command": f"python3 scripts/make_lung_full_fov_validation.py --bench {bench} --out {out}"})
     return test

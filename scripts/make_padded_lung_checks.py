@@ -39,10 +39,7 @@ def pad_in_plane(image: sitk.Image, pad_mm: float, value: float) -> sitk.Image:
 
 def build(bench: Path, out: Path, pad_mm: float) -> list[dict[str, str]]:
     """Write ``out`` (imagesTs/labelsTs/dataset.json) from ``bench``'s lung check set; returns the test list."""
-    check_dir = bench / benchdata.LUNG_CHECK
-    if not (check_dir / "dataset.json").is_file():
-        raise DatasetError(f"{check_dir}: missing; build it with 'diffusionseg bench --suite real "
-                           f"--prepare-only --data {bench}'")
+    check_dir = benchdata.lung_check_dir(bench)
     if not pad_mm > 0:
         raise DatasetError(f"--pad-mm must be > 0, got {pad_mm}")
     cases, info = {}, {}
@@ -58,7 +55,7 @@ def build(bench: Path, out: Path, pad_mm: float) -> list[dict[str, str]]:
             "note": "SYNTHETIC lesions (the benchmark's lung check set, not test cases); the same voxels as the "
                     "check set inside, air (-1000 HU) outside. For measuring how a model depends on the slice's "
                     "extent; not a test set.",
-            "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D",
+            **benchdata.LESION_CT_META,
             "cases": info, "command": f"python3 scripts/make_padded_lung_checks.py --bench {bench} --out {out} "
                                       f"--pad-mm {pad_mm:g}"})
 

@@ -58,10 +58,7 @@ def lesion_boxes(label: np.ndarray, spacing_xyz: tuple[float, ...], box_mm: floa
 
 def build(bench: Path, out: Path, box_mm: float, margin_mm: float, min_voxels: int) -> list[dict[str, str]]:
     """Write ``out`` (imagesTs/labelsTs/dataset.json) from ``bench``'s lung check set; returns the test list."""
-    check_dir = bench / benchdata.LUNG_CHECK
-    if not (check_dir / "dataset.json").is_file():
-        raise DatasetError(f"{check_dir}: missing; build it with 'diffusionseg bench --suite real "
-                           f"--prepare-only --data {bench}'")
+    check_dir = benchdata.lung_check_dir(bench)
     if not (box_mm > 0 and margin_mm >= 0 and min_voxels >= 1):
         raise DatasetError(f"--box-mm must be > 0, --margin-mm >= 0 and --min-voxels >= 1; got {box_mm:g}, "
                            f"{margin_mm:g}, {min_voxels}")
@@ -82,7 +79,7 @@ def build(bench: Path, out: Path, box_mm: float, margin_mm: float, min_voxels: i
             "name": f"Lung check lesions in {box_mm:g} mm crops (validation)",
             "note": "SYNTHETIC lesions (the benchmark's lung check set, not test cases), each in a crop centred on "
                     "it: for measuring a model on a small field of view; not a test set.",
-            "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D",
+            **benchdata.LESION_CT_META,
             "cases": info, "command": f"python3 scripts/make_tight_lung_checks.py --bench {bench} --out {out} "
                                       f"--box-mm {box_mm:g} --margin-mm {margin_mm:g} --min-voxels {min_voxels}"})
 

@@ -359,6 +359,19 @@ def paste_crop(whole: sitk.Image, crop_image: sitk.Image, crop_label: sitk.Image
     return out_image, out_label
 
 
+# dataset.json fields of a CT validation set with one lesion label (the sets derived from the lung checks).
+LESION_CT_META = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"}, "tensorImageSize": "3D"}
+
+
+def lung_check_dir(bench: Path) -> Path:
+    """``bench``'s lung check set (``LUNG_CHECK``), or DatasetError saying how to build it."""
+    check_dir = bench / LUNG_CHECK
+    if not (check_dir / "dataset.json").is_file():
+        raise DatasetError(f"{check_dir}: missing; build it with 'diffusionseg bench --suite real "
+                           f"--prepare-only --data {bench}'")
+    return check_dir
+
+
 def write_test_split(folder: Path, cases: dict[str, tuple[sitk.Image, sitk.Image]], task: str,
                      meta: dict[str, Any]) -> list[dict[str, str]]:
     """Write ``cases`` (name -> (image, label)) as the test split of an nnU-Net style ``folder``
