@@ -30,6 +30,22 @@ def load_script(name: str) -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
+def write_lung_check_set(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]]) -> Path:
+    """A stand-in for a prepared benchmark folder's lung check set: ``root/bench/lung_synthetic_check`` with
+    each case's (ct, label, spacing) written at origin (10, -5, 100). Returns ``root/bench``."""
+    check = root / "bench" / "lung_synthetic_check"
+    (check / "imagesTs").mkdir(parents=True)
+    (check / "labelsTs").mkdir()
+    (check / "dataset.json").write_text("{}")
+    for case, (ct, label, spacing) in cases.items():
+        for array, folder in ((ct, "imagesTs"), (label, "labelsTs")):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing(spacing)
+            image.SetOrigin((10.0, -5.0, 100.0))
+            sitk.WriteImage(image, str(check / folder / f"{case}.nii.gz"))
+    return root / "bench"
+
+
 def make_model(folder: Path, **card_fields) -> Path:
     """Write a randomly initialised (seeded) tiny model; card_fields override the card."""
     fields = dict(name=folder.name, method="medsegdiff", spatial_dims=2, in_channels=1,

@@ -6,25 +6,18 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from helpers import load_script
+from helpers import load_script, write_lung_check_set
 
 
 def _check_set(tmp_path):
-    check = tmp_path / "bench" / "lung_synthetic_check"
-    (check / "imagesTs").mkdir(parents=True)
-    (check / "labelsTs").mkdir()
-    (check / "dataset.json").write_text("{}")
     rng = np.random.default_rng(0)
+    cases = {}
     for case, spacing in (("check_chest", (1.5, 1.5, 3.0)), ("check_base", (3.0, 3.0, 3.0))):
         ct = rng.integers(-900, 200, (4, 10, 12)).astype(np.int16)
         label = np.zeros(ct.shape, np.uint8)
         label[1, 3:6, 4:8] = 1
-        for array, folder in ((ct, "imagesTs"), (label, "labelsTs")):
-            image = sitk.GetImageFromArray(array)
-            image.SetSpacing(spacing)
-            image.SetOrigin((10.0, -5.0, 100.0))
-            sitk.WriteImage(image, str(check / folder / f"{case}.nii.gz"))
-    return tmp_path / "bench"
+        cases[case] = (ct, label, spacing)
+    return write_lung_check_set(tmp_path, cases)
 
 
 def test_the_checks_get_air_on_the_four_in_plane_sides_and_keep_every_voxel_in_place(tmp_path):

@@ -6,26 +6,19 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from helpers import load_script
+from helpers import load_script, write_lung_check_set
 
 
 def _check_set(tmp_path):
-    check = tmp_path / "bench" / "lung_synthetic_check"
-    (check / "imagesTs").mkdir(parents=True)
-    (check / "labelsTs").mkdir()
-    (check / "dataset.json").write_text("{}")
     rng = np.random.default_rng(0)
+    cases = {}
     for case in ("check_chest", "check_base"):
         ct = rng.integers(-900, 200, (10, 40, 40)).astype(np.int16)
         label = np.zeros(ct.shape, np.uint8)
         label[4:6, 20:24, 10:14] = 1  # 32 voxels: centre row 22, column 12, slices 4-5
         label[5, 30, 30] = 1  # a 1-voxel lesion: no case of its own
-        for array, folder in ((ct, "imagesTs"), (label, "labelsTs")):
-            image = sitk.GetImageFromArray(array)
-            image.SetSpacing((2.0, 2.0, 3.0))
-            image.SetOrigin((10.0, -5.0, 100.0))
-            sitk.WriteImage(image, str(check / folder / f"{case}.nii.gz"))
-    return tmp_path / "bench"
+        cases[case] = (ct, label, (2.0, 2.0, 3.0))
+    return write_lung_check_set(tmp_path, cases)
 
 
 def test_each_lesion_gets_a_box_centred_on_it_with_its_slices_and_margin(tmp_path):
