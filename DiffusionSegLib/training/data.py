@@ -362,6 +362,13 @@ class Augmentation:
     gamma: tuple[float, float] | None = None
     bias_field: float = 0.0
     intensity_tasks: tuple[str, ...] = ()
+    # A narrow field of view (narrow_view), with probability ``view_prob``: the item keeps a window of
+    # ``view_min``..1 of the patch per axis around its centre, and the rest becomes the case's darkest
+    # value (CT air) and background, as an input smaller than the patch is padded at inference. A model
+    # trained so sees tight crops of a tumour as it sees them in use (docs/BENCHMARKS.md, "A small field
+    # of view"). 0: off.
+    view_prob: float = 0.0
+    view_min: float = 0.4
 
 
 def pad_to(array: np.ndarray, size: Sequence[int], value: np.ndarray | float) -> np.ndarray:
@@ -442,6 +449,25 @@ def vary_intensity(image: np.ndarray, aug: Augmentation, rng: np.random.Generato
         low = out.min(axis=axes, keepdims=True)
         out = (out - low) * np.exp(field)[None] + low
     return out.astype(np.float32, copy=False)
+
+
+def narrow_view(image: np.ndarray, mask: np.ndarray, fill: np.ndarray, view_min: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """image (C, *patch) and mask (L, *patch) seen through a window holding the patch centre: per axis
+    a side drawn in [ceil(view_min * p), p]; outside it the image is ``fill`` (C,) and the mask 0."""
+    window = []
+    for p in image.shape[1:]:
+        side = int(rng.integers(min(p, max(1, math.ceil(view_min * p))), p + 1))
+        centre = p // 2  # the window always holds the centre voxel (a foreground item's lesion)
+        start = int(rng.integers(max(0, centre - side + 1), min(centre, p - side) + 1))
+        window.append(slice(start, start + side))
+    inside = (slice(None), *window)
+    image_out = np.empty_like(image)
+    image_out[:] = np.asarray(fill, dtype=image.dtype).reshape(-1, *([1] * (image.ndim - 1)))
+    image_out[inside] = image[inside]
+    mask_out = np.zeros_like(mask)
+    mask_out[inside] = mask[inside]
+    return image_out, mask_out
 
 
 def jitter_boundaries(mask: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
@@ -565,8 +591,8 @@ class PatchSampler(SeededSampler):
         self.foreground_fraction = foreground_fraction
         self.augmentation = augmentation or Augmentation(enabled=False)
         # patch_size pads the trailing axes: (H, W) of (C, S, H, W), or (D, H, W) of (C, D, H, W).
-        self.images = [pad_to(c.image, self.patch_size, c.image.reshape(c.image.shape[0], -1).min(axis=1))
-                       for c in cases]
+        self.fills = [c.image.reshape(c.image.shape[0], -1).min(axis=1) for c in cases]  # (C,) per case
+        self.images = [pad_to(c.image, self.patch_size, fill) for c, fill in zip(cases, self.fills)]
         self.masks = [pad_to(c.mask, self.patch_size, 0) for c in cases]
         self.case_tasks = [c.task for c in cases]
         self.n_labels = self.masks[0].shape[0]
@@ -657,6 +683,11 @@ class PatchSampler(SeededSampler):
             out = self.transform({"image": torch.from_numpy(image), "mask": torch.from_numpy(mask.astype(np.float32))})
             image = out["image"].as_tensor().numpy().astype(np.float32, copy=False)
             mask = (out["mask"].as_tensor().numpy() > 0.5).astype(np.uint8)
+        aug = self.augmentation
+        # After the affine, so the border stays axis-aligned like the padding at inference; drawn only
+        # when on, so runs without it keep their random stream.
+        if aug.enabled and aug.view_prob > 0 and self.rng.random() < aug.view_prob:
+            image, mask = narrow_view(image, mask, self.fills[case][:image.shape[0]], aug.view_min, self.rng)
         if planes is not None:
             image = np.concatenate([image, planes], axis=0)
         return image, mask

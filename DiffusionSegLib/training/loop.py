@@ -112,6 +112,10 @@ class TrainConfig:
     # [low, high] ([] = off) and a smooth multiplicative bias field of this log-amplitude (0 = off), on
     # the items of the tasks in intensity_augment_tasks (empty: every item), e.g. the brain task only.
     gamma_augment: list[float] = field(default_factory=list)
+    # Narrow fields of view (data.narrow_view): the share of items seen through a window of
+    # view_augment_min..1 of the patch per axis, the rest air, as tight crops are padded in use (0 = off).
+    view_augment: float = 0.0
+    view_augment_min: float = 0.4
     bias_field_augment: float = 0.0
     intensity_augment_tasks: list[str] = field(default_factory=list)
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
@@ -144,10 +148,14 @@ class TrainConfig:
     limits: str = ""
 
     def _augment_problems(self) -> list[str]:
-        """What is wrong with the augmentation strengths (affine, gamma, bias field) and intensity_augment_tasks."""
+        """What is wrong with the augmentation strengths (view, affine, gamma, bias field) and intensity_augment_tasks."""
         from DiffusionSegLib.methods.registry import Method, get_method
 
         problems = []
+        view, view_min = self.view_augment, self.view_augment_min
+        if not (_is_number(view) and _is_number(view_min) and 0.0 <= view <= 1.0 and 0.0 < view_min <= 1.0):
+            problems.append(f"view_augment {self.view_augment} / view_augment_min {self.view_augment_min} (use a "
+                            f"probability in [0, 1] and a share of the patch in (0, 1])")
         gamma = self.gamma_augment
         if gamma and not (len(gamma) == 2 and all(_is_number(g) for g in gamma) and 0 < gamma[0] <= gamma[1]):
             problems.append(f"gamma_augment {gamma} (use [low, high] with 0 < low <= high, e.g. [0.7, 1.5])")
@@ -547,7 +555,9 @@ class _Run:
                           voxel_mm=tuple(reversed(self.card.spacing or ())),
                           gamma=tuple(config.gamma_augment) if config.gamma_augment else None,
                           bias_field=float(config.bias_field_augment),
-                          intensity_tasks=tuple(config.intensity_augment_tasks)), seed=config.seed,
+                          intensity_tasks=tuple(config.intensity_augment_tasks),
+                          view_prob=float(config.view_augment), view_min=float(config.view_augment_min)),
+            seed=config.seed,
             hard_negative_fraction=config.hard_negative_fraction, task_channels=len(self.card.tasks),
             task_weights=config.task_weights or None)
 
