@@ -57,3 +57,12 @@ def test_the_sampler_narrows_items_with_the_cases_minimum_and_off_leaves_the_str
 def test_bad_view_settings_are_refused(fields):
     with pytest.raises(DiffusionSegError, match="view_augment"):
         TrainConfig(**fields).check()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_training_run_passes_the_view_settings_to_its_sampler(tmp_path):
+    from helpers import short_run_losses
+
+    losses = short_run_losses(tmp_path, {"plain": {}, "again": {},
+                                         "view": {"view_augment": 1.0, "view_augment_min": 0.3}})
+    assert losses[0] == losses[1] and losses[2] != losses[0]  # same seed: only the narrowed items differ
