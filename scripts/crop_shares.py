@@ -3,8 +3,8 @@
     python3 scripts/crop_shares.py IMAGE_OR_FOLDER [...] [--region lungs]
 
 One line per image (a folder: its ``*.nii.gz`` and ``*.nrrd``, ``imagesTs/`` when it has one): its
-in-plane size, the region's in-plane bounding box (pipeline/crop.py ``region_box``) and the share of
-the slice area outside it (``removed_fraction``), the number a run compares with the card's
+in-plane size, the region's in-plane bounding box and the share of the slice area outside it
+(pipeline/crop.py ``find_box``, as a run finds them), the number a run compares with the card's
 ``crop_min_removed``. Images only: no model, no labels.
 """
 
@@ -19,8 +19,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.core.enums import Region  # noqa: E402
-from DiffusionSegLib.pipeline.crop import region_box, removed_fraction  # noqa: E402
-from DiffusionSegLib.pipeline.regions import find_region_why  # noqa: E402
+from DiffusionSegLib.pipeline.crop import find_box  # noqa: E402
 
 
 def images_of(path: Path) -> list[Path]:
@@ -38,12 +37,10 @@ def describe(path: Path, region: Region) -> str:
     """One line: name, in-plane size (x, y), box size (x, y) and the share of the slice left out."""
     image = sitk.ReadImage(str(path))
     size = image.GetSize()[:2]
-    mask, why = find_region_why(region, image)
-    box = None if mask is None else region_box(mask)
+    _, why, box, share = find_box(region, image)
     if box is None:
         return f"{path.name}: {size[0]} x {size[1]}, region {region} not found ({why or 'empty'})"
     rows, cols = box
-    share = removed_fraction(box, mask.shape[-2:])
     return (f"{path.name}: {size[0]} x {size[1]}, box {cols.stop - cols.start} x {rows.stop - rows.start}, "
             f"removed {share:.3f}")
 

@@ -90,6 +90,15 @@ def load_members(model_dir: str | os.PathLike, card: "ModelCard", device: Any = 
     return [_load_network(card, path, model_dir).to(device).eval() for path in paths]
 
 
+def load_network(model_dir: str | os.PathLike, card: "ModelCard", member: int = 0,
+                 device: Any = "cpu") -> "torch.nn.Module":
+    """Network ``member`` of a model folder alone (0 = model.safetensors, K = member K), its file's sha256
+    checked and no other network's file read (fine-tuning from one ensemble member); eval mode on ``device``."""
+    from DiffusionSegLib.models.store import verify_network
+
+    return _load_network(card, verify_network(Path(model_dir), card, member), model_dir).to(device).eval()
+
+
 def _load_network(card: "ModelCard", weights: Path, model_dir: str | os.PathLike) -> "torch.nn.Module":
     """The card's network with the safetensors ``weights`` loaded (strict); ModelLoadError when they do not fit."""
     from safetensors import SafetensorError

@@ -101,6 +101,15 @@ def verify_members(model_dir: Path, card: ModelCard) -> list[Path]:
     return [_checked_file(Path(model_dir) / name, digest) for name, digest in card.member_files()]
 
 
+def verify_network(model_dir: Path, card: ModelCard, member: int) -> Path:
+    """The weights file of network ``member`` alone (0 = ``model.safetensors``, K = ``card.members[K-1]``),
+    checked like the weights; the other networks' files are not read. Raises ModelLoadError."""
+    if member == 0:
+        return verify_weights(model_dir, card)
+    name, digest = card.member_files()[member - 1]
+    return _checked_file(Path(model_dir) / name, digest)
+
+
 def _checked_file(path: Path, expected_sha256: str) -> Path:
     """``path`` after checking it exists and has ``expected_sha256`` (ModelLoadError otherwise)."""
     if not path.is_file():

@@ -23,6 +23,8 @@ import numpy as np
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
+    from DiffusionSegLib.core.enums import Region
+
 # (rows, columns) of the input in SimpleITK's array order: the last two axes of (z, y, x) or (y, x).
 Box = tuple[slice, slice]
 
@@ -40,6 +42,16 @@ def removed_fraction(box: Box, plane: Sequence[int]) -> float:
     """The share of a (rows, columns) slice's area that ``box`` leaves out, in [0, 1)."""
     rows, cols = box
     return 1.0 - (rows.stop - rows.start) * (cols.stop - cols.start) / (int(plane[0]) * int(plane[1]))
+
+
+def find_box(region: "Region", image: "sitk.Image") -> tuple[np.ndarray | None, str, Box | None, float | None]:
+    """The region in ``image`` and its crop: (mask or None, why it is None, in-plane box or None, share of
+    the slice the box leaves out or None)."""
+    from DiffusionSegLib.pipeline.regions import find_region_why
+
+    mask, why = find_region_why(region, image)
+    box = None if mask is None else region_box(mask)
+    return mask, why, box, None if box is None else removed_fraction(box, mask.shape[-2:])
 
 
 def crop_image(image: "sitk.Image", box: Box) -> "sitk.Image":

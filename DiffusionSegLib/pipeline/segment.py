@@ -158,15 +158,12 @@ def _crop_to_card_region(image: Any, card: Any, crop: bool) -> tuple[Any, Any, d
         return image, None, {}, {}
     if not crop:
         return image, None, {"region": str(region), "note": "crop turned off (--no-crop): the whole image was sampled"}, {}
-    from DiffusionSegLib.pipeline.crop import box_report, crop_image, region_box, removed_fraction
-    from DiffusionSegLib.pipeline.regions import find_region_why
+    from DiffusionSegLib.pipeline.crop import box_report, crop_image, find_box
 
-    mask, why = find_region_why(region, image)
-    box = None if mask is None else region_box(mask)
+    mask, why, box, removed = find_box(region, image)
     if box is None:
         note = f"region {region} not found in the input ({why or 'empty'}): the whole image was sampled"
         return image, None, {"region": str(region), "note": note}, {region: (mask, why)}
-    removed = removed_fraction(box, mask.shape[-2:])
     entry = {"region": str(region), **box_report(box, image), "removed_fraction": round(removed, 3)}
     if removed < card.crop_min_removed:  # already cut to the region: a re-cut only moves the sampling grid
         entry["note"] = (f"the box leaves out {removed:.0%} of the slice, less than crop_min_removed "

@@ -112,12 +112,12 @@ class TrainConfig:
     # [low, high] ([] = off) and a smooth multiplicative bias field of this log-amplitude (0 = off), on
     # the items of the tasks in intensity_augment_tasks (empty: every item), e.g. the brain task only.
     gamma_augment: list[float] = field(default_factory=list)
+    bias_field_augment: float = 0.0
+    intensity_augment_tasks: list[str] = field(default_factory=list)
     # Narrow fields of view (data.narrow_view): the share of items seen through a window of
     # view_augment_min..1 of the patch per axis, the rest air, as tight crops are padded in use (0 = off).
     view_augment: float = 0.0
     view_augment_min: float = 0.4
-    bias_field_augment: float = 0.0
-    intensity_augment_tasks: list[str] = field(default_factory=list)
     largest_component: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     consistent_components: list[str] = field(default_factory=list)  # written to the card (postprocess.py)
     region_components: dict[str, str] = field(default_factory=dict)  # written to the card (regions.py)
@@ -430,7 +430,7 @@ def load_fine_tune_weights(net: Any, card: ModelCard, folder: str | os.PathLike,
     ``card``), after checking that the folder's model has the same method and network (widths, input
     channels, labels) and the weights their sha256. Returns what the card records; DiffusionSegError
     before any training otherwise."""
-    from DiffusionSegLib.methods.registry import load_members, load_model
+    from DiffusionSegLib.methods.registry import load_network
     from DiffusionSegLib.models.card import read_card
 
     source = read_card(folder)
@@ -445,9 +445,7 @@ def load_fine_tune_weights(net: Any, card: ModelCard, folder: str | os.PathLike,
     if member > len(source.members):
         raise DiffusionSegError(f"cannot fine-tune from member {member} of {folder}: it has "
                                 f"{len(source.members) + 1} network(s) (0-{len(source.members)})")
-    loaded = load_model(folder, card=source)[0] if member == 0 else \
-        load_members(folder, source, count=member)[member - 1]
-    net.load_state_dict(loaded.state_dict(), strict=True)
+    net.load_state_dict(load_network(folder, source, member).state_dict(), strict=True)
     sha = source.weights_sha256 if member == 0 else source.member_files()[member - 1][1]
     return {"model": source.name, "folder": str(folder), "member": member, "weights_sha256": sha}
 

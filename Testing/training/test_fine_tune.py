@@ -85,3 +85,22 @@ def test_a_folder_that_does_not_fit_is_refused_before_training(shapes, sources, 
 def test_malformed_fine_tune_settings_are_refused(shapes, tmp_path, change, match):
     with pytest.raises(DiffusionSegError, match=match):
         train(shapes, tmp_path / "ft", config(**change), progress=False)
+
+
+def test_only_the_chosen_networks_file_is_read_and_checked(sources, tmp_path):
+    """load_network: network K alone, its sha256 checked; another network's corrupt file is not read."""
+    import shutil
+
+    from DiffusionSegLib.core.errors import ModelLoadError
+    from DiffusionSegLib.methods.registry import load_network
+    from DiffusionSegLib.models.card import read_card
+
+    folder = tmp_path / "ensemble"
+    shutil.copytree(sources / "ensemble", folder)
+    card = read_card(folder)
+    (folder / "model.safetensors").write_bytes(b"not the weights")  # network 0 corrupt
+    member = load_network(folder, card, 1)
+    stored = _weights(folder, "member_1.safetensors")
+    assert all(torch.equal(stored[k].float(), v.float()) for k, v in member.state_dict().items())
+    with pytest.raises(ModelLoadError, match="sha256 of .*model.safetensors"):
+        load_network(folder, card, 0)
