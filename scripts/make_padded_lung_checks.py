@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.bench import data as benchdata  # noqa: E402
 from DiffusionSegLib.core.errors import DatasetError  # noqa: E402
-from DiffusionSegLib.core.files import staged_folder  # noqa: E402
 
 AIR_HU = -1000
 CASES = ("check_chest", "check_base")
@@ -49,15 +48,12 @@ def build(bench: Path, out: Path, pad_mm: float) -> list[dict[str, str]]:
         cases[f"{case}_padded"] = (pad_in_plane(image, pad_mm, AIR_HU), pad_in_plane(label, pad_mm, 0))
         info[f"{case}_padded"] = {"check_case": case, "size": list(cases[f"{case}_padded"][0].GetSize()),
                                   "size_before": list(image.GetSize())}
-    with staged_folder(out) as staging:
-        return benchdata.write_test_split(staging, cases, "lung", {
-            "name": f"Lung check lesions padded with {pad_mm:g} mm of air in-plane (validation)",
-            "note": "SYNTHETIC lesions (the benchmark's lung check set, not test cases); the same voxels as the "
-                    "check set inside, air (-1000 HU) outside. For measuring how a model depends on the slice's "
-                    "extent; not a test set.",
-            **benchdata.LESION_CT_META,
-            "cases": info, "command": f"python3 scripts/make_padded_lung_checks.py --bench {bench} --out {out} "
-                                      f"--pad-mm {pad_mm:g}"})
+    return benchdata.write_lung_check_variant(
+        out, cases, f"Lung check lesions padded with {pad_mm:g} mm of air in-plane (validation)",
+        "SYNTHETIC lesions (the benchmark's lung check set, not test cases); the same voxels as the "
+        "check set inside, air (-1000 HU) outside. For measuring how a model depends on the slice's "
+        "extent; not a test set.", info,
+        f"python3 scripts/make_padded_lung_checks.py --bench {bench} --out {out} --pad-mm {pad_mm:g}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from DiffusionSegLib.bench import data as benchdata  # noqa: E402
 from DiffusionSegLib.core.errors import DatasetError  # noqa: E402
-from DiffusionSegLib.core.files import staged_folder  # noqa: E402
 
 CASES = ("check_chest", "check_base")
 
@@ -74,14 +73,12 @@ def build(bench: Path, out: Path, box_mm: float, margin_mm: float, min_voxels: i
                           "size": list(cases[name][0].GetSize())}
     if not cases:
         raise DatasetError(f"no lesion of at least {min_voxels} voxels in {check_dir}")
-    with staged_folder(out) as staging:
-        return benchdata.write_test_split(staging, cases, "lung", {
-            "name": f"Lung check lesions in {box_mm:g} mm crops (validation)",
-            "note": "SYNTHETIC lesions (the benchmark's lung check set, not test cases), each in a crop centred on "
-                    "it: for measuring a model on a small field of view; not a test set.",
-            **benchdata.LESION_CT_META,
-            "cases": info, "command": f"python3 scripts/make_tight_lung_checks.py --bench {bench} --out {out} "
-                                      f"--box-mm {box_mm:g} --margin-mm {margin_mm:g} --min-voxels {min_voxels}"})
+    return benchdata.write_lung_check_variant(
+        out, cases, f"Lung check lesions in {box_mm:g} mm crops (validation)",
+        "SYNTHETIC lesions (the benchmark's lung check set, not test cases), each in a crop centred on "
+        "it: for measuring a model on a small field of view; not a test set.", info,
+        f"python3 scripts/make_tight_lung_checks.py --bench {bench} --out {out} "
+        f"--box-mm {box_mm:g} --margin-mm {margin_mm:g} --min-voxels {min_voxels}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from scipy import ndimage
 
 from DiffusionSegLib.bench import realdata
 from DiffusionSegLib.core.errors import DatasetError
-from DiffusionSegLib.core.files import atomic_write_json, sha256_of
+from DiffusionSegLib.core.files import atomic_write_json, sha256_of, staged_folder
 from DiffusionSegLib.pipeline.regions import threshold_lung_mask
 from DiffusionSegLib.bench.synthetic_lesions import LesionDesign, insert_lesions
 
@@ -386,6 +386,16 @@ def write_test_split(folder: Path, cases: dict[str, tuple[sitk.Image, sitk.Image
     (folder / "dataset.json").write_text(json.dumps(
         {**meta, "training": [], "test": test, "numTraining": 0, "numTest": len(test)}, indent=1))
     return test
+
+
+def write_lung_check_variant(out: Path, cases: dict[str, tuple[sitk.Image, sitk.Image]], name: str, note: str,
+                             info: dict[str, Any], command: str) -> list[dict[str, str]]:
+    """Write a validation set derived from the lung checks (``cases``: name -> (image, label)) to ``out``
+    through a staged folder (nothing half-written is left): the test split, task "lung", and a dataset.json
+    with ``name``, ``note``, the per-case ``info`` and the ``command`` that rebuilds it. Returns the test entries."""
+    with staged_folder(out) as staging:
+        return write_test_split(staging, cases, "lung", {"name": name, "note": note, **LESION_CT_META,
+                                                          "cases": info, "command": command})
 
 
 def run_builder(build: Callable[[], list[dict[str, str]]], out: Path) -> int:
