@@ -365,7 +365,8 @@ class Augmentation:
     # A narrow field of view (narrow_view), with probability ``view_prob``: the item keeps a window of
     # ``view_min``..1 of the patch per axis around its centre, and the rest becomes the case's darkest
     # value (CT air) and background, as an input smaller than the patch is padded at inference. A model
-    # trained so sees tight crops of a tumour as it sees them in use (docs/BENCHMARKS.md, "A small field
+    # trained so sees tight crops of a tumour as it sees them in use; measured, it also raised false
+    # positives on a real lung tumour, so no shipped model uses it (docs/BENCHMARKS.md, "A small field
     # of view"). 0: off.
     view_prob: float = 0.0
     view_min: float = 0.4
